@@ -1,0 +1,5 @@
+"""`python -m syncd` entry point."""
+
+from syncd.cli import main
+
+main()

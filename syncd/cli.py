@@ -1,0 +1,243 @@
+"""The `syncd` command line: parse, call, map errors to the documented exit codes."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from syncd.errors import ConfigError, SyncdError, UsageError
+
+EXIT_OK, EXIT_FAILURES, EXIT_USAGE, EXIT_REMOTE, EXIT_SAFETY, EXIT_INTERNAL = 0, 1, 2, 3, 4, 70
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
+                  pretty_exceptions_enable=False,
+                  help="syncd keeps local directories in sync with remote storage.")
+config_app = typer.Typer(no_args_is_help=True, help="Inspect and validate the config file.")
+app.add_typer(config_app, name="config")
+
+ConfigOpt = Annotated[str | None, typer.Option(
+    "--config", "-c", help="Config file (default: $SYNCD_CONFIG, "
+    "$XDG_CONFIG_HOME/syncd/config.toml, /etc/syncd/config.toml).")]
+LogLevelOpt = Annotated[str | None, typer.Option(
+    "--log-level", help="debug | info | warning | error (overrides [daemon] log_level).")]
+LogFormatOpt = Annotated[str | None, typer.Option(
+    "--log-format", help="auto | json | console (overrides [daemon] log_format).")]
+
+
+def _err(msg: str) -> None:
+    print(f"syncd: error: {msg}", file=sys.stderr)
+
+
+def _guard(fn: Callable[[], int]) -> None:
+    """The one error boundary: syncd errors → message + exit code; bugs → one line + 70."""
+    try:
+        code = fn()
+    except SyncdError as e:
+        _err(str(e))
+        code = e.exit_code
+    except KeyboardInterrupt:
+        _err("interrupted; queued work stays queued for the next run")
+        code = 130
+    except Exception as e:  # a bug: say so in one line, keep the traceback in the log
+        from syncd import log
+
+        log.get().error("internal_error", error=f"{type(e).__name__}: {e}", exc_info=e)
+        _err(f"internal error: {type(e).__name__}: {e} (this is a bug; please report it)")
+        code = EXIT_INTERNAL
+    raise typer.Exit(code)
+
+
+def _load(config: str | None) -> Any:
+    from syncd.config import find_config, load_config
+
+    return load_config(find_config(config))
+
+
+def _setup_logs(cfg: Any, level: str | None, fmt: str | None) -> None:
+    from syncd import log
+    from syncd.config import LOG_FORMATS, LOG_LEVELS
+
+    if level is not None and level not in LOG_LEVELS:
+        raise UsageError(f"--log-level: '{level}' is not one of {', '.join(LOG_LEVELS)}")
+    if fmt is not None and fmt not in LOG_FORMATS:
+        raise UsageError(f"--log-format: '{fmt}' is not one of {', '.join(LOG_FORMATS)}")
+    log.setup(fmt or cfg.daemon.log_format, level or cfg.daemon.log_level)
+
+
+@app.command()
+def reconcile(
+    pairs: Annotated[list[str] | None, typer.Argument(help="Pairs to reconcile (default: all).")] = None,
+    config: ConfigOpt = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan; change nothing.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
+    allow_mass_delete: Annotated[bool, typer.Option(
+        "--allow-mass-delete", help="For this run, let a plan delete more than max_delete, "
+        "or delete everything when the local root is empty.")] = False,
+    allow_device_change: Annotated[bool, typer.Option(
+        "--allow-device-change", help="For this run, accept a local root that moved to "
+        "another device.")] = False,
+    log_level: LogLevelOpt = None,
+    log_format: LogFormatOpt = None,
+) -> None:
+    """Scan, compare with the remote, transfer the differences, and exit when done."""
+
+    def go() -> int:
+        cfg = _load(config)
+        _setup_logs(cfg, log_level, log_format)
+        return run_reconcile(cfg, pairs or [], dry_run=dry_run, as_json=as_json,
+                             allow_mass_delete=allow_mass_delete,
+                             allow_device_change=allow_device_change)
+
+    _guard(go)
+
+
+def run_reconcile(cfg: Any, names: list[str], *, dry_run: bool = False, as_json: bool = False,
+                  allow_mass_delete: bool = False, allow_device_change: bool = False) -> int:
+    from syncd.engine import Engine, Options, StateLock
+    from syncd.index import Index
+
+    selected = [cfg.pair(n) for n in names] if names else list(cfg.pairs)
+    opts = Options(dry_run=dry_run, allow_mass_delete=allow_mass_delete,
+                   allow_device_change=allow_device_change)
+    with StateLock(cfg.daemon.state_dir):
+        index = Index.open(cfg.daemon.state_dir)
+        engine = Engine(cfg, index, reporter_factory=_reporter_factory())
+        try:
+            engine.queue.reclaim(exclusive=True)
+            results = [engine.reconcile(p, opts) for p in selected]
+        finally:
+            engine.close()
+            index.close()
+    if as_json:
+        print(json.dumps({"pairs": [r.to_json() for r in results]}, indent=2))
+    else:
+        _print_results(results)
+    return _exit_code([r.exit_code for r in results])
+
+
+def _exit_code(codes: list[int]) -> int:
+    """Most urgent first: unreachable remote, then a stopped pair, then failures."""
+    for c in (EXIT_REMOTE, EXIT_SAFETY, EXIT_FAILURES):
+        if c in codes:
+            return c
+    return EXIT_OK
+
+
+def _print_results(results: list[Any]) -> None:
+    from syncd.units import format_bytes
+
+    out = sys.stdout
+    for r in results:
+        if r.status == "planned":
+            print(f"pair {r.pair}: plan ({len(r.plan)} actions, dry run: nothing changed)", file=out)
+            for a in r.plan:
+                print(f"  {a.op.value:<14} {a.path}" + (f"  ({a.reason})" if a.reason else ""),
+                      file=out)
+            for path, why in r.failures:
+                print(f"  FAILED         {path}: {why}", file=out)
+            continue
+        head = {"ok": "in sync", "failed": "finished with failures", "stopped": "STOPPED",
+                "unavailable": "REMOTE UNAVAILABLE"}[r.status]
+        print(f"pair {r.pair}: {head} — uploaded {r.uploaded} files "
+              f"({format_bytes(r.uploaded_bytes)}), deleted {r.deleted}, trashed {r.trashed}, "
+              f"adopted {r.adopted}, skipped {r.skipped}, failed {len(r.failures)}, "
+              f"{r.duration_s:.2f}s", file=out)
+        if r.message and r.status in ("stopped", "unavailable"):
+            print(f"  {r.message}", file=out)
+        for path, why in r.failures:
+            print(f"  FAILED {path}: {why}", file=out)
+
+
+def _reporter_factory() -> Callable[[str, int, int], Any] | None:
+    if not sys.stderr.isatty():
+        return None
+
+    def make(pair: str, files: int, nbytes: int) -> Any:
+        if files < 50 and nbytes < 64 << 20:
+            return None
+        from syncd.progress import RichReporter
+
+        return RichReporter(pair, files, nbytes)
+
+    return make
+
+
+@config_app.command("check")
+def config_check(config: ConfigOpt = None,
+                 as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """Validate the config and print it resolved, with secrets masked."""
+
+    def go() -> int:
+        from syncd.config import to_display
+
+        cfg = _load(config)
+        shown = to_display(cfg)
+        if as_json:
+            print(json.dumps(shown, indent=2))
+        else:
+            print(f"config OK: {cfg.source}")
+            _print_tree(shown, 0)
+        return EXIT_OK
+
+    _guard(go)
+
+
+def _print_tree(d: Any, depth: int) -> None:
+    pad = "  " * depth
+    if isinstance(d, dict):
+        for k, v in d.items():
+            if isinstance(v, (dict, list)) and v:
+                print(f"{pad}{k}:")
+                _print_tree(v, depth + 1)
+            else:
+                print(f"{pad}{k}: {json.dumps(v) if not isinstance(v, str) else v}")
+    elif isinstance(d, list):
+        for item in d:
+            if isinstance(item, dict):
+                print(f"{pad}-")
+                _print_tree(item, depth + 1)
+            else:
+                print(f"{pad}- {item}")
+
+
+@app.command()
+def demo(directory: Annotated[Path, typer.Option(
+    "--dir", help="Where to create the demo (source tree, destination, state, config).")]
+        = Path("syncd-demo")) -> None:
+    """Create a small demo tree and sync it into a local directory remote, no server needed."""
+
+    def go() -> int:
+        from syncd.demo import make_demo
+
+        cfg_path = make_demo(directory)
+        cfg = _load(str(cfg_path))
+        _setup_logs(cfg, None, None)
+        code = run_reconcile(cfg, [])
+        print(f"\ndemo config: {cfg_path}\n"
+              f"source:      {cfg.pairs[0].local}\n"
+              f"destination: {cfg.remotes['demo-nas'].options['path']}\n"
+              f"edit files under the source and run:  syncd reconcile --config {cfg_path}")
+        return code
+
+    _guard(go)
+
+
+@app.command()
+def version() -> None:
+    """Print the syncd version."""
+    from syncd import __version__
+
+    print(f"syncd {__version__}")
+
+
+def main() -> None:
+    try:
+        app()
+    except ConfigError as e:  # pragma: no cover - commands already guard; belt and braces
+        _err(str(e))
+        sys.exit(EXIT_USAGE)

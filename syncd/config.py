@@ -1,0 +1,439 @@
+"""TOML config → validated, typed objects; defaults; lookup order; secret masking.
+
+Validation is hand-written on purpose: it keeps start-up cheap (no pydantic import on
+every `syncd reconcile`) and lets every message name the file, the key path
+(`sync[1].remote`) and a fix.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import tomllib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from syncd.errors import ConfigError
+from syncd.units import parse_duration
+
+REMOTE_TYPES = ("local", "sftp", "s3", "ftp")
+IMPLEMENTED_REMOTE_TYPES = ("local",)
+MODES = ("push", "pull", "bidirectional")
+IMPLEMENTED_MODES = ("push",)
+DELETE_POLICIES = ("trash", "propagate", "keep")
+LOG_FORMATS = ("auto", "json", "console")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+SECRET_HINTS = ("password", "secret", "token", "passphrase", "key_id")
+
+
+@dataclass(frozen=True, slots=True)
+class DaemonConfig:
+    state_dir: Path = field(default_factory=lambda: Path("~/.local/state/syncd").expanduser())
+    log_format: str = "auto"
+    log_level: str = "info"
+    retry_initial: float = 1.0
+    retry_max: float = 300.0
+    max_attempts: int = 10
+    lease_timeout: float = 600.0
+
+
+@dataclass(frozen=True, slots=True)
+class RemoteConfig:
+    name: str
+    type: str
+    transfers: int = 4
+    # type-specific settings, validated by the backend's own schema below
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class MaxDelete:
+    """Either an absolute count or a percentage of the entries the pair tracks."""
+
+    count: int | None = None
+    percent: float | None = None
+
+    def limit(self, tracked: int) -> int:
+        if self.count is not None:
+            return self.count
+        assert self.percent is not None
+        return int(tracked * self.percent / 100)
+
+    def __str__(self) -> str:
+        return f"{self.count}" if self.count is not None else f"{self.percent:g}%"
+
+
+@dataclass(frozen=True, slots=True)
+class PairConfig:
+    name: str
+    local: Path
+    remote: str
+    path: str
+    mode: str = "push"
+    delete: str = "trash"
+    max_delete: MaxDelete = MaxDelete(percent=50.0)
+    ignore: tuple[str, ...] = ()
+    follow_symlinks: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    source: str
+    daemon: DaemonConfig
+    remotes: dict[str, RemoteConfig]
+    pairs: tuple[PairConfig, ...]
+
+    def pair(self, name: str) -> PairConfig:
+        for p in self.pairs:
+            if p.name == name:
+                return p
+        known = ", ".join(p.name for p in self.pairs) or "(none)"
+        raise ConfigError(f"unknown pair '{name}'; known: {known}", file=self.source)
+
+
+# --- lookup -------------------------------------------------------------------------------
+
+
+def find_config(explicit: str | None, env: dict[str, str] | None = None) -> Path:
+    """--config, then $SYNCD_CONFIG, then $XDG_CONFIG_HOME/syncd/config.toml, then /etc."""
+    env = dict(os.environ) if env is None else env
+    if explicit:
+        return Path(explicit).expanduser()
+    if env.get("SYNCD_CONFIG"):
+        return Path(env["SYNCD_CONFIG"]).expanduser()
+    xdg = env.get("XDG_CONFIG_HOME") or str(Path(env.get("HOME", "~")).expanduser() / ".config")
+    candidates = [Path(xdg) / "syncd" / "config.toml", Path("/etc/syncd/config.toml")]
+    for c in candidates:
+        if c.exists():
+            return c
+    tried = ", ".join(str(c) for c in candidates)
+    raise ConfigError(
+        f"no config file found (tried --config, $SYNCD_CONFIG, {tried}); "
+        "create one from config.example.toml or run `syncd demo`"
+    )
+
+
+def load_config(path: Path, env: dict[str, str] | None = None) -> Config:
+    src = str(path)
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError("file does not exist", file=src) from None
+    except OSError as e:
+        raise ConfigError(f"cannot read: {e.strerror}", file=src) from None
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError("not UTF-8 text", file=src) from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"invalid TOML: {e}", file=src) from None
+    return parse_config(data, src, dict(os.environ) if env is None else env)
+
+
+# --- validation ---------------------------------------------------------------------------
+
+
+class _V:
+    """Validation helpers bound to one file, so every error carries file and key path."""
+
+    def __init__(self, source: str, env: dict[str, str]):
+        self.source = source
+        self.env = env
+
+    def fail(self, key: str, msg: str) -> ConfigError:
+        return ConfigError(msg, file=self.source, key=key)
+
+    def table(self, value: Any, key: str) -> dict[str, Any]:
+        if not isinstance(value, dict):
+            raise self.fail(key, f"must be a table, got {_tname(value)}")
+        return value
+
+    def no_unknown(self, table: dict[str, Any], allowed: tuple[str, ...], key: str) -> None:
+        for k in table:
+            if k not in allowed:
+                hint = difflib.get_close_matches(k, allowed, n=1)
+                did = f"; did you mean '{hint[0]}'?" if hint else f"; allowed: {', '.join(allowed)}"
+                raise self.fail(_join(key, k), f"unknown key{did}")
+
+    def string(self, table: dict[str, Any], k: str, key: str, default: str | None = None) -> str:
+        if k not in table:
+            if default is None:
+                raise self.fail(_join(key, k), "missing (required)")
+            return default
+        v = table[k]
+        if not isinstance(v, str):
+            raise self.fail(_join(key, k), f"must be a string, got {_tname(v)}")
+        return v
+
+    def choice(self, table: dict[str, Any], k: str, key: str, choices: tuple[str, ...],
+               default: str | None = None) -> str:
+        v = self.string(table, k, key, default)
+        if v not in choices:
+            raise self.fail(_join(key, k), f"'{v}' is not one of: {', '.join(choices)}")
+        return v
+
+    def boolean(self, table: dict[str, Any], k: str, key: str, default: bool) -> bool:
+        v = table.get(k, default)
+        if not isinstance(v, bool):
+            raise self.fail(_join(key, k), f"must be true or false, got {_tname(v)}")
+        return v
+
+    def integer(self, table: dict[str, Any], k: str, key: str, default: int, lo: int = 0,
+                hi: int | None = None) -> int:
+        v = table.get(k, default)
+        if not isinstance(v, int) or isinstance(v, bool):
+            raise self.fail(_join(key, k), f"must be an integer, got {_tname(v)}")
+        if v < lo or (hi is not None and v > hi):
+            rng = f"between {lo} and {hi}" if hi is not None else f"at least {lo}"
+            raise self.fail(_join(key, k), f"{v} is out of range; must be {rng}")
+        return v
+
+    def parsed(self, table: dict[str, Any], k: str, key: str, default: str,
+               parse: Callable[[str], Any]) -> Any:
+        v = table.get(k, default)
+        if not isinstance(v, str):
+            raise self.fail(_join(key, k), f"must be a string like \"{default}\", got {_tname(v)}")
+        try:
+            return parse(v)
+        except ValueError as e:
+            raise self.fail(_join(key, k), str(e)) from None
+
+    def path(self, table: dict[str, Any], k: str, key: str, default: str | None = None) -> Path:
+        raw = self.string(table, k, key, default)
+        expanded = self.expand(raw, _join(key, k))
+        if not expanded:
+            raise self.fail(_join(key, k), "must not be empty")
+        p = Path(expanded)
+        if not p.is_absolute():
+            # Relative paths are relative to the config file, so a config works from any cwd.
+            p = Path(self.source).parent / p
+        return Path(os.path.normpath(p))
+
+    def expand(self, raw: str, key: str) -> str:
+        """~ and $VAR / ${VAR}; an unset variable is an error, not an empty string."""
+        import re
+
+        def sub(m: re.Match[str]) -> str:
+            name = m.group(1) or m.group(2)
+            if name not in self.env:
+                raise self.fail(key, f"environment variable ${name} is not set")
+            return self.env[name]
+
+        out = re.sub(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}|\$([A-Za-z_][A-Za-z0-9_]*)", sub, raw)
+        if out.startswith("~"):
+            home = self.env.get("HOME")
+            out = (home + out[1:]) if (home and out[:2] in ("~", "~/")) else os.path.expanduser(out)
+        return out
+
+
+def _join(key: str, k: str) -> str:
+    return f"{key}.{k}" if key else k
+
+
+def _tname(v: Any) -> str:
+    return {str: "a string", int: "an integer", float: "a number", bool: "a boolean",
+            list: "an array", dict: "a table"}.get(type(v), type(v).__name__)
+
+
+DAEMON_KEYS = ("state_dir", "log_format", "log_level", "retry_initial", "retry_max",
+               "max_attempts", "lease_timeout")
+PAIR_KEYS = ("name", "local", "remote", "path", "mode", "delete", "max_delete", "ignore",
+             "follow_symlinks")
+REMOTE_COMMON_KEYS = ("type", "transfers")
+REMOTE_TYPE_KEYS: dict[str, tuple[str, ...]] = {
+    "local": ("path", "fsync"),
+}
+
+
+def parse_config(data: dict[str, Any], source: str, env: dict[str, str]) -> Config:
+    v = _V(source, env)
+    v.no_unknown(data, ("daemon", "remotes", "sync"), "")
+    daemon = _parse_daemon(v, v.table(data.get("daemon", {}), "daemon"))
+    remotes = _parse_remotes(v, v.table(data.get("remotes", {}), "remotes"))
+    raw_pairs = data.get("sync", [])
+    if not isinstance(raw_pairs, list):
+        raise v.fail("sync", "must be an array of tables: write [[sync]] (double brackets)")
+    if not raw_pairs:
+        raise v.fail("sync", "no [[sync]] pairs defined; add at least one")
+    pairs = tuple(_parse_pair(v, v.table(p, f"sync[{i}]"), f"sync[{i}]", remotes)
+                  for i, p in enumerate(raw_pairs))
+    seen: dict[str, int] = {}
+    for i, p in enumerate(pairs):
+        if p.name in seen:
+            raise v.fail(f"sync[{i}].name", f"duplicate pair name '{p.name}' "
+                         f"(also sync[{seen[p.name]}].name)")
+        seen[p.name] = i
+    _check_overlaps(v, pairs, remotes)
+    return Config(source=source, daemon=daemon, remotes=remotes, pairs=pairs)
+
+
+def _parse_daemon(v: _V, t: dict[str, Any]) -> DaemonConfig:
+    v.no_unknown(t, DAEMON_KEYS, "daemon")
+    d = DaemonConfig()
+    state_dir = v.path(t, "state_dir", "daemon", "~/.local/state/syncd")
+    retry_initial = v.parsed(t, "retry_initial", "daemon", "1s", parse_duration)
+    retry_max = v.parsed(t, "retry_max", "daemon", "5m", parse_duration)
+    if retry_max < retry_initial:
+        raise v.fail("daemon.retry_max", "must be at least daemon.retry_initial")
+    return DaemonConfig(
+        state_dir=state_dir,
+        log_format=v.choice(t, "log_format", "daemon", LOG_FORMATS, d.log_format),
+        log_level=v.choice(t, "log_level", "daemon", LOG_LEVELS, d.log_level),
+        retry_initial=retry_initial,
+        retry_max=retry_max,
+        max_attempts=v.integer(t, "max_attempts", "daemon", d.max_attempts, lo=1, hi=1000),
+        lease_timeout=v.parsed(t, "lease_timeout", "daemon", "10m", parse_duration),
+    )
+
+
+def _parse_remotes(v: _V, t: dict[str, Any]) -> dict[str, RemoteConfig]:
+    out: dict[str, RemoteConfig] = {}
+    for name, raw in t.items():
+        key = f"remotes.{name}"
+        r = v.table(raw, key)
+        typ = v.choice(r, "type", key, REMOTE_TYPES)
+        if typ not in IMPLEMENTED_REMOTE_TYPES:
+            raise v.fail(f"{key}.type", f"remote type '{typ}' is not available in this version "
+                         f"of syncd (available: {', '.join(IMPLEMENTED_REMOTE_TYPES)})")
+        v.no_unknown(r, REMOTE_COMMON_KEYS + REMOTE_TYPE_KEYS[typ], key)
+        transfers = v.integer(r, "transfers", key, 4, lo=1, hi=64)
+        options: dict[str, Any] = {}
+        if typ == "local":
+            options["path"] = v.path(r, "path", key)
+            options["fsync"] = v.boolean(r, "fsync", key, True)
+        out[name] = RemoteConfig(name=name, type=typ, transfers=transfers, options=options)
+    return out
+
+
+def _parse_pair(v: _V, t: dict[str, Any], key: str, remotes: dict[str, RemoteConfig]) -> PairConfig:
+    v.no_unknown(t, PAIR_KEYS, key)
+    name = v.string(t, "name", key)
+    if not name or "/" in name or name.startswith("-") or not name.isprintable():
+        raise v.fail(f"{key}.name", f"'{name}' is not a usable name (non-empty, no '/', "
+                     "not starting with '-')")
+    remote = v.string(t, "remote", key)
+    if remote not in remotes:
+        known = ", ".join(remotes) or "(none defined; add a [remotes.NAME] table)"
+        raise v.fail(f"{key}.remote", f"unknown remote '{remote}'; known: {known}")
+    rpath = v.string(t, "path", key, "")
+    rpath = _clean_remote_path(v, rpath, f"{key}.path")
+    mode = v.choice(t, "mode", key, MODES, "push")
+    if mode not in IMPLEMENTED_MODES:
+        raise v.fail(f"{key}.mode", f"mode '{mode}' is not available in this version of syncd "
+                     f"(available: {', '.join(IMPLEMENTED_MODES)})")
+    ignore_raw = t.get("ignore", [])
+    if not isinstance(ignore_raw, list) or not all(isinstance(x, str) for x in ignore_raw):
+        raise v.fail(f"{key}.ignore", "must be an array of strings (gitignore patterns)")
+    try:
+        import pathspec
+
+        pathspec.GitIgnoreSpec.from_lines(ignore_raw)
+    except Exception as e:  # pathspec raises several types for bad patterns
+        raise v.fail(f"{key}.ignore", f"invalid pattern: {e}") from None
+    return PairConfig(
+        name=name,
+        local=v.path(t, "local", key),
+        remote=remote,
+        path=rpath,
+        mode=mode,
+        delete=v.choice(t, "delete", key, DELETE_POLICIES, "trash"),
+        max_delete=_parse_max_delete(v, t.get("max_delete", "50%"), f"{key}.max_delete"),
+        ignore=tuple(ignore_raw),
+        follow_symlinks=v.boolean(t, "follow_symlinks", key, False),
+    )
+
+
+def _clean_remote_path(v: _V, raw: str, key: str) -> str:
+    parts = [p for p in raw.replace("\\", "/").split("/") if p not in ("", ".")]
+    if raw.startswith("/"):
+        raise v.fail(key, f"'{raw}' must be relative to the remote's root (no leading '/')")
+    if ".." in parts:
+        raise v.fail(key, f"'{raw}' must not contain '..'")
+    if any(p.startswith(".syncd-") for p in parts):
+        raise v.fail(key, f"'{raw}': names starting with '.syncd-' are reserved")
+    return "/".join(parts)
+
+
+def _parse_max_delete(v: _V, raw: Any, key: str) -> MaxDelete:
+    if isinstance(raw, int) and not isinstance(raw, bool):
+        if raw < 0:
+            raise v.fail(key, "must not be negative")
+        return MaxDelete(count=raw)
+    if isinstance(raw, str):
+        s = raw.strip()
+        try:
+            if s.endswith("%"):
+                pct = float(s[:-1])
+                if not 0 <= pct <= 100:
+                    raise ValueError
+                return MaxDelete(percent=pct)
+            n = int(s)
+            if n < 0:
+                raise ValueError
+            return MaxDelete(count=n)
+        except ValueError:
+            pass
+    raise v.fail(key, f"{raw!r} is not a count (e.g. 100) or a percentage (e.g. \"50%\")")
+
+
+def _check_overlaps(v: _V, pairs: tuple[PairConfig, ...], remotes: dict[str, RemoteConfig]) -> None:
+    """Two pairs writing the same remote subtree would fight; refuse it up front."""
+    for i, a in enumerate(pairs):
+        for j in range(i + 1, len(pairs)):
+            b = pairs[j]
+            if a.remote != b.remote:
+                continue
+            pa, pb = a.path + "/", b.path + "/"
+            if pa.startswith(pb) or pb.startswith(pa) or not a.path or not b.path:
+                raise v.fail(f"sync[{j}].path", f"remote path '{b.path}' overlaps pair "
+                             f"'{a.name}' (path '{a.path}') on remote '{a.remote}'")
+    for i, p in enumerate(pairs):
+        r = remotes[p.remote]
+        if r.type == "local":
+            root = Path(r.options["path"], p.path)
+            if _inside(root, p.local) or _inside(p.local, root):
+                raise v.fail(f"sync[{i}].local", f"local root {p.local} and remote directory "
+                             f"{root} overlap; one would sync into the other")
+
+
+def _inside(a: Path, b: Path) -> bool:
+    try:
+        a.resolve().relative_to(b.resolve())
+        return True
+    except ValueError:
+        return False
+
+
+# --- display ------------------------------------------------------------------------------
+
+
+def to_display(cfg: Config) -> dict[str, Any]:
+    """The resolved config as plain data, secrets masked (for `syncd config check`)."""
+
+    def mask(k: str, val: Any) -> Any:
+        if any(h in k for h in SECRET_HINTS) and not k.endswith("_env") and val:
+            return "********"
+        return str(val) if isinstance(val, Path) else val
+
+    d = cfg.daemon
+    return {
+        "config_file": cfg.source,
+        "daemon": {
+            "state_dir": str(d.state_dir), "log_format": d.log_format, "log_level": d.log_level,
+            "retry_initial": f"{d.retry_initial:g}s", "retry_max": f"{d.retry_max:g}s",
+            "max_attempts": d.max_attempts, "lease_timeout": f"{d.lease_timeout:g}s",
+        },
+        "remotes": {
+            name: {"type": r.type, "transfers": r.transfers,
+                   **{k: mask(k, val) for k, val in r.options.items()}}
+            for name, r in cfg.remotes.items()
+        },
+        "sync": [
+            {"name": p.name, "local": str(p.local), "remote": p.remote, "path": p.path,
+             "mode": p.mode, "delete": p.delete, "max_delete": str(p.max_delete),
+             "ignore": list(p.ignore), "follow_symlinks": p.follow_symlinks}
+            for p in cfg.pairs
+        ],
+    }

@@ -1,0 +1,304 @@
+"""Wiring for one reconcile of a pair, shared by `syncd reconcile` and the daemon:
+scan → list → hash what must be compared → plan → safety → enqueue → run → summary."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from syncd import log as slog
+from syncd.config import Config, PairConfig
+from syncd.errors import LockedError, RemoteError, SafetyError, UnavailableError
+from syncd.index import Index
+from syncd.model import DELETING_OPS, Action, Kind, LocalState, Op, RemoteEntry
+from syncd.plan import DRIFT_REASONS, Facts, Policy, check_safety, plan_push
+from syncd.queue import Queue
+from syncd.remotes import open_remote
+from syncd.remotes.base import Remote
+from syncd.scan import Matcher, hash_paths, walk
+from syncd.transfer import PairCtx, Reporter, Runner
+
+FILE, DIR = int(Kind.FILE), int(Kind.DIR)
+
+
+@dataclass
+class Options:
+    dry_run: bool = False
+    allow_mass_delete: bool = False
+    allow_device_change: bool = False
+
+
+@dataclass
+class PairResult:
+    pair: str
+    status: str = "ok"           # ok | failed | stopped | unavailable | planned
+    message: str = ""
+    uploaded: int = 0
+    uploaded_bytes: int = 0
+    deleted: int = 0
+    trashed: int = 0
+    adopted: int = 0
+    mkdirs: int = 0
+    skipped: int = 0
+    retries: int = 0
+    failures: list[tuple[str, str]] = field(default_factory=list)   # (path, why)
+    plan: list[Action] = field(default_factory=list)
+    scanned: int = 0
+    hashed_files: int = 0
+    hashed_bytes: int = 0
+    duration_s: float = 0.0
+
+    @property
+    def exit_code(self) -> int:
+        return {"ok": 0, "planned": 0, "failed": 1, "stopped": 4, "unavailable": 3}[self.status]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "pair": self.pair, "status": self.status, "message": self.message,
+            "uploaded": self.uploaded, "uploaded_bytes": self.uploaded_bytes,
+            "deleted": self.deleted, "trashed": self.trashed, "adopted": self.adopted,
+            "mkdirs": self.mkdirs, "skipped": self.skipped, "retries": self.retries,
+            "failed": [{"path": p, "error": e} for p, e in self.failures],
+            "scanned": self.scanned, "duration_s": round(self.duration_s, 3),
+            **({"plan": [{"op": a.op.value, "path": a.path, "reason": a.reason}
+                         for a in self.plan]} if self.status == "planned" else {}),
+        }
+
+
+class StateLock:
+    """One syncd per state dir: an flock on state_dir/syncd.lock holding the PID."""
+
+    def __init__(self, state_dir: Path):
+        self.path = state_dir / "syncd.lock"
+        self.fd = -1
+
+    def __enter__(self) -> StateLock:
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise LockedError(f"state dir {self.path.parent} is in use by another syncd "
+                              f"(PID {holder}); stop it or use another [daemon] state_dir") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self.fd = fd
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+class Engine:
+    def __init__(self, cfg: Config, index: Index, *, clock: Callable[[], float] = time.time,
+                 reporter_factory: Callable[[str, int, int], Reporter | None] | None = None,
+                 sleep: Callable[[float], None] = time.sleep):
+        self.cfg = cfg
+        self.index = index
+        self.clock = clock
+        self.sleep = sleep
+        self.reporter_factory = reporter_factory
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{time.time_ns()}"
+        d = cfg.daemon
+        self.queue = Queue(index, self.owner, clock=clock, retry_initial=d.retry_initial,
+                           retry_max=d.retry_max, max_attempts=d.max_attempts,
+                           lease_timeout=d.lease_timeout)
+        self.remotes: dict[str, Remote] = {}
+        self.unavailable: dict[str, UnavailableError] = {}
+        self.log = slog.get()
+
+    def remote(self, name: str) -> Remote:
+        if name in self.unavailable:
+            raise self.unavailable[name]
+        if name not in self.remotes:
+            r = open_remote(self.cfg.remotes[name])
+            try:
+                r.check()
+            except UnavailableError as e:
+                self.unavailable[name] = e
+                raise
+            self.remotes[name] = r
+        return self.remotes[name]
+
+    def close(self) -> None:
+        for r in self.remotes.values():
+            r.close()
+
+    def reconcile(self, pair: PairConfig, opts: Options) -> PairResult:
+        structlog.contextvars.bind_contextvars(pair=pair.name)
+        t0 = time.perf_counter()
+        res = PairResult(pair.name)
+        try:
+            self._reconcile(pair, opts, res)
+        except SafetyError as e:
+            res.status, res.message = "stopped", str(e)
+            self.log.error("pair_stopped", reason=e.reason, override=e.override, error=str(e))
+        except UnavailableError as e:
+            res.status, res.message = "unavailable", str(e)
+            self.log.error("remote_unavailable", remote=pair.remote, error=str(e))
+        except RemoteError as e:
+            res.status, res.message = "failed", str(e)
+            res.failures.append((e.path or ".", str(e)))
+            self.log.error("pair_failed", error=str(e))
+        finally:
+            res.duration_s = time.perf_counter() - t0
+            structlog.contextvars.unbind_contextvars("pair")
+        if res.status == "ok" and res.failures:
+            res.status = "failed"
+        if not opts.dry_run and res.status != "planned":
+            self.index.set_pair_result(pair.name, self.clock(), res.status)
+        self.log.info("reconcile_done", pair=pair.name, status=res.status, uploaded=res.uploaded,
+                      bytes=res.uploaded_bytes, deleted=res.deleted, trashed=res.trashed,
+                      adopted=res.adopted, skipped=res.skipped, failed=len(res.failures),
+                      retries=res.retries, scanned=res.scanned,
+                      duration_ms=int(res.duration_s * 1000))
+        return res
+
+    def _reconcile(self, pair: PairConfig, opts: Options, res: PairResult) -> None:
+        log = self.log
+        root = str(pair.local)
+        meta = self.index.pair_meta(pair.name)
+        prior, racy, base = self.index.load(pair.name)
+        matcher = Matcher(pair.ignore)
+        try:
+            root_exists = os.path.isdir(root)
+        except OSError:
+            root_exists = False
+        if not root_exists:
+            self._trip(pair, Facts(False, 0, len(base), 0, None, None, 0, ""), opts)
+        remote = self.remote(pair.remote)
+
+        w = walk(root, prior, racy, matcher, pair.follow_symlinks)
+        for rel, why in w.skipped:
+            log.info("entry_skipped", path=rel, reason=why)
+        for rel, why in w.unsyncable:
+            log.error("entry_unsyncable", path=rel, error=why)
+            res.failures.append((rel, why))
+        for rel, why in w.errors:
+            log.error("scan_error", path=rel, error=why)
+            res.failures.append((rel, why))
+        res.skipped += len(w.skipped)
+
+        remote_map = self._list(remote, pair, matcher)
+
+        # Hash only what must be compared: changed files that have a base or a remote
+        # counterpart. Brand-new files are hashed while they are uploaded (one read, not two).
+        need = [p for p in w.dirty if p in base or p in remote_map]
+        hashed = hash_paths(root, w, need)
+        for rel, why in hashed.errors:
+            log.error("scan_error", path=rel, error=why)
+            res.failures.append((rel, why))
+        res.hashed_files, res.hashed_bytes = hashed.files, hashed.bytes
+        res.scanned = len(w.states)
+        scan_errors = bool(w.errors or hashed.errors)
+
+        if not opts.dry_run:
+            err_paths = {p for p, _ in hashed.errors}
+            changed: list[tuple[str, LocalState, bool]] = list(hashed.updates)
+            changed += [(p, s, False) for p, s in w.states.items()
+                        if s.kind == DIR and prior.get(p) is not s]
+            removed = [p for p in prior if p not in w.states and p not in err_paths
+                       and not w.under_error(p)]
+            if changed or removed:
+                self.index.save_scan(pair.name, changed, removed)
+
+        caps = remote.caps
+        policy = Policy(delete=pair.delete,
+                        trash_stamp=time.strftime("%Y-%m-%dT%H%M%SZ", time.gmtime(self.clock())),
+                        dirs=caps.dirs, mtime_precision_ns=caps.mtime_precision_ns,
+                        now_ns=int(self.clock() * 1e9))
+        actions = plan_push(w.states, base, remote_map, policy)
+        remote_files = sum(1 for e in remote_map.values() if e.kind == FILE)
+        facts = Facts(True, len(w.states), len(base), remote_files, w.root_dev,
+                      meta.st_dev if meta else None, pair.max_delete.limit(remote_files),
+                      str(pair.max_delete))
+        self._trip(pair, facts, opts, actions)
+        if (meta is None or meta.st_dev != w.root_dev) and not opts.dry_run:
+            self.index.set_pair_meta(pair.name, root, w.root_dev)
+
+        for a in actions:
+            if a.op == Op.UPLOAD and a.reason in DRIFT_REASONS:
+                log.warning("remote_drift", path=a.path, op=a.op.value, reason=a.reason)
+        if opts.dry_run:
+            res.status, res.plan = "planned", [a for a in actions if a.op != Op.FORGET]
+            return
+
+        first = [a for a in actions if a.op not in DELETING_OPS and a.op != Op.RMDIR]
+        later = [a for a in actions if a.op in DELETING_OPS or a.op == Op.RMDIR]
+        ctx = PairCtx(pair.name, root, pair.path, remote, self.cfg.remotes[pair.remote].transfers)
+        self.index.clear_jobs(pair.name)
+        self._run(pair, ctx, first, res)
+        if later:
+            if res.failures or scan_errors:
+                why = "a scan error" if scan_errors else "failed transfers"
+                log.warning("deletes_skipped", count=len(later), reason=f"{why} in this run; "
+                            "deletes wait for a clean run")
+                res.skipped += len(later)
+            else:
+                self._run(pair, ctx, later, res)
+
+    def _list(self, remote: Remote, pair: PairConfig, matcher: Matcher) -> dict[str, RemoteEntry]:
+        out: dict[str, RemoteEntry] = {}
+        empty = matcher.empty
+        for e in remote.list(pair.path):
+            if not empty and matcher(e.path + "/" if e.kind == DIR else e.path):
+                continue
+            out[e.path] = e
+        return out
+
+    def _trip(self, pair: PairConfig, facts: Facts, opts: Options,
+              actions: list[Action] | None = None) -> None:
+        trip = check_safety(actions or [], facts, opts.allow_mass_delete, opts.allow_device_change)
+        if trip is not None:
+            raise SafetyError(pair.name, trip.reason, trip.override)
+
+    def _run(self, pair: PairConfig, ctx: PairCtx, actions: list[Action], res: PairResult) -> None:
+        if not actions:
+            return
+        self.queue.enqueue(pair.name, actions)
+        moving = [a for a in actions if a.op in (Op.UPLOAD, Op.DELETE, Op.TRASH)]
+        reporter = None
+        if self.reporter_factory is not None and moving:
+            reporter = self.reporter_factory(pair.name, len(actions),
+                                             sum(a.size for a in actions if a.op == Op.UPLOAD))
+        runner = Runner(self.queue, {pair.name: ctx}, sleep=self.sleep, reporter=reporter,
+                        log=self.log)
+        try:
+            stats = runner.run([pair.name])
+        finally:
+            if reporter is not None and hasattr(reporter, "close"):
+                reporter.close()
+        res.retries += stats.retries
+        for o in stats.done:
+            op = o.job.action.op
+            if o.keep_base:
+                res.skipped += 1
+            elif op == Op.UPLOAD:
+                res.uploaded += 1
+                res.uploaded_bytes += o.bytes
+            elif op == Op.DELETE:
+                res.deleted += 1
+            elif op == Op.TRASH:
+                res.trashed += 1
+            elif op == Op.ADOPT:
+                res.adopted += 1
+            elif op == Op.MKDIR:
+                res.mkdirs += 1
+        for o, msg in stats.failed:
+            res.failures.append((o.job.path, msg))
+
+
+def open_engine_index(cfg: Config) -> Index:
+    return Index.open(cfg.daemon.state_dir)

@@ -1,0 +1,114 @@
+"""The syncd exception tree; every error a user can see is one of these.
+
+    SyncdError
+     ├── ConfigError          bad config file or key           (exit 2)
+     ├── UsageError           bad command-line use             (exit 2)
+     ├── LockedError          state dir held by another syncd  (exit 2)
+     ├── SafetyError          a guard stopped a pair           (exit 4)
+     ├── SourceChanged        local file changed while read    (job re-planned)
+     └── RemoteError          carries remote= and path=
+          ├── TransientError  worth retrying (timeouts, resets, throttling)
+          └── PermanentError  retrying will not help; the job is parked
+               ├── NotFound
+               ├── PathEscape        path leaves the remote root
+               ├── Conflict          remote kind differs (dir where a file goes)
+               └── UnavailableError  remote cannot be reached / used at all (exit 3)
+                    ├── AuthError
+                    └── HostKeyError
+
+The queue decides retry vs park by type, never by message text.
+"""
+
+from __future__ import annotations
+
+
+class SyncdError(Exception):
+    """Base of every error syncd raises on purpose."""
+
+    exit_code = 1
+
+
+class ConfigError(SyncdError):
+    exit_code = 2
+
+    def __init__(self, message: str, *, file: str | None = None, key: str | None = None):
+        self.file = file
+        self.key = key
+        self.reason = message
+        where = ": ".join(x for x in (file, key) if x)
+        super().__init__(f"{where}: {message}" if where else message)
+
+
+class UsageError(SyncdError):
+    exit_code = 2
+
+
+class LockedError(SyncdError):
+    exit_code = 2
+
+
+class SafetyError(SyncdError):
+    """A guard stopped a pair before anything was changed."""
+
+    exit_code = 4
+
+    def __init__(self, pair: str, reason: str, override: str):
+        self.pair = pair
+        self.reason = reason
+        self.override = override
+        super().__init__(f"pair '{pair}' stopped: {reason}; nothing was changed. "
+                         f"If this is intended, re-run once with {override}")
+
+
+class SourceChanged(SyncdError):
+    """The local file changed while it was being read; the bytes are not published."""
+
+    def __init__(self, path: str, detail: str = "changed while being read"):
+        self.path = path
+        super().__init__(f"{path}: {detail}")
+
+
+class RemoteError(SyncdError):
+    def __init__(self, message: str, *, remote: str = "", path: str = ""):
+        self.remote = remote
+        self.path = path
+        self.reason = message
+        parts = []
+        if remote:
+            parts.append(f"remote '{remote}'")
+        if path:
+            parts.append(f"path '{path}'")
+        prefix = ", ".join(parts)
+        super().__init__(f"{prefix}: {message}" if prefix else message)
+
+
+class TransientError(RemoteError):
+    pass
+
+
+class PermanentError(RemoteError):
+    pass
+
+
+class NotFound(PermanentError):
+    pass
+
+
+class PathEscape(PermanentError):
+    pass
+
+
+class Conflict(PermanentError):
+    pass
+
+
+class UnavailableError(PermanentError):
+    exit_code = 3
+
+
+class AuthError(UnavailableError):
+    pass
+
+
+class HostKeyError(UnavailableError):
+    pass

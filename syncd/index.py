@@ -1,0 +1,378 @@
+"""The state index in SQLite (WAL): local states, bases, pair facts and the job queue.
+
+This is the only module that speaks SQL. One `Index` belongs to one thread.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from syncd.errors import SyncdError
+from syncd.model import Action, Base, Job, LocalState, Op
+
+DB_NAME = "index.sqlite3"
+
+# Forward-only migrations; index i takes the schema from version i to i + 1.
+MIGRATIONS: tuple[str, ...] = (
+    """
+    CREATE TABLE pairs (
+        pair TEXT PRIMARY KEY,
+        root TEXT NOT NULL,
+        st_dev INTEGER,
+        last_reconcile REAL,
+        last_result TEXT
+    );
+    CREATE TABLE entries (
+        pair TEXT NOT NULL,
+        path TEXT NOT NULL,
+        l_kind INTEGER, l_size INTEGER, l_mtime INTEGER, l_inode INTEGER, l_mode INTEGER,
+        l_hash BLOB, l_racy INTEGER NOT NULL DEFAULT 0,
+        b_kind INTEGER, b_size INTEGER, b_mtime INTEGER, b_hash BLOB, b_fp TEXT,
+        PRIMARY KEY (pair, path)
+    ) WITHOUT ROWID;
+    CREATE TABLE jobs (
+        id INTEGER PRIMARY KEY,
+        pair TEXT NOT NULL,
+        path TEXT NOT NULL,
+        phase INTEGER NOT NULL,
+        args TEXT NOT NULL,
+        state TEXT NOT NULL,              -- pending | leased | failed
+        attempts INTEGER NOT NULL DEFAULT 0,
+        not_before REAL NOT NULL DEFAULT 0,
+        lease_owner TEXT,
+        lease_until REAL,
+        last_error TEXT,
+        next_args TEXT,                   -- newer intent that arrived while leased
+        created REAL NOT NULL,
+        updated REAL NOT NULL,
+        UNIQUE (pair, path)
+    );
+    CREATE INDEX jobs_ready ON jobs (state, pair, phase, not_before);
+    """,
+)
+
+
+class IndexError_(SyncdError):
+    exit_code = 2
+
+
+@dataclass(frozen=True, slots=True)
+class PairMeta:
+    root: str
+    st_dev: int | None
+    last_reconcile: float | None
+    last_result: str | None
+
+
+class Done(NamedTuple):
+    """A finished job to record: the new base (None = entry gone from the remote) and,
+    where the transfer saw it, the local state it sent."""
+
+    job_id: int
+    path: str
+    base: Base | None
+    local: LocalState | None = None
+    racy: bool = False
+    keep_base: bool = False       # the job changed nothing (e.g. the file vanished first)
+
+
+def action_to_json(a: Action) -> str:
+    return json.dumps([a.op.value, a.reason, a.size, a.hash.hex() if a.hash else None,
+                       a.mtime_ns, a.dest, a.remote_fp, int(a.kind)])
+
+
+def action_from_json(path: str, s: str) -> Action:
+    op, reason, size, h, mtime_ns, dest, fp, kind = json.loads(s)
+    return Action(Op(op), path, reason, size, bytes.fromhex(h) if h else None, mtime_ns, dest,
+                  fp, kind)
+
+
+class Index:
+    def __init__(self, path: Path, migrations: Sequence[str] = MIGRATIONS):
+        self.path = path
+        try:
+            self.db = sqlite3.connect(str(path), isolation_level=None, timeout=30.0)
+        except sqlite3.Error as e:
+            raise IndexError_(f"cannot open state index {path}: {e}") from None
+        self.db.execute("PRAGMA journal_mode=WAL")
+        # NORMAL in WAL mode survives a process crash; a power cut may lose the newest
+        # commits, which only makes base older (a re-upload), never wrong.
+        self.db.execute("PRAGMA synchronous=NORMAL")
+        self.db.execute("PRAGMA foreign_keys=ON")
+        self._migrate(migrations)
+
+    @classmethod
+    def open(cls, state_dir: Path) -> Index:
+        try:
+            state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        except OSError as e:
+            raise IndexError_(f"cannot create state_dir {state_dir}: {e.strerror}; set "
+                              "[daemon] state_dir to a writable directory") from None
+        return cls(state_dir / DB_NAME)
+
+    def close(self) -> None:
+        self.db.close()
+
+    # --- schema ---------------------------------------------------------------------------
+
+    def _migrate(self, migrations: Sequence[str]) -> None:
+        db = self.db
+        db.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+        row = db.execute("SELECT version FROM schema_version").fetchone()
+        version = row[0] if row else 0
+        if version > len(migrations):
+            raise IndexError_(f"state index {self.path} has schema version {version}, newer "
+                              f"than this syncd understands ({len(migrations)}); upgrade syncd "
+                              "or point [daemon] state_dir elsewhere")
+        for v in range(version, len(migrations)):
+            with self.tx():
+                for stmt in _split_sql(migrations[v]):
+                    db.execute(stmt)
+                db.execute("DELETE FROM schema_version")
+                db.execute("INSERT INTO schema_version VALUES (?)", (v + 1,))
+
+    @property
+    def schema_version(self) -> int:
+        return self.db.execute("SELECT version FROM schema_version").fetchone()[0]
+
+    def tx(self) -> _Tx:
+        return _Tx(self.db)
+
+    # --- pairs ----------------------------------------------------------------------------
+
+    def pair_meta(self, pair: str) -> PairMeta | None:
+        r = self.db.execute("SELECT root, st_dev, last_reconcile, last_result FROM pairs "
+                            "WHERE pair = ?", (pair,)).fetchone()
+        return PairMeta(*r) if r else None
+
+    def set_pair_meta(self, pair: str, root: str, st_dev: int | None) -> None:
+        with self.tx():
+            self.db.execute(
+                "INSERT INTO pairs (pair, root, st_dev) VALUES (?, ?, ?) ON CONFLICT(pair) "
+                "DO UPDATE SET root = excluded.root, st_dev = excluded.st_dev",
+                (pair, root, st_dev))
+
+    def set_pair_result(self, pair: str, when: float, result: str) -> None:
+        with self.tx():
+            self.db.execute("UPDATE pairs SET last_reconcile = ?, last_result = ? "
+                            "WHERE pair = ?", (when, result, pair))
+
+    # --- entries --------------------------------------------------------------------------
+
+    def load(self, pair: str) -> tuple[dict[str, LocalState], set[str], dict[str, Base]]:
+        """Everything the index knows about a pair: local states, the paths whose local
+        state is racy (must be re-hashed), and bases, by path."""
+        local: dict[str, LocalState] = {}
+        racy: set[str] = set()
+        base: dict[str, Base] = {}
+        cur = self.db.execute(
+            "SELECT path, l_kind, l_size, l_mtime, l_inode, l_mode, l_hash, l_racy, "
+            "b_kind, b_size, b_mtime, b_hash, b_fp FROM entries WHERE pair = ?", (pair,))
+        for path, lk, ls, lm, li, lmo, lh, lr, bk, bs, bm, bh, bf in cur:
+            if lk is not None:
+                local[path] = LocalState(lk, ls, lm, li, lmo, lh)
+                if lr:
+                    racy.add(path)
+            if bk is not None:
+                base[path] = Base(bk, bs, bm, bh, bf)
+        return local, racy, base
+
+    def count_base(self, pair: str) -> int:
+        return self.db.execute("SELECT count(*) FROM entries WHERE pair = ? AND b_kind IS NOT "
+                               "NULL", (pair,)).fetchone()[0]
+
+    def save_scan(self, pair: str, changed: Iterable[tuple[str, LocalState, bool]],
+                  removed: Iterable[str]) -> None:
+        """Record new local states (path, state, racy) and forget vanished local entries."""
+        with self.tx():
+            self.db.executemany(
+                "INSERT INTO entries (pair, path, l_kind, l_size, l_mtime, l_inode, l_mode, "
+                "l_hash, l_racy) VALUES (?,?,?,?,?,?,?,?,?) ON CONFLICT(pair, path) DO UPDATE "
+                "SET l_kind=excluded.l_kind, l_size=excluded.l_size, l_mtime=excluded.l_mtime, "
+                "l_inode=excluded.l_inode, l_mode=excluded.l_mode, l_hash=excluded.l_hash, "
+                "l_racy=excluded.l_racy",
+                ((pair, p, s.kind, s.size, s.mtime_ns, s.inode, s.mode, s.hash, int(r))
+                 for p, s, r in changed))
+            rm = [(pair, p) for p in removed]
+            self.db.executemany("UPDATE entries SET l_kind=NULL, l_size=NULL, l_mtime=NULL, "
+                                "l_inode=NULL, l_mode=NULL, l_hash=NULL, l_racy=0 "
+                                "WHERE pair=? AND path=?", rm)
+            self.db.executemany("DELETE FROM entries WHERE pair=? AND path=? AND "
+                                "b_kind IS NULL", rm)
+
+    def _set_base(self, pair: str, d: Done) -> None:
+        if d.keep_base:
+            return
+        b = d.base
+        if b is None:
+            self.db.execute("UPDATE entries SET b_kind=NULL, b_size=NULL, b_mtime=NULL, "
+                            "b_hash=NULL, b_fp=NULL WHERE pair=? AND path=?", (pair, d.path))
+            self.db.execute("DELETE FROM entries WHERE pair=? AND path=? AND l_kind IS NULL",
+                            (pair, d.path))
+            return
+        self.db.execute(
+            "INSERT INTO entries (pair, path, b_kind, b_size, b_mtime, b_hash, b_fp) "
+            "VALUES (?,?,?,?,?,?,?) ON CONFLICT(pair, path) DO UPDATE SET b_kind=excluded.b_kind,"
+            " b_size=excluded.b_size, b_mtime=excluded.b_mtime, b_hash=excluded.b_hash, "
+            "b_fp=excluded.b_fp",
+            (pair, d.path, b.kind, b.size, b.mtime_ns, b.hash, b.remote_fp))
+        if d.local is not None:
+            s = d.local
+            self.db.execute(
+                "UPDATE entries SET l_kind=?, l_size=?, l_mtime=?, l_inode=?, l_mode=?, "
+                "l_hash=?, l_racy=? WHERE pair=? AND path=?",
+                (s.kind, s.size, s.mtime_ns, s.inode, s.mode, s.hash, int(d.racy), pair, d.path))
+
+    # --- jobs -----------------------------------------------------------------------------
+
+    def clear_jobs(self, pair: str) -> int:
+        with self.tx():
+            return self.db.execute("DELETE FROM jobs WHERE pair = ?", (pair,)).rowcount
+
+    def enqueue(self, pair: str, actions: Iterable[Action], phase_of: Callable[[Action], int],
+                now: float) -> None:
+        """Newest intent per (pair, path) wins; an in-flight job keeps running and the new
+        intent waits behind it in next_args."""
+        with self.tx():
+            self.db.executemany(
+                "INSERT INTO jobs (pair, path, phase, args, state, attempts, not_before, "
+                "created, updated) VALUES (?,?,?,?, 'pending', 0, ?, ?, ?) "
+                "ON CONFLICT(pair, path) DO UPDATE SET "
+                "  next_args = CASE WHEN state = 'leased' THEN excluded.args ELSE NULL END, "
+                "  args = CASE WHEN state = 'leased' THEN args ELSE excluded.args END, "
+                "  phase = CASE WHEN state = 'leased' THEN phase ELSE excluded.phase END, "
+                "  attempts = CASE WHEN state = 'leased' THEN attempts ELSE 0 END, "
+                "  not_before = CASE WHEN state = 'leased' THEN not_before ELSE "
+                "               excluded.not_before END, "
+                "  last_error = CASE WHEN state = 'leased' THEN last_error ELSE NULL END, "
+                "  state = CASE WHEN state = 'leased' THEN 'leased' ELSE 'pending' END, "
+                "  updated = excluded.updated",
+                ((pair, a.path, phase_of(a), action_to_json(a), now, now, now)
+                 for a in actions))
+
+    def lease(self, owner: str, now: float, until: float, limit: int,
+              pairs: Sequence[str] | None = None) -> list[Job]:
+        """Take up to `limit` ready jobs from the lowest pending phase of each pair."""
+        with self.tx():
+            where = "state = 'pending' AND not_before <= ?"
+            params: list[Any] = [now]
+            if pairs is not None:
+                where += f" AND pair IN ({','.join('?' * len(pairs))})"
+                params += list(pairs)
+            # A later phase waits until no job of an earlier phase is pending or leased.
+            rows = self.db.execute(
+                f"SELECT id, pair, path, args, attempts, not_before, last_error FROM jobs j "
+                f"WHERE {where} AND NOT EXISTS (SELECT 1 FROM jobs e WHERE e.pair = j.pair AND "
+                f"e.phase < j.phase AND e.state IN ('pending', 'leased')) "
+                f"ORDER BY phase, id LIMIT ?", (*params, limit)).fetchall()
+            if rows:
+                self.db.executemany("UPDATE jobs SET state='leased', lease_owner=?, "
+                                    "lease_until=?, updated=? WHERE id=?",
+                                    ((owner, until, now, r[0]) for r in rows))
+        return [Job(r[0], r[1], r[2], action_from_json(r[2], r[3]), r[4], r[5], r[6])
+                for r in rows]
+
+    def reclaim(self, now: float, owner: str | None = None) -> int:
+        """Return leases to pending: those whose time ran out, and (given the live `owner`,
+        which holds the state-dir lock) every lease held by any other, dead, process."""
+        with self.tx():
+            q = "UPDATE jobs SET state='pending', lease_owner=NULL, lease_until=NULL " \
+                "WHERE state='leased' AND (lease_until < ?"
+            params: list[Any] = [now]
+            if owner is not None:
+                q += " OR lease_owner IS NOT ?"
+                params.append(owner)
+            return self.db.execute(q + ")", params).rowcount
+
+    def finish(self, pair: str, done: Sequence[Done], retry: Sequence[tuple[int, float, str, int]],
+               failed: Sequence[tuple[int, str, int]], now: float) -> None:
+        """One transaction: bases move with the acks of the jobs that moved them;
+        retries get their not_before; permanent failures are parked."""
+        with self.tx():
+            for d in done:
+                self._set_base(pair, d)
+                self._ack(d.job_id, now)
+            for job_id, not_before, error, attempts in retry:
+                self.db.execute("UPDATE jobs SET state='pending', attempts=?, not_before=?, "
+                                "last_error=?, lease_owner=NULL, lease_until=NULL, updated=? "
+                                "WHERE id=? AND next_args IS NULL",
+                                (attempts, not_before, error, now, job_id))
+                self._promote_next(job_id, now)
+            for job_id, error, attempts in failed:
+                self.db.execute("UPDATE jobs SET state='failed', attempts=?, last_error=?, "
+                                "lease_owner=NULL, lease_until=NULL, updated=? "
+                                "WHERE id=? AND next_args IS NULL",
+                                (attempts, error, now, job_id))
+                self._promote_next(job_id, now)
+
+    def _ack(self, job_id: int, now: float) -> None:
+        if not self._promote_next(job_id, now):
+            self.db.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
+
+    def _promote_next(self, job_id: int, now: float) -> bool:
+        cur = self.db.execute(
+            "UPDATE jobs SET args=next_args, next_args=NULL, state='pending', attempts=0, "
+            "not_before=?, last_error=NULL, lease_owner=NULL, lease_until=NULL, updated=? "
+            "WHERE id=? AND next_args IS NOT NULL", (now, now, job_id))
+        return cur.rowcount > 0
+
+    def job_counts(self, pair: str) -> dict[str, int]:
+        rows = self.db.execute("SELECT state, count(*) FROM jobs WHERE pair=? GROUP BY state",
+                               (pair,)).fetchall()
+        return {s: n for s, n in rows}
+
+    def next_ready_time(self, pairs: Sequence[str]) -> float | None:
+        r = self.db.execute(
+            f"SELECT min(not_before) FROM jobs WHERE state='pending' AND pair IN "
+            f"({','.join('?' * len(pairs))})", list(pairs)).fetchone()
+        return r[0]
+
+    def failed_jobs(self, pair: str) -> list[Job]:
+        rows = self.db.execute("SELECT id, pair, path, args, attempts, not_before, last_error "
+                               "FROM jobs WHERE pair=? AND state='failed' ORDER BY path",
+                               (pair,)).fetchall()
+        return [Job(r[0], r[1], r[2], action_from_json(r[2], r[3]), r[4], r[5], r[6])
+                for r in rows]
+
+    def all_jobs(self, pair: str) -> list[tuple[str, str, int, str | None]]:
+        """(path, state, attempts, last_error) of every job of a pair; for tests and status."""
+        return self.db.execute("SELECT path, state, attempts, last_error FROM jobs WHERE pair=? "
+                               "ORDER BY path", (pair,)).fetchall()
+
+
+class _Tx:
+    """BEGIN IMMEDIATE … COMMIT, ROLLBACK on error; nested use joins the outer one."""
+
+    def __init__(self, db: sqlite3.Connection):
+        self.db = db
+        self.outer = False
+
+    def __enter__(self) -> sqlite3.Connection:
+        self.outer = not self.db.in_transaction
+        if self.outer:
+            self.db.execute("BEGIN IMMEDIATE")
+        return self.db
+
+    def __exit__(self, exc_type: Any, *_: Any) -> None:
+        if not self.outer:
+            return
+        if exc_type is None:
+            self.db.execute("COMMIT")
+        else:
+            self.db.execute("ROLLBACK")
+
+
+def _split_sql(script: str) -> list[str]:
+    """Statements of a migration; ours contain no ';' inside literals."""
+    out = []
+    for stmt in script.split(";"):
+        lines = [ln.split("--", 1)[0] for ln in stmt.splitlines()]
+        s = "\n".join(lines).strip()
+        if s:
+            out.append(s)
+    return out

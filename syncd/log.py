@@ -1,0 +1,70 @@
+"""structlog setup: JSON lines off a TTY (journald), a readable console on one; redaction."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any, TextIO
+
+import structlog
+
+_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
+           "error": logging.ERROR}
+_SECRET_KEYS = ("password", "secret", "token", "passphrase", "authorization")
+
+
+class _StderrFile:
+    """Looks sys.stderr up on every write, so a progress bar that swaps it still works."""
+
+    def write(self, s: str) -> int:
+        return sys.stderr.write(s)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
+def _redact(_logger: Any, _name: str, event: dict[str, Any]) -> dict[str, Any]:
+    for k in event:
+        if any(s in k for s in _SECRET_KEYS) and not k.endswith("_env"):
+            event[k] = "********"
+    return event
+
+
+def use_json(fmt: str, stream: TextIO | None = None) -> bool:
+    if fmt == "json":
+        return True
+    if fmt == "console":
+        return False
+    stream = stream or sys.stderr
+    return not (hasattr(stream, "isatty") and stream.isatty())
+
+
+def setup(fmt: str = "auto", level: str = "info") -> None:
+    json_out = use_json(fmt)
+    processors: list[Any] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        _redact,
+    ]
+    if json_out:
+        processors += [
+            structlog.processors.TimeStamper(fmt="iso", utc=True, key="ts"),
+            structlog.processors.format_exc_info,
+            structlog.processors.JSONRenderer(sort_keys=False),
+        ]
+    else:
+        processors += [
+            structlog.processors.TimeStamper(fmt="%H:%M:%S", utc=False, key="ts"),
+            structlog.dev.ConsoleRenderer(colors=True, timestamp_key="ts",
+                                          exception_formatter=structlog.dev.plain_traceback),
+        ]
+    structlog.configure(
+        processors=processors,
+        wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
+        logger_factory=structlog.WriteLoggerFactory(file=_StderrFile()),  # type: ignore[arg-type]
+        cache_logger_on_first_use=True,
+    )
+
+
+def get(name: str | None = None) -> Any:
+    return structlog.get_logger(name) if name else structlog.get_logger()

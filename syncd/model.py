@@ -1,0 +1,95 @@
+"""Value types shared by every stage: entry kinds, local/remote/base states, actions, jobs."""
+
+from __future__ import annotations
+
+from enum import IntEnum, StrEnum
+from typing import NamedTuple
+
+# Names syncd reserves inside a pair's remote path; never synced, never listed as entries.
+TRASH_DIR = ".syncd-trash"
+TMP_PREFIX = ".syncd-tmp-"
+
+
+class Kind(IntEnum):
+    FILE = 1
+    DIR = 2
+
+
+class LocalState(NamedTuple):
+    """What the scanner saw. `hash` is xxh3-128 of the content (None for directories)."""
+
+    kind: int
+    size: int
+    mtime_ns: int
+    inode: int
+    mode: int
+    hash: bytes | None
+
+
+class RemoteEntry(NamedTuple):
+    """One entry a remote listed. `fp` is the backend's version fingerprint (size+mtime,
+    ETag, ...): equal fingerprints mean the object has not changed."""
+
+    path: str
+    kind: int
+    size: int
+    mtime_ns: int
+    fp: str
+
+
+class Base(NamedTuple):
+    """What was true on both sides after the last confirmed transfer of an entry."""
+
+    kind: int
+    size: int
+    mtime_ns: int
+    hash: bytes | None
+    remote_fp: str
+
+
+class Op(StrEnum):
+    UPLOAD = "upload"
+    MKDIR = "mkdir"
+    ADOPT = "adopt"            # remote already equal (size+mtime): record base, move no bytes
+    DELETE = "delete_remote"   # delete = "propagate"
+    TRASH = "trash_remote"     # delete = "trash": move into .syncd-trash/<stamp>/
+    RMDIR = "rmdir_remote"     # remove an emptied remote directory
+    FORGET = "forget"          # drop a base whose entry is gone on both sides
+    CLEANUP = "cleanup_tmp"    # remove a stale temp file of ours
+    CONFLICT = "conflict"      # cannot be resolved automatically; reported as a failure
+
+
+# Ops that remove something from the remote and count against max_delete.
+DELETING_OPS = frozenset({Op.DELETE, Op.TRASH})
+
+
+class Action(NamedTuple):
+    op: Op
+    path: str
+    reason: str = ""
+    size: int = 0
+    hash: bytes | None = None     # content the plan expects to send (uploads)
+    mtime_ns: int = 0
+    dest: str = ""                # trash destination, relative to the pair's remote path
+    remote_fp: str = ""           # adopt: the remote fingerprint to record
+    kind: int = Kind.FILE
+
+
+class Job(NamedTuple):
+    id: int
+    pair: str
+    path: str
+    action: Action
+    attempts: int
+    not_before: float
+    last_error: str | None
+
+
+def phase(a: Action) -> int:
+    """Execution order between jobs of one pair: writes, then deletes (only after every
+    write succeeded), then directory removals deepest first."""
+    if a.op in (Op.DELETE, Op.TRASH):
+        return 1
+    if a.op == Op.RMDIR:
+        return 2 + max(0, 1000 - a.path.count("/"))
+    return 0

@@ -1,0 +1,152 @@
+"""The planner: a pure function from (local, base, remote) views to actions, and the safety
+guard that stands between a plan and the queue. No I/O, no clock: `now` is passed in."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from syncd.model import DELETING_OPS, TMP_PREFIX, TRASH_DIR, Action, Base, Kind, LocalState, Op
+from syncd.model import RemoteEntry as R
+
+FILE, DIR = int(Kind.FILE), int(Kind.DIR)
+STALE_TMP_NS = 15 * 60 * 1_000_000_000
+DRIFT_REASONS = frozenset({"remote drift", "missing on remote"})
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    delete: str = "trash"           # trash | propagate | keep
+    trash_stamp: str = "0000-00-00T000000Z"
+    dirs: bool = True               # the remote has real directories
+    mtime_precision_ns: int = 1     # 0: the remote does not keep mtimes (never adopt)
+    now_ns: int = 0
+
+
+def same_mtime(a: int, b: int, precision_ns: int) -> bool:
+    if precision_ns <= 1:
+        return a == b
+    return a // precision_ns == b // precision_ns
+
+
+def plan_push(local: Mapping[str, LocalState], base: Mapping[str, Base],
+              remote: Mapping[str, R], policy: Policy) -> list[Action]:
+    """Actions that make the remote equal the local tree, in execution order."""
+    out: list[Action] = []
+    rget, bget = remote.get, base.get
+    for path, l in local.items():
+        r = rget(path)
+        b = bget(path)
+        if l.kind == FILE:
+            if (r is not None and b is not None and l.hash is not None and l.hash == b.hash
+                    and r.fp == b.remote_fp and r.kind == FILE and b.kind == FILE):
+                continue   # the common case: nothing changed anywhere
+            out.extend(_file(path, l, b, r, policy))
+        elif policy.dirs:
+            out.extend(_dir(path, b, r))
+    for path in base:
+        if path not in local and path not in remote:
+            out.append(Action(Op.FORGET, path, "gone on both sides"))
+    rmdirs: list[Action] = []
+    for path, r in remote.items():
+        if path in local:
+            continue
+        if r.kind == FILE and path.rpartition("/")[2].startswith(TMP_PREFIX):
+            if r.mtime_ns < policy.now_ns - STALE_TMP_NS:
+                out.append(Action(Op.CLEANUP, path, "stale temp file of syncd"))
+            continue
+        b = bget(path)
+        if policy.delete == "keep":
+            if b is not None:
+                out.append(Action(Op.FORGET, path, "deleted locally; delete = keep"))
+            continue
+        why = "deleted locally" if b is not None else "not in the local tree"
+        if r.kind == DIR:
+            if policy.dirs:
+                rmdirs.append(Action(Op.RMDIR, path, why))
+        elif policy.delete == "propagate":
+            out.append(Action(Op.DELETE, path, why, r.size))
+        else:
+            out.append(Action(Op.TRASH, path, why, r.size,
+                              dest=f"{TRASH_DIR}/{policy.trash_stamp}/{path}"))
+    rmdirs.sort(key=lambda a: a.path.count("/"), reverse=True)  # children before parents
+    out.extend(rmdirs)
+    return out
+
+
+def _file(path: str, l: LocalState, b: Base | None, r: R | None, p: Policy) -> list[Action]:
+    up = Action(Op.UPLOAD, path, "", l.size, l.hash, l.mtime_ns)
+    if r is None:
+        return [up._replace(reason="new" if b is None else "missing on remote")]
+    if r.kind != FILE:
+        return [Action(Op.CONFLICT, path, "the remote has a directory where the local tree "
+                       "has a file; remove or rename one of them")]
+    if b is not None and b.kind == FILE:
+        if r.fp != b.remote_fp:
+            return [up._replace(reason="remote drift")]
+        if l.hash is None or l.hash != b.hash:
+            return [up._replace(reason="changed")]
+        return []
+    # Never synced by us (or the index was lost): adopt an equal-looking remote file
+    # instead of re-sending it, as rsync and rclone do by size and mtime.
+    if (l.hash is not None and p.mtime_precision_ns > 0 and r.size == l.size
+            and same_mtime(r.mtime_ns, l.mtime_ns, p.mtime_precision_ns)):
+        return [Action(Op.ADOPT, path, "remote already equal (size, mtime)", l.size, l.hash,
+                       l.mtime_ns, remote_fp=r.fp)]
+    return [up._replace(reason="differs from remote")]
+
+
+def _dir(path: str, b: Base | None, r: R | None) -> list[Action]:
+    if r is None:
+        return [Action(Op.MKDIR, path, "new")]
+    if r.kind != DIR:
+        return [Action(Op.CONFLICT, path, "the remote has a file where the local tree has a "
+                       "directory; remove or rename one of them")]
+    if b is None or b.kind != DIR:
+        return [Action(Op.ADOPT, path, "directory exists on remote", remote_fp=r.fp)]
+    return []
+
+
+# --- safety -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Facts:
+    """What the engine saw, for the safety guard."""
+
+    root_exists: bool
+    local_entries: int
+    base_entries: int
+    remote_files: int
+    root_dev: int | None
+    recorded_dev: int | None
+    max_delete: int
+    max_delete_setting: str
+
+
+@dataclass(frozen=True, slots=True)
+class Trip:
+    reason: str
+    override: str
+
+
+def check_safety(actions: list[Action], f: Facts, allow_mass_delete: bool = False,
+                 allow_device_change: bool = False) -> Trip | None:
+    if not f.root_exists:
+        return Trip("the local root does not exist (unmounted disk? wrong path?)",
+                    "a fixed [[sync]] local path")
+    if f.recorded_dev is not None and f.root_dev != f.recorded_dev and not allow_device_change:
+        return Trip(f"the local root is now on a different device (st_dev {f.root_dev}, "
+                    f"recorded {f.recorded_dev}): an unmounted disk shows its empty mount point",
+                    "--allow-device-change")
+    if allow_mass_delete:
+        return None
+    if f.local_entries == 0 and f.base_entries > 0:
+        return Trip(f"the local root is empty but {f.base_entries} entries were synced before",
+                    "--allow-mass-delete")
+    deletes = sum(1 for a in actions if a.op in DELETING_OPS)
+    if deletes > f.max_delete:
+        return Trip(f"the plan deletes {deletes} of {f.remote_files} remote files, more than "
+                    f"max_delete = {f.max_delete_setting} allows ({f.max_delete})",
+                    "--allow-mass-delete (or raise max_delete)")
+    return None

@@ -1,0 +1,104 @@
+"""The persistent transfer queue: enqueue (newest intent per path wins), lease, settle with
+retry/backoff (full jitter) or park as failed. Clock and randomness are passed in."""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+
+from syncd.errors import PermanentError, SourceChanged, TransientError
+from syncd.index import Done, Index
+from syncd.model import Action, Base, Job, LocalState, phase
+
+
+def next_try(attempt: int, now: float, rand: Callable[[], float], base: float = 1.0,
+             cap: float = 300.0) -> float:
+    """When a job that failed `attempt` times (>= 1) may run again: full jitter backoff."""
+    return now + rand() * min(cap, base * 2 ** (attempt - 1))
+
+
+@dataclass(slots=True)
+class Outcome:
+    """What a worker did with one job; the queue turns it into a commit."""
+
+    job: Job
+    base: Base | None = None
+    local: LocalState | None = None
+    racy: bool = False
+    error: BaseException | None = None
+    bytes: int = 0
+    duration_ms: int = 0
+    note: str = ""             # e.g. "vanished", "not empty"
+    keep_base: bool = False    # nothing changed on the remote; leave base as it is
+
+
+@dataclass(slots=True)
+class Settled:
+    done: list[Outcome] = field(default_factory=list)
+    retried: list[tuple[Outcome, float]] = field(default_factory=list)
+    failed: list[tuple[Outcome, str]] = field(default_factory=list)
+
+
+class Queue:
+    def __init__(self, index: Index, owner: str, *, clock: Callable[[], float] = time.time,
+                 rand: Callable[[], float] = random.random, retry_initial: float = 1.0,
+                 retry_max: float = 300.0, max_attempts: int = 10, lease_timeout: float = 600.0):
+        self.index = index
+        self.owner = owner
+        self.clock = clock
+        self.rand = rand
+        self.retry_initial = retry_initial
+        self.retry_max = retry_max
+        self.max_attempts = max_attempts
+        self.lease_timeout = lease_timeout
+
+    def enqueue(self, pair: str, actions: Iterable[Action]) -> None:
+        self.index.enqueue(pair, actions, phase, self.clock())
+
+    def reclaim(self, exclusive: bool = True) -> int:
+        """Leases of crashed processes go back to pending. With the state-dir lock held
+        (`exclusive`), every lease not ours is dead; otherwise only expired ones."""
+        return self.index.reclaim(self.clock(), self.owner if exclusive else None)
+
+    def lease(self, limit: int, pairs: Sequence[str] | None = None) -> list[Job]:
+        now = self.clock()
+        return self.index.lease(self.owner, now, now + self.lease_timeout, limit, pairs)
+
+    def classify(self, o: Outcome) -> tuple[str, float | str]:
+        """("done", 0) | ("retry", not_before) | ("failed", message): by type, not text."""
+        e = o.error
+        if e is None:
+            return "done", 0.0
+        attempts = o.job.attempts + 1
+        msg = str(e) or type(e).__name__
+        if isinstance(e, (TransientError, SourceChanged)):
+            if attempts >= self.max_attempts:
+                return "failed", f"gave up after {attempts} attempts: {msg}"
+            return "retry", next_try(attempts, self.clock(), self.rand, self.retry_initial,
+                                     self.retry_max)
+        if isinstance(e, PermanentError):
+            return "failed", msg
+        return "failed", f"internal error ({type(e).__name__}): {msg}"
+
+    def settle(self, pair: str, outcomes: Sequence[Outcome]) -> Settled:
+        s = Settled()
+        done: list[Done] = []
+        retry: list[tuple[int, float, str, int]] = []
+        failed: list[tuple[int, str, int]] = []
+        for o in outcomes:
+            verdict, val = self.classify(o)
+            if verdict == "done":
+                s.done.append(o)
+                done.append(Done(o.job.id, o.job.path, o.base, o.local, o.racy, o.keep_base))
+            elif verdict == "retry":
+                assert isinstance(val, float)
+                s.retried.append((o, val))
+                retry.append((o.job.id, val, str(o.error), o.job.attempts + 1))
+            else:
+                assert isinstance(val, str)
+                s.failed.append((o, val))
+                failed.append((o.job.id, val, o.job.attempts + 1))
+        self.index.finish(pair, done, retry, failed, self.clock())
+        return s

@@ -1,0 +1,20 @@
+"""Remote backends by type name, imported lazily so boto3/paramiko load only when used."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from syncd.errors import ConfigError
+
+if TYPE_CHECKING:
+    from syncd.config import RemoteConfig
+    from syncd.remotes.base import Remote
+
+
+def open_remote(cfg: RemoteConfig) -> Remote:
+    if cfg.type == "local":
+        from syncd.remotes.local import LocalRemote
+
+        return LocalRemote(cfg.name, cfg.options["path"], fsync=cfg.options.get("fsync", True))
+    raise ConfigError(f"remote type '{cfg.type}' is not available in this version",
+                      key=f"remotes.{cfg.name}.type")

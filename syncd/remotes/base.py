@@ -1,0 +1,168 @@
+"""The Remote protocol every backend implements, its capabilities, and shared fallbacks.
+
+Paths given to a remote are '/'-separated and relative to the remote's root; `list`
+yields paths relative to the prefix it was given. Backends raise only syncd errors.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import xxhash
+
+from syncd.errors import PathEscape, SourceChanged
+from syncd.model import RemoteEntry
+
+
+@dataclass(frozen=True, slots=True)
+class Capabilities:
+    dirs: bool = True               # real directories: mkdir/rmdir mean something
+    move: bool = True               # server-side move/rename
+    mtime_precision_ns: int = 1     # how exactly put() keeps the source mtime; 0 = not kept
+    atomic_put: bool = True         # readers never see a partial object
+
+
+class Source:
+    """One local file opened for upload: its bytes are hashed as the backend reads them.
+
+    A backend calls `verify()` after the last byte and *before* publishing: it raises
+    SourceChanged if the file changed while it was read, so torn content never lands."""
+
+    def __init__(self, abspath: str, rel: str):
+        self.abspath = abspath
+        self.rel = rel
+        flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+        self.fd = os.open(abspath, flags)
+        try:
+            self.before = os.fstat(self.fd)
+            if not _isreg(self.before.st_mode):
+                raise SourceChanged(rel, "is no longer a regular file")
+        except BaseException:
+            os.close(self.fd)
+            raise
+        self.size = self.before.st_size
+        self.mtime_ns = self.before.st_mtime_ns
+        self.mode = self.before.st_mode & 0o7777
+        self._h = xxhash.xxh3_128()
+        self.sent = 0
+        self.digest: bytes | None = None
+        self.after: os.stat_result | None = None
+
+    def readinto(self, buf: bytearray | memoryview) -> int:
+        n = os.readv(self.fd, [buf])
+        if n:
+            self._h.update(memoryview(buf)[:n])
+            self.sent += n
+        return n
+
+    def read(self, size: int = 1 << 20) -> bytes:
+        b = os.read(self.fd, size)
+        if b:
+            self._h.update(b)
+            self.sent += len(b)
+        return b
+
+    def verify(self) -> bytes:
+        """Digest of the bytes read; raises SourceChanged on a torn or short read."""
+        if os.read(self.fd, 1):
+            raise SourceChanged(self.rel, "grew while being read")
+        after = os.fstat(self.fd)
+        b = self.before
+        if (after.st_size != b.st_size or after.st_mtime_ns != b.st_mtime_ns
+                or after.st_ctime_ns != b.st_ctime_ns or self.sent != b.st_size):
+            raise SourceChanged(self.rel)
+        self.after = after
+        self.digest = self._h.digest()
+        return self.digest
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self) -> Source:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+
+class Remote(Protocol):
+    name: str
+    caps: Capabilities
+
+    def check(self) -> None:
+        """Raise UnavailableError (or AuthError, HostKeyError) if the remote can't be used."""
+
+    def list(self, prefix: str) -> Iterator[RemoteEntry]: ...
+
+    def stat(self, path: str) -> RemoteEntry: ...
+
+    def put(self, path: str, source: Source) -> RemoteEntry:
+        """Publish atomically; call source.verify() before the publish step."""
+
+    def get(self, path: str, dest: str) -> RemoteEntry:
+        """Write the remote file's bytes to the local file `dest` (created/truncated)."""
+
+    def mkdir(self, path: str) -> RemoteEntry: ...
+
+    def delete(self, paths: Sequence[str]) -> None:
+        """Remove files; a path that is already gone is not an error."""
+
+    def rmdir(self, path: str) -> bool:
+        """Remove an empty directory; False if it is not empty."""
+
+    def move(self, src: str, dst: str) -> None:
+        """Server-side move (only when caps.move); creates dst's parents."""
+
+    def close(self) -> None: ...
+
+
+def move(remote: Remote, src: str, dst: str, tmp_dir: str | None = None) -> None:
+    """Move through the backend when it can, else copy (download + upload) and delete."""
+    if remote.caps.move:
+        remote.move(src, dst)
+        return
+    fd, tmp = tempfile.mkstemp(prefix=".syncd-move-", dir=tmp_dir)
+    os.close(fd)
+    try:
+        remote.get(src, tmp)
+        with Source(tmp, dst) as s:
+            remote.put(dst, s)
+        remote.delete([src])
+    finally:
+        os.unlink(tmp)
+
+
+def join(prefix: str, rel: str) -> str:
+    if not prefix:
+        return rel
+    return f"{prefix}/{rel}" if rel else prefix
+
+
+def check_rel_path(remote: str, path: str) -> list[str]:
+    """Components of a remote path, refusing anything that could leave the root."""
+    if not path or path.startswith("/") or "\\" in path or "\x00" in path:
+        raise PathEscape("absolute, empty or malformed path refused", remote=remote, path=path)
+    parts = path.split("/")
+    if any(p in ("", ".", "..") for p in parts):
+        raise PathEscape("path with '.', '..' or empty components refused", remote=remote,
+                         path=path)
+    return parts
+
+
+def temp_name(name: str) -> str:
+    """The temp name for a target: stable across retries, so a retry overwrites its own."""
+    from syncd.model import TMP_PREFIX
+
+    return TMP_PREFIX + xxhash.xxh64_hexdigest(name.encode("utf-8", "surrogateescape"))
+
+
+def _isreg(mode: int) -> bool:
+    import stat
+
+    return stat.S_ISREG(mode)

@@ -1,0 +1,274 @@
+"""Walking a local root: stat-cache against the index, ignore rules, xxh3-128 hashing.
+
+A file whose (size, mtime_ns, inode) matches the index and is not racy is never opened.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import stat as st_mod
+import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import pathspec
+import xxhash
+
+from syncd.model import TMP_PREFIX, TRASH_DIR, Kind, LocalState
+
+# A file modified this close to the moment it was hashed may change again without its
+# mtime changing (coarse timestamps: ext4 ticks, FAT's 2 s); re-hash it on the next scan.
+RACY_WINDOW_NS = 2_000_000_000
+BUF_SIZE = 1 << 20
+_O_FLAGS = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+
+
+class Matcher:
+    """gitignore semantics over '/'-separated relative paths (directories end in '/').
+
+    Uses pathspec's compiled patterns; when no pattern negates, all of them are fused into
+    one regex so a file costs one `match` call instead of one per pattern.
+    """
+
+    def __init__(self, patterns: Iterable[str]):
+        self.spec = pathspec.GitIgnoreSpec.from_lines(list(patterns))
+        active = [p for p in self.spec.patterns if p.include is not None]
+        self.empty = not active
+        self._fused: re.Pattern[str] | None = None
+        if active and all(p.include for p in active):
+            parts = [re.sub(r"\(\?P<\w+>", "(?:", p.regex.pattern) for p in active]  # type: ignore[attr-defined]
+            self._fused = re.compile("|".join(f"(?:{x})" for x in parts))
+
+    def __call__(self, rel: str) -> bool:
+        if self.empty:
+            return False
+        if self._fused is not None:
+            return self._fused.match(rel) is not None
+        return self.spec.match_file(rel)
+
+
+@dataclass
+class Walk:
+    """What one walk saw. `states` holds every synced entry; a file whose hash is None
+    still needs hashing (new or changed since the index)."""
+
+    root_dev: int
+    states: dict[str, LocalState] = field(default_factory=dict)
+    dirty: list[str] = field(default_factory=list)     # files whose content must be (re)hashed
+    errors: list[tuple[str, str]] = field(default_factory=list)     # I/O errors: block deletes
+    unsyncable: list[tuple[str, str]] = field(default_factory=list)  # names we refuse to sync
+    skipped: list[tuple[str, str]] = field(default_factory=list)     # by policy (symlink, fifo)
+    error_prefixes: list[str] = field(default_factory=list)  # subtrees we could not read
+
+    def under_error(self, rel: str) -> bool:
+        return any(rel == p or rel.startswith(p + "/") for p in self.error_prefixes)
+
+
+def walk(root: str, prior: dict[str, LocalState], racy: set[str], ignore: Matcher,
+         follow_symlinks: bool = False) -> Walk:
+    """Stat every entry under `root`; reuse the prior state of unchanged files."""
+    root_st = os.stat(root)
+    w = Walk(root_dev=root_st.st_dev)
+    states = w.states
+    dirty = w.dirty
+    get_prior = prior.get
+    FILE, DIR = int(Kind.FILE), int(Kind.DIR)
+    seen_dirs = {(root_st.st_dev, root_st.st_ino)}
+    stack: list[str] = [""]
+    no_ignore = ignore.empty
+    while stack:
+        prefix = stack.pop()
+        top = os.path.join(root, prefix) if prefix else root
+        try:
+            it = os.scandir(top)
+        except OSError as e:
+            rel_dir = prefix.rstrip("/")
+            w.errors.append((rel_dir or ".", _oserr(e)))
+            w.error_prefixes.append(rel_dir)
+            continue
+        with it:
+            while True:
+                try:
+                    entry = next(it)
+                except StopIteration:
+                    break
+                except OSError as e:  # a directory that vanished or failed mid-listing
+                    rel_dir = prefix.rstrip("/")
+                    w.errors.append((rel_dir or ".", _oserr(e)))
+                    w.error_prefixes.append(rel_dir)
+                    break
+                name = entry.name
+                if not name.isascii() and not _utf8_ok(name):
+                    w.unsyncable.append((prefix + _printable(name),
+                                         "name is not valid UTF-8; rename it to sync it"))
+                    continue
+                rel = prefix + name
+                if name.startswith(TMP_PREFIX) or (not prefix and name == TRASH_DIR):
+                    w.unsyncable.append((rel, "name is reserved for syncd's own use"))
+                    continue
+                is_link = False
+                try:
+                    is_link = entry.is_symlink()
+                    if is_link:
+                        if not follow_symlinks:
+                            w.skipped.append((rel, "symlink"))
+                            continue
+                        s = entry.stat(follow_symlinks=True)
+                    else:
+                        s = entry.stat(follow_symlinks=False)
+                except FileNotFoundError:
+                    if is_link:
+                        w.skipped.append((rel, "broken symlink"))
+                    continue  # vanished between listing and stat: it is simply not there
+                except OSError as e:
+                    w.errors.append((rel, _oserr(e)))
+                    w.error_prefixes.append(rel)
+                    continue
+                mode = s.st_mode
+                if st_mod.S_ISREG(mode):
+                    if not no_ignore and ignore(rel):
+                        continue
+                    p = get_prior(rel)
+                    if (p is not None and p.hash is not None and p.size == s.st_size
+                            and p.mtime_ns == s.st_mtime_ns and p.inode == s.st_ino
+                            and p.kind == FILE and rel not in racy):
+                        states[rel] = p
+                    else:
+                        states[rel] = LocalState(FILE, s.st_size, s.st_mtime_ns, s.st_ino,
+                                                 mode & 0o7777, None)
+                        dirty.append(rel)
+                elif st_mod.S_ISDIR(mode):
+                    if not no_ignore and ignore(rel + "/"):
+                        continue
+                    key = (s.st_dev, s.st_ino)
+                    if key in seen_dirs:  # only reachable through followed symlinks
+                        w.skipped.append((rel, "symlink loop"))
+                        continue
+                    if follow_symlinks:
+                        seen_dirs.add(key)
+                    p = get_prior(rel)
+                    states[rel] = p if (p is not None and p.kind == DIR) else LocalState(
+                        DIR, 0, 0, s.st_ino, mode & 0o7777, None)
+                    stack.append(rel + "/")
+                else:
+                    w.skipped.append((rel, _special_kind(mode)))
+    return w
+
+
+def hash_file(path: str) -> tuple[bytes, os.stat_result, os.stat_result]:
+    """xxh3-128 of a file, streamed; returns (digest, fstat before, fstat after)."""
+    fd = os.open(path, _O_FLAGS)
+    try:
+        before = os.fstat(fd)
+        if before.st_size <= BUF_SIZE:
+            chunks = []
+            while True:
+                b = os.read(fd, BUF_SIZE + 1)
+                if not b:
+                    break
+                chunks.append(b)
+            digest = xxhash.xxh3_128_digest(b"".join(chunks) if len(chunks) != 1 else chunks[0])
+        else:
+            h = xxhash.xxh3_128()
+            buf = bytearray(BUF_SIZE)
+            mv = memoryview(buf)
+            with os.fdopen(os.dup(fd), "rb", buffering=0) as f:
+                while n := f.readinto(buf):
+                    h.update(mv[:n])
+            digest = h.digest()
+        after = os.fstat(fd)
+    finally:
+        os.close(fd)
+    return digest, before, after
+
+
+def stable(before: os.stat_result, after: os.stat_result) -> bool:
+    return (before.st_size == after.st_size and before.st_mtime_ns == after.st_mtime_ns
+            and before.st_ctime_ns == after.st_ctime_ns)
+
+
+def is_racy(mtime_ns: int, hashed_at_ns: int) -> bool:
+    return mtime_ns >= hashed_at_ns - RACY_WINDOW_NS
+
+
+@dataclass
+class Hashed:
+    updates: list[tuple[str, LocalState, bool]] = field(default_factory=list)  # (path, state, racy)
+    errors: list[tuple[str, str]] = field(default_factory=list)
+    files: int = 0
+    bytes: int = 0
+
+
+def hash_paths(root: str, w: Walk, paths: Iterable[str], now_ns: Callable[[], int] = time.time_ns,
+               threads: int = 4, hasher: Callable[[str], Any] = hash_file) -> Hashed:
+    """Hash `paths` (a subset of w.dirty) in a small thread pool; fill w.states in place.
+
+    A file that vanished is dropped; one that cannot be read is an error (and is kept out
+    of the plan); one that changed while it was read is hashed again next scan (racy)."""
+    out = Hashed()
+    paths = list(paths)
+
+    def one(rel: str) -> tuple[str, Any, int]:
+        t0 = now_ns()
+        try:
+            return rel, hasher(os.path.join(root, rel)), t0
+        except OSError as e:
+            return rel, e, t0
+
+    def consume(results: Iterable[tuple[str, Any, int]]) -> None:
+        for rel, res, t0 in results:
+            if isinstance(res, FileNotFoundError):
+                w.states.pop(rel, None)
+                continue
+            if isinstance(res, OSError):
+                out.errors.append((rel, _oserr(res)))
+                w.states.pop(rel, None)
+                continue
+            digest, before, after = res
+            if not st_mod.S_ISREG(after.st_mode):
+                w.states.pop(rel, None)
+                continue
+            state = LocalState(int(Kind.FILE), after.st_size, after.st_mtime_ns, after.st_ino,
+                               after.st_mode & 0o7777, digest)
+            racy = not stable(before, after) or is_racy(after.st_mtime_ns, t0)
+            w.states[rel] = state
+            out.updates.append((rel, state, racy))
+            out.files += 1
+            out.bytes += after.st_size
+
+    if threads <= 1 or len(paths) < 64:
+        consume(map(one, paths))
+    else:
+        with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="hash") as pool:
+            consume(pool.map(one, paths, chunksize=32))
+    return out
+
+
+def _utf8_ok(name: str) -> bool:
+    try:
+        name.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+def _printable(name: str) -> str:
+    """A surrogate-escaped name shown with its raw bytes as \\xNN."""
+    return os.fsencode(name).decode("utf-8", "backslashreplace")
+
+
+def _special_kind(mode: int) -> str:
+    if st_mod.S_ISFIFO(mode):
+        return "fifo"
+    if st_mod.S_ISSOCK(mode):
+        return "socket"
+    if st_mod.S_ISCHR(mode) or st_mod.S_ISBLK(mode):
+        return "device"
+    return "special file"
+
+
+def _oserr(e: OSError) -> str:
+    return e.strerror or str(e)

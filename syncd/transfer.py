@@ -1,0 +1,213 @@
+"""Running jobs: one job = re-stat, stream with hashing, atomic publish, verify; a Runner
+leases jobs, feeds a thread pool per remote and commits outcomes in batches (base moves
+in the same transaction that acks the job)."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from syncd import log as slog
+from syncd.errors import Conflict, PermanentError, SourceChanged
+from syncd.model import Base, Job, Kind, LocalState, Op
+from syncd.queue import Outcome, Queue
+from syncd.remotes.base import Remote, Source, join, move
+from syncd.scan import is_racy
+
+FILE, DIR = int(Kind.FILE), int(Kind.DIR)
+COMMIT_EVERY = 256          # outcomes per SQLite transaction, at most
+COMMIT_INTERVAL = 0.25      # seconds an outcome may wait for its commit
+
+
+@dataclass(frozen=True, slots=True)
+class PairCtx:
+    name: str
+    local_root: str
+    remote_path: str
+    remote: Remote
+    transfers: int = 4
+
+
+def execute(job: Job, ctx: PairCtx, now_ns: Callable[[], int] = time.time_ns) -> Outcome:
+    """Carry out one job against the remote; never raises (errors go in the Outcome)."""
+    t0 = time.perf_counter()
+    a = job.action
+    rp = join(ctx.remote_path, job.path)
+    o = Outcome(job)
+    try:
+        if a.op == Op.UPLOAD:
+            _upload(o, ctx, rp, now_ns)
+        elif a.op == Op.MKDIR:
+            e = ctx.remote.mkdir(rp)
+            o.base = Base(DIR, 0, 0, None, e.fp)
+        elif a.op == Op.ADOPT:
+            o.base = Base(a.kind, a.size, a.mtime_ns, a.hash, a.remote_fp)
+        elif a.op in (Op.DELETE, Op.CLEANUP):
+            ctx.remote.delete([rp])
+        elif a.op == Op.TRASH:
+            move(ctx.remote, rp, join(ctx.remote_path, a.dest))
+        elif a.op == Op.RMDIR:
+            if not ctx.remote.rmdir(rp):
+                o.note = "not empty; kept"
+        elif a.op == Op.FORGET:
+            pass
+        elif a.op == Op.CONFLICT:
+            raise Conflict(a.reason, remote=ctx.remote.name, path=rp)
+        else:  # pragma: no cover - a new Op without a handler is a bug
+            raise PermanentError(f"unknown operation {a.op}", path=rp)
+    except Exception as e:  # an Outcome carries every failure; the queue classifies it
+        o.error = e
+    o.duration_ms = int((time.perf_counter() - t0) * 1000)
+    return o
+
+
+def _upload(o: Outcome, ctx: PairCtx, rp: str, now_ns: Callable[[], int]) -> None:
+    abspath = os.path.join(ctx.local_root, o.job.path)
+    started = now_ns()
+    try:
+        src = Source(abspath, o.job.path)
+    except FileNotFoundError:
+        # Gone since the scan: nothing to send; the next scan plans its deletion.
+        o.keep_base, o.note = True, "vanished before upload"
+        return
+    except OSError as e:
+        raise PermanentError(f"cannot read local file: {e.strerror}", path=abspath) from None
+    with src:
+        try:
+            entry = ctx.remote.put(rp, src)
+        except OSError as e:  # a local read error while streaming
+            raise SourceChanged(o.job.path, f"read failed: {e.strerror}") from None
+        digest = src.digest
+        after = src.after
+    assert digest is not None and after is not None, "remote.put must call source.verify()"
+    o.bytes = src.sent
+    o.base = Base(FILE, after.st_size, after.st_mtime_ns, digest, entry.fp)
+    o.local = LocalState(FILE, after.st_size, after.st_mtime_ns, after.st_ino,
+                         after.st_mode & 0o7777, digest)
+    o.racy = is_racy(after.st_mtime_ns, started)
+
+
+class Reporter(Protocol):
+    def advance(self, files: int, nbytes: int) -> None: ...
+
+
+@dataclass
+class RunStats:
+    done: list[Outcome] = field(default_factory=list)
+    failed: list[tuple[Outcome, str]] = field(default_factory=list)
+    retries: int = 0
+
+
+class Runner:
+    """Drains the queue for some pairs: leases, runs on per-remote pools, commits."""
+
+    def __init__(self, queue: Queue, pairs: dict[str, PairCtx], *,
+                 sleep: Callable[[float], None] = time.sleep,
+                 reporter: Reporter | None = None, log: Any = None):
+        self.queue = queue
+        self.pairs = pairs
+        self.sleep = sleep
+        self.reporter = reporter
+        self.log = log or slog.get()
+
+    def run(self, names: Sequence[str]) -> RunStats:
+        stats = RunStats()
+        names = list(names)
+        by_remote: dict[str, list[str]] = {}
+        for n in names:
+            by_remote.setdefault(self.pairs[n].remote.name, []).append(n)
+        pools = {r: ThreadPoolExecutor(max_workers=self.pairs[ps[0]].transfers,
+                                       thread_name_prefix=f"xfer-{r}")
+                 for r, ps in by_remote.items()}
+        inflight: dict[Future[Outcome], str] = {}
+        buffered: dict[str, list[Outcome]] = {}
+        count = 0
+        last_commit = time.monotonic()
+        try:
+            while True:
+                for r, ps in by_remote.items():
+                    cap = 2 * self.pairs[ps[0]].transfers
+                    busy = sum(1 for rr in inflight.values() if rr == r)
+                    if busy < cap:
+                        for job in self.queue.lease(cap - busy, ps):
+                            ctx = self.pairs[job.pair]
+                            inflight[pools[r].submit(execute, job, ctx)] = r
+                if not inflight:
+                    if count:
+                        self._commit(buffered, stats)
+                        count, last_commit = 0, time.monotonic()
+                        continue
+                    nxt = self.queue.index.next_ready_time(names)
+                    if nxt is None:
+                        break
+                    self.sleep(min(1.0, max(0.0, nxt - self.queue.clock())) + 0.001)
+                    continue
+                finished, _ = wait(list(inflight), timeout=COMMIT_INTERVAL,
+                                   return_when=FIRST_COMPLETED)
+                for f in finished:
+                    del inflight[f]
+                    o = f.result()
+                    buffered.setdefault(o.job.pair, []).append(o)
+                    count += 1
+                if count >= COMMIT_EVERY or (
+                        count and time.monotonic() - last_commit >= COMMIT_INTERVAL):
+                    self._commit(buffered, stats)
+                    count, last_commit = 0, time.monotonic()
+        finally:
+            for f in inflight:
+                f.cancel()
+            if count:
+                self._commit(buffered, stats)
+            for p in pools.values():
+                p.shutdown(wait=True, cancel_futures=True)
+        return stats
+
+    def _commit(self, buffered: dict[str, list[Outcome]], stats: RunStats) -> None:
+        for pair, outcomes in buffered.items():
+            if not outcomes:
+                continue
+            s = self.queue.settle(pair, outcomes)
+            for o in s.done:
+                stats.done.append(o)
+                self._log_done(pair, o)
+            for o, not_before in s.retried:
+                stats.retries += 1
+                self.log.warning("job_retry", pair=pair, path=o.job.path, op=o.job.action.op.value,
+                                 attempt=o.job.attempts + 1, error=str(o.error),
+                                 retry_in_s=round(max(0.0, not_before - self.queue.clock()), 3))
+            for o, msg in s.failed:
+                stats.failed.append((o, msg))
+                self.log.error("job_failed", pair=pair, path=o.job.path, op=o.job.action.op.value,
+                               attempt=o.job.attempts + 1, error=msg,
+                               exc_info=_internal(o.error))
+            if self.reporter is not None:
+                self.reporter.advance(len(s.done) + len(s.failed),
+                                      sum(o.bytes for o in s.done))
+            outcomes.clear()
+
+    def _log_done(self, pair: str, o: Outcome) -> None:
+        a = o.job.action
+        if a.op in (Op.FORGET,):
+            return
+        fields: dict[str, Any] = {"pair": pair, "path": o.job.path, "op": a.op.value,
+                                  "duration_ms": o.duration_ms, "attempt": o.job.attempts + 1}
+        if a.reason:
+            fields["reason"] = a.reason
+        if a.op == Op.UPLOAD:
+            fields["bytes"] = o.bytes
+        if o.note:
+            fields["note"] = o.note
+        self.log.info(f"{a.op.value}_done", **fields)
+
+
+def _internal(e: BaseException | None) -> BaseException | bool:
+    """Attach a traceback only to errors that are bugs, not to expected syncd errors."""
+    from syncd.errors import SyncdError
+
+    if e is None or isinstance(e, SyncdError):
+        return False
+    return e
