@@ -196,7 +196,7 @@ class Engine:
         # Hash only what must be compared: changed files that have a base or a remote
         # counterpart. Brand-new files are hashed while they are uploaded (one read, not two).
         need = [p for p in w.dirty if p in base or p in remote_map]
-        hashed = hash_paths(root, w, need)
+        hashed = hash_paths(root, w, need, follow_symlinks=pair.follow_symlinks)
         for rel, why in hashed.errors:
             log.error("scan_error", path=rel, error=why)
             res.failures.append((rel, why))
@@ -237,7 +237,8 @@ class Engine:
 
         first = [a for a in actions if a.op not in DELETING_OPS and a.op != Op.RMDIR]
         later = [a for a in actions if a.op in DELETING_OPS or a.op == Op.RMDIR]
-        ctx = PairCtx(pair.name, root, pair.path, remote, self.cfg.remotes[pair.remote].transfers)
+        ctx = PairCtx(pair.name, root, pair.path, remote, self.cfg.remotes[pair.remote].transfers,
+                      pair.follow_symlinks)
         self.index.clear_jobs(pair.name)
         self._run(pair, ctx, first, res)
         if later:

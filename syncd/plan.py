@@ -103,7 +103,7 @@ def _dir(path: str, b: Base | None, r: R | None) -> list[Action]:
         return [Action(Op.CONFLICT, path, "the remote has a file where the local tree has a "
                        "directory; remove or rename one of them")]
     if b is None or b.kind != DIR:
-        return [Action(Op.ADOPT, path, "directory exists on remote", remote_fp=r.fp)]
+        return [Action(Op.ADOPT, path, "directory exists on remote", remote_fp=r.fp, kind=DIR)]
     return []
 
 

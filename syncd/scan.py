@@ -23,7 +23,8 @@ from syncd.model import TMP_PREFIX, TRASH_DIR, Kind, LocalState
 # mtime changing (coarse timestamps: ext4 ticks, FAT's 2 s); re-hash it on the next scan.
 RACY_WINDOW_NS = 2_000_000_000
 BUF_SIZE = 1 << 20
-_O_FLAGS = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+_O_FLAGS = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)
+_O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 
 
 class Matcher:
@@ -158,9 +159,9 @@ def walk(root: str, prior: dict[str, LocalState], racy: set[str], ignore: Matche
     return w
 
 
-def hash_file(path: str) -> tuple[bytes, os.stat_result, os.stat_result]:
+def hash_file(path: str, follow_symlinks: bool = False) -> tuple[bytes, os.stat_result, os.stat_result]:
     """xxh3-128 of a file, streamed; returns (digest, fstat before, fstat after)."""
-    fd = os.open(path, _O_FLAGS)
+    fd = os.open(path, _O_FLAGS if follow_symlinks else _O_FLAGS | _O_NOFOLLOW)
     try:
         before = os.fstat(fd)
         if before.st_size <= BUF_SIZE:
@@ -203,7 +204,8 @@ class Hashed:
 
 
 def hash_paths(root: str, w: Walk, paths: Iterable[str], now_ns: Callable[[], int] = time.time_ns,
-               threads: int = 4, hasher: Callable[[str], Any] = hash_file) -> Hashed:
+               threads: int = 4, hasher: Callable[..., Any] = hash_file,
+               follow_symlinks: bool = False) -> Hashed:
     """Hash `paths` (a subset of w.dirty) in a small thread pool; fill w.states in place.
 
     A file that vanished is dropped; one that cannot be read is an error (and is kept out
@@ -214,7 +216,8 @@ def hash_paths(root: str, w: Walk, paths: Iterable[str], now_ns: Callable[[], in
     def one(rel: str) -> tuple[str, Any, int]:
         t0 = now_ns()
         try:
-            return rel, hasher(os.path.join(root, rel)), t0
+            full = os.path.join(root, rel)
+            return rel, (hasher(full, True) if follow_symlinks else hasher(full)), t0
         except OSError as e:
             return rel, e, t0
 

@@ -30,6 +30,7 @@ class PairCtx:
     remote_path: str
     remote: Remote
     transfers: int = 4
+    follow_symlinks: bool = False
 
 
 def execute(job: Job, ctx: PairCtx, now_ns: Callable[[], int] = time.time_ns) -> Outcome:
@@ -69,7 +70,7 @@ def _upload(o: Outcome, ctx: PairCtx, rp: str, now_ns: Callable[[], int]) -> Non
     abspath = os.path.join(ctx.local_root, o.job.path)
     started = now_ns()
     try:
-        src = Source(abspath, o.job.path)
+        src = Source(abspath, o.job.path, ctx.follow_symlinks)
     except FileNotFoundError:
         # Gone since the scan: nothing to send; the next scan plans its deletion.
         o.keep_base, o.note = True, "vanished before upload"

@@ -32,10 +32,12 @@ class Source:
     A backend calls `verify()` after the last byte and *before* publishing: it raises
     SourceChanged if the file changed while it was read, so torn content never lands."""
 
-    def __init__(self, abspath: str, rel: str):
+    def __init__(self, abspath: str, rel: str, follow_symlinks: bool = False):
         self.abspath = abspath
         self.rel = rel
-        flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+        flags = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)
+        if not follow_symlinks:
+            flags |= getattr(os, "O_NOFOLLOW", 0)
         self.fd = os.open(abspath, flags)
         try:
             self.before = os.fstat(self.fd)

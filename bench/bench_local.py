@@ -1,0 +1,424 @@
+"""Local → local benchmark: `syncd reconcile` against `rclone sync` on the same trees, same run.
+
+    .venv/bin/python bench/bench_local.py [--files N] [--dirs D] [--large-total SIZE] [--runs R]
+                                          [--keep] [--workdir DIR]
+
+Generates (seeded, untimed) N small files in D dirs plus LARGE_COUNT large random files, then
+times whole processes (posix_spawn + wait4: wall time, peak RSS and CPU of that one child), R runs
+each, medians quoted. Every "first" run starts from a fresh destination and (syncd) a fresh state
+dir; the no-op run is the one right after it. `sync` (untimed) runs before every timed run.
+Also times syncd's scanner (walk + hash_paths) in-process against raw xxh3_128 on the large files.
+Prints a Markdown report and writes it as JSON to bench/out/last.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+OUT_JSON = REPO / "bench" / "out" / "last.json"
+SYNCD = Path(sys.executable).parent / "syncd"
+SEED = 20240601
+SMALL_SIZE = 1024
+LARGE_COUNT = 4
+MTIME_NS = 1_700_000_000 * 10**9   # fixed mtime: deterministic tree, and never "racy" for syncd
+CHUNK = 16 << 20
+MARKER = ".bench-params.json"
+MB = 1e6
+
+
+# --- helpers ----------------------------------------------------------------------------------
+
+
+def parse_size(s: str) -> int:
+    """'1GiB', '256MiB', '64k', '1e9', '1000000' → bytes (K/M/G/T binary; KB/MB/GB decimal)."""
+    m = re.fullmatch(r"\s*([0-9.e+]+)\s*([kmgt]?)(i?b?)\s*", s.lower())
+    if not m:
+        raise argparse.ArgumentTypeError(f"not a size: {s!r}")
+    num, unit, suffix = float(m.group(1)), m.group(2), m.group(3)
+    base = 1000 if suffix == "b" else 1024
+    return int(num * base ** " kmgt".index(unit or " "))
+
+
+def fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def sync_disks() -> None:
+    subprocess.run(["sync"], check=True)
+
+
+def fresh_dir(p: Path) -> None:
+    if p.exists():
+        shutil.rmtree(p)
+    p.mkdir(parents=True)
+
+
+def tree_totals(root: Path) -> tuple[int, int]:
+    """(files, bytes) of regular files under root, skipping syncd's trash dir."""
+    files = size = 0
+    for dirpath, dirnames, filenames in os.walk(root):
+        if dirpath == str(root) and ".syncd-trash" in dirnames:
+            dirnames.remove(".syncd-trash")
+        for f in filenames:
+            files += 1
+            size += os.lstat(os.path.join(dirpath, f)).st_size
+    return files, size
+
+
+@dataclass
+class Proc:
+    """One timed child process."""
+
+    wall_s: float
+    rc: int
+    maxrss_kib: int
+    user_s: float
+    sys_s: float
+
+
+def run_timed(argv: list[str], out: Path, err: Path) -> Proc:
+    """`sync`, then spawn argv with stdout/stderr to files and reap it with wait4: the rusage is
+    that child's alone (RUSAGE_CHILDREN's ru_maxrss would be a max over all children so far)."""
+    sync_disks()
+    wr = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+    actions = [(os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+               (os.POSIX_SPAWN_OPEN, 1, str(out), wr, 0o644),
+               (os.POSIX_SPAWN_OPEN, 2, str(err), wr, 0o644)]
+    t0 = time.perf_counter()
+    pid = os.posix_spawn(argv[0], argv, os.environ, file_actions=actions)
+    _, status, ru = os.wait4(pid, 0)
+    wall = time.perf_counter() - t0
+    return Proc(wall, os.waitstatus_to_exitcode(status), ru.ru_maxrss, ru.ru_utime, ru.ru_stime)
+
+
+# --- data ---------------------------------------------------------------------------------------
+
+
+def generate(src: Path, files: int, dirs: int, large_total: int) -> None:
+    rng = random.Random(SEED)
+    small = src / "small"
+    for d in range(dirs):
+        (small / f"d{d:04d}").mkdir(parents=True)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
+    for i in range(files):
+        fd = os.open(small / f"d{i * dirs // files:04d}" / f"f{i:06d}.dat", flags, 0o644)
+        try:
+            os.write(fd, rng.randbytes(SMALL_SIZE))
+            os.utime(fd, ns=(MTIME_NS, MTIME_NS))
+        finally:
+            os.close(fd)
+    large = src / "large"
+    large.mkdir(parents=True)
+    each = large_total // LARGE_COUNT
+    for i in range(LARGE_COUNT):
+        size = each if i < LARGE_COUNT - 1 else large_total - each * (LARGE_COUNT - 1)
+        fd = os.open(large / f"large{i}.bin", flags, 0o644)
+        try:
+            left = size
+            while left:
+                n = min(CHUNK, left)
+                os.write(fd, rng.randbytes(n))
+                left -= n
+            os.utime(fd, ns=(MTIME_NS, MTIME_NS))
+        finally:
+            os.close(fd)
+
+
+def prepare_workdir(args: argparse.Namespace) -> Path:
+    """The work dir, with the trees generated. A --workdir from an earlier --keep run with the same
+    parameters is reused as is (the tree is deterministic); any other non-empty dir is refused."""
+    params = {"files": args.files, "dirs": args.dirs, "large_total": args.large_total,
+              "seed": SEED, "small_size": SMALL_SIZE, "large_count": LARGE_COUNT}
+    if args.workdir is None:
+        wd = Path(tempfile.mkdtemp(prefix="syncd-bench-", dir="/tmp"))
+    else:
+        wd = Path(args.workdir).resolve()
+        if wd.exists() and any(wd.iterdir()):
+            marker = wd / MARKER
+            if marker.exists() and json.loads(marker.read_text()) == params:
+                log(f"reusing generated trees in {wd}")
+                return wd
+            sys.exit(f"bench: --workdir {wd} is not empty and was not made by this benchmark with the "
+                     "same parameters; pick another directory")
+        wd.mkdir(parents=True, exist_ok=True)
+    log(f"generating {args.files:,} × {SMALL_SIZE} B in {args.dirs:,} dirs + {LARGE_COUNT} large files "
+        f"({fmt_bytes(args.large_total)}) under {wd}/src (untimed)")
+    t0 = time.perf_counter()
+    generate(wd / "src", args.files, args.dirs, args.large_total)
+    (wd / MARKER).write_text(json.dumps(params))
+    sync_disks()
+    log(f"generated in {time.perf_counter() - t0:.1f}s")
+    return wd
+
+
+# --- the tools ------------------------------------------------------------------------------------
+
+
+def write_config(wd: Path, name: str) -> tuple[Path, Path, Path]:
+    """A config with one local pair: src/<name> → dst/syncd-<name>; returns (config, dst, state)."""
+    dst, state = wd / "dst" / f"syncd-{name}", wd / "state" / name
+    cfg = wd / "cfg" / f"{name}.toml"
+    cfg.parent.mkdir(parents=True, exist_ok=True)
+    q = json.dumps  # a JSON string is a valid TOML basic string for these paths
+    cfg.write_text(f"""[daemon]
+state_dir = {q(str(state))}
+log_format = "json"
+log_level = "info"
+
+[remotes.dst]
+type = "local"
+path = {q(str(dst))}
+
+[[sync]]
+name = {q(name)}
+local = {q(str(wd / "src" / name))}
+remote = "dst"
+path = ""
+mode = "push"
+""")
+    return cfg, dst, state
+
+
+def run_syncd(cfg: Path, logs: Path, tag: str, expect_uploads: int) -> Proc:
+    out, err = logs / f"{tag}.out", logs / f"{tag}.err"
+    p = run_timed([str(SYNCD), "reconcile", "--config", str(cfg), "--json"], out, err)
+    if p.rc != 0:
+        raise SystemExit(f"bench: syncd {tag} exited {p.rc}; see {err}")
+    uploaded = sum(r["uploaded"] for r in json.loads(out.read_text())["pairs"])
+    if uploaded != expect_uploads:
+        raise SystemExit(f"bench: syncd {tag} uploaded {uploaded} files, expected {expect_uploads}")
+    return p
+
+
+def run_rclone(rclone: str, src: Path, dst: Path, logs: Path, tag: str) -> Proc:
+    out, err = logs / f"{tag}.out", logs / f"{tag}.err"
+    p = run_timed([rclone, "sync", str(src), str(dst)], out, err)
+    if p.rc != 0:
+        raise SystemExit(f"bench: rclone {tag} exited {p.rc}; see {err}")
+    return p
+
+
+def check_copy(src: Path, dst: Path, tool: str) -> None:
+    want, got = tree_totals(src), tree_totals(dst)
+    if want != got:
+        raise SystemExit(f"bench: {tool} copy of {src} has {got} (files, bytes), expected {want}")
+
+
+def bench_sync(wd: Path, name: str, runs: int, rclone: str | None) -> dict[str, list[Proc]]:
+    """R × (first, no-op) for syncd and rclone on src/<name>; returns runs by '<tool>_<kind>'."""
+    src = wd / "src" / name
+    files, _ = tree_totals(src)
+    cfg, sdst, state = write_config(wd, name)
+    rdst = wd / "dst" / f"rclone-{name}"
+    logs = wd / "logs"
+    logs.mkdir(exist_ok=True)
+    res: dict[str, list[Proc]] = {k: [] for k in ("syncd_first", "syncd_noop",
+                                                  "rclone_first", "rclone_noop")}
+    for r in range(runs):
+        fresh_dir(sdst)
+        if state.exists():
+            shutil.rmtree(state)
+        p = run_syncd(cfg, logs, f"syncd-{name}-first-{r}", files)
+        res["syncd_first"].append(p)
+        log(f"{name} run {r + 1}/{runs}: syncd first  {p.wall_s:7.2f}s  rss {p.maxrss_kib / 1024:.0f} MiB")
+        p = run_syncd(cfg, logs, f"syncd-{name}-noop-{r}", 0)
+        res["syncd_noop"].append(p)
+        log(f"{name} run {r + 1}/{runs}: syncd no-op  {p.wall_s:7.2f}s  rss {p.maxrss_kib / 1024:.0f} MiB")
+        if r == 0:
+            check_copy(src, sdst, "syncd")
+        shutil.rmtree(sdst)  # free the space before the other tool writes its copy
+        if rclone is None:
+            continue
+        fresh_dir(rdst)
+        p = run_rclone(rclone, src, rdst, logs, f"rclone-{name}-first-{r}")
+        res["rclone_first"].append(p)
+        log(f"{name} run {r + 1}/{runs}: rclone first {p.wall_s:7.2f}s  rss {p.maxrss_kib / 1024:.0f} MiB")
+        p = run_rclone(rclone, src, rdst, logs, f"rclone-{name}-noop-{r}")
+        res["rclone_noop"].append(p)
+        log(f"{name} run {r + 1}/{runs}: rclone no-op {p.wall_s:7.2f}s  rss {p.maxrss_kib / 1024:.0f} MiB")
+        if r == 0:
+            check_copy(src, rdst, "rclone")
+        shutil.rmtree(rdst)
+    return res
+
+
+def bench_hash(root: Path, runs: int) -> dict[str, Any]:
+    """syncd.scan.walk + hash_paths (empty prior index) vs raw xxh3_128 with 1 MiB readinto."""
+    import xxhash
+
+    from syncd.scan import Matcher, hash_paths, walk
+
+    paths = sorted(str(p) for p in root.iterdir() if p.is_file())
+    total = sum(os.path.getsize(p) for p in paths)
+    raw_s: list[float] = []
+    syncd_s: list[float] = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        buf = bytearray(1 << 20)
+        mv = memoryview(buf)
+        raw: dict[str, bytes] = {}
+        for p in paths:
+            h = xxhash.xxh3_128()
+            with open(p, "rb", buffering=0) as f:
+                while n := f.readinto(buf):
+                    h.update(mv[:n])
+            raw[p] = h.digest()
+        raw_s.append(time.perf_counter() - t0)
+
+        t0 = time.perf_counter()
+        w = walk(str(root), {}, set(), Matcher([]))
+        hashed = hash_paths(str(root), w, list(w.dirty))
+        syncd_s.append(time.perf_counter() - t0)
+        got = {str(root / rel): s.hash for rel, s in w.states.items()}
+        if got != raw or hashed.bytes != total or hashed.errors:
+            raise SystemExit("bench: syncd's scanner and raw xxh3_128 disagree on the large files")
+    raw_med, syncd_med = statistics.median(raw_s), statistics.median(syncd_s)
+    return {"files": len(paths), "bytes": total, "raw_runs_s": raw_s, "syncd_runs_s": syncd_s,
+            "raw_median_s": raw_med, "syncd_median_s": syncd_med,
+            "raw_gb_s": total / raw_med / 1e9, "syncd_gb_s": total / syncd_med / 1e9,
+            "ratio_syncd_over_raw": syncd_med / raw_med}
+
+
+# --- report -----------------------------------------------------------------------------------
+
+
+def summarize(name: str, kind: str, res: dict[str, list[Proc]], files: int, nbytes: int) -> dict[str, Any]:
+    s, r = res[f"syncd_{kind}"], res[f"rclone_{kind}"]
+    s_med = statistics.median(p.wall_s for p in s)
+    r_med = statistics.median(p.wall_s for p in r) if r else None
+    row: dict[str, Any] = {
+        "workload": f"{'first' if kind == 'first' else 'no-op'}, {name}",
+        "files": files, "bytes": nbytes,
+        "syncd_median_s": s_med, "rclone_median_s": r_med,
+        "ratio": s_med / r_med if r_med else None,
+        "syncd_peak_rss_kib": max(p.maxrss_kib for p in s),
+        "rclone_peak_rss_kib": max(p.maxrss_kib for p in r) if r else None,
+        "syncd_cpu_median_s": statistics.median(p.user_s + p.sys_s for p in s),
+        "rclone_cpu_median_s": statistics.median(p.user_s + p.sys_s for p in r) if r else None,
+        "syncd_runs": [asdict(p) for p in s], "rclone_runs": [asdict(p) for p in r],
+    }
+
+    def tput(sec: float) -> str:
+        if kind == "noop":
+            return f"{files / sec:,.0f} files/s checked"
+        if name == "small":
+            return f"{files / sec:,.0f} files/s, {nbytes / sec / MB:,.1f} MB/s"
+        return f"{nbytes / sec / MB:,.0f} MB/s"
+
+    row["throughput"] = f"syncd {tput(s_med)}" + (f"; rclone {tput(r_med)}" if r_med else "")
+    return row
+
+
+def fmt_s(x: float | None) -> str:
+    return "—" if x is None else f"{x:.2f}"
+
+
+def render(report: dict[str, Any]) -> str:
+    a = report["args"]
+    lines = [f"## syncd vs rclone, local → local ({report['date']})", "",
+             f"small = {a['files']:,} × {SMALL_SIZE} B in {a['dirs']:,} dirs; large = {LARGE_COUNT} files, "
+             f"{fmt_bytes(a['large_total'])} total; {a['runs']} runs each, median; MB = 10^6 B; "
+             f"ratio = syncd / rclone (lower is better).", "",
+             "| workload | syncd median (s) | rclone median (s) | ratio | throughput |",
+             "|---|---|---|---|---|"]
+    for w in report["workloads"]:
+        ratio = "—" if w["ratio"] is None else f"{w['ratio']:.2f}×"
+        lines.append(f"| {w['workload']} | {fmt_s(w['syncd_median_s'])} | {fmt_s(w['rclone_median_s'])} "
+                     f"| {ratio} | {w['throughput']} |")
+    lines += ["", "| workload | syncd peak RSS | rclone peak RSS | syncd CPU (user+sys, median s) "
+              "| rclone CPU (median s) |", "|---|---|---|---|---|"]
+    for w in report["workloads"]:
+        r_rss = w["rclone_peak_rss_kib"]
+        lines.append(f"| {w['workload']} | {w['syncd_peak_rss_kib'] / 1024:.0f} MiB | "
+                     f"{'—' if r_rss is None else f'{r_rss / 1024:.0f} MiB'} | "
+                     f"{w['syncd_cpu_median_s']:.2f} | {fmt_s(w['rclone_cpu_median_s'])} |")
+    h = report["hash"]
+    lines += ["", f"Scan + hash of the large files in-process ({h['files']} files, {fmt_bytes(h['bytes'])}, "
+              "page cache warm):", "",
+              "| method | median (s) | GB/s |", "|---|---|---|",
+              f"| syncd.scan.walk + hash_paths (empty index) | {h['syncd_median_s']:.3f} | "
+              f"{h['syncd_gb_s']:.2f} |",
+              f"| raw xxhash.xxh3_128, 1 MiB readinto | {h['raw_median_s']:.3f} | {h['raw_gb_s']:.2f} |",
+              "", f"syncd / raw = {h['ratio_syncd_over_raw']:.2f}×", ""]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--files", type=int, default=100_000, help="small files (default 100000)")
+    ap.add_argument("--dirs", type=int, default=1_000, help="dirs for the small files (default 1000)")
+    ap.add_argument("--large-total", type=parse_size, default=1 << 30,
+                    help=f"total size of the {LARGE_COUNT} large files (default 1GiB)")
+    ap.add_argument("--runs", type=int, default=3, help="runs per measurement (default 3)")
+    ap.add_argument("--keep", action="store_true", help="keep the work dir")
+    ap.add_argument("--workdir", help="work dir (default: a new /tmp/syncd-bench-*)")
+    args = ap.parse_args()
+    if args.files < 1 or args.dirs < 1 or args.dirs > args.files or args.runs < 1 \
+            or args.large_total < LARGE_COUNT:
+        ap.error("need files ≥ dirs ≥ 1, runs ≥ 1, large-total ≥ 4 bytes")
+    if not SYNCD.exists():
+        sys.exit(f"bench: {SYNCD} not found; run with the venv's python (.venv/bin/python)")
+    rclone = shutil.which("rclone")
+    if rclone is None:
+        log("rclone not on PATH: syncd only")
+
+    wd = prepare_workdir(args)
+    try:
+        sizes = {n: tree_totals(wd / "src" / n) for n in ("small", "large")}
+        workloads = []
+        for name in ("small", "large"):
+            res = bench_sync(wd, name, args.runs, rclone)
+            for kind in ("first", "noop"):
+                workloads.append(summarize(name, kind, res, *sizes[name]))
+        log("scan + hash of the large files, in-process")
+        hsh = bench_hash(wd / "src" / "large", args.runs)
+        rc_version = None
+        if rclone:
+            rc_version = subprocess.run([rclone, "version"], capture_output=True, text=True,
+                                        check=False).stdout.splitlines()[0]
+        report = {
+            "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+            "command": " ".join([".venv/bin/python", "bench/bench_local.py", *sys.argv[1:]]),
+            "args": {"files": args.files, "dirs": args.dirs, "large_total": args.large_total,
+                     "runs": args.runs},
+            "machine": {"cpus": os.cpu_count(), "kernel": platform.release(),
+                        "python": platform.python_version(), "rclone": rc_version},
+            "workdir": str(wd), "workloads": workloads, "hash": hsh,
+        }
+        text = render(report)
+        print(text)
+        OUT_JSON.parent.mkdir(parents=True, exist_ok=True)
+        OUT_JSON.write_text(json.dumps({**report, "markdown": text}, indent=2) + "\n")
+        log(f"wrote {OUT_JSON}")
+    finally:
+        if args.keep:
+            log(f"kept {wd}")
+        else:
+            shutil.rmtree(wd, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

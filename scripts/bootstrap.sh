@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Create .venv/ and install syncd into it (with extras, e.g. "[test]"). Safe to re-run.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+extras="${1:-}"
+PY="${PYTHON:-python3}"
+
+if ! command -v "$PY" >/dev/null 2>&1; then
+    echo "bootstrap: $PY not found; install Python >= 3.11 (Debian: apt-get install python3)" >&2
+    exit 2
+fi
+if ! "$PY" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
+    echo "bootstrap: syncd needs Python >= 3.11; $PY is $("$PY" --version 2>&1)" >&2
+    exit 2
+fi
+if [ ! -x .venv/bin/python ] && ! "$PY" -c 'import ensurepip, venv' >/dev/null 2>&1; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv
+    else
+        echo "bootstrap: the venv module is missing; install it (Debian: sudo apt-get install python3-venv)" >&2
+        exit 2
+    fi
+fi
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+.venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip 2>&1 | grep -v '^WARNING: Location' || true
+.venv/bin/python -m pip install -q --disable-pip-version-check -e ".${extras}" 2>&1 | grep -v '^WARNING: Location' || true
+.venv/bin/python -c 'import syncd' || { echo "bootstrap: installation failed" >&2; exit 1; }

@@ -1,0 +1,190 @@
+"""Config: every bad input names the file, the key path and what is wrong."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from syncd.config import find_config, load_config, parse_config, to_display
+from syncd.errors import ConfigError
+from syncd.units import parse_duration, parse_size
+
+GOOD = """
+[daemon]
+state_dir = "{tmp}/state"
+retry_initial = "250ms"
+retry_max = "5m"
+
+[remotes.nas]
+type = "local"
+path = "{tmp}/nas"
+
+[[sync]]
+name = "docs"
+local = "{tmp}/docs"
+remote = "nas"
+path = "docs"
+max_delete = 10
+ignore = [".git/", "*.tmp"]
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "config.toml"
+    p.write_text(text.replace("{tmp}", str(tmp_path)))
+    return p
+
+
+def load_err(tmp_path: Path, text: str, env: dict[str, str] | None = None) -> ConfigError:
+    with pytest.raises(ConfigError) as ei:
+        load_config(write(tmp_path, text), env=env or {"HOME": str(tmp_path)})
+    return ei.value
+
+
+def test_good_config_parses_typed(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, GOOD), env={"HOME": "/home/x"})
+    assert cfg.daemon.retry_initial == 0.25 and cfg.daemon.retry_max == 300
+    assert cfg.daemon.state_dir == tmp_path / "state"
+    (p,) = cfg.pairs
+    assert p.name == "docs" and p.remote == "nas" and p.path == "docs"
+    assert p.delete == "trash" and p.mode == "push" and p.follow_symlinks is False
+    assert p.max_delete.count == 10 and p.max_delete.limit(1000) == 10
+    assert p.ignore == (".git/", "*.tmp")
+    assert cfg.remotes["nas"].options["path"] == tmp_path / "nas"
+    assert cfg.remotes["nas"].transfers == 4
+
+
+def test_unknown_remote_names_key_and_known(tmp_path: Path) -> None:
+    e = load_err(tmp_path, GOOD.replace('remote = "nas"', 'remote = "nsa"'))
+    assert e.key == "sync[0].remote"
+    assert "unknown remote 'nsa'; known: nas" in str(e)
+    assert str(tmp_path / "config.toml") in str(e)
+
+
+def test_second_pair_key_path_is_indexed(tmp_path: Path) -> None:
+    text = GOOD + '\n[[sync]]\nname = "b"\nlocal = "/tmp/b"\nremote = "nas"\npath = "b"\nmode = "sideways"\n'
+    e = load_err(tmp_path, text)
+    assert e.key == "sync[1].mode" and "'sideways' is not one of" in str(e)
+
+
+@pytest.mark.parametrize("bad, key, words", [
+    ('retry_initial = "250ms"', "daemon.retry_initial", "not a duration"),
+    ('max_delete = 10', "sync[0].max_delete", "not a count"),
+    ('ignore = [".git/", "*.tmp"]', "sync[0].ignore", "array of strings"),
+    ('path = "docs"', "sync[0].path", "must not contain '..'"),
+    ('type = "local"', "remotes.nas.type", "not one of"),
+])
+def test_bad_values_are_named(tmp_path: Path, bad: str, key: str, words: str) -> None:
+    replacement = {
+        "daemon.retry_initial": 'retry_initial = "fast"',
+        "sync[0].max_delete": 'max_delete = "lots"',
+        "sync[0].ignore": "ignore = [1, 2]",
+        "sync[0].path": 'path = "../escape"',
+        "remotes.nas.type": 'type = "webdav"',
+    }[key]
+    assert bad in GOOD
+    e = load_err(tmp_path, GOOD.replace(bad, replacement))
+    assert e.key == key
+    assert words in str(e)
+
+
+def test_typo_suggests_the_key(tmp_path: Path) -> None:
+    e = load_err(tmp_path, GOOD.replace("max_delete = 10", 'max_delte = 10'))
+    assert e.key == "sync[0].max_delte" and "did you mean 'max_delete'" in str(e)
+
+
+def test_missing_required_key(tmp_path: Path) -> None:
+    e = load_err(tmp_path, GOOD.replace('local = "{tmp}/docs"\n', ""))
+    assert e.key == "sync[0].local" and "missing" in str(e)
+
+
+def test_not_yet_available_type_and_mode_say_so(tmp_path: Path) -> None:
+    e = load_err(tmp_path, GOOD.replace('type = "local"', 'type = "sftp"'))
+    assert e.key == "remotes.nas.type" and "not available in this version" in str(e)
+    e = load_err(tmp_path, GOOD.replace('path = "docs"', 'path = "docs"\nmode = "pull"'))
+    assert e.key == "sync[0].mode" and "not available" in str(e)
+
+
+def test_invalid_toml_names_file_and_line(tmp_path: Path) -> None:
+    e = load_err(tmp_path, "[daemon\n")
+    assert "invalid TOML" in str(e) and "line 1" in str(e)
+
+
+def test_sync_must_be_array_of_tables(tmp_path: Path) -> None:
+    e = load_err(tmp_path, GOOD.replace("[[sync]]", "[sync]"))
+    assert e.key == "sync" and "[[sync]]" in str(e)
+
+
+def test_duplicate_pair_names_and_overlap(tmp_path: Path) -> None:
+    dup = GOOD + '\n[[sync]]\nname = "docs"\nlocal = "/tmp/x"\nremote = "nas"\npath = "other"\n'
+    assert load_err(tmp_path, dup).key == "sync[1].name"
+    overlap = GOOD + '\n[[sync]]\nname = "two"\nlocal = "/tmp/x"\nremote = "nas"\npath = "docs/sub"\n'
+    e = load_err(tmp_path, overlap)
+    assert e.key == "sync[1].path" and "overlaps" in str(e)
+
+
+def test_local_inside_remote_dir_is_refused(tmp_path: Path) -> None:
+    e = load_err(tmp_path, GOOD.replace('local = "{tmp}/docs"', 'local = "{tmp}/nas/docs/x"'))
+    assert e.key == "sync[0].local" and "overlap" in str(e)
+
+
+def test_env_and_tilde_expand_and_unset_env_is_an_error(tmp_path: Path) -> None:
+    text = GOOD.replace('local = "{tmp}/docs"', 'local = "~/${SUB}/docs"')
+    cfg = load_config(write(tmp_path, text), env={"HOME": "/home/u", "SUB": "work"})
+    assert cfg.pairs[0].local == Path("/home/u/work/docs")
+    e = load_err(tmp_path, text, env={"HOME": "/home/u"})
+    assert e.key == "sync[0].local" and "$SUB is not set" in str(e)
+
+
+def test_relative_paths_are_relative_to_the_config_file(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, GOOD.replace('local = "{tmp}/docs"', 'local = "docs"')),
+                      env={})
+    assert cfg.pairs[0].local == tmp_path / "docs"
+
+
+def test_percent_max_delete() -> None:
+    cfg = parse_config({"remotes": {"n": {"type": "local", "path": "/srv/n"}},
+                        "sync": [{"name": "a", "local": "/data/a", "remote": "n", "path": "a",
+                                  "max_delete": "25%"}]}, "x.toml", {})
+    assert cfg.pairs[0].max_delete.limit(200) == 50
+
+
+def test_lookup_order(tmp_path: Path) -> None:
+    xdg = tmp_path / "xdg"
+    (xdg / "syncd").mkdir(parents=True)
+    (xdg / "syncd" / "config.toml").write_text("")
+    assert find_config("/explicit.toml", {"SYNCD_CONFIG": "/env.toml"}) == Path("/explicit.toml")
+    assert find_config(None, {"SYNCD_CONFIG": "/env.toml"}) == Path("/env.toml")
+    assert find_config(None, {"XDG_CONFIG_HOME": str(xdg)}) == xdg / "syncd" / "config.toml"
+    if not Path("/etc/syncd/config.toml").exists():
+        with pytest.raises(ConfigError, match="no config file found"):
+            find_config(None, {"XDG_CONFIG_HOME": str(tmp_path / "none"), "HOME": str(tmp_path)})
+
+
+def test_display_masks_secrets(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, GOOD), env={})
+    shown = to_display(cfg)
+    assert shown["sync"][0]["remote"] == "nas"
+    shown_cfg = to_display(cfg.__class__(cfg.source, cfg.daemon, {
+        "x": cfg.remotes["nas"].__class__("x", "local", 4, {"password": "hunter2", "path": "/p"})},
+        cfg.pairs))
+    assert shown_cfg["remotes"]["x"]["password"] == "********"
+
+
+@pytest.mark.parametrize("text, seconds", [("250ms", 0.25), ("10s", 10), ("5m", 300), ("1h", 3600),
+                                           ("1.5s", 1.5)])
+def test_parse_duration(text: str, seconds: float) -> None:
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text, n", [("64MiB", 64 << 20), ("512", 512), ("1GiB", 1 << 30),
+                                     ("1GB", 10**9), ("4 KiB", 4096)])
+def test_parse_size(text: str, n: int) -> None:
+    assert parse_size(text) == n
+
+
+@pytest.mark.parametrize("bad", ["", "5 minutes", "-1s", "ms"])
+def test_parse_duration_rejects(bad: str) -> None:
+    with pytest.raises(ValueError):
+        parse_duration(bad)

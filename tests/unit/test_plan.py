@@ -1,0 +1,245 @@
+"""The planner, as a table of named scenarios plus a property: applying the plan to a model
+remote makes it equal to the local tree."""
+
+from __future__ import annotations
+
+import posixpath
+
+import pytest
+import xxhash
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from syncd.model import DELETING_OPS, TMP_PREFIX, Action, Base, Kind, LocalState, Op, RemoteEntry
+from syncd.plan import STALE_TMP_NS, Facts, Policy, check_safety, plan_push
+
+F, D = int(Kind.FILE), int(Kind.DIR)
+
+
+def h(content: str) -> bytes:
+    return xxhash.xxh3_128_digest(content.encode())
+
+
+def mt(content: str) -> int:
+    return 1_700_000_000_000_000_000 + xxhash.xxh64_intdigest(content.encode()) % 10**9
+
+
+def loc(content: str | None) -> LocalState:
+    if content is None:
+        return LocalState(D, 0, 0, 1, 0o755, None)
+    return LocalState(F, len(content), mt(content), 1, 0o644, h(content))
+
+
+def rem(path: str, content: str | None, fp: str | None = None) -> RemoteEntry:
+    if content is None:
+        return RemoteEntry(path, D, 0, 0, "dir")
+    return RemoteEntry(path, F, len(content), mt(content), fp or f"fp-{content}")
+
+
+def base(content: str | None, fp: str | None = None) -> Base:
+    if content is None:
+        return Base(D, 0, 0, None, "dir")
+    return Base(F, len(content), mt(content), h(content), fp or f"fp-{content}")
+
+
+DIR = None  # marker for "a directory" in the table
+NOW = 1_800_000_000_000_000_000
+
+# name, local, base, remote, policy delete, expected [(op, reason)]
+CASES = [
+    ("new local file", "A", None, "-", "trash", [(Op.UPLOAD, "new")]),
+    ("unchanged", "A", "A", "A", "trash", []),
+    ("changed locally", "B", "A", "A", "trash", [(Op.UPLOAD, "changed")]),
+    ("remote drifted", "A", "A", "X", "trash", [(Op.UPLOAD, "remote drift")]),
+    ("remote vanished", "A", "A", "-", "trash", [(Op.UPLOAD, "missing on remote")]),
+    ("remote equal, no base: adopt", "A", None, "A", "trash", [(Op.ADOPT, "")]),
+    ("remote differs, no base", "A", None, "B", "trash", [(Op.UPLOAD, "differs from remote")]),
+    ("deleted locally, trash", "-", "A", "A", "trash", [(Op.TRASH, "deleted locally")]),
+    ("deleted locally, propagate", "-", "A", "A", "propagate", [(Op.DELETE, "deleted locally")]),
+    ("deleted locally, keep", "-", "A", "A", "keep", [(Op.FORGET, "")]),
+    ("remote-only file, trash", "-", None, "A", "trash", [(Op.TRASH, "not in the local tree")]),
+    ("remote-only file, keep", "-", None, "A", "keep", []),
+    ("gone on both sides", "-", "A", "-", "trash", [(Op.FORGET, "")]),
+    ("new dir", DIR, None, "-", "trash", [(Op.MKDIR, "new")]),
+    ("dir exists remotely, no base", DIR, None, DIR, "trash", [(Op.ADOPT, "")]),
+    ("dir in sync", DIR, DIR, DIR, "trash", []),
+    ("dir deleted locally", "-", DIR, DIR, "propagate", [(Op.RMDIR, "deleted locally")]),
+    ("file where remote has dir", "A", None, DIR, "trash", [(Op.CONFLICT, "")]),
+    ("dir where remote has file", DIR, None, "A", "trash", [(Op.CONFLICT, "")]),
+]
+
+
+@pytest.mark.parametrize("name, l, b, r, delete, expected", CASES, ids=[c[0] for c in CASES])
+def test_plan_table(name: str, l: str | None, b: str | None, r: str | None, delete: str,
+                    expected: list[tuple[Op, str]]) -> None:
+    p = "f"
+    local = {} if l == "-" else {p: loc(l)}
+    bases = {} if b == "-" or (b is None and name not in ("dir in sync", "dir deleted locally")) \
+        else {p: base(b)}
+    remote = {} if r == "-" else {p: rem(p, r)}
+    acts = plan_push(local, bases, remote, Policy(delete=delete, trash_stamp="T", now_ns=NOW))
+    got = [(a.op, a.reason) for a in acts]
+    want = [(op, reason) for op, reason in expected]
+    assert [g[0] for g in got] == [w[0] for w in want], name
+    for (_, greason), (_, wreason) in zip(got, want, strict=True):
+        assert wreason in greason
+
+
+def test_trash_destination_is_dated_under_pair() -> None:
+    (a,) = plan_push({}, {"x/y.txt": base("A")}, {"x/y.txt": rem("x/y.txt", "A")},
+                     Policy(delete="trash", trash_stamp="2026-11-25T081000Z"))
+    assert a.op == Op.TRASH and a.dest == ".syncd-trash/2026-11-25T081000Z/x/y.txt"
+
+
+def test_adopt_never_when_remote_does_not_keep_mtime() -> None:
+    (a,) = plan_push({"f": loc("A")}, {}, {"f": rem("f", "A")}, Policy(mtime_precision_ns=0))
+    assert a.op == Op.UPLOAD
+
+
+def test_adopt_with_second_precision() -> None:
+    l = loc("A")._replace(mtime_ns=5_000_000_123)
+    r = rem("f", "A")._replace(mtime_ns=5_000_000_000)
+    (a,) = plan_push({"f": l}, {}, {"f": r}, Policy(mtime_precision_ns=1_000_000_000))
+    assert a.op == Op.ADOPT and a.remote_fp == r.fp and a.hash == l.hash
+
+
+def test_unhashed_new_file_is_uploaded_not_adopted() -> None:
+    l = loc("A")._replace(hash=None)
+    (a,) = plan_push({"f": l}, {}, {"f": rem("f", "A")}, Policy())
+    assert a.op == Op.UPLOAD
+
+
+def test_stale_temp_files_are_cleaned_fresh_ones_left() -> None:
+    stale = rem(f"d/{TMP_PREFIX}abc", "x")._replace(mtime_ns=NOW - STALE_TMP_NS - 1)
+    fresh = rem(f"d/{TMP_PREFIX}def", "x")._replace(mtime_ns=NOW)
+    acts = plan_push({}, {}, {stale.path: stale, fresh.path: fresh}, Policy(now_ns=NOW))
+    assert [(a.op, a.path) for a in acts] == [(Op.CLEANUP, stale.path)]
+
+
+def test_rmdirs_come_last_children_first() -> None:
+    remote = {"a": rem("a", None), "a/b": rem("a/b", None), "a/b/f": rem("a/b/f", "X")}
+    acts = plan_push({}, {}, remote, Policy(delete="propagate"))
+    assert [(a.op, a.path) for a in acts] == [(Op.DELETE, "a/b/f"), (Op.RMDIR, "a/b"),
+                                              (Op.RMDIR, "a")]
+
+
+def test_no_dirs_remote_ignores_directories() -> None:
+    acts = plan_push({"d": loc(None), "d/f": loc("A")}, {}, {}, Policy(dirs=False))
+    assert [(a.op, a.path) for a in acts] == [(Op.UPLOAD, "d/f")]
+
+
+# --- safety -------------------------------------------------------------------------------
+
+def facts(**kw: object) -> Facts:
+    d: dict[str, object] = dict(root_exists=True, local_entries=10, base_entries=10,
+                                remote_files=10, root_dev=1, recorded_dev=1, max_delete=5,
+                                max_delete_setting="50%")
+    d.update(kw)
+    return Facts(**d)  # type: ignore[arg-type]
+
+
+def deletes(n: int) -> list[Action]:
+    return [Action(Op.TRASH, f"f{i}") for i in range(n)]
+
+
+def test_safety_passes_a_normal_plan() -> None:
+    assert check_safety(deletes(5), facts()) is None
+
+
+def test_safety_trips_on_too_many_deletes_and_override_works() -> None:
+    t = check_safety(deletes(6), facts())
+    assert t is not None and "deletes 6 of 10" in t.reason and "max_delete = 50%" in t.reason
+    assert "--allow-mass-delete" in t.override
+    assert check_safety(deletes(6), facts(), allow_mass_delete=True) is None
+
+
+def test_safety_trips_on_empty_root_with_history() -> None:
+    t = check_safety([], facts(local_entries=0))
+    assert t is not None and "empty" in t.reason
+
+
+def test_safety_trips_on_missing_root_even_with_override() -> None:
+    t = check_safety([], facts(root_exists=False), allow_mass_delete=True)
+    assert t is not None and "does not exist" in t.reason
+
+
+def test_safety_trips_on_device_change() -> None:
+    t = check_safety([], facts(root_dev=2))
+    assert t is not None and "different device" in t.reason
+    assert t.override == "--allow-device-change"
+    assert check_safety([], facts(root_dev=2), allow_device_change=True) is None
+
+
+# --- property: plan applied to a model remote = local tree ----------------------------------
+
+names = st.sampled_from(["a", "b", "c", "d e", "é"])
+paths = st.lists(names, min_size=1, max_size=3).map("/".join)
+contents = st.sampled_from(["A", "BB", "CCC", "DDDD"])
+trees = st.dictionaries(paths, contents, max_size=12)
+
+
+def normalize(tree: dict[str, str]) -> dict[str, str]:
+    """Drop files that collide with another file's parent directory."""
+    out = dict(tree)
+    for p in list(out):
+        parent = posixpath.dirname(p)
+        while parent:
+            out.pop(parent, None)
+            parent = posixpath.dirname(parent)
+    return out
+
+
+def dirs_of(files: dict[str, str]) -> set[str]:
+    ds = set()
+    for p in files:
+        parent = posixpath.dirname(p)
+        while parent:
+            ds.add(parent)
+            parent = posixpath.dirname(parent)
+    return ds
+
+
+@settings(max_examples=300, deadline=None)
+@given(local_t=trees, remote_t=trees, base_keys=st.sets(paths, max_size=8),
+       drift=st.booleans(), delete=st.sampled_from(["trash", "propagate", "keep"]))
+def test_applying_the_plan_makes_remote_equal_local(local_t: dict[str, str], remote_t: dict[str, str],
+                                                    base_keys: set[str], drift: bool,
+                                                    delete: str) -> None:
+    local_t, remote_t = normalize(local_t), normalize(remote_t)
+    remote_t = {p: c for p, c in remote_t.items() if p not in dirs_of(local_t)}
+    local_t = {p: c for p, c in local_t.items() if p not in dirs_of(remote_t)}
+    local = {p: loc(c) for p, c in local_t.items()} | {d: loc(None) for d in dirs_of(local_t)}
+    remote = {p: rem(p, c) for p, c in remote_t.items()} | {d: rem(d, None) for d in dirs_of(remote_t)}
+    bases: dict[str, Base] = {}
+    for p in base_keys:
+        if p in remote_t:   # base recorded what is there, or something older (drift)
+            bases[p] = base(remote_t[p], fp="stale" if drift else None)
+        elif p in local_t:
+            bases[p] = base(local_t[p])
+    acts = plan_push(local, bases, remote, Policy(delete=delete, trash_stamp="T", now_ns=NOW))
+
+    model_files = dict(remote_t)
+    model_dirs = dirs_of(remote_t)
+    for a in acts:
+        assert a.op != Op.CONFLICT
+        if a.op == Op.UPLOAD:
+            model_files[a.path] = local_t[a.path]
+            model_dirs |= dirs_of({a.path: ""})
+        elif a.op == Op.MKDIR:
+            model_dirs.add(a.path)
+        elif a.op in DELETING_OPS:
+            del model_files[a.path]
+        elif a.op == Op.RMDIR:
+            assert not any(f.startswith(a.path + "/") for f in model_files)
+            model_dirs.discard(a.path)
+        elif a.op == Op.ADOPT and a.kind == F:
+            assert model_files[a.path] == local_t[a.path]
+    if delete == "keep":
+        assert {p: model_files[p] for p in local_t} == local_t
+    else:
+        assert model_files == local_t
+        assert model_dirs == dirs_of(local_t)
+    # Invariant: nothing is deleted before every write of the plan.
+    ops = [a.op for a in acts]
+    first_delete = next((i for i, o in enumerate(ops) if o in DELETING_OPS or o == Op.RMDIR), len(ops))
+    assert all(o not in (Op.UPLOAD, Op.MKDIR) for o in ops[first_delete:])
