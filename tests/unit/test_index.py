@@ -1,0 +1,102 @@
+"""Index: schema migrations, entries round-trip, scan saves, base commits with acks."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from syncd.index import MIGRATIONS, Done, Index, IndexError_
+from syncd.model import Action, Base, Kind, LocalState, Op, phase
+
+F = int(Kind.FILE)
+
+
+def test_fresh_index_is_at_latest_version_and_wal(tmp_path: Path) -> None:
+    idx = Index.open(tmp_path / "state")
+    assert idx.schema_version == len(MIGRATIONS)
+    assert idx.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert (tmp_path / "state").stat().st_mode & 0o777 == 0o700
+
+
+def test_forward_migration_keeps_data(tmp_path: Path) -> None:
+    db = tmp_path / "i.sqlite3"
+    old = Index(db, migrations=MIGRATIONS)
+    old.save_scan("p", [("a", LocalState(F, 1, 2, 3, 0o644, b"h" * 16), False)], [])
+    old.close()
+    extra = (*MIGRATIONS, "ALTER TABLE entries ADD COLUMN l_xattr BLOB;"
+                          "CREATE TABLE notes (x INTEGER)")
+    new = Index(db, migrations=extra)
+    assert new.schema_version == len(MIGRATIONS) + 1
+    local, _, _ = new.load("p")
+    assert local["a"].hash == b"h" * 16
+    cols = [r[1] for r in new.db.execute("PRAGMA table_info(entries)")]
+    assert "l_xattr" in cols
+    new.close()
+    # Re-opening does not re-apply anything.
+    again = Index(db, migrations=extra)
+    assert again.schema_version == len(MIGRATIONS) + 1
+
+
+def test_newer_schema_is_refused_clearly(tmp_path: Path) -> None:
+    db = tmp_path / "i.sqlite3"
+    Index(db).close()
+    con = sqlite3.connect(db)
+    con.execute("UPDATE schema_version SET version = 99")
+    con.commit()
+    con.close()
+    with pytest.raises(IndexError_, match="schema version 99, newer than this syncd"):
+        Index(db)
+
+
+def test_failed_migration_rolls_back(tmp_path: Path) -> None:
+    db = tmp_path / "i.sqlite3"
+    Index(db).close()
+    with pytest.raises(sqlite3.OperationalError):
+        Index(db, migrations=(*MIGRATIONS, "CREATE TABLE ok (x); THIS IS NOT SQL"))
+    idx = Index(db)
+    assert idx.schema_version == len(MIGRATIONS)
+    assert idx.db.execute("SELECT count(*) FROM sqlite_master WHERE name='ok'").fetchone()[0] == 0
+
+
+def test_scan_save_load_and_remove(tmp_path: Path) -> None:
+    idx = Index(tmp_path / "i.sqlite3")
+    s1 = LocalState(F, 10, 100, 7, 0o644, b"1" * 16)
+    idx.save_scan("p", [("a", s1, True), ("b", s1, False)], [])
+    local, racy, base = idx.load("p")
+    assert local == {"a": s1, "b": s1} and racy == {"a"} and base == {}
+    idx.save_scan("p", [], ["a"])
+    local, racy, _ = idx.load("p")
+    assert set(local) == {"b"} and racy == set()
+    assert idx.load("other") == ({}, set(), {})
+
+
+def test_base_moves_with_the_ack_in_one_transaction(tmp_path: Path) -> None:
+    idx = Index(tmp_path / "i.sqlite3")
+    a = Action(Op.UPLOAD, "f", "new", 3, b"h" * 16, 5)
+    idx.enqueue("p", [a], phase, now=0)
+    (job,) = idx.lease("me", now=0, until=100, limit=10)
+    b = Base(F, 3, 5, b"h" * 16, "3:5")
+    loc = LocalState(F, 3, 5, 9, 0o644, b"h" * 16)
+    idx.finish("p", [Done(job.id, "f", b, loc)], [], [], now=1)
+    local, _, base = idx.load("p")
+    assert base == {"f": b} and local == {"f": loc}
+    assert idx.job_counts("p") == {}
+    # Deleting the base of an entry that is gone locally removes the row entirely.
+    idx.save_scan("p", [], ["f"])
+    idx.enqueue("p", [Action(Op.DELETE, "f")], phase, now=2)
+    (job,) = idx.lease("me", now=2, until=100, limit=10)
+    idx.finish("p", [Done(job.id, "f", None)], [], [], now=3)
+    assert idx.db.execute("SELECT count(*) FROM entries").fetchone()[0] == 0
+
+
+def test_a_failing_commit_moves_neither_base_nor_job(tmp_path: Path) -> None:
+    idx = Index(tmp_path / "i.sqlite3")
+    idx.enqueue("p", [Action(Op.UPLOAD, "f")], phase, now=0)
+    (job,) = idx.lease("me", now=0, until=100, limit=10)
+    bad = Done(job.id, "f", Base(F, 1, 1, b"x", "fp"))
+    with pytest.raises(AttributeError):
+        idx.finish("p", [bad, Done(job.id, "g", "not a base")], [], [], now=1)  # type: ignore[arg-type]
+    assert idx.load("p")[2] == {}
+    assert idx.job_counts("p") == {"leased": 1}

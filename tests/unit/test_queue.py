@@ -1,0 +1,165 @@
+"""Queue: newest intent wins, leases of dead processes come back, backoff with full jitter
+stays in bounds, transient errors retry and permanent ones park. A fake clock: no sleeps."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from syncd.errors import NotFound, PermanentError, SourceChanged, TransientError
+from syncd.index import Index
+from syncd.model import Action, Op
+from syncd.queue import Outcome, Queue, next_try
+
+
+class Clock:
+    def __init__(self, t: float = 1000.0):
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+@pytest.fixture
+def idx(tmp_path: Path) -> Index:
+    return Index(tmp_path / "i.sqlite3")
+
+
+def q(idx: Index, clock: Clock, owner: str = "me", **kw: float) -> Queue:
+    return Queue(idx, owner, clock=clock, rand=lambda: 1.0, retry_initial=1.0, retry_max=60.0,
+                 max_attempts=int(kw.pop("max_attempts", 3)), lease_timeout=kw.pop("lease", 600.0))
+
+
+def up(path: str, reason: str = "new") -> Action:
+    return Action(Op.UPLOAD, path, reason)
+
+
+@given(attempt=st.integers(1, 40), r=st.floats(0, 1), base=st.floats(0.001, 10),
+       cap=st.floats(0.01, 1000))
+def test_backoff_is_full_jitter_within_bounds(attempt: int, r: float, base: float, cap: float) -> None:
+    t = next_try(attempt, 100.0, lambda: r, base, cap)
+    assert 100.0 <= t <= 100.0 + min(cap, base * 2 ** (attempt - 1)) + 1e-9
+
+
+def test_backoff_grows_then_caps() -> None:
+    delays = [next_try(n, 0.0, lambda: 1.0, 1.0, 60.0) for n in range(1, 9)]
+    assert delays == [1, 2, 4, 8, 16, 32, 60, 60]
+
+
+def test_enqueue_is_idempotent_newest_intent_wins(idx: Index) -> None:
+    c = Clock()
+    qu = q(idx, c)
+    qu.enqueue("p", [up("f", "first")])
+    qu.enqueue("p", [up("f", "second")])
+    qu.enqueue("p", [Action(Op.TRASH, "f", "third")])
+    jobs = qu.lease(10)
+    assert [(j.path, j.action.op, j.action.reason) for j in jobs] == [("f", Op.TRASH, "third")]
+
+
+def test_new_intent_waits_behind_an_inflight_job(idx: Index) -> None:
+    c = Clock()
+    qu = q(idx, c)
+    qu.enqueue("p", [up("f", "v1")])
+    (j1,) = qu.lease(10)
+    qu.enqueue("p", [up("f", "v2")])
+    assert qu.lease(10) == []              # no two transfers of one path at once
+    qu.settle("p", [Outcome(j1)])
+    (j2,) = qu.lease(10)
+    assert j2.action.reason == "v2" and j2.attempts == 0
+
+
+def test_lease_of_a_crashed_process_is_reclaimed(idx: Index) -> None:
+    c = Clock()
+    dead = q(idx, c, owner="dead-pid")
+    dead.enqueue("p", [up("a"), up("b")])
+    assert len(dead.lease(10)) == 2
+    alive = q(idx, c, owner="new-pid")
+    assert alive.lease(10) == []
+    assert alive.reclaim(exclusive=True) == 2
+    assert sorted(j.path for j in alive.lease(10)) == ["a", "b"]
+
+
+def test_expired_lease_is_reclaimed_without_the_lock(idx: Index) -> None:
+    c = Clock()
+    other = q(idx, c, owner="other", lease=30.0)
+    other.enqueue("p", [up("a")])
+    other.lease(10)
+    me = q(idx, c, owner="me")
+    assert me.reclaim(exclusive=False) == 0      # still within its lease
+    c.t += 31
+    assert me.reclaim(exclusive=False) == 1
+
+
+def test_transient_error_retries_with_backoff_then_parks(idx: Index) -> None:
+    c = Clock()
+    qu = q(idx, c, max_attempts=3)
+    qu.enqueue("p", [up("f")])
+    (j,) = qu.lease(10)
+    s = qu.settle("p", [Outcome(j, error=TransientError("timeout", remote="r", path="f"))])
+    ((_, not_before),) = s.retried
+    assert not_before == c.t + 1.0
+    assert qu.lease(10) == []                    # not before its time
+    c.t = not_before
+    (j,) = qu.lease(10)
+    assert j.attempts == 1 and "timeout" in (j.last_error or "")
+    qu.settle("p", [Outcome(j, error=SourceChanged("f"))])
+    c.t += 2.0
+    (j,) = qu.lease(10)
+    s = qu.settle("p", [Outcome(j, error=TransientError("timeout"))])
+    ((_, msg),) = s.failed
+    assert msg.startswith("gave up after 3 attempts")
+    assert idx.all_jobs("p") == [("f", "failed", 3, msg)]
+
+
+def test_permanent_error_parks_at_once_with_its_message(idx: Index) -> None:
+    c = Clock()
+    qu = q(idx, c)
+    qu.enqueue("p", [up("f"), up("g")])
+    jf, jg = qu.lease(10)
+    qu.settle("p", [Outcome(jf, error=PermanentError("permission denied", remote="nas", path="x/f")),
+                    Outcome(jg, error=NotFound("no such dir", remote="nas", path="x/g"))])
+    failed = idx.failed_jobs("p")
+    assert [(j.path, j.last_error) for j in failed] == [
+        ("f", "remote 'nas', path 'x/f': permission denied"),
+        ("g", "remote 'nas', path 'x/g': no such dir")]
+
+
+def test_unexpected_exception_parks_as_internal_error(idx: Index) -> None:
+    c = Clock()
+    qu = q(idx, c)
+    qu.enqueue("p", [up("f")])
+    (j,) = qu.lease(10)
+    s = qu.settle("p", [Outcome(j, error=ZeroDivisionError("boom"))])
+    assert s.failed[0][1] == "internal error (ZeroDivisionError): boom"
+
+
+def test_deletes_wait_for_every_earlier_phase(idx: Index) -> None:
+    c = Clock()
+    qu = q(idx, c)
+    qu.enqueue("p", [up("a"), Action(Op.TRASH, "old"), Action(Op.RMDIR, "d"),
+                     Action(Op.RMDIR, "d/e")])
+    assert [j.path for j in qu.lease(10)] == ["a"]
+    assert qu.lease(10) == []     # the upload is still in flight: nothing else may start
+
+
+def test_phases_release_in_order(idx: Index) -> None:
+    c = Clock()
+    qu = q(idx, c)
+    qu.enqueue("p", [up("a"), Action(Op.TRASH, "old"), Action(Op.RMDIR, "d"),
+                     Action(Op.RMDIR, "d/e")])
+    order = []
+    while jobs := qu.lease(10):
+        order.append([j.path for j in jobs])
+        qu.settle("p", [Outcome(j) for j in jobs])
+    assert order == [["a"], ["old"], ["d/e"], ["d"]]
+
+
+def test_other_pairs_are_not_blocked_by_a_pair_phase(idx: Index) -> None:
+    c = Clock()
+    qu = q(idx, c)
+    qu.enqueue("p", [up("a")])
+    qu.enqueue("q", [Action(Op.TRASH, "x")])
+    assert sorted((j.pair, j.path) for j in qu.lease(10)) == [("p", "a"), ("q", "x")]
