@@ -4,7 +4,7 @@
                                           [--keep] [--workdir DIR]
 
 Generates (seeded, untimed) N small files in D dirs plus LARGE_COUNT large random files, then
-times whole processes (posix_spawn + wait4: wall time, peak RSS and CPU of that one child), R runs
+times whole processes (wall time here; peak RSS and CPU of that one child from /usr/bin/time), R runs
 each, medians quoted. Every "first" run starts from a fresh destination and (syncd) a fresh state
 dir; the no-op run is the one right after it. `sync` (untimed) runs before every timed run.
 Also times syncd's scanner (walk + hash_paths) in-process against raw xxh3_128 on the large files.
@@ -32,6 +32,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 OUT_JSON = REPO / "bench" / "out" / "last.json"
 SYNCD = Path(sys.executable).parent / "syncd"
+TIME = "/usr/bin/time"  # GNU time: -f %M = peak RSS of the one child
 SEED = 20240601
 SMALL_SIZE = 1024
 LARGE_COUNT = 4
@@ -100,18 +101,22 @@ class Proc:
 
 
 def run_timed(argv: list[str], out: Path, err: Path) -> Proc:
-    """`sync`, then spawn argv with stdout/stderr to files and reap it with wait4: the rusage is
-    that child's alone (RUSAGE_CHILDREN's ru_maxrss would be a max over all children so far)."""
+    """`sync`, then run argv under /usr/bin/time with stdout/stderr to files (not pipes).
+
+    Peak RSS comes from /usr/bin/time's own fork of the child, not from wait4 here: a child
+    spawned straight from this process starts its ru_maxrss at *our* RSS (vfork/fork + exec keep
+    the old hiwater mark), and RUSAGE_CHILDREN is a max over every child so far. time's floor is
+    its own ~1 MiB. Wall time is measured here (time's start-up, ~1 ms, included)."""
     sync_disks()
-    wr = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
-    actions = [(os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
-               (os.POSIX_SPAWN_OPEN, 1, str(out), wr, 0o644),
-               (os.POSIX_SPAWN_OPEN, 2, str(err), wr, 0o644)]
-    t0 = time.perf_counter()
-    pid = os.posix_spawn(argv[0], argv, os.environ, file_actions=actions)
-    _, status, ru = os.wait4(pid, 0)
-    wall = time.perf_counter() - t0
-    return Proc(wall, os.waitstatus_to_exitcode(status), ru.ru_maxrss, ru.ru_utime, ru.ru_stime)
+    usage = out.with_suffix(".time")
+    with open(out, "wb") as fo, open(err, "wb") as fe:
+        t0 = time.perf_counter()
+        rc = subprocess.run([TIME, "-f", "%M %U %S", "-o", str(usage), *argv],
+                            stdin=subprocess.DEVNULL, stdout=fo, stderr=fe, check=False).returncode
+        wall = time.perf_counter() - t0
+    # on failure time writes "Command exited with non-zero status N" first; the figures are last
+    rss, user, system = usage.read_text().split("\n")[-2].split()
+    return Proc(wall, rc, int(rss), float(user), float(system))
 
 
 # --- data ---------------------------------------------------------------------------------------
@@ -379,6 +384,8 @@ def main() -> None:
     if args.files < 1 or args.dirs < 1 or args.dirs > args.files or args.runs < 1 \
             or args.large_total < LARGE_COUNT:
         ap.error("need files ≥ dirs ≥ 1, runs ≥ 1, large-total ≥ 4 bytes")
+    if not os.access(TIME, os.X_OK):
+        sys.exit(f"bench: {TIME} (GNU time) is needed for per-process peak RSS; apt-get install time")
     if not SYNCD.exists():
         sys.exit(f"bench: {SYNCD} not found; run with the venv's python (.venv/bin/python)")
     rclone = shutil.which("rclone")

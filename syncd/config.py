@@ -8,6 +8,7 @@ every `syncd reconcile`) and lets every message name the file, the key path
 from __future__ import annotations
 
 import difflib
+import math
 import os
 import tomllib
 from collections.abc import Callable
@@ -59,7 +60,7 @@ class MaxDelete:
         if self.count is not None:
             return self.count
         assert self.percent is not None
-        return int(tracked * self.percent / 100)
+        return math.ceil(tracked * self.percent / 100)
 
     def __str__(self) -> str:
         return f"{self.count}" if self.count is not None else f"{self.percent:g}%"

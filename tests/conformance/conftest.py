@@ -1,0 +1,200 @@
+"""Fixtures for the Remote conformance battery.
+
+Every test in this directory runs once per backend through the single parametrized
+`remote` fixture. To add a backend (SFTP on a real sshd, S3 on a moto server, FTP...):
+
+1. write a factory `_make_<name>(request) -> Harness` that builds the remote under test and a
+   `Peek` for it (use `request.getfixturevalue(...)` to reach session-scoped servers);
+2. add one `pytest.param(_make_<name>, id="<name>")` to `BACKENDS` below.
+
+A `Peek` reads (and, for test setup only, changes) the remote's storage *without* going
+through the backend under test -- the plain filesystem for `local`, a raw paramiko/boto3
+client for the others -- so the tests can check what really landed on the remote.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import pytest
+
+from syncd.remotes.base import Remote
+from syncd.remotes.local import LocalRemote
+
+
+class Peek(Protocol):
+    """Out-of-band access to a backend's storage; paths are '/'-separated, relative to the
+    remote root. Directories are reported only by backends with real directories."""
+
+    supports_symlinks: bool   # can the tests plant symlinks on this remote?
+
+    def read(self, path: str) -> bytes | None:
+        """The raw bytes stored under `path`, or None if there is no regular file there."""
+
+    def exists(self, path: str) -> bool:
+        """Anything (file, dir, symlink) is stored under `path`."""
+
+    def is_dir(self, path: str) -> bool: ...
+
+    def listdir_names(self, path: str = "") -> set[str]:
+        """Names directly inside directory `path` ("" = the root), temp files included."""
+
+    def tree(self) -> dict[str, bytes | str]:
+        """Everything under the root: files -> bytes, dirs -> "<dir>", symlinks -> "-> target"."""
+
+    def write(self, path: str, data: bytes) -> None:
+        """Setup only: store a file directly, creating parents."""
+
+    def remove_tree(self, path: str) -> None:
+        """Setup only: remove a file or a whole directory behind the backend's back."""
+
+    def symlink(self, path: str, target: str) -> None:
+        """Setup only (when supports_symlinks): plant a symlink `path` -> `target`."""
+
+    def outside_abs(self, rel: str = "") -> str:
+        """An absolute path (as the backend's storage sees it) in a directory *outside* the
+        root, next to it; escape tests aim at it and check it is left untouched."""
+
+    def outside_write(self, rel: str, data: bytes) -> None: ...
+
+    def outside_snapshot(self) -> dict[str, bytes | str]:
+        """Everything near the root but outside it (the root's parent minus the root)."""
+
+
+@dataclass
+class Harness:
+    remote: Remote
+    peek: Peek
+    cleanup: Callable[[], None] = field(default=lambda: None)
+
+
+# --- local ---------------------------------------------------------------------------------
+
+
+def _snapshot(top: Path, skip: Path | None = None) -> dict[str, bytes | str]:
+    out: dict[str, bytes | str] = {}
+    for dirpath, dirnames, filenames in os.walk(top):
+        d = Path(dirpath)
+        if skip is not None and skip.name in dirnames and d == skip.parent:
+            dirnames.remove(skip.name)
+        for name in dirnames + filenames:
+            p = d / name
+            rel = p.relative_to(top).as_posix()
+            st = os.lstat(p)
+            if stat.S_ISLNK(st.st_mode):
+                out[rel] = "-> " + os.readlink(p)
+            elif stat.S_ISDIR(st.st_mode):
+                out[rel] = "<dir>"
+            else:
+                out[rel] = p.read_bytes()
+    return out
+
+
+class LocalPeek:
+    supports_symlinks = True
+
+    def __init__(self, root: Path, outside: Path):
+        self.root = root
+        self.outside = outside
+
+    def _p(self, path: str) -> Path:
+        return self.root / path if path else self.root
+
+    def read(self, path: str) -> bytes | None:
+        p = self._p(path)
+        if p.is_symlink() or not p.is_file():
+            return None
+        return p.read_bytes()
+
+    def exists(self, path: str) -> bool:
+        return os.path.lexists(self._p(path))
+
+    def is_dir(self, path: str) -> bool:
+        p = self._p(path)
+        return not p.is_symlink() and p.is_dir()
+
+    def listdir_names(self, path: str = "") -> set[str]:
+        p = self._p(path)
+        return set(os.listdir(p)) if self.is_dir(path) else set()
+
+    def tree(self) -> dict[str, bytes | str]:
+        return _snapshot(self.root)
+
+    def write(self, path: str, data: bytes) -> None:
+        p = self._p(path)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(data)
+
+    def remove_tree(self, path: str) -> None:
+        p = self._p(path)
+        if p.is_symlink() or not p.is_dir():
+            p.unlink()
+        else:
+            shutil.rmtree(p)
+
+    def symlink(self, path: str, target: str) -> None:
+        p = self._p(path)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        os.symlink(target, p)
+
+    def outside_abs(self, rel: str = "") -> str:
+        return str(self.outside / rel) if rel else str(self.outside)
+
+    def outside_write(self, rel: str, data: bytes) -> None:
+        p = self.outside / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(data)
+
+    def outside_snapshot(self) -> dict[str, bytes | str]:
+        return _snapshot(self.root.parent, skip=self.root)
+
+
+def _make_local(request: pytest.FixtureRequest) -> Harness:
+    tmp_path: Path = request.getfixturevalue("tmp_path")
+    base = tmp_path / "remote"          # holds the root and, beside it, the "outside"
+    root = base / "root"
+    outside = base / "outside"
+    root.mkdir(parents=True)
+    outside.mkdir()
+    return Harness(LocalRemote("test", root), LocalPeek(root, outside))
+
+
+# One entry per backend; this is the only list to extend.
+BACKENDS = [
+    pytest.param(_make_local, id="local"),
+]
+
+_HARNESS = pytest.StashKey[Harness]()
+
+
+@pytest.fixture(params=BACKENDS)
+def remote(request: pytest.FixtureRequest) -> Iterator[Remote]:
+    """The backend under test, on a fresh, empty root."""
+    harness: Harness = request.param(request)
+    request.node.stash[_HARNESS] = harness
+    try:
+        harness.remote.check()
+        yield harness.remote
+    finally:
+        harness.remote.close()
+        harness.cleanup()
+
+
+@pytest.fixture
+def peek(remote: Remote, request: pytest.FixtureRequest) -> Peek:
+    """Raw, backend-independent view of the storage behind `remote`."""
+    return request.node.stash[_HARNESS].peek
+
+
+@pytest.fixture
+def local_dir(tmp_path: Path) -> Path:
+    """A scratch local directory (sources to upload, get() destinations)."""
+    d = tmp_path / "local"
+    d.mkdir()
+    return d

@@ -1,0 +1,169 @@
+"""Engine + runner in-process: retries converge, permanent failures park with their error,
+a file changing mid-upload is never published torn, an idle reconcile opens no file."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import xxhash
+
+from syncd.config import parse_config
+from syncd.engine import Engine, Options
+from syncd.errors import PermanentError, TransientError
+from syncd.index import Index
+from syncd.remotes.base import Source
+from syncd.remotes.local import LocalRemote
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 1_800_000_000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+    def sleep(self, d: float) -> None:
+        self.t += d
+
+
+class Faulty(LocalRemote):
+    """A local remote that fails: the first `transient` puts, and every put of `permanent`."""
+
+    def __init__(self, root: Path, transient: int = 0, permanent: frozenset[str] = frozenset(),
+                 mutate: dict[str, bytes] | None = None):
+        super().__init__("nas", root)
+        self.transient = transient
+        self.permanent = permanent
+        self.mutate = dict(mutate or {})
+        self.puts: list[str] = []
+
+    def put(self, path: str, source: Source) -> Any:
+        self.puts.append(path)
+        if self.transient > 0:
+            self.transient -= 1
+            raise TransientError("connection reset", remote=self.name, path=path)
+        if path in self.permanent:
+            raise PermanentError("permission denied", remote=self.name, path=path)
+        if path in self.mutate:   # the file changes while the upload reads it
+            Path(source.abspath).write_bytes(self.mutate.pop(path))
+        return super().put(path, source)
+
+
+def setup(tmp_path: Path, files: dict[str, bytes], **daemon: Any) -> tuple[Any, Path, Path]:
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    dst.mkdir()
+    for rel, data in files.items():
+        p = src / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(data)
+    cfg = parse_config({
+        "daemon": {"state_dir": str(tmp_path / "state"), "retry_initial": "1s", "retry_max": "10s",
+                   "max_attempts": 4, **daemon},
+        "remotes": {"nas": {"type": "local", "path": str(dst)}},
+        "sync": [{"name": "p", "local": str(src), "remote": "nas", "path": "docs"}],
+    }, "test.toml", {})
+    return cfg, src, dst
+
+
+def engine(cfg: Any, remote: LocalRemote | None, clock: Clock) -> Engine:
+    e = Engine(cfg, Index.open(cfg.daemon.state_dir), clock=clock, sleep=clock.sleep)
+    if remote is not None:
+        e.remotes["nas"] = remote
+    return e
+
+
+FILES = {f"d{i % 3}/f{i}.txt": f"content {i}".encode() for i in range(12)}
+
+
+def tree(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+def test_transient_failures_retry_and_converge(tmp_path: Path) -> None:
+    cfg, src, dst = setup(tmp_path, FILES)
+    clock = Clock()
+    remote = Faulty(dst, transient=3)
+    res = engine(cfg, remote, clock).reconcile(cfg.pairs[0], Options())
+    assert res.status == "ok" and res.uploaded == 12 and res.retries == 3
+    assert tree(dst / "docs") == FILES
+    assert len(remote.puts) == 15
+    assert clock.t > 1_800_000_000.0          # waited for the backoff, on the fake clock
+
+
+def test_retries_exhausted_park_the_job_and_skip_deletes(tmp_path: Path) -> None:
+    cfg, src, dst = setup(tmp_path, FILES)
+    (dst / "docs").mkdir()
+    (dst / "docs" / "stale.txt").write_bytes(b"only on the remote")
+    clock = Clock()
+    res = engine(cfg, Faulty(dst, transient=1000), clock).reconcile(cfg.pairs[0], Options())
+    assert res.status == "failed" and len(res.failures) == 12
+    assert all("gave up after 4 attempts" in why for _, why in res.failures)
+    assert (dst / "docs" / "stale.txt").exists()      # deletes wait for a clean run
+
+
+def test_permanent_failure_is_parked_with_error_others_sync(tmp_path: Path) -> None:
+    cfg, src, dst = setup(tmp_path, FILES)
+    clock = Clock()
+    e = engine(cfg, Faulty(dst, permanent=frozenset({"docs/d1/f4.txt"})), clock)
+    res = e.reconcile(cfg.pairs[0], Options())
+    assert res.status == "failed" and res.retries == 0
+    assert res.failures == [("d1/f4.txt", "remote 'nas', path 'docs/d1/f4.txt': permission denied")]
+    expected = {k: v for k, v in FILES.items() if k != "d1/f4.txt"}
+    assert tree(dst / "docs") == expected
+    _, _, base = e.index.load("p")
+    assert "d1/f4.txt" not in base and "d1/f7.txt" in base     # base moved only where confirmed
+    assert [j.path for j in e.index.failed_jobs("p")] == ["d1/f4.txt"]
+    # The next reconcile retries the failed job (here: the remote has recovered).
+    e.remotes["nas"] = LocalRemote("nas", dst)
+    res = e.reconcile(cfg.pairs[0], Options())
+    assert res.status == "ok" and res.uploaded == 1 and tree(dst / "docs") == FILES
+    assert e.index.failed_jobs("p") == []
+
+
+def test_file_changed_mid_upload_is_never_published_torn(tmp_path: Path) -> None:
+    cfg, src, dst = setup(tmp_path, {"big.bin": b"A" * 3_000_000})
+    clock = Clock()
+    new = b"B" * 2_500_000
+    e = engine(cfg, Faulty(dst, mutate={"docs/big.bin": new}), clock)
+    res = e.reconcile(cfg.pairs[0], Options())
+    assert res.status == "ok" and res.retries == 1
+    assert (dst / "docs" / "big.bin").read_bytes() == new
+    _, _, base = e.index.load("p")
+    assert base["big.bin"].hash == xxhash.xxh3_128_digest(new)
+    assert not [p for p in (dst / "docs").iterdir() if p.name.startswith(".syncd-tmp-")]
+
+
+def test_idle_reconcile_opens_no_local_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg, src, dst = setup(tmp_path, FILES)
+    old = 1_600_000_000_000_000_000
+    for p in src.rglob("*.txt"):
+        os.utime(p, ns=(old, old))
+    clock = Clock()
+    e = engine(cfg, None, clock)
+    assert e.reconcile(cfg.pairs[0], Options()).uploaded == 12
+    opened: list[str] = []
+    real = os.open
+
+    def spy(path: Any, *a: Any, **k: Any) -> int:
+        if str(path).startswith(str(src)):
+            opened.append(str(path))
+        return real(path, *a, **k)
+
+    monkeypatch.setattr(os, "open", spy)
+    res = e.reconcile(cfg.pairs[0], Options())
+    assert res.status == "ok" and res.uploaded == 0 and res.hashed_files == 0
+    assert opened == []
+
+
+def test_lost_index_adopts_equal_remote_files_without_sending(tmp_path: Path) -> None:
+    cfg, src, dst = setup(tmp_path, FILES)
+    clock = Clock()
+    assert engine(cfg, None, clock).reconcile(cfg.pairs[0], Options()).uploaded == 12
+    for f in (tmp_path / "state").iterdir():
+        f.unlink()
+    remote = Faulty(dst)
+    res = engine(cfg, remote, clock).reconcile(cfg.pairs[0], Options())
+    assert res.status == "ok" and res.uploaded == 0 and res.adopted == 12 + 3 and remote.puts == []
