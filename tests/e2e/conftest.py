@@ -1,0 +1,103 @@
+"""Helpers to run the installed `syncd` command in a subprocess against temp trees."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+SYNCD = Path(sys.executable).parent / "syncd"
+
+
+@dataclass
+class Run:
+    code: int
+    out: str
+    err: str
+
+    @property
+    def summary(self) -> dict[str, Any]:
+        return json.loads(self.out)["pairs"][0]
+
+    def events(self) -> list[dict[str, Any]]:
+        return [json.loads(line) for line in self.err.splitlines() if line.startswith("{")]
+
+
+def run_syncd(*args: str, env: dict[str, str] | None = None, prefix: tuple[str, ...] = (),
+              cwd: Path | None = None) -> Run:
+    cmd = [*prefix, *([str(SYNCD)] if SYNCD.exists() else [sys.executable, "-m", "syncd"])]
+    e = {k: v for k, v in os.environ.items() if not k.startswith("SYNCD_")}
+    e.update(env or {})
+    p = subprocess.run([*cmd, *args], capture_output=True, text=True, env=e, timeout=120,
+                       cwd=cwd, stdin=subprocess.DEVNULL)
+    return Run(p.returncode, p.stdout, p.stderr)
+
+
+@dataclass
+class Setup:
+    root: Path
+    src: Path
+    dst: Path
+    state: Path
+    config: Path
+
+    @property
+    def mirror(self) -> Path:
+        return self.dst / "docs"
+
+    def write(self, rel: str, data: bytes) -> Path:
+        p = self.src / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(data)
+        return p
+
+    def reconcile(self, *extra: str, **kw: Any) -> Run:
+        return run_syncd("reconcile", "--config", str(self.config), "--json", *extra, **kw)
+
+
+CONFIG = """\
+[daemon]
+state_dir = "{state}"
+log_format = "json"
+retry_initial = "10ms"
+retry_max = "50ms"
+max_attempts = 3
+
+[remotes.nas]
+type = "local"
+path = "{dst}"
+
+[[sync]]
+name = "docs"
+local = "{src}"
+remote = "nas"
+path = "docs"
+delete = "{delete}"
+max_delete = "{max_delete}"
+ignore = [".git/", "*.tmp"]
+"""
+
+
+def make_setup(root: Path, delete: str = "trash", max_delete: str = "50%") -> Setup:
+    s = Setup(root, root / "src", root / "dst", root / "state", root / "config.toml")
+    s.src.mkdir(parents=True)
+    s.dst.mkdir()
+    s.config.write_text(CONFIG.format(state=s.state, dst=s.dst, src=s.src, delete=delete,
+                                      max_delete=max_delete))
+    return s
+
+
+@pytest.fixture
+def setup(tmp_path: Path) -> Setup:
+    return make_setup(tmp_path)
+
+
+def tree(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file() and ".syncd-trash" not in p.parts}

@@ -1,0 +1,272 @@
+"""`syncd reconcile` end to end, as a user runs it: a subprocess, real trees, exit codes."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.conftest import Setup, make_setup, run_syncd, tree
+
+FILES = {
+    "a.txt": b"alpha\n",
+    "empty": b"",
+    "dir/b.bin": bytes(range(256)) * 4000,
+    "dir/sub/c.txt": b"gamma\n",
+    "été/naïve ☃.txt": "unicode ✓".encode(),
+    "with space/d e.txt": b"spaces\n",
+    "big.bin": os.urandom(3 * 1024 * 1024 + 5),
+}
+
+
+def populate(s: Setup, files: dict[str, bytes] = FILES) -> None:
+    for rel, data in files.items():
+        s.write(rel, data)
+    s.write("ignored.tmp", b"never synced")
+    s.write(".git/HEAD", b"never synced")
+
+
+def test_first_reconcile_mirrors_exactly_then_idle(setup: Setup) -> None:
+    populate(setup)
+    r = setup.reconcile()
+    assert r.code == 0, r.err
+    assert r.summary["uploaded"] == len(FILES) and r.summary["failed"] == []
+    assert tree(setup.mirror) == FILES
+    for rel in FILES:   # mtimes and permission bits are kept
+        a, b = (setup.src / rel).stat(), (setup.mirror / rel).stat()
+        assert a.st_mtime_ns == b.st_mtime_ns and a.st_mode == b.st_mode
+    assert not (setup.mirror / "ignored.tmp").exists() and not (setup.mirror / ".git").exists()
+    assert not list(setup.mirror.rglob(".syncd-tmp-*"))
+    r2 = setup.reconcile()
+    assert r2.code == 0 and r2.summary["uploaded"] == 0 and r2.summary["trashed"] == 0
+    assert r2.summary["adopted"] == 0
+
+
+def test_exactly_the_changes_are_applied(setup: Setup) -> None:
+    populate(setup)
+    assert setup.reconcile().code == 0
+    setup.write("a.txt", b"alpha v2\n")
+    setup.write("dir/sub/c.txt", b"gamma v2\n")
+    setup.write("empty", b"not empty any more")
+    (setup.src / "dir" / "b.bin").unlink()
+    (setup.src / "with space" / "d e.txt").unlink()
+    setup.write("new/file.txt", b"new")
+    plan = setup.reconcile("--dry-run")
+    assert plan.code == 0
+    got = sorted((a["op"], a["path"]) for a in plan.summary["plan"])
+    assert got == sorted([("upload", "a.txt"), ("upload", "dir/sub/c.txt"), ("upload", "empty"),
+                          ("trash_remote", "dir/b.bin"), ("trash_remote", "with space/d e.txt"),
+                          ("mkdir", "new"), ("upload", "new/file.txt")])
+    assert (setup.mirror / "dir" / "b.bin").exists()       # dry run changed nothing
+    r = setup.reconcile()
+    assert r.code == 0, r.err
+    assert r.summary["uploaded"] == 4 and r.summary["trashed"] == 2
+    assert tree(setup.mirror) == {
+        k: v for k, v in tree(setup.src).items() if k not in ("ignored.tmp", ".git/HEAD")}
+    assert (setup.mirror / "with space").is_dir()       # still a (now empty) dir locally
+    (setup.src / "with space").rmdir()
+    r = setup.reconcile()
+    assert r.code == 0 and not (setup.mirror / "with space").exists()
+
+
+def test_trash_keeps_deleted_content(setup: Setup) -> None:
+    populate(setup)
+    assert setup.reconcile().code == 0
+    (setup.src / "dir" / "sub" / "c.txt").unlink()
+    r = setup.reconcile()
+    assert r.code == 0 and r.summary["trashed"] == 1
+    (stamp,) = list((setup.mirror / ".syncd-trash").iterdir())
+    assert (stamp / "dir" / "sub" / "c.txt").read_bytes() == FILES["dir/sub/c.txt"]
+    assert not (setup.mirror / "dir" / "sub" / "c.txt").exists()
+    # The trash is never listed as remote content: the next run is idle.
+    assert setup.reconcile().summary["trashed"] == 0
+
+
+def test_propagate_deletes(tmp_path: Path) -> None:
+    s = make_setup(tmp_path, delete="propagate")
+    populate(s)
+    assert s.reconcile().code == 0
+    (s.src / "a.txt").unlink()
+    r = s.reconcile()
+    assert r.code == 0 and r.summary["deleted"] == 1
+    assert not (s.mirror / "a.txt").exists() and not (s.mirror / ".syncd-trash").exists()
+
+
+def test_max_delete_trips_exit_4_and_deletes_nothing(setup: Setup) -> None:
+    populate(setup)
+    assert setup.reconcile().code == 0
+    before = tree(setup.mirror)
+    for rel in ["a.txt", "dir/b.bin", "dir/sub/c.txt", "empty", "big.bin"]:
+        (setup.src / rel).unlink()
+    r = setup.reconcile()
+    assert r.code == 4
+    assert "max_delete" in r.summary["message"] and "--allow-mass-delete" in r.summary["message"]
+    assert tree(setup.mirror) == before
+    r = setup.reconcile("--allow-mass-delete")
+    assert r.code == 0 and r.summary["trashed"] == 5
+
+
+def test_empty_local_root_trips(setup: Setup) -> None:
+    populate(setup)
+    assert setup.reconcile().code == 0
+    for p in sorted(setup.src.iterdir()):
+        os.system(f"rm -rf '{p}'")
+    r = setup.reconcile()
+    assert r.code == 4 and "empty" in r.summary["message"]
+    assert tree(setup.mirror) == FILES
+
+
+def test_missing_local_root_trips(setup: Setup) -> None:
+    populate(setup)
+    assert setup.reconcile().code == 0
+    setup.src.rename(setup.root / "moved")
+    r = setup.reconcile()
+    assert r.code == 4 and "does not exist" in r.summary["message"]
+    assert tree(setup.mirror) == FILES
+
+
+def test_device_change_trips_and_override(setup: Setup) -> None:
+    populate(setup)
+    assert setup.reconcile().code == 0
+    with sqlite3.connect(setup.state / "index.sqlite3") as db:
+        db.execute("UPDATE pairs SET st_dev = st_dev + 1")
+    r = setup.reconcile()
+    assert r.code == 4 and "different device" in r.summary["message"]
+    assert "--allow-device-change" in r.summary["message"]
+    assert setup.reconcile("--allow-device-change").code == 0
+    assert setup.reconcile().code == 0
+
+
+def test_missing_remote_root_exit_3(setup: Setup) -> None:
+    populate(setup)
+    setup.dst.rmdir()
+    r = setup.reconcile()
+    assert r.code == 3
+    assert "remote 'nas'" in r.summary["message"] and "does not exist" in r.summary["message"]
+    assert not setup.dst.exists()      # a remote root is never created
+
+
+def without_dac_override() -> tuple[str, ...]:
+    """Root reads any file; run syncd as root minus the capabilities that allow that."""
+    if os.geteuid() != 0:
+        return ()
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        pytest.skip("running as root and util-linux setpriv is missing: cannot make a file unreadable")
+    caps = "-dac_override,-dac_read_search"
+    return (setpriv, f"--bounding-set={caps}", f"--inh-caps={caps}")
+
+
+def test_unreadable_file_exit_1_named_others_synced(setup: Setup) -> None:
+    populate(setup)
+    setup.write("secret.txt", b"top secret")
+    os.chmod(setup.src / "secret.txt", 0)
+    r = setup.reconcile(prefix=without_dac_override())
+    assert r.code == 1, r.err
+    assert [f["path"] for f in r.summary["failed"]] == ["secret.txt"]
+    assert "Permission denied" in r.summary["failed"][0]["error"]
+    assert tree(setup.mirror) == FILES
+    # Unreadable is not deleted: once readable again, it syncs.
+    os.chmod(setup.src / "secret.txt", 0o644)
+    r = setup.reconcile()
+    assert r.code == 0 and r.summary["uploaded"] == 1
+
+
+def test_unreadable_directory_blocks_deletes_loses_nothing(setup: Setup) -> None:
+    populate(setup)
+    assert setup.reconcile().code == 0
+    os.chmod(setup.src / "dir" / "sub", 0)
+    (setup.src / "a.txt").unlink()          # a delete that must wait for a clean scan
+    try:
+        r = setup.reconcile(prefix=without_dac_override())
+    finally:
+        os.chmod(setup.src / "dir" / "sub", 0o755)
+    assert r.code == 1
+    assert [f["path"] for f in r.summary["failed"]] == ["dir/sub"]
+    assert (setup.mirror / "dir" / "sub" / "c.txt").exists() and (setup.mirror / "a.txt").exists()
+    r = setup.reconcile()
+    assert r.code == 0 and r.summary["trashed"] == 1 and (setup.mirror / "dir/sub/c.txt").exists()
+
+
+def test_non_utf8_name_exit_1_named_others_synced(setup: Setup) -> None:
+    populate(setup)
+    with open(os.path.join(os.fsencode(setup.src), b"caf\xe9.txt"), "wb") as f:
+        f.write(b"latin-1 name")
+    r = setup.reconcile()
+    assert r.code == 1
+    assert r.summary["failed"][0]["path"] == "caf\\xe9.txt"
+    assert "UTF-8" in r.summary["failed"][0]["error"]
+    assert tree(setup.mirror) == FILES
+
+
+@pytest.mark.parametrize("edit, key", [
+    (('remote = "nas"', 'remote = "nsa"'), "sync[0].remote"),
+    (('max_delete = "50%"', 'max_delete = "half"'), "sync[0].max_delete"),
+    (('retry_initial = "10ms"', 'retry_initial = "soon"'), "daemon.retry_initial"),
+    (('delete = "trash"', 'delete = "shred"'), "sync[0].delete"),
+    (('type = "local"', 'typ = "local"'), "remotes.nas.typ"),
+])
+def test_bad_config_exit_2_names_key(setup: Setup, edit: tuple[str, str], key: str) -> None:
+    text = setup.config.read_text()
+    assert edit[0] in text
+    setup.config.write_text(text.replace(*edit))
+    r = setup.reconcile()
+    assert r.code == 2
+    assert key in r.err and str(setup.config) in r.err
+    assert "Traceback" not in r.err
+    r = run_syncd("config", "check", "--config", str(setup.config))
+    assert r.code == 2 and key in r.err
+
+
+def test_missing_config_file_exit_2(tmp_path: Path) -> None:
+    r = run_syncd("reconcile", "--config", str(tmp_path / "nope.toml"))
+    assert r.code == 2 and "nope.toml" in r.err and "does not exist" in r.err
+
+
+def test_unknown_pair_exit_2(setup: Setup) -> None:
+    r = setup.reconcile("nosuchpair")
+    assert r.code == 2 and "unknown pair 'nosuchpair'; known: docs" in r.err
+
+
+def test_config_check_prints_resolved(setup: Setup) -> None:
+    r = run_syncd("config", "check", "--config", str(setup.config))
+    assert r.code == 0 and "config OK" in r.out and str(setup.src) in r.out
+
+
+def test_logs_are_json_events_with_fields(setup: Setup) -> None:
+    populate(setup)
+    r = setup.reconcile()
+    ev = r.events()
+    up = [e for e in ev if e["event"] == "upload_done"]
+    assert len(up) == len(FILES)
+    for e in up:
+        assert e["pair"] == "docs" and e["op"] == "upload" and "path" in e
+        assert isinstance(e["bytes"], int) and isinstance(e["duration_ms"], int) and e["attempt"] == 1
+    (done,) = [e for e in ev if e["event"] == "reconcile_done"]
+    assert done["uploaded"] == len(FILES) and done["status"] == "ok"
+
+
+def test_second_instance_is_refused_while_one_holds_the_lock(setup: Setup) -> None:
+    import fcntl
+
+    setup.state.mkdir()
+    with open(setup.state / "syncd.lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        f.write("424242\n")
+        f.flush()
+        r = setup.reconcile()
+    assert r.code == 2 and "424242" in r.err
+
+
+def test_demo_runs_twice_without_harm(tmp_path: Path) -> None:
+    r1 = run_syncd("demo", "--dir", str(tmp_path / "demo"))
+    assert r1.code == 0, r1.err
+    assert "uploaded 4 files" in r1.out
+    (tmp_path / "demo" / "source" / "README.txt").write_text("edited\n")
+    r2 = run_syncd("demo", "--dir", str(tmp_path / "demo"))
+    assert r2.code == 0 and "uploaded 1 files" in r2.out
+    assert (tmp_path / "demo" / "nas" / "docs" / "README.txt").read_text() == "edited\n"
+    assert not (tmp_path / "demo" / "nas" / "docs" / "scratch.tmp").exists()
