@@ -63,6 +63,8 @@ class Peek(Protocol):
 
     def outside_write(self, rel: str, data: bytes) -> None: ...
 
+    def outside_mkdir(self, rel: str) -> None: ...
+
     def outside_snapshot(self) -> dict[str, bytes | str]:
         """Everything near the root but outside it (the root's parent minus the root)."""
 
@@ -150,6 +152,9 @@ class LocalPeek:
         p = self.outside / rel
         p.parent.mkdir(parents=True, exist_ok=True)
         p.write_bytes(data)
+
+    def outside_mkdir(self, rel: str) -> None:
+        (self.outside / rel).mkdir(parents=True, exist_ok=True)
 
     def outside_snapshot(self) -> dict[str, bytes | str]:
         return _snapshot(self.root.parent, skip=self.root)

@@ -188,3 +188,15 @@ def test_parse_size(text: str, n: int) -> None:
 def test_parse_duration_rejects(bad: str) -> None:
     with pytest.raises(ValueError):
         parse_duration(bad)
+
+
+def test_example_config_parses_and_documents_every_key() -> None:
+    from syncd.config import DAEMON_KEYS, PAIR_KEYS, REMOTE_COMMON_KEYS, REMOTE_TYPE_KEYS
+
+    example = Path(__file__).parents[2] / "config.example.toml"
+    cfg = load_config(example, env={"HOME": "/home/someone"})
+    assert cfg.pairs[0].local == Path("/home/someone/Documents")
+    text = example.read_text()
+    keys = (*DAEMON_KEYS, *PAIR_KEYS, *REMOTE_COMMON_KEYS, *REMOTE_TYPE_KEYS["local"])
+    for key in keys:
+        assert f"\n{key} =" in text, f"config.example.toml does not document {key}"
