@@ -10,7 +10,6 @@ import contextlib
 import errno
 import os
 import stat
-import threading
 from collections.abc import Iterator, Sequence
 
 from syncd.errors import (
@@ -29,6 +28,7 @@ _TRANSIENT = {errno.EIO, errno.ENOSPC, errno.EDQUOT, errno.ETIMEDOUT, errno.ESTA
               errno.EAGAIN, errno.EBUSY, errno.EINTR, errno.ENOENT, errno.ENOTCONN,
               errno.EHOSTDOWN, errno.ECONNRESET}
 _BUF = 1 << 20
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 _FILE, _DIR = int(Kind.FILE), int(Kind.DIR)
 
 
@@ -43,8 +43,6 @@ class LocalRemote:
         self.name = name
         self.root = os.path.abspath(os.fspath(root))
         self.fsync = fsync
-        self._dirs: set[str] = {""}   # relative dirs verified to be real dirs inside root
-        self._lock = threading.Lock()
 
     # --- errors ---------------------------------------------------------------------------
 
@@ -58,46 +56,51 @@ class LocalRemote:
             return Conflict(msg, remote=self.name, path=path)
         return PermanentError(msg, remote=self.name, path=path)
 
-    # --- paths ----------------------------------------------------------------------------
+    # --- paths ---------------------------------------------------------------------------
+    #
+    # Every operation walks from the root with openat(O_NOFOLLOW|O_DIRECTORY), one component
+    # at a time, and then acts relative to the parent's fd: a symlink anywhere on the way is
+    # refused, and swapping a directory for a symlink mid-operation cannot redirect a write.
 
-    def _abs(self, path: str) -> str:
-        check_rel_path(self.name, path)
-        return os.path.join(self.root, path)
-
-    def _dir_ok(self, rel_dir: str, create: bool) -> bool:
-        """Make sure every component of rel_dir is a real directory (not a symlink) inside
-        the root, creating missing ones if asked. False if missing and not created."""
-        if rel_dir in self._dirs:
-            return True
-        parent = rel_dir.rpartition("/")[0]
-        if not self._dir_ok(parent, create):
-            return False
-        full = os.path.join(self.root, rel_dir)
-        if create:
-            with contextlib.suppress(FileExistsError):
-                os.mkdir(full, 0o755)
+    def _open_dir(self, rel_dir: str, create: bool) -> int:
+        """An fd on root/rel_dir; FileNotFoundError if missing and not `create`."""
+        fd = os.open(self.root, _DIR_FLAGS)
         try:
-            st = os.lstat(full)
-        except FileNotFoundError:
-            return False
-        if stat.S_ISLNK(st.st_mode):
-            raise PathEscape("a parent directory is a symlink; refusing to follow it",
-                             remote=self.name, path=rel_dir)
-        if not stat.S_ISDIR(st.st_mode):
-            raise Conflict("a parent path exists and is not a directory", remote=self.name,
-                           path=rel_dir)
-        with self._lock:
-            self._dirs.add(rel_dir)
-        return True
+            for comp in rel_dir.split("/") if rel_dir else ():
+                try:
+                    nfd = os.open(comp, _DIR_FLAGS | os.O_NOFOLLOW, dir_fd=fd)
+                except FileNotFoundError:
+                    if not create:
+                        raise
+                    with contextlib.suppress(FileExistsError):
+                        os.mkdir(comp, 0o755, dir_fd=fd)
+                    nfd = os.open(comp, _DIR_FLAGS | os.O_NOFOLLOW, dir_fd=fd)
+                except NotADirectoryError:
+                    st = os.stat(comp, dir_fd=fd, follow_symlinks=False)
+                    if stat.S_ISLNK(st.st_mode):
+                        raise PathEscape("a parent directory is a symlink; refusing to follow it",
+                                         remote=self.name, path=rel_dir) from None
+                    raise Conflict("a parent path exists and is not a directory",
+                                   remote=self.name, path=rel_dir) from None
+                os.close(fd)
+                fd = nfd
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
 
-    def _parent(self, path: str, create: bool) -> bool:
+    def _parent_fd(self, path: str, create: bool) -> tuple[int, str]:
+        """(fd of the parent directory, final name) of a checked relative path."""
         check_rel_path(self.name, path)
-        return self._dir_ok(path.rpartition("/")[0], create)
-
-    def _forget_dirs(self, rel_dir: str) -> None:
-        with self._lock:
-            self._dirs = {d for d in self._dirs if d != rel_dir and not d.startswith(rel_dir + "/")}
-            self._dirs.add("")
+        parent, _, name = path.rpartition("/")
+        try:
+            return self._open_dir(parent, create), name
+        except (PathEscape, Conflict):
+            raise
+        except FileNotFoundError:
+            raise NotFound("no such file or directory", remote=self.name, path=path) from None
+        except OSError as e:
+            raise self._err(e, path) from None
 
     # --- protocol -------------------------------------------------------------------------
 
@@ -121,10 +124,11 @@ class LocalRemote:
         if prefix:
             check_rel_path(self.name, prefix)
             try:
-                if not self._dir_ok(prefix, create=False):
-                    return
-            except Conflict:
-                raise
+                os.close(self._open_dir(prefix, create=False))
+            except FileNotFoundError:
+                return
+            except OSError as e:
+                raise self._err(e, prefix) from None
         top = os.path.join(self.root, prefix) if prefix else self.root
         stack = [""]
         while stack:
@@ -157,13 +161,13 @@ class LocalRemote:
                         yield RemoteEntry(rel, _FILE, st.st_size, st.st_mtime_ns, _fp(st))
 
     def stat(self, path: str) -> RemoteEntry:
-        full = self._abs(path)
+        dfd, name = self._parent_fd(path, create=False)
         try:
-            if not self._parent(path, create=False):
-                raise NotFound("no such file", remote=self.name, path=path)
-            st = os.lstat(full)
+            st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
         except OSError as e:
             raise self._err(e, path) from None
+        finally:
+            os.close(dfd)
         if stat.S_ISDIR(st.st_mode):
             return RemoteEntry(path, _DIR, 0, 0, "dir")
         if not stat.S_ISREG(st.st_mode):
@@ -171,20 +175,13 @@ class LocalRemote:
         return RemoteEntry(path, _FILE, st.st_size, st.st_mtime_ns, _fp(st))
 
     def put(self, path: str, source: Source) -> RemoteEntry:
-        full = self._abs(path)
-        try:
-            self._parent(path, create=True)
-        except OSError as e:
-            raise self._err(e, path) from None
-        d, _, base = full.rpartition("/")
-        tmp = f"{d}/{temp_name(base)}"
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW
-                         | os.O_CLOEXEC, 0o600)
-        except OSError as e:
-            raise self._err(e, path) from None
+        dfd, name = self._parent_fd(path, create=True)
+        tmp = temp_name(name)
+        fd = -1
         published = False
         try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
+                         0o600, dir_fd=dfd)
             buf = bytearray(min(_BUF, max(source.size, 1)))
             mv = memoryview(buf)
             while n := source.readinto(buf):
@@ -198,9 +195,9 @@ class LocalRemote:
                 os.fsync(fd)
             os.close(fd)
             fd = -1
-            os.replace(tmp, full)
+            os.replace(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
             published = True
-            st = os.lstat(full)
+            st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
         except OSError as e:
             raise self._err(e, path) from None
         finally:
@@ -208,22 +205,25 @@ class LocalRemote:
                 os.close(fd)
             if not published:
                 with contextlib.suppress(OSError):
-                    os.unlink(tmp)
+                    os.unlink(tmp, dir_fd=dfd)
+            os.close(dfd)
         if st.st_size != source.sent:
             raise TransientError(f"size after publish is {st.st_size}, sent {source.sent}",
                                  remote=self.name, path=path)
         return RemoteEntry(path, _FILE, st.st_size, st.st_mtime_ns, _fp(st))
 
     def get(self, path: str, dest: str) -> RemoteEntry:
-        full = self._abs(path)
+        dfd, name = self._parent_fd(path, create=False)
         try:
-            if not self._parent(path, create=False):
-                raise NotFound("no such file", remote=self.name, path=path)
-            src = os.open(full, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            src = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
         except OSError as e:
             raise self._err(e, path) from None
+        finally:
+            os.close(dfd)
         try:
             st = os.fstat(src)
+            if not stat.S_ISREG(st.st_mode):
+                raise Conflict("not a regular file", remote=self.name, path=path)
             with open(dest, "wb") as out:
                 while b := os.read(src, _BUF):
                     out.write(b)
@@ -238,32 +238,36 @@ class LocalRemote:
     def mkdir(self, path: str) -> RemoteEntry:
         check_rel_path(self.name, path)
         try:
-            self._dir_ok(path, create=True)
+            os.close(self._open_dir(path, create=True))
         except OSError as e:
             raise self._err(e, path) from None
         return RemoteEntry(path, _DIR, 0, 0, "dir")
 
     def delete(self, paths: Sequence[str]) -> None:
         for path in paths:
-            full = self._abs(path)
             try:
-                if not self._parent(path, create=False):
-                    continue
-                os.unlink(full)
+                dfd, name = self._parent_fd(path, create=False)
+            except NotFound:
+                continue
+            try:
+                os.unlink(name, dir_fd=dfd)
             except FileNotFoundError:
                 continue
             except OSError as e:
                 raise self._err(e, path) from None
+            finally:
+                os.close(dfd)
 
     def rmdir(self, path: str) -> bool:
-        full = self._abs(path)
         try:
-            if not self._parent(path, create=False):
-                return True
-            st = os.lstat(full)
+            dfd, name = self._parent_fd(path, create=False)
+        except NotFound:
+            return True
+        try:
+            st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
             if not stat.S_ISDIR(st.st_mode):
                 raise Conflict("not a directory", remote=self.name, path=path)
-            os.rmdir(full)
+            os.rmdir(name, dir_fd=dfd)
         except FileNotFoundError:
             return True
         except OSError as e:
@@ -271,19 +275,21 @@ class LocalRemote:
                 return False
             raise self._err(e, path) from None
         finally:
-            self._forget_dirs(path)
+            os.close(dfd)
         return True
 
     def move(self, src: str, dst: str) -> None:
-        s, d = self._abs(src), self._abs(dst)
+        sfd, sname = self._parent_fd(src, create=False)
         try:
-            if not self._parent(src, create=False):
-                raise NotFound("no such file", remote=self.name, path=src)
-            self._parent(dst, create=True)
-            os.rename(s, d)
-        except OSError as e:
-            raise self._err(e, src) from None
-        self._forget_dirs(src)
+            dfd, dname = self._parent_fd(dst, create=True)
+            try:
+                os.rename(sname, dname, src_dir_fd=sfd, dst_dir_fd=dfd)
+            except OSError as e:
+                raise self._err(e, src) from None
+            finally:
+                os.close(dfd)
+        finally:
+            os.close(sfd)
 
     def close(self) -> None:
         pass
