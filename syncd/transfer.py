@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from syncd import log as slog
-from syncd.errors import Conflict, PermanentError, SourceChanged
+from syncd.errors import Conflict, PermanentError
 from syncd.model import Base, Job, Kind, LocalState, Op
 from syncd.queue import Outcome, Queue
 from syncd.remotes.base import Remote, Source, join, move
@@ -78,10 +78,7 @@ def _upload(o: Outcome, ctx: PairCtx, rp: str, now_ns: Callable[[], int]) -> Non
     except OSError as e:
         raise PermanentError(f"cannot read local file: {e.strerror}", path=abspath) from None
     with src:
-        try:
-            entry = ctx.remote.put(rp, src)
-        except OSError as e:  # a local read error while streaming
-            raise SourceChanged(o.job.path, f"read failed: {e.strerror}") from None
+        entry = ctx.remote.put(rp, src)
         digest = src.digest
         after = src.after
     assert digest is not None and after is not None, "remote.put must call source.verify()"

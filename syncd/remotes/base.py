@@ -55,14 +55,20 @@ class Source:
         self.after: os.stat_result | None = None
 
     def readinto(self, buf: bytearray | memoryview) -> int:
-        n = os.readv(self.fd, [buf])
+        try:
+            n = os.readv(self.fd, [buf])
+        except OSError as e:  # a local read error is not the remote's fault
+            raise SourceChanged(self.rel, f"read failed: {e.strerror}") from None
         if n:
             self._h.update(memoryview(buf)[:n])
             self.sent += n
         return n
 
     def read(self, size: int = 1 << 20) -> bytes:
-        b = os.read(self.fd, size)
+        try:
+            b = os.read(self.fd, size)
+        except OSError as e:
+            raise SourceChanged(self.rel, f"read failed: {e.strerror}") from None
         if b:
             self._h.update(b)
             self.sent += len(b)
@@ -132,7 +138,9 @@ def move(remote: Remote, src: str, dst: str, tmp_dir: str | None = None) -> None
     fd, tmp = tempfile.mkstemp(prefix=".syncd-move-", dir=tmp_dir)
     os.close(fd)
     try:
-        remote.get(src, tmp)
+        e = remote.get(src, tmp)
+        if e.mtime_ns:
+            os.utime(tmp, ns=(e.mtime_ns, e.mtime_ns))
         with Source(tmp, dst) as s:
             remote.put(dst, s)
         remote.delete([src])

@@ -285,7 +285,7 @@ class LocalRemote:
             try:
                 os.rename(sname, dname, src_dir_fd=sfd, dst_dir_fd=dfd)
             except OSError as e:
-                raise self._err(e, src) from None
+                raise self._err(e, f"{src} -> {dst}") from None
             finally:
                 os.close(dfd)
         finally:
