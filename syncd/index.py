@@ -205,28 +205,37 @@ class Index:
             self.db.executemany("DELETE FROM entries WHERE pair=? AND path=? AND "
                                 "b_kind IS NULL", rm)
 
-    def _set_base(self, pair: str, d: Done) -> None:
-        if d.keep_base:
-            return
-        b = d.base
-        if b is None:
-            self.db.execute("UPDATE entries SET b_kind=NULL, b_size=NULL, b_mtime=NULL, "
-                            "b_hash=NULL, b_fp=NULL WHERE pair=? AND path=?", (pair, d.path))
-            self.db.execute("DELETE FROM entries WHERE pair=? AND path=? AND l_kind IS NULL",
-                            (pair, d.path))
-            return
-        self.db.execute(
-            "INSERT INTO entries (pair, path, b_kind, b_size, b_mtime, b_hash, b_fp) "
-            "VALUES (?,?,?,?,?,?,?) ON CONFLICT(pair, path) DO UPDATE SET b_kind=excluded.b_kind,"
-            " b_size=excluded.b_size, b_mtime=excluded.b_mtime, b_hash=excluded.b_hash, "
-            "b_fp=excluded.b_fp",
-            (pair, d.path, b.kind, b.size, b.mtime_ns, b.hash, b.remote_fp))
-        if d.local is not None:
-            s = d.local
-            self.db.execute(
-                "UPDATE entries SET l_kind=?, l_size=?, l_mtime=?, l_inode=?, l_mode=?, "
-                "l_hash=?, l_racy=? WHERE pair=? AND path=?",
-                (s.kind, s.size, s.mtime_ns, s.inode, s.mode, s.hash, int(d.racy), pair, d.path))
+    def _set_bases(self, pair: str, done: Sequence[Done]) -> None:
+        gone = [(pair, d.path) for d in done if not d.keep_base and d.base is None]
+        if gone:
+            self.db.executemany("UPDATE entries SET b_kind=NULL, b_size=NULL, b_mtime=NULL, "
+                                "b_hash=NULL, b_fp=NULL WHERE pair=? AND path=?", gone)
+            self.db.executemany("DELETE FROM entries WHERE pair=? AND path=? AND l_kind IS NULL",
+                                gone)
+        rows = []
+        for d in done:
+            b, s = d.base, d.local
+            if d.keep_base or b is None:
+                continue
+            if s is None:
+                rows.append((pair, d.path, None, None, None, None, None, None, 0, b.kind, b.size,
+                             b.mtime_ns, b.hash, b.remote_fp))
+            else:
+                rows.append((pair, d.path, s.kind, s.size, s.mtime_ns, s.inode, s.mode, s.hash,
+                             int(d.racy), b.kind, b.size, b.mtime_ns, b.hash, b.remote_fp))
+        if rows:
+            # A local state rides along only when the transfer saw one; else keep the scan's.
+            self.db.executemany(
+                "INSERT INTO entries (pair, path, l_kind, l_size, l_mtime, l_inode, l_mode, l_hash, "
+                "l_racy, b_kind, b_size, b_mtime, b_hash, b_fp) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?) "
+                "ON CONFLICT(pair, path) DO UPDATE SET "
+                "b_kind=excluded.b_kind, b_size=excluded.b_size, b_mtime=excluded.b_mtime, "
+                "b_hash=excluded.b_hash, b_fp=excluded.b_fp, "
+                "l_kind=coalesce(excluded.l_kind, l_kind), l_size=coalesce(excluded.l_size, l_size), "
+                "l_mtime=coalesce(excluded.l_mtime, l_mtime), "
+                "l_inode=coalesce(excluded.l_inode, l_inode), l_mode=coalesce(excluded.l_mode, l_mode), "
+                "l_hash=coalesce(excluded.l_hash, l_hash), "
+                "l_racy=CASE WHEN excluded.l_kind IS NULL THEN l_racy ELSE excluded.l_racy END", rows)
 
     # --- jobs -----------------------------------------------------------------------------
 
@@ -276,12 +285,12 @@ class Index:
                 if pending_phase is None or (leased_phase is not None and leased_phase < pending_phase):
                     continue   # a later phase waits until the earlier one is finished
                 rows = db.execute(
-                    "SELECT id, pair, path, args, attempts, not_before, last_error FROM jobs "
-                    "WHERE pair = ? AND state = 'pending' AND phase = ? AND not_before <= ? "
-                    "ORDER BY id LIMIT ?", (pair, pending_phase, now, limit - len(out))).fetchall()
-                if rows:
-                    db.executemany("UPDATE jobs SET state='leased', lease_owner=?, lease_until=?, "
-                                   "updated=? WHERE id=?", ((owner, until, now, r[0]) for r in rows))
+                    "UPDATE jobs SET state='leased', lease_owner=?, lease_until=?, updated=? "
+                    "WHERE id IN (SELECT id FROM jobs WHERE pair = ? AND state = 'pending' "
+                    "AND phase = ? AND not_before <= ? ORDER BY id LIMIT ?) "
+                    "RETURNING id, pair, path, args, attempts, not_before, last_error",
+                    (owner, until, now, pair, pending_phase, now, limit - len(out))).fetchall()
+                rows.sort()
                 out += [Job(r[0], r[1], r[2], action_from_json(r[2], r[3]), r[4], r[5], r[6])
                         for r in rows]
         return out
@@ -298,37 +307,32 @@ class Index:
                 params.append(owner)
             return self.db.execute(q + ")", params).rowcount
 
+    def release(self, job_ids: Sequence[int]) -> None:
+        with self.tx():
+            self.db.executemany("UPDATE jobs SET state='pending', lease_owner=NULL, lease_until=NULL "
+                                "WHERE id=? AND state='leased'", ((i,) for i in job_ids))
+
     def finish(self, pair: str, done: Sequence[Done], retry: Sequence[tuple[int, float, str, int]],
                failed: Sequence[tuple[int, str, int]], now: float) -> None:
         """One transaction: bases move with the acks of the jobs that moved them;
-        retries get their not_before; permanent failures are parked."""
+        retries get their not_before; permanent failures are parked. A newer intent that
+        arrived while a job ran (next_args) becomes the pending job in every case."""
+        db = self.db
         with self.tx():
-            for d in done:
-                self._set_base(pair, d)
-                self._ack(d.job_id, now)
-            for job_id, not_before, error, attempts in retry:
-                self.db.execute("UPDATE jobs SET state='pending', attempts=?, not_before=?, "
-                                "last_error=?, lease_owner=NULL, lease_until=NULL, updated=? "
-                                "WHERE id=? AND next_args IS NULL",
-                                (attempts, not_before, error, now, job_id))
-                self._promote_next(job_id, now)
-            for job_id, error, attempts in failed:
-                self.db.execute("UPDATE jobs SET state='failed', attempts=?, last_error=?, "
-                                "lease_owner=NULL, lease_until=NULL, updated=? "
-                                "WHERE id=? AND next_args IS NULL",
-                                (attempts, error, now, job_id))
-                self._promote_next(job_id, now)
-
-    def _ack(self, job_id: int, now: float) -> None:
-        if not self._promote_next(job_id, now):
-            self.db.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
-
-    def _promote_next(self, job_id: int, now: float) -> bool:
-        cur = self.db.execute(
-            "UPDATE jobs SET args=next_args, next_args=NULL, state='pending', attempts=0, "
-            "not_before=?, last_error=NULL, lease_owner=NULL, lease_until=NULL, updated=? "
-            "WHERE id=? AND next_args IS NOT NULL", (now, now, job_id))
-        return cur.rowcount > 0
+            self._set_bases(pair, done)
+            db.executemany("UPDATE jobs SET state='pending', attempts=?, not_before=?, last_error=?, "
+                           "lease_owner=NULL, lease_until=NULL, updated=? WHERE id=?",
+                           ((a, nb, err, now, i) for i, nb, err, a in retry))
+            db.executemany("UPDATE jobs SET state='failed', attempts=?, last_error=?, "
+                           "lease_owner=NULL, lease_until=NULL, updated=? WHERE id=?",
+                           ((a, err, now, i) for i, err, a in failed))
+            ids = [(d.job_id,) for d in done] + [(r[0],) for r in retry] + [(f[0],) for f in failed]
+            db.executemany(
+                "UPDATE jobs SET args=next_args, next_args=NULL, state='pending', attempts=0, "
+                f"not_before={now!r}, last_error=NULL, lease_owner=NULL, lease_until=NULL, "
+                f"updated={now!r} WHERE id=? AND next_args IS NOT NULL", ids)
+            db.executemany("DELETE FROM jobs WHERE id=? AND state='leased'",
+                           ((d.job_id,) for d in done))
 
     def job_counts(self, pair: str) -> dict[str, int]:
         rows = self.db.execute("SELECT state, count(*) FROM jobs WHERE pair=? GROUP BY state",

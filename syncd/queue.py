@@ -66,6 +66,11 @@ class Queue:
         now = self.clock()
         return self.index.lease(self.owner, now, now + self.lease_timeout, limit, pairs)
 
+    def release(self, job_ids: Sequence[int]) -> None:
+        """Give leased-but-unstarted jobs back (e.g. when a run stops early)."""
+        if job_ids:
+            self.index.release(job_ids)
+
     def classify(self, o: Outcome) -> tuple[str, float | str]:
         """("done", 0) | ("retry", not_before) | ("failed", message): by type, not text."""
         e = o.error

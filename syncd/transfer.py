@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -21,6 +22,23 @@ from syncd.scan import is_racy
 FILE, DIR = int(Kind.FILE), int(Kind.DIR)
 COMMIT_EVERY = 256          # outcomes per SQLite transaction, at most
 COMMIT_INTERVAL = 0.25      # seconds an outcome may wait for its commit
+LEASE_BATCH = 256           # jobs leased per transaction
+CHUNK_FILES = 16            # small jobs handed to a worker at once
+CHUNK_BYTES = 1 << 20       # ...as long as they add up to less than this
+
+
+def _take_chunk(q: deque[Job]) -> list[Job]:
+    chunk = [q.popleft()]
+    size = chunk[0].action.size
+    while q and len(chunk) < CHUNK_FILES and size + q[0].action.size <= CHUNK_BYTES:
+        j = q.popleft()
+        size += j.action.size
+        chunk.append(j)
+    return chunk
+
+
+def _execute_chunk(jobs: list[Job], pairs: dict[str, PairCtx]) -> list[Outcome]:
+    return [execute(j, pairs[j.pair]) for j in jobs]
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,19 +139,26 @@ class Runner:
         pools = {r: ThreadPoolExecutor(max_workers=self.pairs[ps[0]].transfers,
                                        thread_name_prefix=f"xfer-{r}")
                  for r, ps in by_remote.items()}
-        inflight: dict[Future[Outcome], str] = {}
+        # Jobs are leased in batches (one SQLite transaction each) and handed to workers in
+        # small chunks, so per-file overhead is a few list operations, not a transaction and
+        # a thread wake-up per file.
+        ready: dict[str, deque[Job]] = {r: deque() for r in by_remote}
+        inflight: dict[Future[list[Outcome]], str] = {}
         buffered: dict[str, list[Outcome]] = {}
         count = 0
         last_commit = time.monotonic()
         try:
             while True:
                 for r, ps in by_remote.items():
-                    cap = 2 * self.pairs[ps[0]].transfers
+                    transfers = self.pairs[ps[0]].transfers
+                    q = ready[r]
+                    if len(q) < LEASE_BATCH // 2:
+                        q.extend(self.queue.lease(LEASE_BATCH - len(q), ps))
                     busy = sum(1 for rr in inflight.values() if rr == r)
-                    if busy < cap:
-                        for job in self.queue.lease(cap - busy, ps):
-                            ctx = self.pairs[job.pair]
-                            inflight[pools[r].submit(execute, job, ctx)] = r
+                    while q and busy < 2 * transfers:
+                        chunk = _take_chunk(q)
+                        inflight[pools[r].submit(_execute_chunk, chunk, self.pairs)] = r
+                        busy += 1
                 if not inflight:
                     if count:
                         self._commit(buffered, stats)
@@ -148,9 +173,9 @@ class Runner:
                                    return_when=FIRST_COMPLETED)
                 for f in finished:
                     del inflight[f]
-                    o = f.result()
-                    buffered.setdefault(o.job.pair, []).append(o)
-                    count += 1
+                    for o in f.result():
+                        buffered.setdefault(o.job.pair, []).append(o)
+                        count += 1
                 if count >= COMMIT_EVERY or (
                         count and time.monotonic() - last_commit >= COMMIT_INTERVAL):
                     self._commit(buffered, stats)
@@ -158,10 +183,17 @@ class Runner:
         finally:
             for f in inflight:
                 f.cancel()
-            if count:
-                self._commit(buffered, stats)
             for p in pools.values():
                 p.shutdown(wait=True, cancel_futures=True)
+            for f in inflight:   # chunks that finished while we were stopping
+                if f.done() and not f.cancelled() and f.exception() is None:
+                    for o in f.result():
+                        buffered.setdefault(o.job.pair, []).append(o)
+                        count += 1
+            if count:
+                self._commit(buffered, stats)
+            # Jobs leased into memory but never started go back to the queue at once.
+            self.queue.release([j.id for q in ready.values() for j in q])
         return stats
 
     def _commit(self, buffered: dict[str, list[Outcome]], stats: RunStats) -> None:
