@@ -20,6 +20,7 @@ import platform
 import random
 import re
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -400,6 +401,7 @@ def main() -> None:
     if rclone is None:
         log("rclone not on PATH: syncd only")
 
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so `finally` still cleans up
     wd = prepare_workdir(args)
     try:
         sizes = {n: tree_totals(wd / "src" / n) for n in ("small", "large")}

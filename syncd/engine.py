@@ -18,6 +18,7 @@ from syncd import log as slog
 from syncd.config import Config, PairConfig
 from syncd.errors import LockedError, RemoteError, SafetyError, UnavailableError
 from syncd.index import Index
+from syncd.listing import Listing, RemoteDiff, diff_listing
 from syncd.model import DELETING_OPS, Action, Kind, LocalState, Op, RemoteEntry
 from syncd.plan import DRIFT_REASONS, Facts, Policy, check_safety, plan_push
 from syncd.queue import Queue
@@ -170,17 +171,17 @@ class Engine:
         log = self.log
         root = str(pair.local)
         meta = self.index.pair_meta(pair.name)
-        prior, racy, base = self.index.load(pair.name)
         matcher = Matcher(pair.ignore)
-        try:
-            root_exists = os.path.isdir(root)
-        except OSError:
-            root_exists = False
-        if not root_exists:
-            self._trip(pair, Facts(False, 0, len(base), 0, None, None, 0, ""), opts)
+        if not os.path.isdir(root):
+            self._trip(pair, Facts(False, 0, self.index.count_base(pair.name), 0, None, None, 0, ""),
+                       opts)
         remote = self.remote(pair.remote)
 
-        w = walk(root, prior, racy, matcher, pair.follow_symlinks)
+        # The remote listing runs alongside the local walk (in a child process for a
+        # directory remote) and reports only where the remote differs from the bases.
+        listing = Listing(self._lister(remote, pair, matcher), fork=remote.caps.fork_listing)
+        prior = self.index.load_prior(pair.name)
+        w = walk(root, prior, matcher, pair.follow_symlinks)
         for rel, why in w.skipped:
             log.info("entry_skipped", path=rel, reason=why)
         for rel, why in w.unsyncable:
@@ -190,8 +191,25 @@ class Engine:
             log.error("scan_error", path=rel, error=why)
             res.failures.append((rel, why))
         res.skipped += len(w.skipped)
+        diff = listing.result()
 
-        remote_map = self._list(remote, pair, matcher)
+        # Clean entries (unchanged locally, synced, remote as recorded) need no planning;
+        # everything else is planned with its base and remote state.
+        states = w.states
+        for p in (*diff.changed, *diff.gone):
+            if p not in states and p in w.seen:
+                r = prior[p]
+                states[p] = LocalState(r[1], r[2], r[3], r[4], r[5], r[6])
+        removed = w.removed(prior)
+        plan_paths = {*states, *diff.changed, *diff.gone, *removed,
+                      *self.index.orphan_bases(pair.name)}
+        base = self.index.load_bases(pair.name, plan_paths if len(plan_paths) < 20_000 else None)
+        gone = set(diff.gone)
+        remote_map = dict(diff.changed)
+        for p in plan_paths:
+            b = base.get(p)
+            if b is not None and p not in remote_map and p not in gone:
+                remote_map[p] = RemoteEntry(p, b.kind, b.size, b.mtime_ns, b.remote_fp)
 
         # Hash only what must be compared: changed files that have a base or a remote
         # counterpart. Brand-new files are hashed while they are uploaded (one read, not two).
@@ -201,16 +219,13 @@ class Engine:
             log.error("scan_error", path=rel, error=why)
             res.failures.append((rel, why))
         res.hashed_files, res.hashed_bytes = hashed.files, hashed.bytes
-        res.scanned = len(w.states)
+        res.scanned = len(w.seen)
         scan_errors = bool(w.errors or hashed.errors)
 
         if not opts.dry_run:
-            err_paths = {p for p, _ in hashed.errors}
             changed: list[tuple[str, LocalState, bool]] = list(hashed.updates)
-            changed += [(p, s, False) for p, s in w.states.items()
-                        if s.kind == DIR and prior.get(p) is not s]
-            removed = [p for p in prior if p not in w.states and p not in err_paths
-                       and not w.under_error(p)]
+            changed += [(p, s, False) for p, s in states.items()
+                        if s.kind == DIR and (p not in prior or prior[p][1] != DIR)]
             if changed or removed:
                 self.index.save_scan(pair.name, changed, removed)
 
@@ -219,10 +234,9 @@ class Engine:
                         trash_stamp=time.strftime("%Y-%m-%dT%H%M%SZ", time.gmtime(self.clock())),
                         dirs=caps.dirs, mtime_precision_ns=caps.mtime_precision_ns,
                         now_ns=int(self.clock() * 1e9))
-        actions = plan_push(w.states, base, remote_map, policy)
-        remote_files = sum(1 for e in remote_map.values() if e.kind == FILE)
-        facts = Facts(True, len(w.states), len(base), remote_files, w.root_dev,
-                      meta.st_dev if meta else None, pair.max_delete.limit(remote_files),
+        actions = plan_push(states, base, remote_map, policy)
+        facts = Facts(True, len(w.seen), self.index.count_base(pair.name), diff.files, w.root_dev,
+                      meta.st_dev if meta else None, pair.max_delete.limit(diff.files),
                       str(pair.max_delete))
         self._trip(pair, facts, opts, actions)
         if (meta is None or meta.st_dev != w.root_dev) and not opts.dry_run:
@@ -250,14 +264,22 @@ class Engine:
             else:
                 self._run(pair, ctx, later, res)
 
-    def _list(self, remote: Remote, pair: PairConfig, matcher: Matcher) -> dict[str, RemoteEntry]:
-        out: dict[str, RemoteEntry] = {}
-        empty = matcher.empty
-        for e in remote.list(pair.path):
-            if not empty and matcher(e.path + "/" if e.kind == DIR else e.path):
-                continue
-            out[e.path] = e
-        return out
+    def _lister(self, remote: Remote, pair: PairConfig, matcher: Matcher) -> Callable[[], RemoteDiff]:
+        db_file = self.index.path
+
+        def keep(e: RemoteEntry) -> bool:
+            return not matcher(e.path + "/" if e.kind == DIR else e.path)
+
+        def run() -> RemoteDiff:
+            # Its own connection: this may run in a forked child.
+            idx = Index(db_file)
+            try:
+                expected = idx.base_fps(pair.name)
+            finally:
+                idx.close()
+            return diff_listing(remote.list(pair.path), expected, None if matcher.empty else keep)
+
+        return run
 
     def _trip(self, pair: PairConfig, facts: Facts, opts: Options,
               actions: list[Action] | None = None) -> None:

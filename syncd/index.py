@@ -182,6 +182,43 @@ class Index:
                 base[path] = Base(bk, bs, bm, bh, bf)
         return local, racy, base
 
+    def load_prior(self, pair: str) -> dict[str, tuple[Any, ...]]:
+        """Local rows for the scanner, as raw tuples (no object per row: this is on the
+        critical path of an idle reconcile): (path, kind, size, mtime_ns, inode, mode, hash,
+        racy, synced), where synced means the base records this very content."""
+        cur = self.db.execute(
+            "SELECT path, l_kind, l_size, l_mtime, l_inode, l_mode, l_hash, l_racy, "
+            "(b_kind IS l_kind AND b_hash IS l_hash AND l_racy = 0) FROM entries "
+            "WHERE pair = ? AND l_kind IS NOT NULL", (pair,))
+        return {r[0]: r for r in cur}
+
+    def base_fps(self, pair: str) -> dict[str, tuple[int, str]]:
+        """(kind, remote fingerprint) of every base: what the remote listing should show."""
+        cur = self.db.execute("SELECT path, b_kind, b_fp FROM entries WHERE pair = ? AND "
+                              "b_kind IS NOT NULL", (pair,))
+        return {p: (k, f) for p, k, f in cur}
+
+    def load_bases(self, pair: str, paths: Iterable[str] | None = None) -> dict[str, Base]:
+        """Bases of the given paths (all of the pair's when None)."""
+        q = ("SELECT path, b_kind, b_size, b_mtime, b_hash, b_fp FROM entries WHERE pair = ? "
+             "AND b_kind IS NOT NULL")
+        if paths is None:
+            return {r[0]: Base(*r[1:]) for r in self.db.execute(q, (pair,))}
+        out: dict[str, Base] = {}
+        wanted = list(paths)
+        for i in range(0, len(wanted), 500):
+            chunk = wanted[i:i + 500]
+            for r in self.db.execute(q + f" AND path IN ({','.join('?' * len(chunk))})",
+                                     (pair, *chunk)):
+                out[r[0]] = Base(*r[1:])
+        return out
+
+    def orphan_bases(self, pair: str) -> list[str]:
+        """Paths with a base but no local state: deleted locally, delete not yet done."""
+        return [r[0] for r in self.db.execute(
+            "SELECT path FROM entries WHERE pair = ? AND l_kind IS NULL AND b_kind IS NOT NULL",
+            (pair,))]
+
     def count_base(self, pair: str) -> int:
         return self.db.execute("SELECT count(*) FROM entries WHERE pair = ? AND b_kind IS NOT "
                                "NULL", (pair,)).fetchone()[0]

@@ -51,14 +51,31 @@ class Matcher:
         return self.spec.match_file(rel)
 
 
+# A prior row, as Index.load_prior returns it:
+# (path, kind, size, mtime_ns, inode, mode, hash, racy, synced)
+PriorRow = tuple[Any, ...]
+
+
+def prior_rows(states: dict[str, LocalState], racy: set[str] | frozenset[str] = frozenset(),
+               synced: bool = False) -> dict[str, PriorRow]:
+    """Rows in Index.load_prior's shape from LocalStates (for tests and tools)."""
+    return {p: (p, *s, int(p in racy), int(synced and p not in racy)) for p, s in states.items()}
+
+
 @dataclass
 class Walk:
-    """What one walk saw. `states` holds every synced entry; a file whose hash is None
-    still needs hashing (new or changed since the index)."""
+    """What one walk saw.
+
+    `seen` holds every syncable path found. `states` holds only the entries that need
+    planning: new, changed, racy, or not yet confirmed on the remote. A path in `seen` but
+    not in `states` is clean: unchanged since the index and synced as it is. A file in
+    `states` whose hash is None still needs hashing (it is listed in `dirty`)."""
 
     root_dev: int
+    seen: set[str] = field(default_factory=set)
     states: dict[str, LocalState] = field(default_factory=dict)
-    dirty: list[str] = field(default_factory=list)     # files whose content must be (re)hashed
+    dirty: list[str] = field(default_factory=list)
+    seen_prior: int = 0                                              # prior paths found again
     errors: list[tuple[str, str]] = field(default_factory=list)     # I/O errors: block deletes
     unsyncable: list[tuple[str, str]] = field(default_factory=list)  # names we refuse to sync
     skipped: list[tuple[str, str]] = field(default_factory=list)     # by policy (symlink, fifo)
@@ -67,15 +84,25 @@ class Walk:
     def under_error(self, rel: str) -> bool:
         return any(rel == p or rel.startswith(p + "/") for p in self.error_prefixes)
 
+    def removed(self, prior: dict[str, PriorRow]) -> list[str]:
+        """Prior paths not found now (excluding subtrees we could not read)."""
+        if self.seen_prior == len(prior):
+            return []
+        seen = self.seen
+        return [p for p in prior if p not in seen and not self.under_error(p)]
 
-def walk(root: str, prior: dict[str, LocalState], racy: set[str], ignore: Matcher,
+
+def walk(root: str, prior: dict[str, PriorRow], ignore: Matcher,
          follow_symlinks: bool = False) -> Walk:
-    """Stat every entry under `root`; reuse the prior state of unchanged files."""
+    """Stat every entry under `root`; a file whose (size, mtime_ns, inode) matches its
+    prior row and is not racy is not opened, and if it is also synced, not planned."""
     root_st = os.stat(root)
     w = Walk(root_dev=root_st.st_dev)
     states = w.states
+    seen = w.seen
     dirty = w.dirty
     get_prior = prior.get
+    seen_prior = 0
     FILE, DIR = int(Kind.FILE), int(Kind.DIR)
     seen_dirs = {(root_st.st_dev, root_st.st_ino)}
     stack: list[str] = [""]
@@ -118,6 +145,8 @@ def walk(root: str, prior: dict[str, LocalState], racy: set[str], ignore: Matche
                             w.skipped.append((rel, "symlink"))
                             continue
                         s = entry.stat(follow_symlinks=True)
+                    elif entry.is_dir(follow_symlinks=False) and not follow_symlinks:
+                        s = None   # d_type says directory: no stat needed
                     else:
                         s = entry.stat(follow_symlinks=False)
                 except FileNotFoundError:
@@ -128,34 +157,44 @@ def walk(root: str, prior: dict[str, LocalState], racy: set[str], ignore: Matche
                     w.errors.append((rel, _oserr(e)))
                     w.error_prefixes.append(rel)
                     continue
-                mode = s.st_mode
-                if st_mod.S_ISREG(mode):
+                if s is not None and st_mod.S_ISREG(s.st_mode):
                     if not no_ignore and ignore(rel):
                         continue
+                    seen.add(rel)
                     p = get_prior(rel)
-                    if (p is not None and p.hash is not None and p.size == s.st_size
-                            and p.mtime_ns == s.st_mtime_ns and p.inode == s.st_ino
-                            and p.kind == FILE and rel not in racy):
-                        states[rel] = p
-                    else:
-                        states[rel] = LocalState(FILE, s.st_size, s.st_mtime_ns, s.st_ino,
-                                                 mode & 0o7777, None)
-                        dirty.append(rel)
-                elif st_mod.S_ISDIR(mode):
+                    if p is not None:
+                        seen_prior += 1
+                        if (p[1] == FILE and p[2] == s.st_size and p[3] == s.st_mtime_ns
+                                and p[4] == s.st_ino and p[6] is not None and not p[7]):
+                            if not p[8]:
+                                states[rel] = LocalState(FILE, p[2], p[3], p[4], p[5], p[6])
+                            continue
+                    states[rel] = LocalState(FILE, s.st_size, s.st_mtime_ns, s.st_ino,
+                                             s.st_mode & 0o7777, None)
+                    dirty.append(rel)
+                elif s is None or st_mod.S_ISDIR(s.st_mode):
                     if not no_ignore and ignore(rel + "/"):
                         continue
-                    key = (s.st_dev, s.st_ino)
-                    if key in seen_dirs:  # only reachable through followed symlinks
-                        w.skipped.append((rel, "symlink loop"))
-                        continue
-                    if follow_symlinks:
+                    if s is not None:
+                        key = (s.st_dev, s.st_ino)
+                        if key in seen_dirs:  # only reachable through followed symlinks
+                            w.skipped.append((rel, "symlink loop"))
+                            continue
                         seen_dirs.add(key)
-                    p = get_prior(rel)
-                    states[rel] = p if (p is not None and p.kind == DIR) else LocalState(
-                        DIR, 0, 0, s.st_ino, mode & 0o7777, None)
+                    seen.add(rel)
                     stack.append(rel + "/")
+                    p = get_prior(rel)
+                    if p is not None:
+                        seen_prior += 1
+                        if p[1] == DIR:
+                            if not p[8]:
+                                states[rel] = LocalState(DIR, 0, 0, p[4], p[5], None)
+                            continue
+                    states[rel] = LocalState(DIR, 0, 0, entry.inode(), 0o755 if s is None
+                                             else s.st_mode & 0o7777, None)
                 else:
-                    w.skipped.append((rel, _special_kind(mode)))
+                    w.skipped.append((rel, _special_kind(s.st_mode)))
+    w.seen_prior = seen_prior
     return w
 
 
@@ -225,6 +264,7 @@ def hash_paths(root: str, w: Walk, paths: Iterable[str], now_ns: Callable[[], in
         for rel, res, t0 in results:
             if isinstance(res, FileNotFoundError):
                 w.states.pop(rel, None)
+                w.seen.discard(rel)
                 continue
             if isinstance(res, OSError):
                 out.errors.append((rel, _oserr(res)))
@@ -233,6 +273,7 @@ def hash_paths(root: str, w: Walk, paths: Iterable[str], now_ns: Callable[[], in
             digest, before, after = res
             if not st_mod.S_ISREG(after.st_mode):
                 w.states.pop(rel, None)
+                w.seen.discard(rel)
                 continue
             state = LocalState(int(Kind.FILE), after.st_size, after.st_mtime_ns, after.st_ino,
                                after.st_mode & 0o7777, digest)

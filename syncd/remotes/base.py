@@ -24,6 +24,7 @@ class Capabilities:
     move: bool = True               # server-side move/rename
     mtime_precision_ns: int = 1     # how exactly put() keeps the source mtime; 0 = not kept
     atomic_put: bool = True         # readers never see a partial object
+    fork_listing: bool = False      # list() is local CPU work: run it in a forked child
 
 
 class Source:

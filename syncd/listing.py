@@ -1,0 +1,124 @@
+"""The remote side of a reconcile: list the pair's remote path and compare it with what the
+bases say should be there, returning only the differences.
+
+For a directory remote the walk runs in a forked child process, so it overlaps the local
+walk on another core instead of queueing behind it on the GIL; a child that fails for any
+reason other than a syncd error falls back to listing in-process.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import struct
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from syncd import errors
+from syncd.model import Kind, RemoteEntry
+
+FILE = int(Kind.FILE)
+
+
+@dataclass
+class RemoteDiff:
+    """The listing, relative to the bases: `changed` holds entries that are new or whose
+    fingerprint differs from their base; `gone` holds base paths the listing lacks.
+    Every other base path is on the remote exactly as recorded."""
+
+    changed: dict[str, RemoteEntry] = field(default_factory=dict)
+    gone: list[str] = field(default_factory=list)
+    files: int = 0          # files on the remote (for max_delete percentages)
+    entries: int = 0
+
+
+def diff_listing(entries: Iterable[RemoteEntry], expected: dict[str, tuple[int, str]],
+                 keep: Callable[[RemoteEntry], bool] | None = None) -> RemoteDiff:
+    d = RemoteDiff()
+    changed = d.changed
+    get = expected.get
+    matched: set[str] = set()
+    files = n = 0
+    for e in entries:
+        if keep is not None and not keep(e):
+            continue
+        n += 1
+        if e.kind == FILE:
+            files += 1
+        b = get(e.path)
+        if b is not None and b[0] == e.kind and b[1] == e.fp:
+            matched.add(e.path)
+        else:
+            changed[e.path] = e
+            if b is not None:
+                matched.add(e.path)
+    if len(matched) < len(expected):
+        d.gone = [p for p in expected if p not in matched]
+    d.files, d.entries = files, n
+    return d
+
+
+class Listing:
+    """A listing under way: `result()` returns the RemoteDiff or raises its error."""
+
+    def __init__(self, run: Callable[[], RemoteDiff], fork: bool):
+        self._run = run
+        self._pid = 0
+        self._fd = -1
+        self._result: RemoteDiff | None = None
+        if fork and hasattr(os, "fork"):
+            self._start_child()
+
+    def _start_child(self) -> None:
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # child: list, send, leave without running any parent cleanup
+            code = 0
+            try:
+                os.close(r)
+                try:
+                    payload: Any = ("ok", self._run())
+                except errors.RemoteError as e:
+                    payload = ("remote_error", type(e).__name__, e.reason, e.remote, e.path)
+                except Exception as e:
+                    payload = ("crash", f"{type(e).__name__}: {e}")
+                data = pickle.dumps(payload, protocol=pickle.HIGHEST_PROTOCOL)
+                with os.fdopen(w, "wb") as f:
+                    f.write(struct.pack("!Q", len(data)))
+                    f.write(data)
+            except BaseException:
+                code = 1
+            finally:
+                os._exit(code)
+        os.close(w)
+        self._pid, self._fd = pid, r
+
+    def result(self) -> RemoteDiff:
+        if self._result is not None:
+            return self._result
+        if self._pid:
+            payload = self._collect()
+            if payload is not None and payload[0] == "ok":
+                self._result = payload[1]
+                return payload[1]
+            if payload is not None and payload[0] == "remote_error":
+                _, name, reason, remote, path = payload
+                cls = getattr(errors, name, errors.RemoteError)
+                raise cls(reason, remote=remote, path=path)
+            # The child died or hit something unexpected: list here instead.
+        self._result = self._run()
+        return self._result
+
+    def _collect(self) -> Any:
+        try:
+            with os.fdopen(self._fd, "rb") as f:
+                head = f.read(8)
+                data = f.read(struct.unpack("!Q", head)[0]) if len(head) == 8 else b""
+        finally:
+            os.waitpid(self._pid, 0)
+            self._pid = 0
+        try:
+            return pickle.loads(data) if data else None
+        except Exception:
+            return None
