@@ -99,6 +99,14 @@ class Proc:
     maxrss_kib: int
     user_s: float
     sys_s: float
+    other_cpu_s: float  # CPU time the rest of the machine used meanwhile: > ~0.1 s means contention
+
+
+def busy_cpu_s() -> float:
+    """CPU seconds the whole machine has spent busy since boot (all CPUs, from /proc/stat)."""
+    with open("/proc/stat") as f:
+        user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, f.readline().split()[1:9])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
 
 
 def run_timed(argv: list[str], out: Path, err: Path) -> Proc:
@@ -111,13 +119,14 @@ def run_timed(argv: list[str], out: Path, err: Path) -> Proc:
     sync_disks()
     usage = out.with_suffix(".time")
     with open(out, "wb") as fo, open(err, "wb") as fe:
-        t0 = time.perf_counter()
+        busy0, t0 = busy_cpu_s(), time.perf_counter()
         rc = subprocess.run([TIME, "-f", "%M %U %S", "-o", str(usage), *argv],
                             stdin=subprocess.DEVNULL, stdout=fo, stderr=fe, check=False).returncode
-        wall = time.perf_counter() - t0
+        wall, busy = time.perf_counter() - t0, busy_cpu_s() - busy0
     # on failure time writes "Command exited with non-zero status N" first; the figures are last
     rss, user, system = usage.read_text().split("\n")[-2].split()
-    return Proc(wall, rc, int(rss), float(user), float(system))
+    cpu = float(user) + float(system)
+    return Proc(wall, rc, int(rss), float(user), float(system), round(max(0.0, busy - cpu), 2))
 
 
 # --- data ---------------------------------------------------------------------------------------
@@ -233,6 +242,11 @@ def check_copy(src: Path, dst: Path, tool: str) -> None:
         raise SystemExit(f"bench: {tool} copy of {src} has {got} (files, bytes), expected {want}")
 
 
+def note(name: str, r: int, runs: int, what: str, p: Proc) -> None:
+    log(f"{name} run {r + 1}/{runs}: {what:<12} {p.wall_s:7.2f}s  rss {p.maxrss_kib / 1024:4.0f} MiB  "
+        f"cpu {p.user_s + p.sys_s:6.2f}s  other cpu {p.other_cpu_s:.2f}s")
+
+
 def bench_sync(wd: Path, name: str, runs: int, rclone: str | None) -> dict[str, list[Proc]]:
     """R × (first, no-op) for syncd and rclone on src/<name>; returns runs by '<tool>_<kind>'."""
     src = wd / "src" / name
@@ -249,10 +263,10 @@ def bench_sync(wd: Path, name: str, runs: int, rclone: str | None) -> dict[str, 
             shutil.rmtree(state)
         p = run_syncd(cfg, logs, f"syncd-{name}-first-{r}", files)
         res["syncd_first"].append(p)
-        log(f"{name} run {r + 1}/{runs}: syncd first  {p.wall_s:7.2f}s  rss {p.maxrss_kib / 1024:.0f} MiB")
+        note(name, r, runs, "syncd first", p)
         p = run_syncd(cfg, logs, f"syncd-{name}-noop-{r}", 0)
         res["syncd_noop"].append(p)
-        log(f"{name} run {r + 1}/{runs}: syncd no-op  {p.wall_s:7.2f}s  rss {p.maxrss_kib / 1024:.0f} MiB")
+        note(name, r, runs, "syncd no-op", p)
         if r == 0:
             check_copy(src, sdst, "syncd")
         shutil.rmtree(sdst)  # free the space before the other tool writes its copy
@@ -261,10 +275,10 @@ def bench_sync(wd: Path, name: str, runs: int, rclone: str | None) -> dict[str, 
         fresh_dir(rdst)
         p = run_rclone(rclone, src, rdst, logs, f"rclone-{name}-first-{r}")
         res["rclone_first"].append(p)
-        log(f"{name} run {r + 1}/{runs}: rclone first {p.wall_s:7.2f}s  rss {p.maxrss_kib / 1024:.0f} MiB")
+        note(name, r, runs, "rclone first", p)
         p = run_rclone(rclone, src, rdst, logs, f"rclone-{name}-noop-{r}")
         res["rclone_noop"].append(p)
-        log(f"{name} run {r + 1}/{runs}: rclone no-op {p.wall_s:7.2f}s  rss {p.maxrss_kib / 1024:.0f} MiB")
+        note(name, r, runs, "rclone no-op", p)
         if r == 0:
             check_copy(src, rdst, "rclone")
         shutil.rmtree(rdst)
@@ -293,7 +307,7 @@ def bench_hash(root: Path, runs: int) -> dict[str, Any]:
         return out
 
     def scanner() -> dict[str, bytes]:
-        w = walk(str(root), {}, set(), Matcher([]))
+        w = walk(str(root), {}, Matcher([]))  # empty prior index: every file is new
         hashed = hash_paths(str(root), w, list(w.dirty))
         if hashed.bytes != total or hashed.errors:
             raise SystemExit(f"bench: syncd's scanner hashed {hashed.bytes} B, errors {hashed.errors}")
@@ -332,6 +346,7 @@ def summarize(name: str, kind: str, res: dict[str, list[Proc]], files: int, nbyt
         "rclone_peak_rss_kib": max(p.maxrss_kib for p in r) if r else None,
         "syncd_cpu_median_s": statistics.median(p.user_s + p.sys_s for p in s),
         "rclone_cpu_median_s": statistics.median(p.user_s + p.sys_s for p in r) if r else None,
+        "other_cpu_max_s": max(p.other_cpu_s for p in s + r),
         "syncd_runs": [asdict(p) for p in s], "rclone_runs": [asdict(p) for p in r],
     }
 
@@ -363,12 +378,15 @@ def render(report: dict[str, Any]) -> str:
         lines.append(f"| {w['workload']} | {fmt_s(w['syncd_median_s'])} | {fmt_s(w['rclone_median_s'])} "
                      f"| {ratio} | {w['throughput']} |")
     lines += ["", "| workload | syncd peak RSS | rclone peak RSS | syncd CPU (user+sys, median s) "
-              "| rclone CPU (median s) |", "|---|---|---|---|---|"]
+              "| rclone CPU (median s) | other processes' CPU (max, s) |", "|---|---|---|---|---|---|"]
     for w in report["workloads"]:
         r_rss = w["rclone_peak_rss_kib"]
         lines.append(f"| {w['workload']} | {w['syncd_peak_rss_kib'] / 1024:.0f} MiB | "
                      f"{'—' if r_rss is None else f'{r_rss / 1024:.0f} MiB'} | "
-                     f"{w['syncd_cpu_median_s']:.2f} | {fmt_s(w['rclone_cpu_median_s'])} |")
+                     f"{w['syncd_cpu_median_s']:.2f} | {fmt_s(w['rclone_cpu_median_s'])} | "
+                     f"{w['other_cpu_max_s']:.2f} |")
+    lines += ["", "Other processes' CPU = busy CPU of the whole machine (/proc/stat) during a timed run "
+              "minus the tool's own; well above 0 means something else was running."]
     h = report["hash"]
     lines += ["", f"Scan + hash of the large files in-process ({h['files']} files, {fmt_bytes(h['bytes'])}, "
               "page cache warm):", "",

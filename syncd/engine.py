@@ -180,8 +180,8 @@ class Engine:
         # The remote listing runs alongside the local walk (in a child process for a
         # directory remote) and reports only where the remote differs from the bases.
         listing = Listing(self._lister(remote, pair, matcher), fork=remote.caps.fork_listing)
-        prior = self.index.load_prior(pair.name)
-        w = walk(root, prior, matcher, pair.follow_symlinks)
+        clean, prior = self.index.load_prior(pair.name)
+        w = walk(root, clean, prior, matcher, pair.follow_symlinks)
         for rel, why in w.skipped:
             log.info("entry_skipped", path=rel, reason=why)
         for rel, why in w.unsyncable:
@@ -196,11 +196,9 @@ class Engine:
         # Clean entries (unchanged locally, synced, remote as recorded) need no planning;
         # everything else is planned with its base and remote state.
         states = w.states
-        for p in (*diff.changed, *diff.gone):
-            if p not in states and p in w.seen:
-                r = prior[p]
-                states[p] = LocalState(r[1], r[2], r[3], r[4], r[5], r[6])
-        removed = w.removed(prior)
+        flagged = [p for p in (*diff.changed, *diff.gone) if p not in states and p in w.seen]
+        states.update(self.index.load_local(pair.name, flagged))
+        removed = w.removed(clean, prior)
         plan_paths = {*states, *diff.changed, *diff.gone, *removed,
                       *self.index.orphan_bases(pair.name)}
         base = self.index.load_bases(pair.name, plan_paths if len(plan_paths) < 20_000 else None)

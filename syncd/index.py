@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from syncd.errors import SyncdError
-from syncd.model import Action, Base, Job, LocalState, Op
+from syncd.model import Action, Base, Job, LocalState, Op, stat_sig
 
 DB_NAME = "index.sqlite3"
 
@@ -31,7 +31,7 @@ MIGRATIONS: tuple[str, ...] = (
         pair TEXT NOT NULL,
         path TEXT NOT NULL,
         l_kind INTEGER, l_size INTEGER, l_mtime INTEGER, l_inode INTEGER, l_mode INTEGER,
-        l_hash BLOB, l_racy INTEGER NOT NULL DEFAULT 0,
+        l_hash BLOB, l_racy INTEGER NOT NULL DEFAULT 0, l_sig INTEGER,
         b_kind INTEGER, b_size INTEGER, b_mtime INTEGER, b_hash BLOB, b_fp TEXT,
         PRIMARY KEY (pair, path)
     ) WITHOUT ROWID;
@@ -182,15 +182,35 @@ class Index:
                 base[path] = Base(bk, bs, bm, bh, bf)
         return local, racy, base
 
-    def load_prior(self, pair: str) -> dict[str, tuple[Any, ...]]:
-        """Local rows for the scanner, as raw tuples (no object per row: this is on the
-        critical path of an idle reconcile): (path, kind, size, mtime_ns, inode, mode, hash,
-        racy, synced), where synced means the base records this very content."""
-        cur = self.db.execute(
+    def load_prior(self, pair: str) -> tuple[dict[str, int], dict[str, tuple[Any, ...]]]:
+        """The index's memory of the local tree, shaped for the scanner's hot loop:
+
+        clean: path -> stat_sig for files that are synced as they are and not racy (one
+        int per file: on an idle reconcile this is nearly every row, and loading it is on
+        the critical path);
+        other: path -> (path, kind, size, mtime_ns, inode, mode, hash, racy, synced) for
+        everything else (directories, racy files, files not yet confirmed on the remote)."""
+        clean = dict(self.db.execute(
+            "SELECT path, l_sig FROM entries WHERE pair = ? AND l_kind = 1 AND l_racy = 0 AND "
+            "l_hash IS NOT NULL AND b_kind = 1 AND b_hash = l_hash", (pair,)))
+        other = {r[0]: r for r in self.db.execute(
             "SELECT path, l_kind, l_size, l_mtime, l_inode, l_mode, l_hash, l_racy, "
             "(b_kind IS l_kind AND b_hash IS l_hash AND l_racy = 0) FROM entries "
-            "WHERE pair = ? AND l_kind IS NOT NULL", (pair,))
-        return {r[0]: r for r in cur}
+            "WHERE pair = ? AND l_kind IS NOT NULL AND NOT (l_kind = 1 AND l_racy = 0 AND "
+            "l_hash IS NOT NULL AND b_kind = 1 AND b_hash = l_hash)", (pair,))}
+        return clean, other
+
+    def load_local(self, pair: str, paths: Iterable[str]) -> dict[str, LocalState]:
+        out: dict[str, LocalState] = {}
+        wanted = list(paths)
+        for i in range(0, len(wanted), 500):
+            chunk = wanted[i:i + 500]
+            for r in self.db.execute(
+                    "SELECT path, l_kind, l_size, l_mtime, l_inode, l_mode, l_hash FROM entries "
+                    f"WHERE pair = ? AND l_kind IS NOT NULL AND path IN ({','.join('?' * len(chunk))})",
+                    (pair, *chunk)):
+                out[r[0]] = LocalState(*r[1:])
+        return out
 
     def base_fps(self, pair: str) -> dict[str, tuple[int, str]]:
         """(kind, remote fingerprint) of every base: what the remote listing should show."""
@@ -229,15 +249,15 @@ class Index:
         with self.tx():
             self.db.executemany(
                 "INSERT INTO entries (pair, path, l_kind, l_size, l_mtime, l_inode, l_mode, "
-                "l_hash, l_racy) VALUES (?,?,?,?,?,?,?,?,?) ON CONFLICT(pair, path) DO UPDATE "
-                "SET l_kind=excluded.l_kind, l_size=excluded.l_size, l_mtime=excluded.l_mtime, "
-                "l_inode=excluded.l_inode, l_mode=excluded.l_mode, l_hash=excluded.l_hash, "
-                "l_racy=excluded.l_racy",
-                ((pair, p, s.kind, s.size, s.mtime_ns, s.inode, s.mode, s.hash, int(r))
-                 for p, s, r in changed))
+                "l_hash, l_racy, l_sig) VALUES (?,?,?,?,?,?,?,?,?,?) ON CONFLICT(pair, path) DO "
+                "UPDATE SET l_kind=excluded.l_kind, l_size=excluded.l_size, "
+                "l_mtime=excluded.l_mtime, l_inode=excluded.l_inode, l_mode=excluded.l_mode, "
+                "l_hash=excluded.l_hash, l_racy=excluded.l_racy, l_sig=excluded.l_sig",
+                ((pair, p, s.kind, s.size, s.mtime_ns, s.inode, s.mode, s.hash, int(r),
+                  stat_sig(s.size, s.mtime_ns, s.inode)) for p, s, r in changed))
             rm = [(pair, p) for p in removed]
             self.db.executemany("UPDATE entries SET l_kind=NULL, l_size=NULL, l_mtime=NULL, "
-                                "l_inode=NULL, l_mode=NULL, l_hash=NULL, l_racy=0 "
+                                "l_inode=NULL, l_mode=NULL, l_hash=NULL, l_racy=0, l_sig=NULL "
                                 "WHERE pair=? AND path=?", rm)
             self.db.executemany("DELETE FROM entries WHERE pair=? AND path=? AND "
                                 "b_kind IS NULL", rm)
@@ -255,23 +275,25 @@ class Index:
             if d.keep_base or b is None:
                 continue
             if s is None:
-                rows.append((pair, d.path, None, None, None, None, None, None, 0, b.kind, b.size,
-                             b.mtime_ns, b.hash, b.remote_fp))
+                rows.append((pair, d.path, None, None, None, None, None, None, 0, None, b.kind,
+                             b.size, b.mtime_ns, b.hash, b.remote_fp))
             else:
                 rows.append((pair, d.path, s.kind, s.size, s.mtime_ns, s.inode, s.mode, s.hash,
-                             int(d.racy), b.kind, b.size, b.mtime_ns, b.hash, b.remote_fp))
+                             int(d.racy), stat_sig(s.size, s.mtime_ns, s.inode), b.kind, b.size,
+                             b.mtime_ns, b.hash, b.remote_fp))
         if rows:
             # A local state rides along only when the transfer saw one; else keep the scan's.
             self.db.executemany(
                 "INSERT INTO entries (pair, path, l_kind, l_size, l_mtime, l_inode, l_mode, l_hash, "
-                "l_racy, b_kind, b_size, b_mtime, b_hash, b_fp) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?) "
+                "l_racy, l_sig, b_kind, b_size, b_mtime, b_hash, b_fp) "
+                "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?) "
                 "ON CONFLICT(pair, path) DO UPDATE SET "
                 "b_kind=excluded.b_kind, b_size=excluded.b_size, b_mtime=excluded.b_mtime, "
                 "b_hash=excluded.b_hash, b_fp=excluded.b_fp, "
                 "l_kind=coalesce(excluded.l_kind, l_kind), l_size=coalesce(excluded.l_size, l_size), "
                 "l_mtime=coalesce(excluded.l_mtime, l_mtime), "
                 "l_inode=coalesce(excluded.l_inode, l_inode), l_mode=coalesce(excluded.l_mode, l_mode), "
-                "l_hash=coalesce(excluded.l_hash, l_hash), "
+                "l_hash=coalesce(excluded.l_hash, l_hash), l_sig=coalesce(excluded.l_sig, l_sig), "
                 "l_racy=CASE WHEN excluded.l_kind IS NULL THEN l_racy ELSE excluded.l_racy END", rows)
 
     # --- jobs -----------------------------------------------------------------------------

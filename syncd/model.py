@@ -10,6 +10,14 @@ TRASH_DIR = ".syncd-trash"
 TMP_PREFIX = ".syncd-tmp-"
 
 
+def stat_sig(size: int, mtime_ns: int, inode: int) -> int:
+    """One integer standing for (size, mtime_ns, inode), so the index can hand the scanner
+    one value per clean file instead of a row. Python's tuple hash of ints is deterministic
+    (no hash randomisation for ints); if a future Python changes it, every file merely looks
+    changed once and is re-hashed."""
+    return hash((size, mtime_ns, inode))
+
+
 class Kind(IntEnum):
     FILE = 1
     DIR = 2

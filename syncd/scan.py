@@ -57,9 +57,9 @@ PriorRow = tuple[Any, ...]
 
 
 def prior_rows(states: dict[str, LocalState], racy: set[str] | frozenset[str] = frozenset(),
-               synced: bool = False) -> dict[str, PriorRow]:
-    """Rows in Index.load_prior's shape from LocalStates (for tests and tools)."""
-    return {p: (p, *s, int(p in racy), int(synced and p not in racy)) for p, s in states.items()}
+               ) -> tuple[dict[str, int], dict[str, PriorRow]]:
+    """(clean, other) in Index.load_prior's shape from LocalStates, none of them synced."""
+    return {}, {p: (p, *s, int(p in racy), 0) for p, s in states.items()}
 
 
 @dataclass
@@ -84,15 +84,15 @@ class Walk:
     def under_error(self, rel: str) -> bool:
         return any(rel == p or rel.startswith(p + "/") for p in self.error_prefixes)
 
-    def removed(self, prior: dict[str, PriorRow]) -> list[str]:
+    def removed(self, clean: dict[str, int], other: dict[str, PriorRow]) -> list[str]:
         """Prior paths not found now (excluding subtrees we could not read)."""
-        if self.seen_prior == len(prior):
+        if self.seen_prior == len(clean) + len(other):
             return []
         seen = self.seen
-        return [p for p in prior if p not in seen and not self.under_error(p)]
+        return [p for p in (*clean, *other) if p not in seen and not self.under_error(p)]
 
 
-def walk(root: str, prior: dict[str, PriorRow], ignore: Matcher,
+def walk(root: str, clean: dict[str, int], prior: dict[str, PriorRow], ignore: Matcher,
          follow_symlinks: bool = False) -> Walk:
     """Stat every entry under `root`; a file whose (size, mtime_ns, inode) matches its
     prior row and is not racy is not opened, and if it is also synced, not planned."""
@@ -102,6 +102,7 @@ def walk(root: str, prior: dict[str, PriorRow], ignore: Matcher,
     seen = w.seen
     dirty = w.dirty
     get_prior = prior.get
+    get_clean = clean.get
     seen_prior = 0
     FILE, DIR = int(Kind.FILE), int(Kind.DIR)
     seen_dirs = {(root_st.st_dev, root_st.st_ino)}
@@ -161,6 +162,15 @@ def walk(root: str, prior: dict[str, PriorRow], ignore: Matcher,
                     if not no_ignore and ignore(rel):
                         continue
                     seen.add(rel)
+                    sig = get_clean(rel)
+                    if sig is not None:
+                        seen_prior += 1
+                        if sig == hash((s.st_size, s.st_mtime_ns, s.st_ino)):  # = stat_sig()
+                            continue
+                        states[rel] = LocalState(FILE, s.st_size, s.st_mtime_ns, s.st_ino,
+                                                 s.st_mode & 0o7777, None)
+                        dirty.append(rel)
+                        continue
                     p = get_prior(rel)
                     if p is not None:
                         seen_prior += 1

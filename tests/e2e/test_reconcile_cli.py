@@ -270,3 +270,27 @@ def test_demo_runs_twice_without_harm(tmp_path: Path) -> None:
     assert r2.code == 0 and "uploaded 1 files" in r2.out
     assert (tmp_path / "demo" / "nas" / "docs" / "README.txt").read_text() == "edited\n"
     assert not (tmp_path / "demo" / "nas" / "docs" / "scratch.tmp").exists()
+
+
+def test_remote_changes_behind_our_back_are_repaired(setup: Setup) -> None:
+    populate(setup)
+    assert setup.reconcile().code == 0
+    (setup.mirror / "a.txt").write_bytes(b"edited on the NAS, longer")      # drift
+    (setup.mirror / "dir" / "sub" / "c.txt").unlink()                        # vanished
+    (setup.mirror / "stray.txt").write_bytes(b"not ours")                    # extra
+    os.utime(setup.mirror / "big.bin", ns=(1, 1))                            # touched
+    r = setup.reconcile()
+    assert r.code == 0, r.err
+    assert r.summary["uploaded"] == 3 and r.summary["trashed"] == 1
+    drift = sorted(e["path"] for e in r.events() if e["event"] == "remote_drift")
+    assert drift == ["a.txt", "big.bin", "dir/sub/c.txt"]
+    assert tree(setup.mirror) == FILES
+    assert setup.reconcile().summary["uploaded"] == 0
+
+
+def test_touched_but_identical_local_file_is_rehashed_not_resent(setup: Setup) -> None:
+    populate(setup)
+    assert setup.reconcile().code == 0
+    os.utime(setup.src / "big.bin", ns=(10**18, 10**18))
+    r = setup.reconcile()
+    assert r.code == 0 and r.summary["uploaded"] == 0

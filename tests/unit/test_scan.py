@@ -29,7 +29,7 @@ def mk(root: Path, rel: str, data: bytes = b"x") -> Path:
 
 def full_scan(root: Path, prior: dict[str, LocalState] | None = None, racy: set[str] | None = None,
               ignore: tuple[str, ...] = (), now_ns: int | None = None, **kw: bool):
-    w = walk(str(root), prior_rows(prior or {}, racy or set()), Matcher(ignore), **kw)
+    w = walk(str(root), *prior_rows(prior or {}, racy or set()), Matcher(ignore), **kw)
     clock = (lambda: now_ns) if now_ns is not None else None
     hashed = hash_paths(str(root), w, w.dirty, follow_symlinks=kw.get("follow_symlinks", False),
                         **({"now_ns": clock} if clock else {}))
@@ -98,7 +98,7 @@ def test_racy_file_is_rehashed_even_with_identical_stat(tmp_path: Path) -> None:
 
 def test_file_changing_while_hashed_is_marked_racy(tmp_path: Path) -> None:
     p = mk(tmp_path, "f", b"v1")
-    w = walk(str(tmp_path), {}, Matcher([]))
+    w = walk(str(tmp_path), {}, {}, Matcher([]))
 
     def hasher(path: str, follow: bool = False):  # the file changes between the two fstat calls
         digest, before, _ = hash_file(path)
@@ -201,7 +201,7 @@ def test_reserved_names_are_not_synced(tmp_path: Path) -> None:
 def test_vanished_file_is_dropped_silently(tmp_path: Path) -> None:
     p = mk(tmp_path, "gone")
     mk(tmp_path, "stays")
-    w = walk(str(tmp_path), {}, Matcher([]))
+    w = walk(str(tmp_path), {}, {}, Matcher([]))
     p.unlink()
     hashed = hash_paths(str(tmp_path), w, w.dirty)
     assert set(w.states) == {"stays"} and hashed.errors == []
@@ -210,7 +210,7 @@ def test_vanished_file_is_dropped_silently(tmp_path: Path) -> None:
 def test_unreadable_file_is_an_error_others_continue(tmp_path: Path) -> None:
     mk(tmp_path, "secret", b"s")
     mk(tmp_path, "fine", b"f")
-    w = walk(str(tmp_path), {}, Matcher([]))
+    w = walk(str(tmp_path), {}, {}, Matcher([]))
 
     def hasher(path: str, follow: bool = False):
         if path.endswith("secret"):
