@@ -14,6 +14,7 @@ Prints a Markdown report and writes it as JSON to bench/out/last.json.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import platform
@@ -306,8 +307,16 @@ def bench_hash(root: Path, runs: int) -> dict[str, Any]:
             out[p] = h.digest()
         return out
 
+    # Empty prior index: every file is new. walk()'s index arguments have changed shape across
+    # commits (prior states, racy set, clean signatures…), so each gets an empty container by name.
+    walk_args: dict[str, Any] = {}
+    for pname, param in inspect.signature(walk).parameters.items():
+        if param.default is param.empty:
+            walk_args[pname] = {"root": str(root), "ignore": Matcher([])}.get(pname) or (
+                set() if "set" in str(param.annotation) else {})
+
     def scanner() -> dict[str, bytes]:
-        w = walk(str(root), {}, Matcher([]))  # empty prior index: every file is new
+        w = walk(**walk_args)
         hashed = hash_paths(str(root), w, list(w.dirty))
         if hashed.bytes != total or hashed.errors:
             raise SystemExit(f"bench: syncd's scanner hashed {hashed.bytes} B, errors {hashed.errors}")
@@ -328,6 +337,24 @@ def bench_hash(root: Path, runs: int) -> dict[str, Any]:
             "raw_median_s": raw_med, "syncd_median_s": syncd_med,
             "raw_gb_s": total / raw_med / 1e9, "syncd_gb_s": total / syncd_med / 1e9,
             "ratio_syncd_over_raw": syncd_med / raw_med}
+
+
+def syncd_source() -> dict[str, Any]:
+    """Which syncd is measured (the child inherits this process's sys.path / PYTHONPATH)."""
+    import syncd
+
+    top = Path(syncd.__file__).resolve().parent.parent
+    info: dict[str, Any] = {"path": str(top)}
+    git = ["git", "-C", str(top)]
+    head = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                          check=False).stdout.strip()
+    if head:
+        info["commit"] = head
+        info["dirty"] = bool(subprocess.run([*git, "status", "--porcelain", "--", "syncd"],
+                                            capture_output=True, text=True, check=False).stdout.strip())
+    elif (top / "COMMIT").exists():  # a `git archive` snapshot with its commit written next to it
+        info["commit"], info["dirty"] = (top / "COMMIT").read_text().strip(), False
+    return info
 
 
 # --- report -----------------------------------------------------------------------------------
@@ -367,10 +394,13 @@ def fmt_s(x: float | None) -> str:
 
 def render(report: dict[str, Any]) -> str:
     a = report["args"]
+    sd = report["syncd"]
+    src_line = f"{sd['path']} @ {sd.get('commit', 'unknown commit')}" + (
+        " + uncommitted changes under syncd/" if sd.get("dirty") else "")
     lines = [f"## syncd vs rclone, local → local ({report['date']})", "",
              f"small = {a['files']:,} × {SMALL_SIZE} B in {a['dirs']:,} dirs; large = {LARGE_COUNT} files, "
              f"{fmt_bytes(a['large_total'])} total; {a['runs']} runs each, median; MB = 10^6 B; "
-             f"ratio = syncd / rclone (lower is better).", "",
+             f"ratio = syncd / rclone (lower is better).", "", f"syncd: {src_line}", "",
              "| workload | syncd median (s) | rclone median (s) | ratio | throughput |",
              "|---|---|---|---|---|"]
     for w in report["workloads"]:
@@ -441,7 +471,7 @@ def main() -> None:
                      "runs": args.runs},
             "machine": {"cpus": os.cpu_count(), "kernel": platform.release(),
                         "python": platform.python_version(), "rclone": rc_version},
-            "workdir": str(wd), "workloads": workloads, "hash": hsh,
+            "syncd": syncd_source(), "workdir": str(wd), "workloads": workloads, "hash": hsh,
         }
         text = render(report)
         print(text)

@@ -105,7 +105,10 @@ class StateLock:
 class Engine:
     def __init__(self, cfg: Config, index: Index, *, clock: Callable[[], float] = time.time,
                  reporter_factory: Callable[[str, int, int], Reporter | None] | None = None,
-                 sleep: Callable[[float], None] = time.sleep):
+                 sleep: Callable[[float], None] = time.sleep, transfer_log_level: str = "debug"):
+        # One event per transferred file: debug for one-shot reconciles (like rclone and
+        # rsync, the summary says what happened), info for the daemon.
+        self.transfer_log_level = transfer_log_level
         self.cfg = cfg
         self.index = index
         self.clock = clock
@@ -179,7 +182,7 @@ class Engine:
 
         # The remote listing runs alongside the local walk (in a child process for a
         # directory remote) and reports only where the remote differs from the bases.
-        listing = Listing(self._lister(remote, pair, matcher), fork=remote.caps.fork_listing)
+        listing = Listing(self._lister(remote, pair, matcher), fork=remote.caps.cpu_bound)
         clean, prior = self.index.load_prior(pair.name)
         w = walk(root, clean, prior, matcher, pair.follow_symlinks)
         for rel, why in w.skipped:
@@ -295,7 +298,7 @@ class Engine:
             reporter = self.reporter_factory(pair.name, len(actions),
                                              sum(a.size for a in actions if a.op == Op.UPLOAD))
         runner = Runner(self.queue, {pair.name: ctx}, sleep=self.sleep, reporter=reporter,
-                        log=self.log)
+                        log=self.log, done_level=self.transfer_log_level)
         try:
             stats = runner.run([pair.name])
         finally:

@@ -65,7 +65,11 @@ class SourceChanged(SyncdError):
 
     def __init__(self, path: str, detail: str = "changed while being read"):
         self.path = path
+        self.detail = detail
         super().__init__(f"{path}: {detail}")
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (SourceChanged, (self.path, self.detail))
 
 
 class RemoteError(SyncdError):
@@ -80,6 +84,14 @@ class RemoteError(SyncdError):
             parts.append(f"path '{path}'")
         prefix = ", ".join(parts)
         super().__init__(f"{prefix}: {message}" if prefix else message)
+
+    def __reduce__(self) -> tuple[object, ...]:
+        # Keyword-only fields survive pickling (outcomes cross process boundaries).
+        return (_rebuild_remote_error, (type(self), self.reason, self.remote, self.path))
+
+
+def _rebuild_remote_error(cls: type[RemoteError], reason: str, remote: str, path: str) -> RemoteError:
+    return cls(reason, remote=remote, path=path)
 
 
 class TransientError(RemoteError):

@@ -23,9 +23,21 @@ class _StderrFile:
         sys.stderr.flush()
 
 
+_secret_key_cache: dict[str, bool] = {}
+
+
+def _is_secret_key(k: str) -> bool:
+    v = _secret_key_cache.get(k)
+    if v is None:
+        v = any(s in k for s in _SECRET_KEYS) and not k.endswith("_env")
+        if len(_secret_key_cache) < 4096:
+            _secret_key_cache[k] = v
+    return v
+
+
 def _redact(_logger: Any, _name: str, event: dict[str, Any]) -> dict[str, Any]:
     for k in event:
-        if any(s in k for s in _SECRET_KEYS) and not k.endswith("_env"):
+        if _is_secret_key(k):
             event[k] = "********"
     return event
 

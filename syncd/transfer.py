@@ -4,11 +4,19 @@ in the same transaction that acks the job)."""
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from concurrent.futures import (
+    FIRST_COMPLETED,
+    Executor,
+    Future,
+    ProcessPoolExecutor,
+    ThreadPoolExecutor,
+    wait,
+)
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -123,7 +131,8 @@ class Runner:
 
     def __init__(self, queue: Queue, pairs: dict[str, PairCtx], *,
                  sleep: Callable[[float], None] = time.sleep,
-                 reporter: Reporter | None = None, log: Any = None):
+                 reporter: Reporter | None = None, log: Any = None, done_level: str = "info"):
+        self.done_level = done_level
         self.queue = queue
         self.pairs = pairs
         self.sleep = sleep
@@ -136,9 +145,7 @@ class Runner:
         by_remote: dict[str, list[str]] = {}
         for n in names:
             by_remote.setdefault(self.pairs[n].remote.name, []).append(n)
-        pools = {r: ThreadPoolExecutor(max_workers=self.pairs[ps[0]].transfers,
-                                       thread_name_prefix=f"xfer-{r}")
-                 for r, ps in by_remote.items()}
+        pools = {r: self._pool(self.pairs[ps[0]]) for r, ps in by_remote.items()}
         # Jobs are leased in batches (one SQLite transaction each) and handed to workers in
         # small chunks, so per-file overhead is a few list operations, not a transaction and
         # a thread wake-up per file.
@@ -196,6 +203,15 @@ class Runner:
             self.queue.release([j.id for q in ready.values() for j in q])
         return stats
 
+    @staticmethod
+    def _pool(ctx: PairCtx) -> Executor:
+        """Worker processes for a cpu-bound remote (a directory: the work is Python and
+        syscalls, which threads would serialise on the GIL), threads for network remotes."""
+        if ctx.remote.caps.cpu_bound and hasattr(os, "fork"):
+            n = max(1, min(ctx.transfers, os.cpu_count() or 1))
+            return ProcessPoolExecutor(max_workers=n, mp_context=multiprocessing.get_context("fork"))
+        return ThreadPoolExecutor(max_workers=ctx.transfers, thread_name_prefix=f"xfer-{ctx.name}")
+
     def _commit(self, buffered: dict[str, list[Outcome]], stats: RunStats) -> None:
         for pair, outcomes in buffered.items():
             if not outcomes:
@@ -231,7 +247,7 @@ class Runner:
             fields["bytes"] = o.bytes
         if o.note:
             fields["note"] = o.note
-        self.log.info(f"{a.op.value}_done", **fields)
+        getattr(self.log, self.done_level)(f"{a.op.value}_done", **fields)
 
 
 def _internal(e: BaseException | None) -> BaseException | bool:

@@ -24,7 +24,8 @@ class Capabilities:
     move: bool = True               # server-side move/rename
     mtime_precision_ns: int = 1     # how exactly put() keeps the source mtime; 0 = not kept
     atomic_put: bool = True         # readers never see a partial object
-    fork_listing: bool = False      # list() is local CPU work: run it in a forked child
+    cpu_bound: bool = False         # work is local syscalls, not network waits: list in a
+                                    # forked child and transfer in worker processes
 
 
 class Source:

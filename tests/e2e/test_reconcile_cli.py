@@ -238,7 +238,7 @@ def test_config_check_prints_resolved(setup: Setup) -> None:
 
 def test_logs_are_json_events_with_fields(setup: Setup) -> None:
     populate(setup)
-    r = setup.reconcile()
+    r = setup.reconcile("--log-level", "debug")
     ev = r.events()
     up = [e for e in ev if e["event"] == "upload_done"]
     assert len(up) == len(FILES)
@@ -247,6 +247,10 @@ def test_logs_are_json_events_with_fields(setup: Setup) -> None:
         assert isinstance(e["bytes"], int) and isinstance(e["duration_ms"], int) and e["attempt"] == 1
     (done,) = [e for e in ev if e["event"] == "reconcile_done"]
     assert done["uploaded"] == len(FILES) and done["status"] == "ok"
+    # At the default level a reconcile logs its summary, not one line per file.
+    setup.write("a.txt", b"changed")
+    ev = setup.reconcile().events()
+    assert [e["event"] for e in ev] == ["reconcile_done"] and ev[0]["pair"] == "docs"
 
 
 def test_second_instance_is_refused_while_one_holds_the_lock(setup: Setup) -> None:

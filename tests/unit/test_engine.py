@@ -14,7 +14,7 @@ from syncd.config import parse_config
 from syncd.engine import Engine, Options
 from syncd.errors import PermanentError, TransientError
 from syncd.index import Index
-from syncd.remotes.base import Source
+from syncd.remotes.base import Capabilities, Source
 from syncd.remotes.local import LocalRemote
 
 
@@ -30,7 +30,10 @@ class Clock:
 
 
 class Faulty(LocalRemote):
-    """A local remote that fails: the first `transient` puts, and every put of `permanent`."""
+    """A local remote that fails: the first `transient` puts, and every put of `permanent`.
+    Its counters live in this process, so its transfers run in threads, not processes."""
+
+    caps = Capabilities(dirs=True, move=True, mtime_precision_ns=1, cpu_bound=False)
 
     def __init__(self, root: Path, transient: int = 0, permanent: frozenset[str] = frozenset(),
                  mutate: dict[str, bytes] | None = None):
