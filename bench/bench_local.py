@@ -110,14 +110,36 @@ def busy_cpu_s() -> float:
     return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
 
 
+IDLE_WAIT = 120.0  # --idle-wait
+
+
+def wait_idle(threshold: float = 0.15, window: float = 1.0) -> None:
+    """Wait (up to IDLE_WAIT s) until the machine is idle: under `threshold` CPUs busy over `window`
+    seconds. On a shared 2-core machine another job's burst would otherwise land in a timed run."""
+    t0 = time.monotonic()
+    while True:
+        b0 = busy_cpu_s()
+        time.sleep(window)
+        busy = (busy_cpu_s() - b0) / window
+        if busy < threshold:
+            break
+        if time.monotonic() - t0 > IDLE_WAIT:
+            log(f"machine still busy ({busy:.2f} CPUs) after {IDLE_WAIT:.0f}s; timing anyway")
+            break
+    if time.monotonic() - t0 > 5:
+        log(f"waited {time.monotonic() - t0:.0f}s for the machine to go idle")
+
+
 def run_timed(argv: list[str], out: Path, err: Path) -> Proc:
-    """`sync`, then run argv under /usr/bin/time with stdout/stderr to files (not pipes).
+    """`sync`, wait for an idle machine, then run argv under /usr/bin/time, stdout/stderr to files.
 
     Peak RSS comes from /usr/bin/time's own fork of the child, not from wait4 here: a child
     spawned straight from this process starts its ru_maxrss at *our* RSS (vfork/fork + exec keep
     the old hiwater mark), and RUSAGE_CHILDREN is a max over every child so far. time's floor is
     its own ~1 MiB. Wall time is measured here (time's start-up, ~1 ms, included)."""
     sync_disks()
+    if IDLE_WAIT > 0:
+        wait_idle()
     usage = out.with_suffix(".time")
     with open(out, "wb") as fo, open(err, "wb") as fe:
         busy0, t0 = busy_cpu_s(), time.perf_counter()
@@ -429,6 +451,7 @@ def render(report: dict[str, Any]) -> str:
 
 
 def main() -> None:
+    global IDLE_WAIT
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--files", type=int, default=100_000, help="small files (default 100000)")
     ap.add_argument("--dirs", type=int, default=1_000, help="dirs for the small files (default 1000)")
@@ -437,7 +460,11 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3, help="runs per measurement (default 3)")
     ap.add_argument("--keep", action="store_true", help="keep the work dir")
     ap.add_argument("--workdir", help="work dir (default: a new /tmp/syncd-bench-*)")
+    ap.add_argument("--idle-wait", type=float, default=IDLE_WAIT, metavar="SECONDS",
+                    help="before each timed run, wait up to this long for the machine to be idle "
+                    f"(default {IDLE_WAIT:.0f}; 0 = don't wait)")
     args = ap.parse_args()
+    IDLE_WAIT = args.idle_wait
     if args.files < 1 or args.dirs < 1 or args.dirs > args.files or args.runs < 1 \
             or args.large_total < LARGE_COUNT:
         ap.error("need files ≥ dirs ≥ 1, runs ≥ 1, large-total ≥ 4 bytes")
@@ -468,7 +495,7 @@ def main() -> None:
             "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
             "command": " ".join([".venv/bin/python", "bench/bench_local.py", *sys.argv[1:]]),
             "args": {"files": args.files, "dirs": args.dirs, "large_total": args.large_total,
-                     "runs": args.runs},
+                     "runs": args.runs, "idle_wait_s": args.idle_wait},
             "machine": {"cpus": os.cpu_count(), "kernel": platform.release(),
                         "python": platform.python_version(), "rclone": rc_version},
             "syncd": syncd_source(), "workdir": str(wd), "workloads": workloads, "hash": hsh,

@@ -25,6 +25,7 @@ RACY_WINDOW_NS = 2_000_000_000
 BUF_SIZE = 1 << 20
 _O_FLAGS = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)
 _O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_S_IFMT, _S_IFREG = st_mod.S_IFMT(0o777777), st_mod.S_IFREG
 
 
 class Matcher:
@@ -103,6 +104,7 @@ def walk(root: str, clean: dict[str, int], prior: dict[str, PriorRow], ignore: M
     dirty = w.dirty
     get_prior = prior.get
     get_clean = clean.get
+    seen_add = seen.add
     seen_prior = 0
     FILE, DIR = int(Kind.FILE), int(Kind.DIR)
     seen_dirs = {(root_st.st_dev, root_st.st_ino)}
@@ -118,92 +120,88 @@ def walk(root: str, clean: dict[str, int], prior: dict[str, PriorRow], ignore: M
             w.errors.append((rel_dir or ".", _oserr(e)))
             w.error_prefixes.append(rel_dir)
             continue
-        with it:
-            while True:
-                try:
-                    entry = next(it)
-                except StopIteration:
-                    break
-                except OSError as e:  # a directory that vanished or failed mid-listing
-                    rel_dir = prefix.rstrip("/")
-                    w.errors.append((rel_dir or ".", _oserr(e)))
-                    w.error_prefixes.append(rel_dir)
-                    break
-                name = entry.name
-                if not name.isascii() and not _utf8_ok(name):
-                    w.unsyncable.append((prefix + _printable(name),
-                                         "name is not valid UTF-8; rename it to sync it"))
-                    continue
-                rel = prefix + name
-                if name.startswith(TMP_PREFIX) or (not prefix and name == TRASH_DIR):
-                    w.unsyncable.append((rel, "name is reserved for syncd's own use"))
-                    continue
-                is_link = False
-                try:
-                    is_link = entry.is_symlink()
-                    if is_link:
-                        if not follow_symlinks:
-                            w.skipped.append((rel, "symlink"))
-                            continue
-                        s = entry.stat(follow_symlinks=True)
-                    elif entry.is_dir(follow_symlinks=False) and not follow_symlinks:
-                        s = None   # d_type says directory: no stat needed
-                    else:
-                        s = entry.stat(follow_symlinks=False)
-                except FileNotFoundError:
-                    if is_link:
-                        w.skipped.append((rel, "broken symlink"))
-                    continue  # vanished between listing and stat: it is simply not there
-                except OSError as e:
-                    w.errors.append((rel, _oserr(e)))
-                    w.error_prefixes.append(rel)
-                    continue
-                if s is not None and st_mod.S_ISREG(s.st_mode):
-                    if not no_ignore and ignore(rel):
+        try:
+            with it:
+                for entry in it:
+                    name = entry.name
+                    if not name.isascii() and not _utf8_ok(name):
+                        w.unsyncable.append((prefix + _printable(name),
+                                             "name is not valid UTF-8; rename it to sync it"))
                         continue
-                    seen.add(rel)
-                    sig = get_clean(rel)
-                    if sig is not None:
-                        seen_prior += 1
-                        if sig == hash((s.st_size, s.st_mtime_ns, s.st_ino)):  # = stat_sig()
+                    rel = prefix + name
+                    if name.startswith(TMP_PREFIX) or (not prefix and name == TRASH_DIR):
+                        w.unsyncable.append((rel, "name is reserved for syncd's own use"))
+                        continue
+                    is_link = False
+                    try:
+                        is_link = entry.is_symlink()
+                        if is_link:
+                            if not follow_symlinks:
+                                w.skipped.append((rel, "symlink"))
+                                continue
+                            s = entry.stat(follow_symlinks=True)
+                        elif entry.is_dir(follow_symlinks=False) and not follow_symlinks:
+                            s = None   # d_type says directory: no stat needed
+                        else:
+                            s = entry.stat(follow_symlinks=False)
+                    except FileNotFoundError:
+                        if is_link:
+                            w.skipped.append((rel, "broken symlink"))
+                        continue  # vanished between listing and stat: it is simply not there
+                    except OSError as e:
+                        w.errors.append((rel, _oserr(e)))
+                        w.error_prefixes.append(rel)
+                        continue
+                    if s is not None and (s.st_mode & _S_IFMT) == _S_IFREG:
+                        if not no_ignore and ignore(rel):
                             continue
+                        seen_add(rel)
+                        sig = get_clean(rel)
+                        if sig is not None:
+                            seen_prior += 1
+                            if sig == hash((s.st_size, s.st_mtime_ns, s.st_ino)):  # = stat_sig()
+                                continue
+                            states[rel] = LocalState(FILE, s.st_size, s.st_mtime_ns, s.st_ino,
+                                                     s.st_mode & 0o7777, None)
+                            dirty.append(rel)
+                            continue
+                        p = get_prior(rel)
+                        if p is not None:
+                            seen_prior += 1
+                            if (p[1] == FILE and p[2] == s.st_size and p[3] == s.st_mtime_ns
+                                    and p[4] == s.st_ino and p[6] is not None and not p[7]):
+                                if not p[8]:
+                                    states[rel] = LocalState(FILE, p[2], p[3], p[4], p[5], p[6])
+                                continue
                         states[rel] = LocalState(FILE, s.st_size, s.st_mtime_ns, s.st_ino,
                                                  s.st_mode & 0o7777, None)
                         dirty.append(rel)
-                        continue
-                    p = get_prior(rel)
-                    if p is not None:
-                        seen_prior += 1
-                        if (p[1] == FILE and p[2] == s.st_size and p[3] == s.st_mtime_ns
-                                and p[4] == s.st_ino and p[6] is not None and not p[7]):
-                            if not p[8]:
-                                states[rel] = LocalState(FILE, p[2], p[3], p[4], p[5], p[6])
+                    elif s is None or st_mod.S_ISDIR(s.st_mode):
+                        if not no_ignore and ignore(rel + "/"):
                             continue
-                    states[rel] = LocalState(FILE, s.st_size, s.st_mtime_ns, s.st_ino,
-                                             s.st_mode & 0o7777, None)
-                    dirty.append(rel)
-                elif s is None or st_mod.S_ISDIR(s.st_mode):
-                    if not no_ignore and ignore(rel + "/"):
-                        continue
-                    if s is not None:
-                        key = (s.st_dev, s.st_ino)
-                        if key in seen_dirs:  # only reachable through followed symlinks
-                            w.skipped.append((rel, "symlink loop"))
-                            continue
-                        seen_dirs.add(key)
-                    seen.add(rel)
-                    stack.append(rel + "/")
-                    p = get_prior(rel)
-                    if p is not None:
-                        seen_prior += 1
-                        if p[1] == DIR:
-                            if not p[8]:
-                                states[rel] = LocalState(DIR, 0, 0, p[4], p[5], None)
-                            continue
-                    states[rel] = LocalState(DIR, 0, 0, entry.inode(), 0o755 if s is None
-                                             else s.st_mode & 0o7777, None)
-                else:
-                    w.skipped.append((rel, _special_kind(s.st_mode)))
+                        if s is not None:
+                            key = (s.st_dev, s.st_ino)
+                            if key in seen_dirs:  # only reachable through followed symlinks
+                                w.skipped.append((rel, "symlink loop"))
+                                continue
+                            seen_dirs.add(key)
+                        seen_add(rel)
+                        stack.append(rel + "/")
+                        p = get_prior(rel)
+                        if p is not None:
+                            seen_prior += 1
+                            if p[1] == DIR:
+                                if not p[8]:
+                                    states[rel] = LocalState(DIR, 0, 0, p[4], p[5], None)
+                                continue
+                        states[rel] = LocalState(DIR, 0, 0, entry.inode(), 0o755 if s is None
+                                                 else s.st_mode & 0o7777, None)
+                    else:
+                        w.skipped.append((rel, _special_kind(s.st_mode)))
+        except OSError as e:  # a directory that vanished or failed mid-listing
+            rel_dir = prefix.rstrip("/")
+            w.errors.append((rel_dir or ".", _oserr(e)))
+            w.error_prefixes.append(rel_dir)
     w.seen_prior = seen_prior
     return w
 
