@@ -215,6 +215,9 @@ def prepare_workdir(args: argparse.Namespace) -> Path:
 # --- the tools ------------------------------------------------------------------------------------
 
 
+FSYNC = True   # set from --fsync
+
+
 def write_config(wd: Path, name: str) -> tuple[Path, Path, Path]:
     """A config with one local pair: src/<name> → dst/syncd-<name>; returns (config, dst, state)."""
     dst, state = wd / "dst" / f"syncd-{name}", wd / "state" / name
@@ -229,6 +232,7 @@ log_level = "info"
 [remotes.dst]
 type = "local"
 path = {q(str(dst))}
+fsync = {"true" if FSYNC else "false"}
 
 [[sync]]
 name = {q(name)}
@@ -422,7 +426,8 @@ def render(report: dict[str, Any]) -> str:
     lines = [f"## syncd vs rclone, local → local ({report['date']})", "",
              f"small = {a['files']:,} × {SMALL_SIZE} B in {a['dirs']:,} dirs; large = {LARGE_COUNT} files, "
              f"{fmt_bytes(a['large_total'])} total; {a['runs']} runs each, median; MB = 10^6 B; "
-             f"ratio = syncd / rclone (lower is better).", "", f"syncd: {src_line}", "",
+             f"ratio = syncd / rclone (lower is better); syncd's local remote fsync = "
+             f"{a.get('fsync', 'true')}.", "", f"syncd: {src_line}", "",
              "| workload | syncd median (s) | rclone median (s) | ratio | throughput |",
              "|---|---|---|---|---|"]
     for w in report["workloads"]:
@@ -459,11 +464,16 @@ def main() -> None:
                     help=f"total size of the {LARGE_COUNT} large files (default 1GiB)")
     ap.add_argument("--runs", type=int, default=3, help="runs per measurement (default 3)")
     ap.add_argument("--keep", action="store_true", help="keep the work dir")
+    ap.add_argument("--fsync", choices=("true", "false"), default="true",
+                    help="the local remote's fsync setting for syncd (default true, syncd's default; "
+                         "rclone never fsyncs)")
     ap.add_argument("--workdir", help="work dir (default: a new /tmp/syncd-bench-*)")
     ap.add_argument("--idle-wait", type=float, default=IDLE_WAIT, metavar="SECONDS",
                     help="before each timed run, wait up to this long for the machine to be idle "
                     f"(default {IDLE_WAIT:.0f}; 0 = don't wait)")
     args = ap.parse_args()
+    global FSYNC
+    FSYNC = args.fsync == "true"
     IDLE_WAIT = args.idle_wait
     if args.files < 1 or args.dirs < 1 or args.dirs > args.files or args.runs < 1 \
             or args.large_total < LARGE_COUNT:
