@@ -28,6 +28,7 @@ from syncd.scan import Matcher, hash_paths, walk
 from syncd.transfer import PairCtx, Reporter, Runner
 
 FILE, DIR = int(Kind.FILE), int(Kind.DIR)
+PROCESS_POOL_MIN_JOBS = 256
 
 
 @dataclass
@@ -297,8 +298,10 @@ class Engine:
         if self.reporter_factory is not None and moving:
             reporter = self.reporter_factory(pair.name, len(actions),
                                              sum(a.size for a in actions if a.op == Op.UPLOAD))
+        # Worker processes pay a start-up cost (~0.1 s); worth it only for many jobs.
         runner = Runner(self.queue, {pair.name: ctx}, sleep=self.sleep, reporter=reporter,
-                        log=self.log, done_level=self.transfer_log_level)
+                        log=self.log, done_level=self.transfer_log_level,
+                        processes=len(actions) >= PROCESS_POOL_MIN_JOBS)
         try:
             stats = runner.run([pair.name])
         finally:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import signal
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -43,6 +44,11 @@ def _take_chunk(q: deque[Job]) -> list[Job]:
         size += j.action.size
         chunk.append(j)
     return chunk
+
+
+def _worker_init() -> None:
+    # Ctrl-C goes to the whole process group; the parent decides how to stop.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _execute_chunk(jobs: list[Job], pairs: dict[str, PairCtx]) -> list[Outcome]:
@@ -131,8 +137,10 @@ class Runner:
 
     def __init__(self, queue: Queue, pairs: dict[str, PairCtx], *,
                  sleep: Callable[[float], None] = time.sleep,
-                 reporter: Reporter | None = None, log: Any = None, done_level: str = "info"):
+                 reporter: Reporter | None = None, log: Any = None, done_level: str = "info",
+                 processes: bool = False):
         self.done_level = done_level
+        self.processes = processes
         self.queue = queue
         self.pairs = pairs
         self.sleep = sleep
@@ -145,7 +153,7 @@ class Runner:
         by_remote: dict[str, list[str]] = {}
         for n in names:
             by_remote.setdefault(self.pairs[n].remote.name, []).append(n)
-        pools = {r: self._pool(self.pairs[ps[0]]) for r, ps in by_remote.items()}
+        pools = {r: self._pool(self.pairs[ps[0]], self.processes) for r, ps in by_remote.items()}
         # Jobs are leased in batches (one SQLite transaction each) and handed to workers in
         # small chunks, so per-file overhead is a few list operations, not a transaction and
         # a thread wake-up per file.
@@ -204,12 +212,17 @@ class Runner:
         return stats
 
     @staticmethod
-    def _pool(ctx: PairCtx) -> Executor:
+    def _pool(ctx: PairCtx, processes: bool) -> Executor:
         """Worker processes for a cpu-bound remote (a directory: the work is Python and
-        syscalls, which threads would serialise on the GIL), threads for network remotes."""
-        if ctx.remote.caps.cpu_bound and hasattr(os, "fork"):
+        syscalls, which threads would serialise on the GIL), threads for network remotes.
+        Processes come from a fork server: a clean interpreter, so no SQLite connection or
+        lock of ours is ever carried across fork()."""
+        can_fork_server = "forkserver" in multiprocessing.get_all_start_methods()
+        if processes and ctx.remote.caps.cpu_bound and can_fork_server:
+            mp = multiprocessing.get_context("forkserver")
+            mp.set_forkserver_preload(["syncd.transfer"])
             n = max(1, min(ctx.transfers, os.cpu_count() or 1))
-            return ProcessPoolExecutor(max_workers=n, mp_context=multiprocessing.get_context("fork"))
+            return ProcessPoolExecutor(max_workers=n, mp_context=mp, initializer=_worker_init)
         return ThreadPoolExecutor(max_workers=ctx.transfers, thread_name_prefix=f"xfer-{ctx.name}")
 
     def _commit(self, buffered: dict[str, list[Outcome]], stats: RunStats) -> None:

@@ -298,3 +298,17 @@ def test_touched_but_identical_local_file_is_rehashed_not_resent(setup: Setup) -
     os.utime(setup.src / "big.bin", ns=(10**18, 10**18))
     r = setup.reconcile()
     assert r.code == 0 and r.summary["uploaded"] == 0
+
+
+def test_many_files_go_through_worker_processes(setup: Setup) -> None:
+    from syncd.engine import PROCESS_POOL_MIN_JOBS
+
+    files = {f"d{i % 7}/f{i}.bin": os.urandom(i % 3000) for i in range(PROCESS_POOL_MIN_JOBS + 50)}
+    populate(setup, files)
+    r = setup.reconcile()
+    assert r.code == 0, r.err
+    assert r.summary["uploaded"] == len(files) and tree(setup.mirror) == files
+    setup.write("d1/f1.bin", b"changed")
+    (setup.src / "d2" / "f2.bin").unlink()
+    r = setup.reconcile()
+    assert r.code == 0 and r.summary["uploaded"] == 1 and r.summary["trashed"] == 1
