@@ -253,6 +253,9 @@ class Engine:
 
         first = [a for a in actions if a.op not in DELETING_OPS and a.op != Op.RMDIR]
         later = [a for a in actions if a.op in DELETING_OPS or a.op == Op.RMDIR]
+        # The views are no longer needed; on a first sync of 100k files they are most of
+        # the process's memory, and the transfers can take a while.
+        del actions, states, base, remote_map, plan_paths, prior, clean, w, diff, hashed
         ctx = PairCtx(pair.name, root, pair.path, remote, self.cfg.remotes[pair.remote].transfers,
                       pair.follow_symlinks)
         self.index.clear_jobs(pair.name)
@@ -293,38 +296,32 @@ class Engine:
         if not actions:
             return
         self.queue.enqueue(pair.name, actions)
-        moving = [a for a in actions if a.op in (Op.UPLOAD, Op.DELETE, Op.TRASH)]
+        n_jobs = len(actions)
+        moving = any(a.op in (Op.UPLOAD, Op.DELETE, Op.TRASH) for a in actions)
         reporter = None
         if self.reporter_factory is not None and moving:
-            reporter = self.reporter_factory(pair.name, len(actions),
+            reporter = self.reporter_factory(pair.name, n_jobs,
                                              sum(a.size for a in actions if a.op == Op.UPLOAD))
+        actions.clear()   # the queue has them now
         # Worker processes pay a start-up cost (~0.1 s); worth it only for many jobs.
         runner = Runner(self.queue, {pair.name: ctx}, sleep=self.sleep, reporter=reporter,
                         log=self.log, done_level=self.transfer_log_level,
-                        processes=len(actions) >= PROCESS_POOL_MIN_JOBS)
+                        processes=n_jobs >= PROCESS_POOL_MIN_JOBS)
         try:
             stats = runner.run([pair.name])
         finally:
             if reporter is not None and hasattr(reporter, "close"):
                 reporter.close()
         res.retries += stats.retries
-        for o in stats.done:
-            op = o.job.action.op
-            if o.keep_base:
-                res.skipped += 1
-            elif op == Op.UPLOAD:
-                res.uploaded += 1
-                res.uploaded_bytes += o.bytes
-            elif op == Op.DELETE:
-                res.deleted += 1
-            elif op == Op.TRASH:
-                res.trashed += 1
-            elif op == Op.ADOPT:
-                res.adopted += 1
-            elif op == Op.MKDIR:
-                res.mkdirs += 1
-        for o, msg in stats.failed:
-            res.failures.append((o.job.path, msg))
+        d = stats.done
+        res.skipped += d.get("skipped", 0)
+        res.uploaded += d.get(Op.UPLOAD.value, 0)
+        res.uploaded_bytes += stats.uploaded_bytes
+        res.deleted += d.get(Op.DELETE.value, 0)
+        res.trashed += d.get(Op.TRASH.value, 0)
+        res.adopted += d.get(Op.ADOPT.value, 0)
+        res.mkdirs += d.get(Op.MKDIR.value, 0)
+        res.failures += stats.failed
 
 
 def open_engine_index(cfg: Config) -> Index:

@@ -127,9 +127,18 @@ class Reporter(Protocol):
 
 @dataclass
 class RunStats:
-    done: list[Outcome] = field(default_factory=list)
-    failed: list[tuple[Outcome, str]] = field(default_factory=list)
+    """Counters only: keeping every Outcome of a 100k-file run would cost ~70 MB."""
+
+    done: dict[str, int] = field(default_factory=dict)   # op (or "skipped") -> jobs
+    uploaded_bytes: int = 0
+    failed: list[tuple[str, str]] = field(default_factory=list)   # (path, error)
     retries: int = 0
+
+    def add(self, o: Outcome) -> None:
+        key = "skipped" if o.keep_base else o.job.action.op.value
+        self.done[key] = self.done.get(key, 0) + 1
+        if o.job.action.op == Op.UPLOAD:
+            self.uploaded_bytes += o.bytes
 
 
 class Runner:
@@ -231,7 +240,7 @@ class Runner:
                 continue
             s = self.queue.settle(pair, outcomes)
             for o in s.done:
-                stats.done.append(o)
+                stats.add(o)
                 self._log_done(pair, o)
             for o, not_before in s.retried:
                 stats.retries += 1
@@ -239,7 +248,7 @@ class Runner:
                                  attempt=o.job.attempts + 1, error=str(o.error),
                                  retry_in_s=round(max(0.0, not_before - self.queue.clock()), 3))
             for o, msg in s.failed:
-                stats.failed.append((o, msg))
+                stats.failed.append((o.job.path, msg))
                 self.log.error("job_failed", pair=pair, path=o.job.path, op=o.job.action.op.value,
                                attempt=o.job.attempts + 1, error=msg,
                                exc_info=_internal(o.error))
