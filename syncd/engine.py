@@ -183,9 +183,12 @@ class Engine:
 
         # The remote listing runs alongside the local walk (in a child process for a
         # directory remote) and reports only where the remote differs from the bases.
+        t = [time.perf_counter()]
         listing = Listing(self._lister(remote, pair, matcher), fork=remote.caps.cpu_bound)
         clean, prior = self.index.load_prior(pair.name)
+        t.append(time.perf_counter())
         w = walk(root, clean, prior, matcher, pair.follow_symlinks)
+        t.append(time.perf_counter())
         for rel, why in w.skipped:
             log.info("entry_skipped", path=rel, reason=why)
         for rel, why in w.unsyncable:
@@ -196,6 +199,7 @@ class Engine:
             res.failures.append((rel, why))
         res.skipped += len(w.skipped)
         diff = listing.result()
+        t.append(time.perf_counter())
 
         # Clean entries (unchanged locally, synced, remote as recorded) need no planning;
         # everything else is planned with its base and remote state.
@@ -237,6 +241,10 @@ class Engine:
                         dirs=caps.dirs, mtime_precision_ns=caps.mtime_precision_ns,
                         now_ns=int(self.clock() * 1e9))
         actions = plan_push(states, base, remote_map, policy)
+        t.append(time.perf_counter())
+        log.debug("reconcile_phases", load_ms=_ms(t[0], t[1]), walk_ms=_ms(t[1], t[2]),
+                  listing_wait_ms=_ms(t[2], t[3]), plan_ms=_ms(t[3], t[4]), planned=len(states),
+                  clean=len(w.seen) - len(states), hashed=hashed.files)
         facts = Facts(True, len(w.seen), self.index.count_base(pair.name), diff.files, w.root_dev,
                       meta.st_dev if meta else None, pair.max_delete.limit(diff.files),
                       str(pair.max_delete))
@@ -322,6 +330,10 @@ class Engine:
         res.adopted += d.get(Op.ADOPT.value, 0)
         res.mkdirs += d.get(Op.MKDIR.value, 0)
         res.failures += stats.failed
+
+
+def _ms(a: float, b: float) -> int:
+    return int((b - a) * 1000)
 
 
 def open_engine_index(cfg: Config) -> Index:
