@@ -221,7 +221,7 @@ def demo(directory: Annotated[Path, typer.Option(
         print(f"\ndemo config: {cfg_path}\n"
               f"source:      {cfg.pairs[0].local}\n"
               f"destination: {cfg.remotes['demo-nas'].options['path']}\n"
-              f"edit files under the source and run:  syncd reconcile --config {cfg_path}")
+              f"edit files under the source and run:  {sys.argv[0]} reconcile --config {cfg_path}")
         return code
 
     _guard(go)
