@@ -1,4 +1,5 @@
-"""A rich progress bar on a terminal for long reconciles."""
+"""A rich progress bar on a terminal for long reconciles: bytes when there are bytes to
+send, files otherwise."""
 
 from __future__ import annotations
 
@@ -6,7 +7,6 @@ from rich.console import Console
 from rich.progress import (
     BarColumn,
     DownloadColumn,
-    MofNCompleteColumn,
     Progress,
     TextColumn,
     TimeRemainingColumn,
@@ -16,19 +16,24 @@ from rich.progress import (
 
 class RichReporter:
     def __init__(self, pair: str, files: int, nbytes: int):
-        self.progress = Progress(
-            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("files"), DownloadColumn(binary_units=True), TransferSpeedColumn(),
-            TimeRemainingColumn(), console=Console(stderr=True), transient=True,
-            redirect_stderr=True, redirect_stdout=False)
-        self.files = self.progress.add_task(pair, total=files)
-        self.bytes_total = nbytes
+        self.by_bytes = nbytes > 0
+        self.files_done = 0
+        self.total_files = files
+        columns = [TextColumn("[bold]{task.description}"), BarColumn(),
+                   TextColumn("{task.fields[files]}/{task.fields[total_files]} files")]
+        if self.by_bytes:
+            columns += [DownloadColumn(binary_units=True), TransferSpeedColumn()]
+        columns.append(TimeRemainingColumn())
+        self.progress = Progress(*columns, console=Console(stderr=True), transient=True,
+                                 redirect_stderr=True, redirect_stdout=False)
+        self.task = self.progress.add_task(pair, total=nbytes if self.by_bytes else files,
+                                           files=0, total_files=files)
         self.progress.start()
-        self.progress.update(self.files, total=files)
-        self._bytes = self.progress.add_task("bytes", total=max(nbytes, 1), visible=False)
 
     def advance(self, files: int, nbytes: int) -> None:
-        self.progress.advance(self.files, files)
+        self.files_done += files
+        self.progress.update(self.task, advance=nbytes if self.by_bytes else files,
+                             files=self.files_done)
 
     def close(self) -> None:
         self.progress.stop()
