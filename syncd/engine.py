@@ -12,13 +12,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import structlog
-
 from syncd import log as slog
 from syncd.config import Config, PairConfig
 from syncd.errors import LockedError, RemoteError, SafetyError, UnavailableError
 from syncd.index import Index
 from syncd.listing import Listing, RemoteDiff, diff_listing
+from syncd.log import structlog
 from syncd.model import DELETING_OPS, Action, Kind, LocalState, Op, RemoteEntry
 from syncd.plan import DRIFT_REASONS, Facts, Policy, check_safety, plan_push
 from syncd.queue import Queue
