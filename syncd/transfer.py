@@ -23,7 +23,7 @@ from typing import Any, Protocol
 
 from syncd import log as slog
 from syncd.errors import Conflict, PermanentError
-from syncd.model import Base, Job, Kind, LocalState, Op
+from syncd.model import Base, Job, Kind, LocalState, Op, RemoteEntry
 from syncd.queue import Outcome, Queue
 from syncd.remotes.base import Remote, Source, join, move
 from syncd.scan import is_racy
@@ -52,6 +52,12 @@ def _worker_init() -> None:
 
 
 def _execute_chunk(jobs: list[Job], pairs: dict[str, PairCtx]) -> list[Outcome]:
+    uploads = [j for j in jobs if j.action.op == Op.UPLOAD]
+    ctx = pairs[jobs[0].pair]
+    if (len(uploads) >= 2 and getattr(ctx.remote, "put_many", None) is not None
+            and all(j.pair == ctx.name for j in uploads)):
+        batch = _upload_many(uploads, ctx)
+        return [batch[j.id] if j.id in batch else execute(j, pairs[j.pair]) for j in jobs]
     return [execute(j, pairs[j.pair]) for j in jobs]
 
 
@@ -98,27 +104,72 @@ def execute(job: Job, ctx: PairCtx, now_ns: Callable[[], int] = time.time_ns) ->
     return o
 
 
-def _upload(o: Outcome, ctx: PairCtx, rp: str, now_ns: Callable[[], int]) -> None:
+def _open_source(o: Outcome, ctx: PairCtx) -> Source | None:
+    """The job's local file, opened; None (with the outcome filled in) if it cannot be."""
     abspath = os.path.join(ctx.local_root, o.job.path)
-    started = now_ns()
     try:
-        src = Source(abspath, o.job.path, ctx.follow_symlinks)
+        return Source(abspath, o.job.path, ctx.follow_symlinks)
     except FileNotFoundError:
         # Gone since the scan: nothing to send; the next scan plans its deletion.
         o.keep_base, o.note = True, "vanished before upload"
-        return
     except OSError as e:
-        raise PermanentError(f"cannot read local file: {e.strerror}", path=abspath) from None
-    with src:
-        entry = ctx.remote.put(rp, src)
-        digest = src.digest
-        after = src.after
+        o.error = PermanentError(f"cannot read local file: {e.strerror}", path=abspath)
+    except Exception as e:   # e.g. SourceChanged: no longer a regular file
+        o.error = e
+    return None
+
+
+def _uploaded(o: Outcome, src: Source, entry: RemoteEntry, started: int) -> None:
+    digest, after = src.digest, src.after
     assert digest is not None and after is not None, "remote.put must call source.verify()"
     o.bytes = src.sent
     o.base = Base(FILE, after.st_size, after.st_mtime_ns, digest, entry.fp)
     o.local = LocalState(FILE, after.st_size, after.st_mtime_ns, after.st_ino,
                          after.st_mode & 0o7777, digest)
     o.racy = is_racy(after.st_mtime_ns, started)
+
+
+def _upload(o: Outcome, ctx: PairCtx, rp: str, now_ns: Callable[[], int]) -> None:
+    started = now_ns()
+    src = _open_source(o, ctx)
+    if src is None:
+        if o.error is not None:
+            raise o.error
+        return
+    with src:
+        entry = ctx.remote.put(rp, src)
+    _uploaded(o, src, entry, started)
+
+
+def _upload_many(jobs: list[Job], ctx: PairCtx, now_ns: Callable[[], int] = time.time_ns,
+                 ) -> dict[int, Outcome]:
+    """Several uploads through the remote's put_many (one durability flush for all)."""
+    t0 = time.perf_counter()
+    started = now_ns()
+    done: dict[int, Outcome] = {}
+    opened: list[tuple[Outcome, Source]] = []
+    for j in jobs:
+        o = Outcome(j)
+        src = _open_source(o, ctx)
+        if src is None:
+            done[j.id] = o
+        else:
+            opened.append((o, src))
+    try:
+        results = ctx.remote.put_many(  # type: ignore[attr-defined]
+            [(join(ctx.remote_path, o.job.path), src) for o, src in opened])
+    finally:
+        for _, src in opened:
+            src.close()
+    ms = int((time.perf_counter() - t0) * 1000)
+    for (o, src), r in zip(opened, results, strict=True):
+        if isinstance(r, Exception):
+            o.error = r
+        else:
+            _uploaded(o, src, r, started)
+        o.duration_ms = ms
+        done[o.job.id] = o
+    return done
 
 
 class Reporter(Protocol):

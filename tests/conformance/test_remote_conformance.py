@@ -747,3 +747,41 @@ def test_get_to_local_file(remote: Remote, upload: Upload, local_dir: Path) -> N
         remote.get("g/missing.bin", str(local_dir / "never.bin"))
     with pytest.raises(NotFound):
         remote.get("nodir/missing.bin", str(local_dir / "never2.bin"))
+
+
+def test_put_many_publishes_each_and_isolates_failures(remote: Remote, peek: Peek, upload: Upload,
+                                                       local_dir: Path) -> None:
+    put_many = getattr(remote, "put_many", None)
+    if put_many is None:
+        pytest.skip("backend has no batched put (optional capability)")
+    old = b"intact old content\n" * 10
+    upload("b/changing.bin", old)
+    datas = {f"b/f{i}.bin": rand_bytes(1000 + i, 20 + i) for i in range(5)}
+    srcs = []
+    for i, (target, data) in enumerate(datas.items()):
+        p = local_dir / f"many-{i}"
+        p.write_bytes(data)
+        srcs.append((target, Source(str(p), target)))
+    grow = local_dir / "many-grow"
+    grow.write_bytes(rand_bytes(3 * MIB, 99))
+
+    def append(s: HookedSource, n: int) -> None:
+        if n and s.reads == 1:
+            with open(s.abspath, "ab") as f:
+                f.write(b"more")
+
+    hooked = HookedSource(str(grow), "b/changing.bin", append)
+    items = [*srcs[:2], ("b/changing.bin", hooked), *srcs[2:], ("../escape.bin", srcs[0][1])]
+    try:
+        results = put_many(items)
+    finally:
+        for _, s in items:
+            s.close()
+    assert len(results) == len(items)
+    assert isinstance(results[2], SourceChanged) and isinstance(results[-1], PathEscape)
+    for (target, _), r in zip(items, results, strict=True):
+        if target in datas:
+            assert isinstance(r, RemoteEntry) and r.size == len(datas[target])
+            assert_bytes_equal(peek.read(target), datas[target])
+    assert_bytes_equal(peek.read("b/changing.bin"), old)
+    assert temp_names(peek, "b") == set()

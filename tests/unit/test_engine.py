@@ -34,6 +34,7 @@ class Faulty(LocalRemote):
     Its counters live in this process, so its transfers run in threads, not processes."""
 
     caps = Capabilities(dirs=True, move=True, mtime_precision_ns=1, cpu_bound=False)
+    put_many = None   # every upload goes through put(), where the faults are
 
     def __init__(self, root: Path, transient: int = 0, permanent: frozenset[str] = frozenset(),
                  mutate: dict[str, bytes] | None = None):
