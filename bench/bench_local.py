@@ -14,12 +14,14 @@ Prints a Markdown report and writes it as JSON to bench/out/last.json.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import inspect
 import json
 import os
 import platform
 import random
 import re
+import select
 import shutil
 import signal
 import statistics
@@ -93,14 +95,29 @@ def tree_totals(root: Path) -> tuple[int, int]:
 
 @dataclass
 class Proc:
-    """One timed child process."""
+    """One timed run of a tool: its whole process tree (workers and fork servers included)."""
 
     wall_s: float
     rc: int
-    maxrss_kib: int
-    user_s: float
+    maxrss_kib: int      # largest single process: /usr/bin/time %M, or an orphan's ru_maxrss
+    tree_rss_kib: int    # largest sum of RSS over the tree, sampled every SAMPLE_S (≥ maxrss_kib)
+    procs: int           # most processes seen at once in the tree
+    user_s: float        # CPU of the whole tree: the child and what it reaped, plus orphans
     sys_s: float
-    other_cpu_s: float  # CPU time the rest of the machine used meanwhile: > ~0.1 s means contention
+    other_cpu_s: float   # CPU the rest of the machine used meanwhile: well above 0 means contention
+
+
+SAMPLE_S = 0.05
+PR_SET_CHILD_SUBREAPER = 36
+IDLE_WAIT = 120.0  # --idle-wait
+
+
+def become_subreaper() -> None:
+    """Orphans of our children (a fork server whose parent exited first, its workers) are
+    re-parented to us instead of init, so we can reap them and count their CPU and memory."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+        log("prctl(PR_SET_CHILD_SUBREAPER) failed: CPU of orphaned worker processes is not counted")
 
 
 def busy_cpu_s() -> float:
@@ -110,7 +127,29 @@ def busy_cpu_s() -> float:
     return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
 
 
-IDLE_WAIT = 120.0  # --idle-wait
+def tree_rss() -> tuple[int, int]:
+    """(sum of RSS in KiB, process count) over all our descendants, from /proc/*/stat."""
+    parent: dict[int, int] = {}
+    rss: dict[int, int] = {}
+    page_kib = os.sysconf("SC_PAGE_SIZE") // 1024
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as f:
+                fields = f.read().rpartition(b")")[2].split()
+        except OSError:  # gone meanwhile
+            continue
+        parent[int(name)] = int(fields[1])
+        rss[int(name)] = int(fields[21]) * page_kib
+    me, total, count = os.getpid(), 0, 0
+    for pid in rss:
+        p = parent.get(pid, 0)
+        while p > 1 and p != me:
+            p = parent.get(p, 0)
+        if p == me:
+            total, count = total + rss[pid], count + 1
+    return total, count
 
 
 def wait_idle(threshold: float = 0.15, window: float = 1.0) -> None:
@@ -130,26 +169,60 @@ def wait_idle(threshold: float = 0.15, window: float = 1.0) -> None:
         log(f"waited {time.monotonic() - t0:.0f}s for the machine to go idle")
 
 
+def reap_orphans(deadline_s: float = 10.0) -> tuple[float, float, int]:
+    """Wait for the descendants re-parented to us; (user s, sys s, max ru_maxrss KiB) of them."""
+    user = system = 0.0
+    maxrss = 0
+    end = time.monotonic() + deadline_s
+    while True:
+        try:
+            pid, _, ru = os.wait4(-1, os.WNOHANG)
+        except ChildProcessError:
+            break  # no children left
+        if pid == 0:
+            if time.monotonic() > end:
+                log("orphaned processes still running after the tool exited; not counted")
+                break
+            time.sleep(0.01)
+            continue
+        user, system, maxrss = user + ru.ru_utime, system + ru.ru_stime, max(maxrss, ru.ru_maxrss)
+    return user, system, maxrss
+
+
 def run_timed(argv: list[str], out: Path, err: Path) -> Proc:
     """`sync`, wait for an idle machine, then run argv under /usr/bin/time, stdout/stderr to files.
 
-    Peak RSS comes from /usr/bin/time's own fork of the child, not from wait4 here: a child
-    spawned straight from this process starts its ru_maxrss at *our* RSS (vfork/fork + exec keep
-    the old hiwater mark), and RUSAGE_CHILDREN is a max over every child so far. time's floor is
-    its own ~1 MiB. Wall time is measured here (time's start-up, ~1 ms, included)."""
+    Peak RSS of the main process comes from /usr/bin/time's own fork of it, not from wait4 here: a
+    child spawned straight from this process starts its ru_maxrss at *our* RSS (fork/vfork + exec
+    keep the old hiwater mark), and RUSAGE_CHILDREN is a max over every child so far. time's floor
+    is its own ~1 MiB. Wall time is measured here (time's start-up, ~1 ms, included); it ends when
+    the tool exits, not when its orphans (if any) do."""
     sync_disks()
     if IDLE_WAIT > 0:
         wait_idle()
     usage = out.with_suffix(".time")
+    peak = {"rss": 0, "procs": 0}
     with open(out, "wb") as fo, open(err, "wb") as fe:
         busy0, t0 = busy_cpu_s(), time.perf_counter()
-        rc = subprocess.run([TIME, "-f", "%M %U %S", "-o", str(usage), *argv],
-                            stdin=subprocess.DEVNULL, stdout=fo, stderr=fe, check=False).returncode
-        wall, busy = time.perf_counter() - t0, busy_cpu_s() - busy0
+        child = subprocess.Popen([TIME, "-f", "%M %U %S", "-o", str(usage), *argv],
+                                 stdin=subprocess.DEVNULL, stdout=fo, stderr=fe)
+        pidfd = os.pidfd_open(child.pid)  # readable when the child exits: no polling latency
+        try:
+            while not select.select([pidfd], [], [], SAMPLE_S)[0]:
+                rss, procs = tree_rss()
+                peak["rss"], peak["procs"] = max(peak["rss"], rss), max(peak["procs"], procs)
+            wall = time.perf_counter() - t0
+        finally:
+            os.close(pidfd)
+        rc = child.wait()
+        o_user, o_sys, o_rss = reap_orphans()
+        busy = busy_cpu_s() - busy0
     # on failure time writes "Command exited with non-zero status N" first; the figures are last
-    rss, user, system = usage.read_text().split("\n")[-2].split()
-    cpu = float(user) + float(system)
-    return Proc(wall, rc, int(rss), float(user), float(system), round(max(0.0, busy - cpu), 2))
+    rss_s, user_s, sys_s = usage.read_text().split("\n")[-2].split()
+    user, system = float(user_s) + o_user, float(sys_s) + o_sys
+    maxrss = max(int(rss_s), o_rss)
+    return Proc(wall, rc, maxrss, max(peak["rss"], maxrss), max(peak["procs"] - 1, 1),  # - time
+                user, system, round(max(0.0, busy - user - system), 2))
 
 
 # --- data ---------------------------------------------------------------------------------------
@@ -218,10 +291,11 @@ def prepare_workdir(args: argparse.Namespace) -> Path:
 FSYNC = True   # set from --fsync
 
 
-def write_config(wd: Path, name: str) -> tuple[Path, Path, Path]:
-    """A config with one local pair: src/<name> → dst/syncd-<name>; returns (config, dst, state)."""
-    dst, state = wd / "dst" / f"syncd-{name}", wd / "state" / name
-    cfg = wd / "cfg" / f"{name}.toml"
+def write_config(wd: Path, name: str, run: int) -> tuple[Path, Path, Path]:
+    """A config with one local pair: src/<name> → dst/<name>/syncd-<run>, its own state dir;
+    returns (config, dst, state)."""
+    dst, state = wd / "dst" / name / f"syncd-{run}", wd / "state" / f"{name}-{run}"
+    cfg = wd / "cfg" / f"{name}-{run}.toml"
     cfg.parent.mkdir(parents=True, exist_ok=True)
     q = json.dumps  # a JSON string is a valid TOML basic string for these paths
     cfg.write_text(f"""[daemon]
@@ -270,21 +344,32 @@ def check_copy(src: Path, dst: Path, tool: str) -> None:
 
 
 def note(name: str, r: int, runs: int, what: str, p: Proc) -> None:
-    log(f"{name} run {r + 1}/{runs}: {what:<12} {p.wall_s:7.2f}s  rss {p.maxrss_kib / 1024:4.0f} MiB  "
+    log(f"{name} run {r + 1}/{runs}: {what:<12} {p.wall_s:7.2f}s  rss {p.maxrss_kib / 1024:4.0f} MiB "
+        f"(tree {p.tree_rss_kib / 1024:.0f} MiB, {p.procs} procs)  "
         f"cpu {p.user_s + p.sys_s:6.2f}s  other cpu {p.other_cpu_s:.2f}s")
 
 
 def bench_sync(wd: Path, name: str, runs: int, rclone: str | None) -> dict[str, list[Proc]]:
-    """R × (first, no-op) for syncd and rclone on src/<name>; returns runs by '<tool>_<kind>'."""
+    """R × (first, no-op) for syncd and rclone on src/<name>; returns runs by '<tool>_<kind>'.
+
+    Every first run gets a new destination (and syncd a new state dir), and nothing is deleted
+    until all runs of the workload are done: on this VM's ext4 (no journal) creating files soon
+    after deleting a large tree is much slower (inode allocation re-checks recently freed inodes),
+    and that would land on whichever tool runs next. Only if the disk is too small are the
+    copies deleted between runs (with a warning)."""
     src = wd / "src" / name
-    files, _ = tree_totals(src)
-    cfg, sdst, state = write_config(wd, name)
-    rdst = wd / "dst" / f"rclone-{name}"
+    files, nbytes = tree_totals(src)
+    need = 2 * runs * (files * 4096 + nbytes) * 1.1 + (1 << 30)
+    keep = shutil.disk_usage(wd).free > need
+    if not keep:
+        log(f"{name}: not enough free disk to keep every copy ({fmt_bytes(need)}); deleting between "
+            "runs, which slows the next run's file creation on some filesystems")
     logs = wd / "logs"
     logs.mkdir(exist_ok=True)
     res: dict[str, list[Proc]] = {k: [] for k in ("syncd_first", "syncd_noop",
                                                   "rclone_first", "rclone_noop")}
     for r in range(runs):
+        cfg, sdst, state = write_config(wd, name, r)
         fresh_dir(sdst)
         if state.exists():
             shutil.rmtree(state)
@@ -296,9 +381,11 @@ def bench_sync(wd: Path, name: str, runs: int, rclone: str | None) -> dict[str, 
         note(name, r, runs, "syncd no-op", p)
         if r == 0:
             check_copy(src, sdst, "syncd")
-        shutil.rmtree(sdst)  # free the space before the other tool writes its copy
+        if not keep:
+            shutil.rmtree(sdst)
         if rclone is None:
             continue
+        rdst = wd / "dst" / name / f"rclone-{r}"
         fresh_dir(rdst)
         p = run_rclone(rclone, src, rdst, logs, f"rclone-{name}-first-{r}")
         res["rclone_first"].append(p)
@@ -308,7 +395,9 @@ def bench_sync(wd: Path, name: str, runs: int, rclone: str | None) -> dict[str, 
         note(name, r, runs, "rclone no-op", p)
         if r == 0:
             check_copy(src, rdst, "rclone")
-        shutil.rmtree(rdst)
+        if not keep:
+            shutil.rmtree(rdst)
+    shutil.rmtree(wd / "dst" / name)  # untimed; the next workload creates only a few files
     return res
 
 
@@ -397,6 +486,8 @@ def summarize(name: str, kind: str, res: dict[str, list[Proc]], files: int, nbyt
         "ratio": s_med / r_med if r_med else None,
         "syncd_peak_rss_kib": max(p.maxrss_kib for p in s),
         "rclone_peak_rss_kib": max(p.maxrss_kib for p in r) if r else None,
+        "syncd_tree_rss_kib": max(p.tree_rss_kib for p in s),
+        "syncd_procs": max(p.procs for p in s),
         "syncd_cpu_median_s": statistics.median(p.user_s + p.sys_s for p in s),
         "rclone_cpu_median_s": statistics.median(p.user_s + p.sys_s for p in r) if r else None,
         "other_cpu_max_s": max(p.other_cpu_s for p in s + r),
@@ -434,19 +525,24 @@ def render(report: dict[str, Any]) -> str:
         ratio = "—" if w["ratio"] is None else f"{w['ratio']:.2f}×"
         lines.append(f"| {w['workload']} | {fmt_s(w['syncd_median_s'])} | {fmt_s(w['rclone_median_s'])} "
                      f"| {ratio} | {w['throughput']} |")
-    lines += ["", "| workload | syncd peak RSS | rclone peak RSS | syncd CPU (user+sys, median s) "
-              "| rclone CPU (median s) | other processes' CPU (max, s) |", "|---|---|---|---|---|---|"]
+    lines += ["", "| workload | syncd peak RSS: largest process / whole tree (processes) | rclone peak RSS "
+              "| syncd CPU (user+sys, median s) | rclone CPU (median s) | other processes' CPU (max, s) |",
+              "|---|---|---|---|---|---|"]
     for w in report["workloads"]:
         r_rss = w["rclone_peak_rss_kib"]
-        lines.append(f"| {w['workload']} | {w['syncd_peak_rss_kib'] / 1024:.0f} MiB | "
+        lines.append(f"| {w['workload']} | {w['syncd_peak_rss_kib'] / 1024:.0f} MiB / "
+                     f"{w['syncd_tree_rss_kib'] / 1024:.0f} MiB ({w['syncd_procs']}) | "
                      f"{'—' if r_rss is None else f'{r_rss / 1024:.0f} MiB'} | "
                      f"{w['syncd_cpu_median_s']:.2f} | {fmt_s(w['rclone_cpu_median_s'])} | "
                      f"{w['other_cpu_max_s']:.2f} |")
-    lines += ["", "Other processes' CPU = busy CPU of the whole machine (/proc/stat) during a timed run "
-              "minus the tool's own; well above 0 means something else was running."]
+    lines += ["", "CPU and RSS cover each tool's whole process tree (worker processes and fork servers "
+              f"included; the tree sum is sampled every {SAMPLE_S * 1000:.0f} ms). Other processes' CPU = "
+              "busy CPU of the whole machine (/proc/stat) during a timed run minus the tool's own; well "
+              "above 0 means something else was running, or kernel threads worked for the tool (writeback "
+              "after fsync: a few seconds on a 100k-file first run)."]
     h = report["hash"]
     lines += ["", f"Scan + hash of the large files in-process ({h['files']} files, {fmt_bytes(h['bytes'])}, "
-              "page cache warm):", "",
+              "after one warm-up pass of each):", "",
               "| method | median (s) | GB/s |", "|---|---|---|",
               f"| syncd.scan.walk + hash_paths (empty index) | {h['syncd_median_s']:.3f} | "
               f"{h['syncd_gb_s']:.2f} |",
@@ -487,6 +583,7 @@ def main() -> None:
         log("rclone not on PATH: syncd only")
 
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so `finally` still cleans up
+    become_subreaper()
     wd = prepare_workdir(args)
     try:
         sizes = {n: tree_totals(wd / "src" / n) for n in ("small", "large")}
@@ -505,7 +602,7 @@ def main() -> None:
             "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
             "command": " ".join([".venv/bin/python", "bench/bench_local.py", *sys.argv[1:]]),
             "args": {"files": args.files, "dirs": args.dirs, "large_total": args.large_total,
-                     "runs": args.runs, "idle_wait_s": args.idle_wait},
+                     "runs": args.runs, "idle_wait_s": args.idle_wait, "fsync": args.fsync},
             "machine": {"cpus": os.cpu_count(), "kernel": platform.release(),
                         "python": platform.python_version(), "rclone": rc_version},
             "syncd": syncd_source(), "workdir": str(wd), "workloads": workloads, "hash": hsh,
