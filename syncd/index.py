@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -385,13 +385,16 @@ class Index:
             db.executemany("UPDATE jobs SET state='failed', attempts=?, last_error=?, "
                            "lease_owner=NULL, lease_until=NULL, updated=? WHERE id=?",
                            ((a, err, now, i) for i, err, a in failed))
-            ids = [(d.job_id,) for d in done] + [(r[0],) for r in retry] + [(f[0],) for f in failed]
-            db.executemany(
-                "UPDATE jobs SET args=next_args, next_args=NULL, state='pending', attempts=0, "
-                f"not_before={now!r}, last_error=NULL, lease_owner=NULL, lease_until=NULL, "
-                f"updated={now!r} WHERE id=? AND next_args IS NOT NULL", ids)
-            db.executemany("DELETE FROM jobs WHERE id=? AND state='leased'",
-                           ((d.job_id,) for d in done))
+            ids = [d.job_id for d in done] + [r[0] for r in retry] + [f[0] for f in failed]
+            for chunk in _chunks(ids):
+                db.execute(
+                    "UPDATE jobs SET args=next_args, next_args=NULL, state='pending', attempts=0, "
+                    "not_before=?, last_error=NULL, lease_owner=NULL, lease_until=NULL, updated=? "
+                    f"WHERE id IN ({','.join('?' * len(chunk))}) AND next_args IS NOT NULL",
+                    (now, now, *chunk))
+            for chunk in _chunks([d.job_id for d in done]):
+                db.execute(f"DELETE FROM jobs WHERE id IN ({','.join('?' * len(chunk))}) "
+                           "AND state='leased'", chunk)
 
     def job_counts(self, pair: str) -> dict[str, int]:
         rows = self.db.execute("SELECT state, count(*) FROM jobs WHERE pair=? GROUP BY state",
@@ -415,6 +418,12 @@ class Index:
         """(path, state, attempts, last_error) of every job of a pair; for tests and status."""
         return self.db.execute("SELECT path, state, attempts, last_error FROM jobs WHERE pair=? "
                                "ORDER BY path", (pair,)).fetchall()
+
+
+def _chunks(ids: list[int], n: int = 500) -> Iterator[list[int]]:
+    """Slices short enough for SQLite's bound-parameter limit."""
+    for i in range(0, len(ids), n):
+        yield ids[i:i + n]
 
 
 class _Tx:

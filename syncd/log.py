@@ -68,7 +68,17 @@ def use_json(fmt: str, stream: TextIO | None = None) -> bool:
     return not (hasattr(stream, "isatty") and stream.isatty())
 
 
+_min_level = logging.INFO
+
+
+def enabled(level: str) -> bool:
+    """Would an event at `level` be written? Lets hot loops skip building its fields."""
+    return _LEVELS[level] >= _min_level
+
+
 def setup(fmt: str = "auto", level: str = "info") -> None:
+    global _min_level
+    _min_level = _LEVELS[level]
     json_out = use_json(fmt)
     processors: list[Any] = [
         structlog.contextvars.merge_contextvars,

@@ -200,6 +200,7 @@ class Runner:
                  reporter: Reporter | None = None, log: Any = None, done_level: str = "info",
                  processes: bool = False):
         self.done_level = done_level
+        self.log_each = slog.enabled(done_level)
         self.processes = processes
         self.queue = queue
         self.pairs = pairs
@@ -292,7 +293,8 @@ class Runner:
             s = self.queue.settle(pair, outcomes)
             for o in s.done:
                 stats.add(o)
-                self._log_done(pair, o)
+                if self.log_each:
+                    self._log_done(pair, o)
             for o, not_before in s.retried:
                 stats.retries += 1
                 self.log.warning("job_retry", pair=pair, path=o.job.path, op=o.job.action.op.value,
