@@ -214,24 +214,29 @@ class LocalRemote:
             return out
         results: list[RemoteEntry | Exception | None] = [None] * len(items)
         staged: list[tuple[int, int, str, str, str, int]] = []   # i, dfd, tmp, name, path, sent
+        dirs: dict[str, int] = {}   # parent -> fd, for this call only (files of a chunk share dirs)
         try:
             for i, (path, src) in enumerate(items):
                 try:
-                    dfd, name = self._parent_fd(path, create=True)
-                except Exception as e:
-                    results[i] = e
-                    continue
-                try:
+                    check_rel_path(self.name, path)
+                    parent, _, name = path.rpartition("/")
+                    dfd = dirs.get(parent, -1)
+                    if dfd < 0:
+                        dfd, name = self._parent_fd(path, create=True)
+                        dirs[parent] = dfd
                     tmp = self._write_temp(dfd, name, path, src, fsync=False)
                 except Exception as e:
-                    os.close(dfd)
                     results[i] = e
                     continue
                 staged.append((i, dfd, tmp, name, path, src.sent))
             flush_error: Exception | None = None
-            if staged and _syncfs(staged[0][1]) != 0:
-                err = ctypes.get_errno()
-                flush_error = TransientError(f"syncfs failed: {os.strerror(err)}", remote=self.name)
+            # One syncfs per filesystem involved (a subdirectory may be another mount).
+            per_dev = {os.fstat(fd).st_dev: fd for fd in {st[1] for st in staged}}
+            for fd in per_dev.values():
+                if _syncfs(fd) != 0:
+                    err = ctypes.get_errno()
+                    flush_error = TransientError(f"syncfs failed: {os.strerror(err)}",
+                                                 remote=self.name)
             for i, dfd, tmp, name, path, sent in staged:
                 if flush_error is not None:
                     with contextlib.suppress(OSError):
@@ -243,7 +248,7 @@ class LocalRemote:
                 except Exception as e:
                     results[i] = e
         finally:
-            for _, dfd, *_rest in staged:
+            for dfd in dirs.values():
                 os.close(dfd)
         return [r if r is not None else PermanentError("not attempted", remote=self.name)
                 for r in results]
