@@ -283,7 +283,14 @@ class Runner:
             mp = multiprocessing.get_context("forkserver")
             mp.set_forkserver_preload(["syncd.transfer"])
             n = max(1, min(ctx.transfers, os.cpu_count() or 1))
-            return ProcessPoolExecutor(max_workers=n, mp_context=mp, initializer=_worker_init)
+            pool = ProcessPoolExecutor(max_workers=n, mp_context=mp, initializer=_worker_init)
+            try:   # a sandbox may forbid what multiprocessing needs: find out now, not mid-run
+                pool.submit(int).result(timeout=30)
+                return pool
+            except Exception as e:
+                pool.shutdown(wait=False, cancel_futures=True)
+                slog.get().warning("worker_processes_unavailable", error=f"{type(e).__name__}: {e}",
+                                   fallback="threads")
         return ThreadPoolExecutor(max_workers=ctx.transfers, thread_name_prefix=f"xfer-{ctx.name}")
 
     def _commit(self, buffered: dict[str, list[Outcome]], stats: RunStats) -> None:
