@@ -31,8 +31,8 @@ from syncd.scan import is_racy
 FILE, DIR = int(Kind.FILE), int(Kind.DIR)
 COMMIT_EVERY = 256          # outcomes per SQLite transaction, at most
 COMMIT_INTERVAL = 0.25      # seconds an outcome may wait for its commit
-LEASE_BATCH = 256           # jobs leased per transaction
-CHUNK_FILES = 16            # small jobs handed to a worker at once
+LEASE_BATCH = 1024          # jobs leased per transaction
+CHUNK_FILES = 64            # small jobs handed to a worker at once
 CHUNK_BYTES = 1 << 20       # ...as long as they add up to less than this
 
 
