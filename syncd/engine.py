@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from syncd import log as slog
 from syncd.config import Config, PairConfig
@@ -24,7 +24,9 @@ from syncd.queue import Queue
 from syncd.remotes import open_remote
 from syncd.remotes.base import Remote
 from syncd.scan import Matcher, hash_paths, walk
-from syncd.transfer import PairCtx, Reporter, Runner
+
+if TYPE_CHECKING:   # imported when there is something to transfer: an idle run skips it
+    from syncd.transfer import PairCtx, Reporter
 
 FILE, DIR = int(Kind.FILE), int(Kind.DIR)
 PROCESS_POOL_MIN_JOBS = 256
@@ -263,9 +265,13 @@ class Engine:
         # The views are no longer needed; on a first sync of 100k files they are most of
         # the process's memory, and the transfers can take a while.
         del actions, states, base, remote_map, plan_paths, prior, clean, w, diff, hashed
+        self.index.clear_jobs(pair.name)
+        if not first and not later:
+            return
+        from syncd.transfer import PairCtx
+
         ctx = PairCtx(pair.name, root, pair.path, remote, self.cfg.remotes[pair.remote].transfers,
                       pair.follow_symlinks)
-        self.index.clear_jobs(pair.name)
         self._run(pair, ctx, first, res)
         if later:
             if res.failures or scan_errors:
@@ -311,6 +317,8 @@ class Engine:
                                              sum(a.size for a in actions if a.op == Op.UPLOAD))
         actions.clear()   # the queue has them now
         # Worker processes pay a start-up cost (~0.1 s); worth it only for many jobs.
+        from syncd.transfer import Runner
+
         runner = Runner(self.queue, {pair.name: ctx}, sleep=self.sleep, reporter=reporter,
                         log=self.log, done_level=self.transfer_log_level,
                         processes=n_jobs >= PROCESS_POOL_MIN_JOBS)
