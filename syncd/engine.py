@@ -295,7 +295,11 @@ class Engine:
                 expected = idx.base_fps(pair.name)
             finally:
                 idx.close()
-            return diff_listing(remote.list(pair.path), expected, None if matcher.empty else keep)
+            keep_fn = None if matcher.empty else keep
+            fast = getattr(remote, "diff", None)
+            if fast is not None:
+                return fast(pair.path, expected, keep_fn)
+            return diff_listing(remote.list(pair.path), expected, keep_fn)
 
         return run
 

@@ -1,0 +1,94 @@
+"""The remote half of a reconcile: diff_listing, the local remote's one-loop diff (must
+agree with it exactly), and the forked Listing with its fallback."""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import pytest
+
+from syncd.errors import NotFound
+from syncd.listing import Listing, RemoteDiff, diff_listing
+from syncd.model import Kind, RemoteEntry
+from syncd.remotes.local import LocalRemote
+
+F, D = int(Kind.FILE), int(Kind.DIR)
+
+
+def build(root: Path, seed: int) -> None:
+    rnd = random.Random(seed)
+    for i in range(60):
+        p = root / "pfx" / f"d{rnd.randint(0, 4)}" / f"s{rnd.randint(0, 2)}" / f"f{i}"
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(os.urandom(rnd.randint(0, 50)))
+    (root / "pfx" / ".syncd-trash" / "t").mkdir(parents=True)
+    (root / "pfx" / ".syncd-trash" / "t" / "old").write_bytes(b"x")
+    (root / "pfx" / "link").symlink_to(root / "pfx" / "d0")
+    os.mkfifo(root / "pfx" / "fifo")
+
+
+def expected_from(entries: list[RemoteEntry], seed: int) -> dict[str, tuple[int, str]]:
+    """Bases that match most entries, disagree with some, and name some that are gone."""
+    rnd = random.Random(seed)
+    exp: dict[str, tuple[int, str]] = {}
+    for e in entries:
+        r = rnd.random()
+        if r < 0.7:
+            exp[e.path] = (e.kind, e.fp)
+        elif r < 0.8:
+            exp[e.path] = (e.kind, "stale")
+        elif r < 0.85:
+            exp[e.path] = (F if e.kind == D else D, e.fp)
+    for i in range(5):
+        exp[f"gone/{i}"] = (F, "1:1")
+    return exp
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_local_one_loop_diff_agrees_with_list_then_diff(tmp_path: Path, seed: int) -> None:
+    build(tmp_path, seed)
+    r = LocalRemote("t", tmp_path)
+    entries = list(r.list("pfx"))
+    exp = expected_from(entries, seed)
+    fast, slow = r.diff("pfx", exp), diff_listing(iter(entries), exp)
+    assert fast.changed == slow.changed and sorted(fast.gone) == sorted(slow.gone)
+    assert (fast.files, fast.entries) == (slow.files, slow.entries)
+    assert fast.changed and fast.gone   # the case mix really exercised both branches
+
+
+def test_diff_of_missing_prefix_reports_every_base_gone(tmp_path: Path) -> None:
+    d = LocalRemote("t", tmp_path).diff("nope", {"a": (F, "1:1")})
+    assert d.gone == ["a"] and d.changed == {} and d.files == 0
+
+
+def test_keep_filter_drops_entries_before_comparing() -> None:
+    es = [RemoteEntry("a", F, 1, 1, "x"), RemoteEntry("b.tmp", F, 1, 1, "y")]
+    d = diff_listing(iter(es), {"b.tmp": (F, "y")}, keep=lambda e: not e.path.endswith(".tmp"))
+    assert list(d.changed) == ["a"] and d.gone == ["b.tmp"] and d.files == 1
+
+
+def test_forked_listing_returns_the_childs_result() -> None:
+    d = Listing(lambda: RemoteDiff(files=7), fork=True).result()
+    assert d.files == 7
+
+
+def test_forked_listing_reraises_remote_errors_with_their_fields() -> None:
+    def boom() -> RemoteDiff:
+        raise NotFound("no such dir", remote="nas", path="x/y")
+
+    with pytest.raises(NotFound) as ei:
+        Listing(boom, fork=True).result()
+    assert ei.value.remote == "nas" and ei.value.path == "x/y"
+
+
+def test_child_crash_falls_back_to_listing_in_process() -> None:
+    pid = os.getpid()
+
+    def only_in_parent() -> RemoteDiff:
+        if os.getpid() != pid:
+            raise RuntimeError("the child cannot list")
+        return RemoteDiff(files=3)
+
+    assert Listing(only_in_parent, fork=True).result().files == 3
