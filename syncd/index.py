@@ -212,11 +212,11 @@ class Index:
                 out[r[0]] = LocalState(*r[1:])
         return out
 
-    def base_fps(self, pair: str) -> dict[str, tuple[int, str]]:
-        """(kind, remote fingerprint) of every base: what the remote listing should show."""
-        cur = self.db.execute("SELECT path, b_kind, b_fp FROM entries WHERE pair = ? AND "
-                              "b_kind IS NOT NULL", (pair,))
-        return {p: (k, f) for p, k, f in cur}
+    def base_fps(self, pair: str) -> dict[str, str]:
+        """Remote fingerprint of every base (a directory's is "dir"): what the remote
+        listing should show."""
+        return dict(self.db.execute("SELECT path, b_fp FROM entries WHERE pair = ? AND "
+                                    "b_kind IS NOT NULL", (pair,)))
 
     def load_bases(self, pair: str, paths: Iterable[str] | None = None) -> dict[str, Base]:
         """Bases of the given paths (all of the pair's when None)."""

@@ -19,6 +19,9 @@ from syncd import errors
 from syncd.model import Kind, RemoteEntry
 
 FILE = int(Kind.FILE)
+# Protocol rule: a directory's fingerprint is exactly DIR_FP and no file's ever is, so a
+# fingerprint alone tells kind and version (expected maps path -> fingerprint).
+DIR_FP = "dir"
 
 
 @dataclass
@@ -33,7 +36,7 @@ class RemoteDiff:
     entries: int = 0
 
 
-def diff_listing(entries: Iterable[RemoteEntry], expected: dict[str, tuple[int, str]],
+def diff_listing(entries: Iterable[RemoteEntry], expected: dict[str, str],
                  keep: Callable[[RemoteEntry], bool] | None = None) -> RemoteDiff:
     d = RemoteDiff()
     changed = d.changed
@@ -47,7 +50,7 @@ def diff_listing(entries: Iterable[RemoteEntry], expected: dict[str, tuple[int, 
         if e.kind == FILE:
             files += 1
         b = get(e.path)
-        if b is not None and b[0] == e.kind and b[1] == e.fp:
+        if b is not None and b == e.fp:
             matched.add(e.path)
         else:
             changed[e.path] = e

@@ -177,7 +177,7 @@ class LocalRemote:
                     if stat.S_ISREG(st.st_mode):
                         yield RemoteEntry(rel, _FILE, st.st_size, st.st_mtime_ns, _fp(st))
 
-    def diff(self, prefix: str, expected: dict[str, tuple[int, str]],
+    def diff(self, prefix: str, expected: dict[str, str],
              keep: Callable[[RemoteEntry], bool] | None = None) -> RemoteDiff:
         """What list() + listing.diff_listing() return, in one loop that builds no
         RemoteEntry for an entry matching its base: on an idle reconcile that is every
@@ -220,7 +220,7 @@ class LocalRemote:
                             n += 1
                             stack.append(rel + "/")
                             b = get(rel)
-                            if b is not None and b[0] == _DIR and b[1] == "dir":
+                            if b == "dir":
                                 matched.add(rel)
                             else:
                                 changed[rel] = RemoteEntry(rel, _DIR, 0, 0, "dir")
@@ -240,7 +240,7 @@ class LocalRemote:
                     fp = f"{st.st_size}:{st.st_mtime_ns}"
                     if b is not None:
                         matched.add(rel)
-                        if b[0] == _FILE and b[1] == fp:
+                        if b == fp:
                             continue
                     changed[rel] = RemoteEntry(rel, _FILE, st.st_size, st.st_mtime_ns, fp)
         if len(matched) < len(expected):

@@ -785,3 +785,13 @@ def test_put_many_publishes_each_and_isolates_failures(remote: Remote, peek: Pee
             assert_bytes_equal(peek.read(target), datas[target])
     assert_bytes_equal(peek.read("b/changing.bin"), old)
     assert temp_names(peek, "b") == set()
+
+
+def test_fingerprint_tells_kind(remote: Remote, upload: Upload) -> None:
+    """Protocol rule the reconcile relies on: a directory's fp is exactly DIR_FP, a file's
+    never is (bases store only the fp)."""
+    from syncd.listing import DIR_FP
+
+    upload("k/dir/file.txt", b"x")
+    for e in listing(remote, "k").values():
+        assert (e.fp == DIR_FP) == (e.kind == Kind.DIR), e

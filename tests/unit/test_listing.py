@@ -29,20 +29,20 @@ def build(root: Path, seed: int) -> None:
     os.mkfifo(root / "pfx" / "fifo")
 
 
-def expected_from(entries: list[RemoteEntry], seed: int) -> dict[str, tuple[int, str]]:
+def expected_from(entries: list[RemoteEntry], seed: int) -> dict[str, str]:
     """Bases that match most entries, disagree with some, and name some that are gone."""
     rnd = random.Random(seed)
-    exp: dict[str, tuple[int, str]] = {}
+    exp: dict[str, str] = {}
     for e in entries:
         r = rnd.random()
         if r < 0.7:
-            exp[e.path] = (e.kind, e.fp)
+            exp[e.path] = e.fp
         elif r < 0.8:
-            exp[e.path] = (e.kind, "stale")
+            exp[e.path] = "stale"
         elif r < 0.85:
-            exp[e.path] = (F if e.kind == D else D, e.fp)
+            exp[e.path] = "1:1" if e.kind == D else "dir"   # kind changed
     for i in range(5):
-        exp[f"gone/{i}"] = (F, "1:1")
+        exp[f"gone/{i}"] = "1:1"
     return exp
 
 
@@ -59,13 +59,13 @@ def test_local_one_loop_diff_agrees_with_list_then_diff(tmp_path: Path, seed: in
 
 
 def test_diff_of_missing_prefix_reports_every_base_gone(tmp_path: Path) -> None:
-    d = LocalRemote("t", tmp_path).diff("nope", {"a": (F, "1:1")})
+    d = LocalRemote("t", tmp_path).diff("nope", {"a": "1:1"})
     assert d.gone == ["a"] and d.changed == {} and d.files == 0
 
 
 def test_keep_filter_drops_entries_before_comparing() -> None:
     es = [RemoteEntry("a", F, 1, 1, "x"), RemoteEntry("b.tmp", F, 1, 1, "y")]
-    d = diff_listing(iter(es), {"b.tmp": (F, "y")}, keep=lambda e: not e.path.endswith(".tmp"))
+    d = diff_listing(iter(es), {"b.tmp": "y"}, keep=lambda e: not e.path.endswith(".tmp"))
     assert list(d.changed) == ["a"] and d.gone == ["b.tmp"] and d.files == 1
 
 
