@@ -191,7 +191,12 @@ class Engine:
         w = walk(root, clean, prior, matcher, pair.follow_symlinks)
         t.append(time.perf_counter())
         for rel, why in w.skipped:
-            log.info("entry_skipped", path=rel, reason=why)
+            log.debug("entry_skipped", path=rel, reason=why)
+        if w.skipped:   # one line at info, however many symlinks a tree holds
+            kinds: dict[str, int] = {}
+            for _, why in w.skipped:
+                kinds[why] = kinds.get(why, 0) + 1
+            log.info("entries_skipped", count=len(w.skipped), by_reason=kinds)
         for rel, why in w.unsyncable:
             log.error("entry_unsyncable", path=rel, error=why)
             res.failures.append((rel, why))
