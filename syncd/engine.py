@@ -186,25 +186,28 @@ class Engine:
         # directory remote) and reports only where the remote differs from the bases.
         t = [time.perf_counter()]
         listing = Listing(self._lister(remote, pair, matcher), fork=remote.caps.cpu_bound)
-        clean, prior = self.index.load_prior(pair.name)
-        t.append(time.perf_counter())
-        w = walk(root, clean, prior, matcher, pair.follow_symlinks)
-        t.append(time.perf_counter())
-        for rel, why in w.skipped:
-            log.debug("entry_skipped", path=rel, reason=why)
-        if w.skipped:   # one line at info, however many symlinks a tree holds
-            kinds: dict[str, int] = {}
-            for _, why in w.skipped:
-                kinds[why] = kinds.get(why, 0) + 1
-            log.info("entries_skipped", count=len(w.skipped), by_reason=kinds)
-        for rel, why in w.unsyncable:
-            log.error("entry_unsyncable", path=rel, error=why)
-            res.failures.append((rel, why))
-        for rel, why in w.errors:
-            log.error("scan_error", path=rel, error=why)
-            res.failures.append((rel, why))
-        res.skipped += len(w.skipped)
-        diff = listing.result()
+        try:
+            clean, prior = self.index.load_prior(pair.name)
+            t.append(time.perf_counter())
+            w = walk(root, clean, prior, matcher, pair.follow_symlinks)
+            t.append(time.perf_counter())
+            for rel, why in w.skipped:
+                log.debug("entry_skipped", path=rel, reason=why)
+            if w.skipped:   # one line at info, however many symlinks a tree holds
+                kinds: dict[str, int] = {}
+                for _, why in w.skipped:
+                    kinds[why] = kinds.get(why, 0) + 1
+                log.info("entries_skipped", count=len(w.skipped), by_reason=kinds)
+            for rel, why in w.unsyncable:
+                log.error("entry_unsyncable", path=rel, error=why)
+                res.failures.append((rel, why))
+            for rel, why in w.errors:
+                log.error("scan_error", path=rel, error=why)
+                res.failures.append((rel, why))
+            res.skipped += len(w.skipped)
+            diff = listing.result()
+        finally:
+            listing.close()
         t.append(time.perf_counter())
 
         # Clean entries (unchanged locally, synced, remote as recorded) need no planning;

@@ -8,8 +8,10 @@ reason other than a syncd error falls back to listing in-process.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
+import signal
 import struct
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -112,6 +114,17 @@ class Listing:
             # The child died or hit something unexpected: list here instead.
         self._result = self._run()
         return self._result
+
+    def close(self) -> None:
+        """Stop and reap a child whose result was never asked for (the parent failed)."""
+        if self._pid:
+            with contextlib.suppress(OSError):
+                os.kill(self._pid, signal.SIGKILL)
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(self._pid, 0)
+            self._pid = 0
 
     def _collect(self) -> Any:
         try:
