@@ -6,6 +6,7 @@ from __future__ import annotations
 import fcntl
 import os
 import socket
+import sqlite3
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -158,6 +159,10 @@ class Engine:
             res.status, res.message = "failed", str(e)
             res.failures.append((e.path or ".", str(e)))
             self.log.error("pair_failed", error=str(e))
+        except (OSError, sqlite3.Error) as e:   # e.g. the local root vanished mid-scan
+            res.status, res.message = "failed", f"{type(e).__name__}: {e}"
+            res.failures.append((".", res.message))
+            self.log.error("pair_failed", error=res.message, exc_info=e)
         finally:
             res.duration_s = time.perf_counter() - t0
             structlog.contextvars.unbind_contextvars("pair")
@@ -185,7 +190,8 @@ class Engine:
         # The remote listing runs alongside the local walk (in a child process for a
         # directory remote) and reports only where the remote differs from the bases.
         t = [time.perf_counter()]
-        listing = Listing(self._lister(remote, pair, matcher), fork=remote.caps.cpu_bound)
+        listing = Listing(self._lister(remote, pair, matcher), fork=remote.caps.cpu_bound,
+                          detach=self.index.detached)
         try:
             clean, prior = self.index.load_prior(pair.name)
             t.append(time.perf_counter())
@@ -205,6 +211,10 @@ class Engine:
                 log.error("scan_error", path=rel, error=why)
                 res.failures.append((rel, why))
             res.skipped += len(w.skipped)
+            if "" in w.error_prefixes:
+                why = next(e for p, e in w.errors if p == ".")
+                raise SafetyError(pair.name, f"the local root {root} cannot be read ({why})",
+                                  "the root readable (permissions, mount)")
             diff = listing.result()
         finally:
             listing.close()
@@ -237,13 +247,6 @@ class Engine:
         res.scanned = len(w.seen)
         scan_errors = bool(w.errors or hashed.errors)
 
-        if not opts.dry_run:
-            changed: list[tuple[str, LocalState, bool]] = list(hashed.updates)
-            changed += [(p, s, False) for p, s in states.items()
-                        if s.kind == DIR and (p not in prior or prior[p][1] != DIR)]
-            if changed or removed:
-                self.index.save_scan(pair.name, changed, removed)
-
         caps = remote.caps
         policy = Policy(delete=pair.delete,
                         trash_stamp=time.strftime("%Y-%m-%dT%H%M%SZ", time.gmtime(self.clock())),
@@ -258,6 +261,12 @@ class Engine:
                       meta.st_dev if meta else None, pair.max_delete.limit(diff.files),
                       str(pair.max_delete))
         self._trip(pair, facts, opts, actions)
+        if not opts.dry_run:   # only after the guard: a tripped run changes nothing
+            changed: list[tuple[str, LocalState, bool]] = list(hashed.updates)
+            changed += [(p, s, False) for p, s in states.items()
+                        if s.kind == DIR and (p not in prior or prior[p][1] != DIR)]
+            if changed or removed:
+                self.index.save_scan(pair.name, changed, removed)
         if (meta is None or meta.st_dev != w.root_dev) and not opts.dry_run:
             self.index.set_pair_meta(pair.name, root, w.root_dev)
 
@@ -268,8 +277,9 @@ class Engine:
             res.status, res.plan = "planned", [a for a in actions if a.op != Op.FORGET]
             return
 
-        first = [a for a in actions if a.op not in DELETING_OPS and a.op != Op.RMDIR]
-        later = [a for a in actions if a.op in DELETING_OPS or a.op == Op.RMDIR]
+        late = (*DELETING_OPS, Op.RMDIR, Op.CLEANUP)
+        first = [a for a in actions if a.op not in late]
+        later = [a for a in actions if a.op in late]
         # The views are no longer needed; on a first sync of 100k files they are most of
         # the process's memory, and the transfers can take a while.
         del actions, states, base, remote_map, plan_paths, prior, clean, w, diff, hashed
@@ -293,8 +303,23 @@ class Engine:
     def _lister(self, remote: Remote, pair: PairConfig, matcher: Matcher) -> Callable[[], RemoteDiff]:
         db_file = self.index.path
 
+        ignored_dirs: dict[str, bool] = {}
+
+        def dir_ignored(d: str) -> bool:
+            # gitignore: nothing under an excluded directory can be re-included, and the
+            # local walk never enters one, so the listing must not see inside it either.
+            v = ignored_dirs.get(d)
+            if v is None:
+                parent = d.rpartition("/")[0]
+                v = (bool(parent) and dir_ignored(parent)) or matcher(d + "/")
+                ignored_dirs[d] = v
+            return v
+
         def keep(e: RemoteEntry) -> bool:
-            return not matcher(e.path + "/" if e.kind == DIR else e.path)
+            parent = e.path.rpartition("/")[0]
+            if parent and dir_ignored(parent):
+                return False
+            return not (dir_ignored(e.path) if e.kind == DIR else matcher(e.path))
 
         def run() -> RemoteDiff:
             # Its own connection: this may run in a forked child.

@@ -95,16 +95,25 @@ def action_from_json(path: str, s: str) -> Action:
 class Index:
     def __init__(self, path: Path, migrations: Sequence[str] = MIGRATIONS):
         self.path = path
+        self.db = self._connect()
+        self._migrate(migrations)
+
+    def _connect(self) -> sqlite3.Connection:
         try:
-            self.db = sqlite3.connect(str(path), isolation_level=None, timeout=30.0)
+            db = sqlite3.connect(str(self.path), isolation_level=None, timeout=30.0)
         except sqlite3.Error as e:
-            raise IndexError_(f"cannot open state index {path}: {e}") from None
-        self.db.execute("PRAGMA journal_mode=WAL")
+            raise IndexError_(f"cannot open state index {self.path}: {e}") from None
+        db.execute("PRAGMA journal_mode=WAL")
         # NORMAL in WAL mode survives a process crash; a power cut may lose the newest
         # commits, which only makes base older (a re-upload), never wrong.
-        self.db.execute("PRAGMA synchronous=NORMAL")
-        self.db.execute("PRAGMA foreign_keys=ON")
-        self._migrate(migrations)
+        db.execute("PRAGMA synchronous=NORMAL")
+        db.execute("PRAGMA foreign_keys=ON")
+        return db
+
+    def detached(self) -> _Detached:
+        """Close the connection for the duration of a fork(): SQLite must not carry an open
+        connection (its lock and shared-memory state) into a child process."""
+        return _Detached(self)
 
     @classmethod
     def open(cls, state_dir: Path) -> Index:
@@ -424,6 +433,17 @@ def _chunks(ids: list[int], n: int = 500) -> Iterator[list[int]]:
     """Slices short enough for SQLite's bound-parameter limit."""
     for i in range(0, len(ids), n):
         yield ids[i:i + n]
+
+
+class _Detached:
+    def __init__(self, index: Index):
+        self.index = index
+
+    def __enter__(self) -> None:
+        self.index.db.close()
+
+    def __exit__(self, *_: object) -> None:
+        self.index.db = self.index._connect()
 
 
 class _Tx:

@@ -67,17 +67,27 @@ def diff_listing(entries: Iterable[RemoteEntry], expected: dict[str, str],
 class Listing:
     """A listing under way: `result()` returns the RemoteDiff or raises its error."""
 
-    def __init__(self, run: Callable[[], RemoteDiff], fork: bool):
+    def __init__(self, run: Callable[[], RemoteDiff], fork: bool,
+                 detach: Callable[[], Any] | None = None):
         self._run = run
         self._pid = 0
         self._fd = -1
         self._result: RemoteDiff | None = None
         if fork and hasattr(os, "fork"):
-            self._start_child()
+            if detach is None:
+                self._start_child()
+            else:
+                with detach():   # e.g. close the SQLite connection across the fork
+                    self._start_child()
 
     def _start_child(self) -> None:
         r, w = os.pipe()
-        pid = os.fork()
+        try:
+            pid = os.fork()
+        except OSError:   # EAGAIN/ENOMEM: list in-process instead
+            os.close(r)
+            os.close(w)
+            return
         if pid == 0:  # child: list, send, leave without running any parent cleanup
             code = 0
             try:

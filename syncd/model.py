@@ -96,8 +96,8 @@ class Job(NamedTuple):
 def phase(a: Action) -> int:
     """Execution order between jobs of one pair: writes, then deletes (only after every
     write succeeded), then directory removals deepest first."""
-    if a.op in (Op.DELETE, Op.TRASH):
-        return 1
+    if a.op in (Op.DELETE, Op.TRASH, Op.CLEANUP):
+        return 1   # CLEANUP too: a temp name may belong to an upload of this same run
     if a.op == Op.RMDIR:
         return 2 + max(0, 1000 - a.path.count("/"))
     return 0

@@ -83,7 +83,7 @@ class Walk:
     error_prefixes: list[str] = field(default_factory=list)  # subtrees we could not read
 
     def under_error(self, rel: str) -> bool:
-        return any(rel == p or rel.startswith(p + "/") for p in self.error_prefixes)
+        return any(p == "" or rel == p or rel.startswith(p + "/") for p in self.error_prefixes)
 
     def removed(self, clean: dict[str, int], other: dict[str, PriorRow]) -> list[str]:
         """Prior paths not found now (excluding subtrees we could not read)."""

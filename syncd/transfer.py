@@ -12,6 +12,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import (
     FIRST_COMPLETED,
+    BrokenExecutor,
     Executor,
     Future,
     ProcessPoolExecutor,
@@ -22,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from syncd import log as slog
-from syncd.errors import Conflict, PermanentError
+from syncd.errors import Conflict, PermanentError, TransientError
 from syncd.model import Base, Job, Kind, LocalState, Op, RemoteEntry
 from syncd.queue import Outcome, Queue
 from syncd.remotes.base import Remote, Source, join, move
@@ -219,7 +220,7 @@ class Runner:
         # small chunks, so per-file overhead is a few list operations, not a transaction and
         # a thread wake-up per file.
         ready: dict[str, deque[Job]] = {r: deque() for r in by_remote}
-        inflight: dict[Future[list[Outcome]], str] = {}
+        inflight: dict[Future[list[Outcome]], tuple[str, list[Job]]] = {}
         buffered: dict[str, list[Outcome]] = {}
         count = 0
         last_commit = time.monotonic()
@@ -230,10 +231,15 @@ class Runner:
                     q = ready[r]
                     if len(q) < LEASE_BATCH // 2:
                         q.extend(self.queue.lease(LEASE_BATCH - len(q), ps))
-                    busy = sum(1 for rr in inflight.values() if rr == r)
+                    busy = sum(1 for rr, _ in inflight.values() if rr == r)
                     while q and busy < 2 * transfers:
                         chunk = _take_chunk(q)
-                        inflight[pools[r].submit(_execute_chunk, chunk, self.pairs)] = r
+                        try:
+                            fut = pools[r].submit(_execute_chunk, chunk, self.pairs)
+                        except BrokenExecutor:
+                            pools[r] = self._replace_broken(pools[r], self.pairs[ps[0]])
+                            fut = pools[r].submit(_execute_chunk, chunk, self.pairs)
+                        inflight[fut] = (r, chunk)
                         busy += 1
                 if not inflight:
                     if count:
@@ -248,8 +254,15 @@ class Runner:
                 finished, _ = wait(list(inflight), timeout=COMMIT_INTERVAL,
                                    return_when=FIRST_COMPLETED)
                 for f in finished:
-                    del inflight[f]
-                    for o in f.result():
+                    r, chunk = inflight.pop(f)
+                    try:
+                        outcomes = f.result()
+                    except Exception as e:  # a worker process died (OOM kill, ...)
+                        if isinstance(e, BrokenExecutor):
+                            pools[r] = self._replace_broken(pools[r], self.pairs[chunk[0].pair])
+                        err = TransientError(f"worker died: {type(e).__name__}: {e}")
+                        outcomes = [Outcome(j, error=err) for j in chunk]
+                    for o in outcomes:
                         buffered.setdefault(o.job.pair, []).append(o)
                         count += 1
                 if count >= COMMIT_EVERY or (
@@ -261,16 +274,24 @@ class Runner:
                 f.cancel()
             for p in pools.values():
                 p.shutdown(wait=True, cancel_futures=True)
-            for f in inflight:   # chunks that finished while we were stopping
+            unfinished: list[int] = []
+            for f, (_, chunk) in inflight.items():   # chunks that finished while we stopped
                 if f.done() and not f.cancelled() and f.exception() is None:
                     for o in f.result():
                         buffered.setdefault(o.job.pair, []).append(o)
                         count += 1
+                else:
+                    unfinished += [j.id for j in chunk]
             if count:
                 self._commit(buffered, stats)
-            # Jobs leased into memory but never started go back to the queue at once.
-            self.queue.release([j.id for q in ready.values() for j in q])
+            # Jobs leased but never finished go back to the queue at once.
+            self.queue.release(unfinished + [j.id for q in ready.values() for j in q])
         return stats
+
+    def _replace_broken(self, pool: Executor, ctx: PairCtx) -> Executor:
+        self.log.warning("worker_processes_lost", pair=ctx.name, fallback="threads")
+        pool.shutdown(wait=False, cancel_futures=True)
+        return self._pool(ctx, processes=False)
 
     @staticmethod
     def _pool(ctx: PairCtx, processes: bool) -> Executor:

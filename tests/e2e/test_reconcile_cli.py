@@ -312,3 +312,17 @@ def test_many_files_go_through_worker_processes(setup: Setup) -> None:
     (setup.src / "d2" / "f2.bin").unlink()
     r = setup.reconcile()
     assert r.code == 0 and r.summary["uploaded"] == 1 and r.summary["trashed"] == 1
+
+
+def test_unreadable_local_root_stops_the_pair_and_keeps_the_index(setup: Setup) -> None:
+    populate(setup)
+    assert setup.reconcile().code == 0
+    os.chmod(setup.src, 0)
+    try:
+        r = setup.reconcile(prefix=without_dac_override())
+    finally:
+        os.chmod(setup.src, 0o755)
+    assert r.code == 4 and "cannot be read" in r.summary["message"]
+    assert tree(setup.mirror) == FILES
+    r = setup.reconcile()
+    assert r.code == 0 and r.summary["uploaded"] == 0 and r.summary["adopted"] == 0

@@ -171,3 +171,18 @@ def test_lost_index_adopts_equal_remote_files_without_sending(tmp_path: Path) ->
     remote = Faulty(dst)
     res = engine(cfg, remote, clock).reconcile(cfg.pairs[0], Options())
     assert res.status == "ok" and res.uploaded == 0 and res.adopted == 12 + 3 and remote.puts == []
+
+
+def test_nothing_under_an_ignored_dir_is_deleted_even_if_a_rule_reincludes_it(tmp_path: Path) -> None:
+    cfg, src, dst = setup(tmp_path, FILES)
+    cfg = cfg.__class__(cfg.source, cfg.daemon, cfg.remotes, (cfg.pairs[0].__class__(
+        **{**{f: getattr(cfg.pairs[0], f) for f in cfg.pairs[0].__slots__},
+           "ignore": ("node_modules", "!node_modules/keep.txt"), "delete": "propagate"}),))
+    keep = dst / "docs" / "node_modules" / "keep.txt"
+    keep.parent.mkdir(parents=True)
+    keep.write_bytes(b"on the remote only")
+    (src / "node_modules").mkdir()
+    (src / "node_modules" / "keep.txt").write_bytes(b"local, inside an ignored dir")
+    res = engine(cfg, None, Clock()).reconcile(cfg.pairs[0], Options())
+    assert res.status == "ok" and res.uploaded == 12 and res.deleted == 0
+    assert keep.read_bytes() == b"on the remote only"
