@@ -23,7 +23,7 @@ from syncd.errors import (
     TransientError,
     UnavailableError,
 )
-from syncd.listing import RemoteDiff, diff_listing
+from syncd.listing import DIR_FP, RemoteDiff, diff_listing
 from syncd.model import TMP_PREFIX, TRASH_DIR, Kind, RemoteEntry
 from syncd.remotes.base import Capabilities, Source, check_rel_path, temp_name
 
@@ -49,7 +49,7 @@ _FILE, _DIR = int(Kind.FILE), int(Kind.DIR)
 
 
 def _fp(st: os.stat_result) -> str:
-    return f"{st.st_size}:{st.st_mtime_ns}"
+    return f"{st.st_size}:{st.st_mtime_ns}"   # diff() inlines this on its hot path
 
 
 class LocalRemote:
@@ -137,7 +137,10 @@ class LocalRemote:
             raise UnavailableError(f"root directory {self.root} is not writable by this user",
                                    remote=self.name)
 
-    def list(self, prefix: str) -> Iterator[RemoteEntry]:
+    def _walk(self, prefix: str) -> Iterator[tuple[str, os.stat_result | None]]:
+        """(relative path, stat) of every regular file and (path, None) of every directory
+        under root/prefix; symlinks and the pair's trash are skipped. A missing prefix is
+        an empty tree."""
         if prefix:
             check_rel_path(self.name, prefix)
             try:
@@ -166,7 +169,7 @@ class LocalRemote:
                         if entry.is_symlink():
                             continue
                         if entry.is_dir(follow_symlinks=False):
-                            yield RemoteEntry(rel, _DIR, 0, 0, "dir")
+                            yield rel, None
                             stack.append(rel + "/")
                             continue
                         st = entry.stat(follow_symlinks=False)
@@ -174,75 +177,40 @@ class LocalRemote:
                         continue
                     except OSError as e:
                         raise self._err(e, rel) from None
-                    if stat.S_ISREG(st.st_mode):
-                        yield RemoteEntry(rel, _FILE, st.st_size, st.st_mtime_ns, _fp(st))
+                    if (st.st_mode & 0o170000) == 0o100000:
+                        yield rel, st
+
+    def list(self, prefix: str) -> Iterator[RemoteEntry]:
+        for rel, st in self._walk(prefix):
+            if st is None:
+                yield RemoteEntry(rel, _DIR, 0, 0, DIR_FP)
+            else:
+                yield RemoteEntry(rel, _FILE, st.st_size, st.st_mtime_ns, _fp(st))
 
     def diff(self, prefix: str, expected: dict[str, str],
              keep: Callable[[RemoteEntry], bool] | None = None) -> RemoteDiff:
-        """What list() + listing.diff_listing() return, in one loop that builds no
-        RemoteEntry for an entry matching its base: on an idle reconcile that is every
-        entry, and this loop is the remote half of the no-op's critical path."""
+        """What list() + listing.diff_listing() return, without building a RemoteEntry for
+        an entry matching its base: on an idle reconcile that is every entry, and this
+        loop is the remote half of the no-op's critical path."""
         if keep is not None:   # ignore rules need entries; take the general path
             return diff_listing(self.list(prefix), expected, keep)
         d = RemoteDiff()
         changed, get = d.changed, expected.get
         matched: set[str] = set()
         files = n = 0
-        if prefix:
-            check_rel_path(self.name, prefix)
-            try:
-                os.close(self._open_dir(prefix, create=False))
-            except FileNotFoundError:
-                d.gone = list(expected)
-                return d
-            except OSError as e:
-                raise self._err(e, prefix) from None
-        top = os.path.join(self.root, prefix) if prefix else self.root
-        stack = [""]
-        while stack:
-            rel_dir = stack.pop()
-            try:
-                it = os.scandir(os.path.join(top, rel_dir) if rel_dir else top)
-            except FileNotFoundError:
+        for rel, st in self._walk(prefix):
+            n += 1
+            b = get(rel)
+            if b is not None:
+                matched.add(rel)
+            if st is None:
+                if b != DIR_FP:
+                    changed[rel] = RemoteEntry(rel, _DIR, 0, 0, DIR_FP)
                 continue
-            except OSError as e:
-                raise self._err(e, rel_dir or prefix) from None
-            with it:
-                for entry in it:
-                    name = entry.name
-                    rel = rel_dir + name
-                    if not rel_dir and name == TRASH_DIR:
-                        continue
-                    try:
-                        if entry.is_symlink():
-                            continue
-                        if entry.is_dir(follow_symlinks=False):
-                            n += 1
-                            stack.append(rel + "/")
-                            b = get(rel)
-                            if b == "dir":
-                                matched.add(rel)
-                            else:
-                                changed[rel] = RemoteEntry(rel, _DIR, 0, 0, "dir")
-                                if b is not None:
-                                    matched.add(rel)
-                            continue
-                        st = entry.stat(follow_symlinks=False)
-                    except FileNotFoundError:
-                        continue
-                    except OSError as e:
-                        raise self._err(e, rel) from None
-                    if (st.st_mode & 0o170000) != 0o100000:
-                        continue
-                    n += 1
-                    files += 1
-                    b = get(rel)
-                    fp = f"{st.st_size}:{st.st_mtime_ns}"
-                    if b is not None:
-                        matched.add(rel)
-                        if b == fp:
-                            continue
-                    changed[rel] = RemoteEntry(rel, _FILE, st.st_size, st.st_mtime_ns, fp)
+            files += 1
+            fp = f"{st.st_size}:{st.st_mtime_ns}"
+            if b != fp:
+                changed[rel] = RemoteEntry(rel, _FILE, st.st_size, st.st_mtime_ns, fp)
         if len(matched) < len(expected):
             d.gone = [p for p in expected if p not in matched]
         d.files, d.entries = files, n
@@ -257,7 +225,7 @@ class LocalRemote:
         finally:
             os.close(dfd)
         if stat.S_ISDIR(st.st_mode):
-            return RemoteEntry(path, _DIR, 0, 0, "dir")
+            return RemoteEntry(path, _DIR, 0, 0, DIR_FP)
         if not stat.S_ISREG(st.st_mode):
             raise Conflict("not a regular file", remote=self.name, path=path)
         return RemoteEntry(path, _FILE, st.st_size, st.st_mtime_ns, _fp(st))
@@ -401,7 +369,7 @@ class LocalRemote:
             os.close(self._open_dir(path, create=True))
         except OSError as e:
             raise self._err(e, path) from None
-        return RemoteEntry(path, _DIR, 0, 0, "dir")
+        return RemoteEntry(path, _DIR, 0, 0, DIR_FP)
 
     def delete(self, paths: Sequence[str]) -> None:
         for path in paths:
