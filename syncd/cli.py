@@ -10,7 +10,7 @@ from typing import Annotated, Any
 
 import typer
 
-from syncd.errors import ConfigError, SyncdError, UsageError
+from syncd.errors import SyncdError, UsageError
 
 EXIT_OK, EXIT_FAILURES, EXIT_USAGE, EXIT_REMOTE, EXIT_SAFETY, EXIT_INTERNAL = 0, 1, 2, 3, 4, 70
 
@@ -236,8 +236,4 @@ def version() -> None:
 
 
 def main() -> None:
-    try:
-        app()
-    except ConfigError as e:  # pragma: no cover - commands already guard; belt and braces
-        _err(str(e))
-        sys.exit(EXIT_USAGE)
+    app()

@@ -213,8 +213,9 @@ class Engine:
             res.skipped += len(w.skipped)
             if "" in w.error_prefixes:
                 why = next(e for p, e in w.errors if p == ".")
-                raise SafetyError(pair.name, f"the local root {root} cannot be read ({why})",
-                                  "the root readable (permissions, mount)")
+                raise SafetyError(pair.name, f"the local root cannot be read ({why})",
+                                  "make it readable by this user (permissions, mount)",
+                                  self._where(pair))
             diff = listing.result()
         finally:
             listing.close()
@@ -340,7 +341,10 @@ class Engine:
               actions: list[Action] | None = None) -> None:
         trip = check_safety(actions or [], facts, opts.allow_mass_delete, opts.allow_device_change)
         if trip is not None:
-            raise SafetyError(pair.name, trip.reason, trip.override)
+            raise SafetyError(pair.name, trip.reason, trip.override, self._where(pair))
+
+    def _where(self, pair: PairConfig) -> str:
+        return f"local {pair.local} -> remote '{pair.remote}' path '{pair.path or '/'}'"
 
     def _run(self, pair: PairConfig, ctx: PairCtx, actions: list[Action], res: PairResult) -> None:
         if not actions:
@@ -378,7 +382,3 @@ class Engine:
 
 def _ms(a: float, b: float) -> int:
     return int((b - a) * 1000)
-
-
-def open_engine_index(cfg: Config) -> Index:
-    return Index.open(cfg.daemon.state_dir)

@@ -52,12 +52,15 @@ class SafetyError(SyncdError):
 
     exit_code = 4
 
-    def __init__(self, pair: str, reason: str, override: str):
+    def __init__(self, pair: str, reason: str, override: str, where: str = ""):
         self.pair = pair
         self.reason = reason
         self.override = override
-        super().__init__(f"pair '{pair}' stopped: {reason}; nothing was changed. "
-                         f"If this is intended, re-run once with {override}")
+        # A flag is a one-run override; anything else is what to fix before re-running.
+        todo = (f"If this is intended, re-run once with {override}" if override.startswith("--")
+                else f"To go on: {override}, then re-run")
+        at = f" ({where})" if where else ""
+        super().__init__(f"pair '{pair}'{at} stopped: {reason}; nothing was changed. {todo}")
 
 
 class SourceChanged(SyncdError):

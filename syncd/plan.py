@@ -134,7 +134,7 @@ def check_safety(actions: list[Action], f: Facts, allow_mass_delete: bool = Fals
                  allow_device_change: bool = False) -> Trip | None:
     if not f.root_exists:
         return Trip("the local root does not exist (unmounted disk? wrong path?)",
-                    "a fixed [[sync]] local path")
+                    "mount the disk or fix the [[sync]] local path")
     if f.recorded_dev is not None and f.root_dev != f.recorded_dev and not allow_device_change:
         return Trip(f"the local root is now on a different device (st_dev {f.root_dev}, "
                     f"recorded {f.recorded_dev}): an unmounted disk shows its empty mount point",
