@@ -368,35 +368,31 @@ def bench_sync(wd: Path, name: str, runs: int, rclone: str | None) -> dict[str, 
     logs.mkdir(exist_ok=True)
     res: dict[str, list[Proc]] = {k: [] for k in ("syncd_first", "syncd_noop",
                                                   "rclone_first", "rclone_noop")}
+
+    def first_then_noop(tool: str, r: int, run: Any, dst: Path) -> None:
+        """One timed first sync into a fresh `dst`, then the no-op right after it."""
+        for phase in ("first", "noop"):
+            p = run(phase, f"{tool}-{name}-{phase}-{r}")
+            res[f"{tool}_{phase}"].append(p)
+            note(name, r, runs, f"{tool} {'no-op' if phase == 'noop' else phase}", p)
+        if r == 0:
+            check_copy(src, dst, tool)
+        if not keep:
+            shutil.rmtree(dst)
+
     for r in range(runs):
         cfg, sdst, state = write_config(wd, name, r)
         fresh_dir(sdst)
         if state.exists():
             shutil.rmtree(state)
-        p = run_syncd(cfg, logs, f"syncd-{name}-first-{r}", files)
-        res["syncd_first"].append(p)
-        note(name, r, runs, "syncd first", p)
-        p = run_syncd(cfg, logs, f"syncd-{name}-noop-{r}", 0)
-        res["syncd_noop"].append(p)
-        note(name, r, runs, "syncd no-op", p)
-        if r == 0:
-            check_copy(src, sdst, "syncd")
-        if not keep:
-            shutil.rmtree(sdst)
+        first_then_noop("syncd", r, lambda phase, tag, cfg=cfg: run_syncd(
+            cfg, logs, tag, files if phase == "first" else 0), sdst)
         if rclone is None:
             continue
         rdst = wd / "dst" / name / f"rclone-{r}"
         fresh_dir(rdst)
-        p = run_rclone(rclone, src, rdst, logs, f"rclone-{name}-first-{r}")
-        res["rclone_first"].append(p)
-        note(name, r, runs, "rclone first", p)
-        p = run_rclone(rclone, src, rdst, logs, f"rclone-{name}-noop-{r}")
-        res["rclone_noop"].append(p)
-        note(name, r, runs, "rclone no-op", p)
-        if r == 0:
-            check_copy(src, rdst, "rclone")
-        if not keep:
-            shutil.rmtree(rdst)
+        first_then_noop("rclone", r, lambda _phase, tag, rdst=rdst: run_rclone(
+            rclone, src, rdst, logs, tag), rdst)
     shutil.rmtree(wd / "dst" / name)  # untimed; the next workload creates only a few files
     return res
 
