@@ -174,8 +174,8 @@ class Index:
     # --- entries --------------------------------------------------------------------------
 
     def load(self, pair: str) -> tuple[dict[str, LocalState], set[str], dict[str, Base]]:
-        """Everything the index knows about a pair: local states, the paths whose local
-        state is racy (must be re-hashed), and bases, by path."""
+        """Everything the index knows about a pair, as objects: local states, racy paths,
+        bases. For tests and tools; reconciles use load_prior/load_bases (cheaper)."""
         local: dict[str, LocalState] = {}
         racy: set[str] = set()
         base: dict[str, Base] = {}

@@ -133,9 +133,7 @@ def _uploaded(o: Outcome, src: Source, entry: RemoteEntry, started: int) -> None
 def _upload(o: Outcome, ctx: PairCtx, rp: str, now_ns: Callable[[], int]) -> None:
     started = now_ns()
     src = _open_source(o, ctx)
-    if src is None:
-        if o.error is not None:
-            raise o.error
+    if src is None:   # vanished or unreadable: _open_source filled in the outcome
         return
     with src:
         entry = ctx.remote.put(rp, src)
