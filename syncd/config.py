@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import math
 import os
+import re
 import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,7 +21,7 @@ from syncd.errors import ConfigError
 from syncd.units import parse_duration
 
 REMOTE_TYPES = ("local", "sftp", "s3", "ftp")
-IMPLEMENTED_REMOTE_TYPES = ("local",)
+IMPLEMENTED_REMOTE_TYPES = ("local", "sftp")
 MODES = ("push", "pull", "bidirectional")
 IMPLEMENTED_MODES = ("push",)
 DELETE_POLICIES = ("trash", "propagate", "keep")
@@ -245,7 +246,12 @@ PAIR_KEYS = ("name", "local", "remote", "path", "mode", "delete", "max_delete", 
 REMOTE_COMMON_KEYS = ("type", "transfers")
 REMOTE_TYPE_KEYS: dict[str, tuple[str, ...]] = {
     "local": ("path", "fsync"),
+    "sftp": ("host", "port", "user", "root", "key_file", "passphrase_env", "password_env",
+             "use_agent", "known_hosts", "host_key_policy", "timeout", "fsync"),
 }
+HOST_KEY_POLICIES = ("strict", "accept-new")
+# Secrets never live in the config file: these keys get a pointer to the *_env key instead.
+SECRET_KEYS = {"password": "password_env", "passphrase": "passphrase_env"}
 
 
 def parse_config(data: dict[str, Any], source: str, env: dict[str, str]) -> Config:
@@ -295,6 +301,10 @@ def _parse_remotes(v: _V, t: dict[str, Any]) -> dict[str, RemoteConfig]:
         key = f"remotes.{name}"
         r = v.table(raw, key)
         typ = v.choice(r, "type", key, REMOTE_TYPES)
+        for k, instead in SECRET_KEYS.items():
+            if k in r and instead in REMOTE_TYPE_KEYS.get(typ, ()):
+                raise v.fail(f"{key}.{k}", f"secrets are never read from the config file; put "
+                             f"it in an environment variable and set {instead} = \"VAR_NAME\"")
         if typ not in IMPLEMENTED_REMOTE_TYPES:
             raise v.fail(f"{key}.type", f"remote type '{typ}' is not available in this version "
                          f"of syncd (available: {', '.join(IMPLEMENTED_REMOTE_TYPES)})")
@@ -304,8 +314,38 @@ def _parse_remotes(v: _V, t: dict[str, Any]) -> dict[str, RemoteConfig]:
         if typ == "local":
             options["path"] = v.path(r, "path", key)
             options["fsync"] = v.boolean(r, "fsync", key, True)
+        elif typ == "sftp":
+            options.update(_parse_sftp(v, r, key))
         out[name] = RemoteConfig(name=name, type=typ, transfers=transfers, options=options)
     return out
+
+
+def _parse_sftp(v: _V, r: dict[str, Any], key: str) -> dict[str, Any]:
+    host = v.string(r, "host", key).strip()
+    if not host or any(c.isspace() for c in host) or "@" in host or "/" in host:
+        raise v.fail(f"{key}.host", f"'{host}' is not a host name or address (put the user "
+                     "in 'user' and the port in 'port')")
+    o: dict[str, Any] = {
+        "host": host,
+        "port": v.integer(r, "port", key, 22, lo=1, hi=65535),
+        "user": v.string(r, "user", key, ""),
+        "root": v.string(r, "root", key, ".") or ".",
+        "key_file": str(v.path(r, "key_file", key)) if "key_file" in r else "",
+        "use_agent": v.boolean(r, "use_agent", key, True),
+        "known_hosts": str(v.path(r, "known_hosts", key, "~/.ssh/known_hosts")),
+        "host_key_policy": v.choice(r, "host_key_policy", key, HOST_KEY_POLICIES, "strict"),
+        "timeout": v.parsed(r, "timeout", key, "30s", parse_duration),
+        "fsync": v.boolean(r, "fsync", key, False),
+    }
+    for k in ("passphrase_env", "password_env"):
+        name = v.string(r, k, key, "")
+        if name and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+            raise v.fail(f"{key}.{k}", f"'{name}' is not an environment variable name; give "
+                         "the variable's name (e.g. \"SYNCD_BACKUP_PASSWORD\"), not its value")
+        o[k] = name
+    if o["timeout"] <= 0:
+        raise v.fail(f"{key}.timeout", "must be more than 0")
+    return o
 
 
 def _parse_pair(v: _V, t: dict[str, Any], key: str, remotes: dict[str, RemoteConfig]) -> PairConfig:

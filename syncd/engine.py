@@ -130,7 +130,7 @@ class Engine:
         if name in self.unavailable:
             raise self.unavailable[name]
         if name not in self.remotes:
-            r = open_remote(self.cfg.remotes[name])
+            r = open_remote(self.cfg.remotes[name], str(self.cfg.daemon.state_dir))
             try:
                 r.check()
             except UnavailableError as e:

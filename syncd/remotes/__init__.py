@@ -11,10 +11,14 @@ if TYPE_CHECKING:
     from syncd.remotes.base import Remote
 
 
-def open_remote(cfg: RemoteConfig) -> Remote:
+def open_remote(cfg: RemoteConfig, state_dir: str = "") -> Remote:
     if cfg.type == "local":
         from syncd.remotes.local import LocalRemote
 
         return LocalRemote(cfg.name, cfg.options["path"], fsync=cfg.options.get("fsync", True))
+    if cfg.type == "sftp":
+        from syncd.remotes.sftp import SFTPOptions, SFTPRemote
+
+        return SFTPRemote(cfg.name, SFTPOptions(**cfg.options, state_dir=state_dir))
     raise ConfigError(f"remote type '{cfg.type}' is not available in this version",
                       key=f"remotes.{cfg.name}.type")

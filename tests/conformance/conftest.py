@@ -170,9 +170,30 @@ def _make_local(request: pytest.FixtureRequest) -> Harness:
     return Harness(LocalRemote("test", root), LocalPeek(root, outside))
 
 
+# --- sftp: a real OpenSSH sshd on 127.0.0.1 serving a temp dir ------------------------------
+
+
+def _make_sftp(request: pytest.FixtureRequest) -> Harness:
+    from syncd.remotes.sftp import SFTPOptions, SFTPRemote
+
+    srv = request.getfixturevalue("sshd")
+    tmp_path: Path = request.getfixturevalue("tmp_path")
+    base = tmp_path / "remote"
+    root = base / "root"
+    outside = base / "outside"
+    root.mkdir(parents=True)
+    outside.mkdir()
+    opts = SFTPOptions(host=srv.host, port=srv.port, user=srv.user, root=str(root),
+                       key_file=str(srv.client_key), known_hosts=str(srv.known_hosts),
+                       use_agent=False, timeout=10.0)
+    # The server runs on this machine, so the plain filesystem is an out-of-band view.
+    return Harness(SFTPRemote("test", opts), LocalPeek(root, outside))
+
+
 # One entry per backend; this is the only list to extend.
 BACKENDS = [
     pytest.param(_make_local, id="local"),
+    pytest.param(_make_sftp, id="sftp"),
 ]
 
 _HARNESS = pytest.StashKey[Harness]()

@@ -1,0 +1,929 @@
+"""The `sftp` remote: an SSH server reached with paramiko, host key checked against
+known_hosts, files published atomically (exclusive temp name + posix-rename), requests
+pipelined over a small pool of SFTP channels on one SSH connection.
+
+paramiko supplies SSH (transport, kex, ciphers, auth, agent); the SFTP protocol itself is
+`sftp_wire`, which keeps hundreds of requests in flight instead of one.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import hashlib
+import os
+import socket
+import threading
+from collections import deque
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from syncd import log as slog
+from syncd.errors import (
+    AuthError,
+    Conflict,
+    HostKeyError,
+    NotFound,
+    PathEscape,
+    PermanentError,
+    RemoteError,
+    SourceChanged,
+    TransientError,
+    UnavailableError,
+)
+from syncd.listing import DIR_FP
+from syncd.model import TMP_PREFIX, TRASH_DIR, Kind, RemoteEntry
+from syncd.remotes import sftp_wire as w
+from syncd.remotes.base import Capabilities, Source, check_rel_path, temp_name
+
+_FILE, _DIR = int(Kind.FILE), int(Kind.DIR)
+_SEC = 1_000_000_000
+KEEPALIVE_S = 15
+WRITE_WINDOW = 32                # WRITE requests in flight per large upload (x 255 KiB)
+READ_WINDOW = 32
+DIR_WINDOW = 32                  # directories listed at once
+_PREFERRED_CIPHERS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com")
+
+
+@dataclass(frozen=True, slots=True)
+class SFTPOptions:
+    host: str
+    port: int = 22
+    user: str = ""
+    root: str = "."
+    key_file: str = ""
+    passphrase_env: str = ""
+    password_env: str = ""
+    use_agent: bool = True
+    known_hosts: str = "~/.ssh/known_hosts"
+    host_key_policy: str = "strict"         # strict | accept-new
+    timeout: float = 30.0
+    fsync: bool = False
+    state_dir: str = ""                     # where accept-new records keys
+
+
+def fingerprint(key: Any) -> str:
+    """OpenSSH's SHA256 fingerprint of a host key (as `ssh-keygen -lf` prints it)."""
+    digest = hashlib.sha256(key.asbytes()).digest()
+    return "SHA256:" + base64.b64encode(digest).decode().rstrip("=")
+
+
+def _fp(size: int, mtime_s: int) -> str:
+    return f"{size}:{mtime_s * _SEC}"
+
+
+class SFTPRemote:
+    caps = Capabilities(dirs=True, move=True, mtime_precision_ns=_SEC, atomic_put=True,
+                        cpu_bound=False)
+
+    def __init__(self, name: str, opts: SFTPOptions, env: dict[str, str] | None = None):
+        self.name = name
+        self.o = opts
+        self.env = dict(os.environ) if env is None else env
+        self._lock = threading.Lock()
+        self._free = threading.Condition(self._lock)
+        self._transport: Any = None
+        self._idle: list[w.Session] = []
+        self._sessions = 0              # open on the current transport
+        self._max_sessions = 64
+        self._generation = 0            # bumps on every reconnect
+        self.root = b""                 # canonical (symlink-free) absolute root, from the server
+        self.log = slog.get()
+
+    @property
+    def where(self) -> str:
+        return f"{self.o.user or '?'}@{self.o.host}:{self.o.port}"
+
+    # --- connection -----------------------------------------------------------------------
+
+    def check(self) -> None:
+        """Connect, authenticate and make sure the root exists; errors say which and why."""
+        try:
+            with self._session("") as ss:
+                st = ss.attrs(ss.lstat(self.root))
+        except TransientError as e:
+            raise UnavailableError(e.reason, remote=self.name) from None
+        except UnavailableError:
+            raise
+        except RemoteError as e:
+            raise UnavailableError(e.reason, remote=self.name) from None
+        if st.kind != w.S_IFDIR:
+            raise UnavailableError(f"root {self.o.root} on {self.where} is not a directory",
+                                   remote=self.name)
+
+    def _connect(self) -> Any:
+        """A fresh authenticated transport; called with the lock held."""
+        import paramiko
+
+        o = self.o
+        try:
+            sock = socket.create_connection((o.host, o.port), timeout=o.timeout)
+        except socket.gaierror as e:
+            raise TransientError(f"cannot resolve host {o.host}: {e.strerror}",
+                                 remote=self.name) from None
+        except TimeoutError:
+            raise TransientError(f"connecting to {o.host}:{o.port} timed out after {o.timeout:g} s",
+                                 remote=self.name) from None
+        except OSError as e:
+            raise TransientError(f"cannot connect to {o.host}:{o.port}: {e.strerror or e}",
+                                 remote=self.name) from None
+        t = paramiko.Transport(sock)
+        try:
+            t.banner_timeout = t.handshake_timeout = o.timeout
+            t.auth_timeout = o.timeout
+            opts = t.get_security_options()
+            have = tuple(opts.ciphers)
+            opts.ciphers = tuple(c for c in _PREFERRED_CIPHERS if c in have) + tuple(
+                c for c in have if c not in _PREFERRED_CIPHERS)
+            known = self._known_keys()
+            if known:   # ask for a key type we can check, as OpenSSH does
+                types = tuple(opts.key_types)
+                opts.key_types = tuple(k for k in known if k in types) + tuple(
+                    k for k in types if k not in known)
+            try:
+                t.start_client(timeout=o.timeout)
+            except (paramiko.SSHException, OSError, EOFError) as e:
+                raise TransientError(f"SSH handshake with {o.host}:{o.port} failed: "
+                                     f"{e or type(e).__name__}", remote=self.name) from None
+            self._verify_host_key(t.get_remote_server_key(), known)
+            self._authenticate(t)
+            t.set_keepalive(KEEPALIVE_S)
+            return t
+        except BaseException:
+            t.close()
+            raise
+
+    def _host_names(self) -> list[str]:
+        o = self.o
+        return [o.host] if o.port == 22 else [f"[{o.host}]:{o.port}"]
+
+    def _known_files(self) -> list[Path]:
+        files = [Path(self.o.known_hosts).expanduser()]
+        if self.o.state_dir:
+            files.append(Path(self.o.state_dir) / "known_hosts")
+        return files
+
+    def _known_keys(self) -> dict[str, Any]:
+        """key type -> key recorded for this host in known_hosts (and syncd's own file)."""
+        from paramiko.hostkeys import HostKeyEntry, HostKeys
+
+        out: dict[str, Any] = {}
+        for f in self._known_files():
+            try:
+                lines = f.read_text(encoding="utf-8", errors="replace").splitlines()
+            except FileNotFoundError:
+                continue
+            except OSError as e:
+                raise HostKeyError(f"cannot read known_hosts file {f}: {e.strerror}",
+                                   remote=self.name) from None
+            hk = HostKeys()
+            for n, line in enumerate(lines, 1):
+                line = line.strip()
+                if not line or line.startswith(("#", "@")):   # @cert-authority/@revoked: not supported
+                    continue
+                with contextlib.suppress(Exception):          # a line paramiko can't parse
+                    e = HostKeyEntry.from_line(line, n)
+                    if e is not None:
+                        hk._entries.append(e)
+            for name in self._host_names():
+                found = hk.lookup(name)
+                if found:
+                    for typ in found:
+                        out.setdefault(typ, found[typ])
+        return out
+
+    def _verify_host_key(self, key: Any, known: dict[str, Any]) -> None:
+        o = self.o
+        fp = fingerprint(key)
+        typ = key.get_name()
+        name = self._host_names()[0]
+        files = " or ".join(str(f) for f in self._known_files())
+        if known:
+            if known.get(typ) == key:
+                return
+            raise HostKeyError(
+                f"HOST KEY MISMATCH for {name}: the server offered {typ} {fp}, which differs "
+                f"from the key recorded in {files}. This could be an attack (someone in the "
+                f"middle) or a reinstalled server. Check the key with the server's admin; if "
+                f"it is legitimate, remove the old entry (ssh-keygen -R '{name}' -f FILE) and "
+                f"run again", remote=self.name)
+        if o.host_key_policy == "accept-new" and o.state_dir:
+            self._record_key(name, key)
+            self.log.warning("host_key_accepted", remote=self.name, host=name, key_type=typ,
+                             fingerprint=fp, file=str(self._known_files()[-1]))
+            return
+        port = f" -p {o.port}" if o.port != 22 else ""
+        raise HostKeyError(
+            f"unknown host key for {name}: {typ} {fp}. Verify this fingerprint with the "
+            f"server's admin, then add it: ssh-keyscan{port} {o.host} >> {self._known_files()[0]} "
+            f"(or set host_key_policy = \"accept-new\" to trust the first key seen)",
+            remote=self.name)
+
+    def _record_key(self, name: str, key: Any) -> None:
+        f = self._known_files()[-1]
+        f.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(f, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        try:
+            os.write(fd, f"{name} {key.get_name()} {key.get_base64()}\n".encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def _authenticate(self, t: Any) -> None:
+        import paramiko
+
+        o = self.o
+        user = o.user or _login_name()
+        tried: list[str] = []
+        allowed: list[str] | None = None
+
+        def attempt(what: str, fn: Any, *args: Any) -> bool:
+            nonlocal allowed
+            tried.append(what)
+            try:
+                fn(user, *args)
+            except paramiko.BadAuthenticationType as e:
+                allowed = list(e.allowed_types)
+            except paramiko.AuthenticationException:
+                pass
+            except (paramiko.SSHException, OSError, EOFError) as e:
+                raise TransientError(f"connection lost during authentication: {e}",
+                                     remote=self.name) from None
+            return bool(t.is_authenticated())
+
+        passphrase = None
+        if o.passphrase_env:
+            passphrase = self._env(o.passphrase_env, "passphrase_env")
+        keys: list[tuple[str, Any]] = []
+        if o.key_file:
+            keys.append((f"key {o.key_file}", self._load_key(o.key_file, passphrase, explicit=True)))
+        for what, key in keys:
+            if attempt(what, t.auth_publickey, key):
+                return
+        if o.use_agent and self.env.get("SSH_AUTH_SOCK"):
+            try:
+                agent_keys = paramiko.Agent().get_keys()
+            except Exception:   # an unreachable agent is not fatal: other methods may work
+                agent_keys = ()
+            for i, key in enumerate(agent_keys):
+                if attempt(f"agent key {i + 1}", t.auth_publickey, key):
+                    return
+        if not o.key_file:   # like ssh: the default identities when none is configured
+            for n in ("id_ed25519", "id_ecdsa", "id_rsa"):
+                p = Path("~/.ssh").expanduser() / n
+                if p.exists():
+                    key = self._load_key(str(p), passphrase, explicit=False)
+                    if key is not None and attempt(f"key {p}", t.auth_publickey, key):
+                        return
+        if o.password_env:
+            pw = self._env(o.password_env, "password_env")
+            if attempt(f"password from ${o.password_env}", t.auth_password, pw):
+                return
+        methods = f"; the server accepts: {', '.join(allowed)}" if allowed else ""
+        raise AuthError(f"authentication as '{user}' on {o.host}:{o.port} failed (tried: "
+                        f"{', '.join(tried) or 'nothing: set key_file, password_env or run an ssh agent'}"
+                        f"){methods}", remote=self.name)
+
+    def _env(self, var: str, key: str) -> str:
+        val = self.env.get(var)
+        if val is None:
+            raise AuthError(f"environment variable {var} (remotes.{self.name}.{key}) is not set",
+                            remote=self.name)
+        return val
+
+    def _load_key(self, path: str, passphrase: str | None, explicit: bool) -> Any:
+        import paramiko
+
+        p = Path(path).expanduser()
+        try:
+            return paramiko.PKey.from_path(p, passphrase)
+        except FileNotFoundError:
+            raise AuthError(f"key file {p} does not exist", remote=self.name) from None
+        except PermissionError:
+            raise AuthError(f"key file {p} is not readable by this user", remote=self.name) from None
+        except (paramiko.PasswordRequiredException, TypeError):
+            if not explicit:
+                return None
+            raise AuthError(f"key file {p} is encrypted: set remotes.{self.name}.passphrase_env "
+                            "to the name of an environment variable holding its passphrase",
+                            remote=self.name) from None
+        except (paramiko.SSHException, ValueError) as e:
+            if not explicit:
+                return None
+            why = "wrong passphrase or unsupported key" if passphrase else str(e)
+            raise AuthError(f"cannot load key file {p}: {why}", remote=self.name) from None
+
+    @contextlib.contextmanager
+    def _session(self, path: str) -> Iterator[w.Session]:
+        """A session for one user at a time; protocol errors become syncd errors naming
+        `path`, and a lost connection is transient (the next call reconnects)."""
+        ss = self._take()
+        ok = False
+        try:
+            yield ss
+            ok = True
+        except w.ConnectionLost as e:
+            raise TransientError(f"{e} ({self.where})", remote=self.name, path=path) from None
+        except w.StatusError as e:
+            raise self._status_error(e, path) from None
+        finally:
+            self._give(ss, ok or not ss.broken)
+
+    def _take(self) -> w.Session:
+        with self._lock:
+            while True:
+                t = self._transport
+                if t is not None and not t.is_active():
+                    self._drop_transport()
+                    t = None
+                if t is None:
+                    self._transport = t = self._connect()
+                    self._generation += 1
+                    self._sessions = 0
+                    self._idle.clear()
+                    self.root = b""
+                if self._idle:
+                    return self._idle.pop()
+                if self._sessions < self._max_sessions:
+                    self._sessions += 1
+                    break
+                self._free.wait(self.o.timeout)
+            gen = self._generation
+        try:
+            ss = self._open_session(t)
+        except BaseException:
+            with self._lock:
+                if gen == self._generation:
+                    self._sessions -= 1
+                    self._free.notify()
+            raise
+        ss.generation = gen   # type: ignore[attr-defined]
+        if not self.root:
+            try:
+                canon = ss.realpath_name(ss.realpath(self.o.root.encode()))
+                self.root = canon.rstrip(b"/") or b"/"
+            except w.StatusError as e:
+                self._give(ss, True)
+                if e.code == w.NO_SUCH_FILE:
+                    raise UnavailableError(f"root directory {self.o.root} does not exist on "
+                                           f"{self.where}; syncd never creates a remote root",
+                                           remote=self.name) from None
+                raise UnavailableError(f"root directory {self.o.root} on {self.where}: {e}",
+                                       remote=self.name) from None
+            except w.ConnectionLost as e:
+                self._give(ss, False)
+                raise TransientError(f"{e} ({self.where})", remote=self.name) from None
+        return ss
+
+    def _open_session(self, t: Any) -> w.Session:
+        import paramiko
+
+        try:
+            ch = t.open_session(window_size=16 << 20, max_packet_size=256 << 10,
+                                timeout=self.o.timeout)
+            ch.settimeout(self.o.timeout)
+            ch.invoke_subsystem("sftp")
+        except paramiko.ChannelException as e:
+            with self._lock:   # the server caps sessions per connection: use fewer
+                self._max_sessions = max(1, self._sessions - 1)
+            raise TransientError(f"server refused another SFTP channel: {e}",
+                                 remote=self.name) from None
+        except (paramiko.SSHException, OSError, EOFError) as e:
+            raise TransientError(f"opening an SFTP channel on {self.where} failed: {e}",
+                                 remote=self.name) from None
+        ss = w.Session(ch)
+        try:
+            ss.start()
+        except w.WireError as e:
+            ss.close_channel()
+            raise TransientError(f"SFTP subsystem on {self.where} failed to start: {e} (is "
+                                 "'Subsystem sftp' enabled in sshd_config?)",
+                                 remote=self.name) from None
+        return ss
+
+    def _give(self, ss: w.Session, reusable: bool) -> None:
+        with self._lock:
+            current = getattr(ss, "generation", -1) == self._generation
+            if reusable and not ss.broken and current:
+                self._idle.append(ss)
+            else:
+                ss.close_channel()
+                if current:
+                    self._sessions -= 1
+                    if ss.broken:   # a broken channel usually means a dead connection
+                        t = self._transport
+                        if t is not None and not t.is_active():
+                            self._drop_transport()
+            self._free.notify()
+
+    def _drop_transport(self) -> None:
+        for ss in self._idle:
+            ss.close_channel()
+        self._idle.clear()
+        t, self._transport = self._transport, None
+        self._sessions = 0
+        self._generation += 1
+        if t is not None:
+            with contextlib.suppress(Exception):
+                t.close()
+
+    def close(self) -> None:
+        with self._lock:
+            self._drop_transport()
+
+    # --- errors and paths ------------------------------------------------------------------
+
+    def _status_error(self, e: w.StatusError, path: str) -> RemoteError:
+        msg = f"{e} ({self.where})"
+        if e.code == w.NO_SUCH_FILE:
+            return NotFound(msg, remote=self.name, path=path)
+        if e.code in (w.NO_CONNECTION, w.CONNECTION_LOST):
+            return TransientError(msg, remote=self.name, path=path)
+        return PermanentError(msg, remote=self.name, path=path)
+
+    def _abs(self, rel: str) -> bytes:
+        return self.root + b"/" + rel.encode("utf-8", "surrogateescape") if rel else self.root
+
+    def _check_dirs(self, ss: w.Session, dirs: set[str], create: bool) -> dict[str, RemoteError]:
+        """Make sure each directory (relative) is a real directory under the root, with no
+        symlink on the way: REALPATH must give back exactly root/dir. Missing ones are
+        created when `create`. Returns the directories that failed, with why."""
+        bad: dict[str, RemoteError] = {}
+        todo = sorted(d for d in dirs if d)
+        # REALPATH resolves every symlink on the way (and allows a missing last component);
+        # LSTAT says whether the directory itself exists and is one. Both in one round trip.
+        rids = [(d, ss.realpath(self._abs(d)), ss.lstat(self._abs(d))) for d in todo]
+        missing: list[str] = []
+        for d, rp_rid, st_rid in rids:
+            try:
+                got = ss.realpath_name(rp_rid)
+            except w.StatusError as e:
+                ss.discard([st_rid])
+                if e.code == w.NO_SUCH_FILE:
+                    missing.append(d)
+                else:
+                    bad[d] = self._status_error(e, d)
+                continue
+            try:
+                kind = ss.attrs(st_rid).kind
+            except w.StatusError as e:
+                if got != self._abs(d):
+                    kind = w.S_IFLNK      # leads elsewhere: refused below
+                elif e.code == w.NO_SUCH_FILE:
+                    missing.append(d)
+                    continue
+                else:
+                    bad[d] = self._status_error(e, d)
+                    continue
+            if got != self._abs(d) or kind == w.S_IFLNK:
+                bad[d] = PathEscape("a directory on the way is a symlink (or the path leads "
+                                    "outside the root); refusing to follow it",
+                                    remote=self.name, path=d)
+            elif kind != w.S_IFDIR:
+                bad[d] = Conflict(f"exists and is not a directory ({self.where})",
+                                  remote=self.name, path=d)
+        for d in missing:
+            try:
+                self._make_dirs(ss, d, create)
+            except RemoteError as e:
+                bad[d] = e
+        return bad
+
+    def _make_dirs(self, ss: w.Session, d: str, create: bool) -> None:
+        """For a missing directory: check its deepest existing ancestor the same way as
+        any parent (a symlink there is an escape), then create the rest (mkdir -p) or
+        raise NotFound."""
+        parts = d.split("/")
+        i = len(parts) - 1
+        while i > 0:
+            anc = "/".join(parts[:i])
+            bad = self._check_dirs(ss, {anc}, create=False)
+            if anc not in bad:
+                break
+            if not isinstance(bad[anc], NotFound):
+                raise bad[anc]
+            i -= 1
+        if not create:
+            raise NotFound(f"no such directory ({self.where})", remote=self.name, path=d)
+        for j in range(max(i, 0) + 1, len(parts) + 1):
+            sub = "/".join(parts[:j])
+            try:
+                ss.status(ss.mkdir(self._abs(sub), w.encode_attrs(perms=0o755)))
+            except w.StatusError as e:
+                # Someone may have made it meanwhile: accept only a real directory.
+                try:
+                    a = ss.attrs(ss.lstat(self._abs(sub)))
+                except w.StatusError:
+                    raise self._status_error(e, sub) from None
+                if a.kind == w.S_IFLNK:
+                    raise PathEscape("a directory on the way is a symlink; refusing to follow it",
+                                     remote=self.name, path=sub) from None
+                if a.kind != w.S_IFDIR:
+                    raise Conflict(f"exists and is not a directory ({self.where})",
+                                   remote=self.name, path=sub) from None
+
+    def _parent_ok(self, ss: w.Session, path: str, create: bool) -> str:
+        """Check a relative path and its parent directory; returns the parent."""
+        check_rel_path(self.name, path)
+        parent = path.rpartition("/")[0]
+        if parent:
+            bad = self._check_dirs(ss, {parent}, create)
+            if parent in bad:
+                err = bad[parent]
+                if isinstance(err, NotFound):
+                    raise NotFound(f"no such file or directory ({self.where})", remote=self.name,
+                                   path=path)
+                raise err
+        return parent
+
+    # --- protocol: reads --------------------------------------------------------------------
+
+    def _entry(self, rel: str, a: w.Attrs) -> RemoteEntry:
+        if a.kind == w.S_IFDIR:
+            return RemoteEntry(rel, _DIR, 0, 0, DIR_FP)
+        if a.kind != w.S_IFREG:
+            raise Conflict("not a regular file or directory", remote=self.name, path=rel)
+        size, mtime = a.size or 0, a.mtime or 0
+        return RemoteEntry(rel, _FILE, size, mtime * _SEC, _fp(size, mtime))
+
+    def stat(self, path: str) -> RemoteEntry:
+        with self._session(path) as ss:
+            self._parent_ok(ss, path, create=False)
+            try:
+                a = ss.attrs(ss.lstat(self._abs(path)))
+            except w.StatusError as e:
+                raise self._status_error(e, path) from None
+            return self._entry(path, a)
+
+    def list(self, prefix: str) -> Iterator[RemoteEntry]:
+        """Every file and directory under root/prefix (symlinks and the pair's trash
+        skipped), directories listed many at a time on one channel."""
+        with self._session(prefix) as ss:
+            if prefix:
+                check_rel_path(self.name, prefix)
+                bad = self._check_dirs(ss, {prefix}, create=False)
+                if prefix in bad:
+                    if isinstance(bad[prefix], NotFound):
+                        return iter(())
+                    raise bad[prefix]
+            out = self._walk(ss, prefix)
+        return iter(out)
+
+    def _walk(self, ss: w.Session, prefix: str) -> list[RemoteEntry]:
+        top = self._abs(prefix)
+        out: list[RemoteEntry] = []
+        todo: deque[str] = deque([""])
+        inflight: deque[tuple[int, str, bytes | None]] = deque()   # rid, rel dir, handle
+        closes: list[int] = []
+        opened = 0
+        while todo or inflight:
+            while todo and opened < DIR_WINDOW:
+                rel_dir = todo.popleft()
+                path = top + b"/" + rel_dir.encode("utf-8", "surrogateescape") if rel_dir else top
+                inflight.append((ss.opendir(path), rel_dir, None))
+                opened += 1
+            rid, rel_dir, handle = inflight.popleft()
+            if handle is None:
+                try:
+                    h = ss.handle(rid)
+                except w.StatusError as e:
+                    opened -= 1
+                    if e.code == w.NO_SUCH_FILE:   # vanished while we listed
+                        continue
+                    raise
+                inflight.append((ss.readdir(h), rel_dir, h))
+                continue
+            names = ss.names(rid)
+            if names is None:
+                closes.append(ss.close(handle))
+                opened -= 1
+                continue
+            inflight.append((ss.readdir(handle), rel_dir, handle))
+            base = rel_dir + "/" if rel_dir else ""
+            for raw, a in names:
+                if raw in (b".", b".."):
+                    continue
+                name = raw.decode("utf-8", "surrogateescape")
+                kind = a.kind
+                if kind == w.S_IFDIR:
+                    if not rel_dir and name == TRASH_DIR:
+                        continue
+                    rel = base + name
+                    out.append(RemoteEntry(rel, _DIR, 0, 0, DIR_FP))
+                    todo.append(rel)
+                elif kind == w.S_IFREG:
+                    size, mtime = a.size or 0, a.mtime or 0
+                    out.append(RemoteEntry(base + name, _FILE, size, mtime * _SEC,
+                                           f"{size}:{mtime * _SEC}"))
+        ss.discard(closes)
+        return out
+
+    def get(self, path: str, dest: str) -> RemoteEntry:
+        with self._session(path) as ss:
+            self._parent_ok(ss, path, create=False)
+            ap = self._abs(path)
+            try:
+                a = ss.attrs(ss.lstat(ap))
+            except w.StatusError as e:
+                raise self._status_error(e, path) from None
+            if a.kind != w.S_IFREG:
+                raise Conflict("not a regular file", remote=self.name, path=path)
+            h = ss.handle(ss.open(ap, w.O_READ))
+            try:
+                a = ss.attrs(ss.fstat(h))
+                if a.kind != w.S_IFREG:   # swapped between lstat and open
+                    raise Conflict("not a regular file", remote=self.name, path=path)
+                size = self._read_into(ss, h, dest, path, a.size or 0)
+            finally:
+                if not ss.broken:
+                    ss.discard([ss.close(h)])
+            return RemoteEntry(path, _FILE, size, (a.mtime or 0) * _SEC, _fp(size, a.mtime or 0))
+
+    def _read_into(self, ss: w.Session, h: bytes, dest: str, path: str, hint: int) -> int:
+        """Pipelined READs into `dest`; `hint` (the size fstat gave) bounds how far ahead
+        to ask. A short read means end of file, or a server that reads less per request:
+        then the rest is asked for again from where it stopped."""
+        n = ss.max_read
+        try:
+            fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        except OSError as e:
+            raise PermanentError(f"cannot write local file {dest}: {e.strerror}",
+                                 path=path) from None
+        try:
+            off = end = 0
+            pending: deque[tuple[int, int]] = deque()
+            while True:
+                while len(pending) < READ_WINDOW and (off <= hint or not pending):
+                    pending.append((ss.read(h, off, n), off))
+                    off += n
+                rid, at = pending.popleft()
+                data = ss.data(rid)
+                if data:
+                    os.pwrite(fd, data, at)
+                    end = max(end, at + len(data))
+                if len(data) == n:
+                    continue
+                ss.discard([r for r, _ in pending])
+                pending.clear()
+                if not data:
+                    break
+                off = at + len(data)
+            os.ftruncate(fd, end)
+            os.fsync(fd)
+            return end
+        except OSError as e:
+            raise PermanentError(f"cannot write local file {dest}: {e.strerror}",
+                                 path=path) from None
+        finally:
+            os.close(fd)
+
+    # --- protocol: writes -------------------------------------------------------------------
+
+    def mkdir(self, path: str) -> RemoteEntry:
+        check_rel_path(self.name, path)
+        with self._session(path) as ss:
+            bad = self._check_dirs(ss, {path}, create=True)
+            if path in bad:
+                raise bad[path]
+        return RemoteEntry(path, _DIR, 0, 0, DIR_FP)
+
+    def put(self, path: str, source: Source) -> RemoteEntry:
+        r = self.put_many([(path, source)])[0]
+        if isinstance(r, Exception):
+            raise r
+        return r
+
+    def put_many(self, items: Sequence[tuple[str, Source]]) -> list[RemoteEntry | Exception]:
+        """Upload several files with their requests interleaved on one channel: all temp
+        files opened at once, written, stamped and closed at once, then each one whose
+        bytes were confirmed is renamed into place. Per item: its RemoteEntry or error."""
+        results: list[RemoteEntry | Exception | None] = [None] * len(items)
+        try:
+            with self._session(items[0][0] if items else "") as ss:
+                self._put_batch(ss, items, results)
+        except RemoteError as e:   # the connection went: everything unfinished is retried
+            for i, r in enumerate(results):
+                if r is None:
+                    results[i] = e if not e.path or e.path == items[i][0] else type(e)(
+                        e.reason, remote=self.name, path=items[i][0])
+        return [r if r is not None else PermanentError("not attempted", remote=self.name)
+                for r in results]
+
+    def _put_batch(self, ss: w.Session, items: Sequence[tuple[str, Source]],
+                   results: list[RemoteEntry | Exception | None]) -> None:
+        live: list[int] = []
+        parents: dict[int, str] = {}
+        for i, (path, _) in enumerate(items):
+            try:
+                check_rel_path(self.name, path)
+            except PathEscape as e:
+                results[i] = e
+                continue
+            parents[i] = path.rpartition("/")[0]
+            live.append(i)
+        bad = self._check_dirs(ss, set(parents.values()), create=True)
+        live = [i for i in live if not _fail(results, i, bad.get(parents[i]), items[i][0])]
+
+        # 1. open every temp file exclusively (O_EXCL never follows a planted symlink);
+        #    a leftover temp of ours is removed and opened again.
+        tmps = {i: self._tmp(items[i][0]) for i in live}
+        flags = w.O_WRITE | w.O_CREAT | w.O_EXCL
+        attrs = w.encode_attrs(perms=0o600)
+        handles: dict[int, bytes] = {}
+        rids = [(i, ss.open(tmps[i], flags, attrs)) for i in live]
+        retry = []
+        for i, rid in rids:
+            try:
+                handles[i] = ss.handle(rid)
+            except w.StatusError as e:
+                if e.code == w.FAILURE:      # exists: a temp left by a crash
+                    retry.append(i)
+                else:
+                    results[i] = self._status_error(e, items[i][0])
+        if retry:
+            removes = [ss.remove(tmps[i]) for i in retry]
+            rids = [(i, ss.open(tmps[i], flags, attrs)) for i in retry]
+            ss.discard(removes)
+            for i, rid in rids:
+                try:
+                    handles[i] = ss.handle(rid)
+                except w.StatusError as e:
+                    results[i] = self._status_error(e, items[i][0])
+
+        # 2. stream, verify the source, stamp, confirm size and close.
+        done: dict[int, tuple[list[int], int, int]] = {}   # i -> (status rids, fstat rid, close)
+        for i in [i for i in live if i in handles]:
+            path, src = items[i]
+            h = handles[i]
+            try:
+                writes = self._stream(ss, h, src)
+                src.verify()
+            except (SourceChanged, RemoteError) as e:
+                results[i] = e
+                ss.discard([ss.close(h), ss.remove(tmps[i])])
+                continue
+            except w.StatusError as e:
+                results[i] = self._status_error(e, path)
+                ss.discard([ss.close(h), ss.remove(tmps[i])])
+                continue
+            stamp = w.encode_attrs(perms=src.mode & 0o777, mtime=src.mtime_ns // _SEC)
+            rids2 = [ss.fsetstat(h, stamp)]
+            if self.o.fsync and "fsync@openssh.com" in ss.extensions:
+                rids2.append(ss.fsync(h))
+            done[i] = (writes + rids2, ss.fstat(h), ss.close(h))
+        confirmed: dict[int, w.Attrs] = {}
+        for i, (status_rids, fstat_rid, close_rid) in done.items():
+            path, src = items[i]
+            try:
+                for rid in status_rids:
+                    ss.status(rid)
+                a = ss.attrs(fstat_rid)
+                ss.status(close_rid)
+            except w.StatusError as e:
+                ss.discard([*status_rids, fstat_rid, close_rid])
+                results[i] = self._status_error(e, path)
+                ss.discard([ss.remove(tmps[i])])
+                continue
+            if a.size != src.sent:
+                results[i] = TransientError(f"server stored {a.size} bytes, sent {src.sent}",
+                                            remote=self.name, path=path)
+                ss.discard([ss.remove(tmps[i])])
+                continue
+            confirmed[i] = a
+
+        # 3. publish: rename each confirmed temp over its target.
+        renames = [(i, ss.rename(tmps[i], self._abs(items[i][0]))) for i in confirmed]
+        fallback = []
+        for i, rid in renames:
+            path = items[i][0]
+            try:
+                ss.status(rid)
+            except w.StatusError as e:
+                if e.code == w.FAILURE and not ss.atomic_rename:
+                    fallback.append(i)   # plain RENAME refuses to replace: remove, then rename
+                    continue
+                results[i] = self._publish_error(ss, e, path)
+                ss.discard([ss.remove(tmps[i])])
+                continue
+            results[i] = self._entry(path, confirmed[i])
+        for i in fallback:
+            path = items[i][0]
+            try:
+                ss.discard([ss.remove(self._abs(path))])
+                ss.status(ss.rename(tmps[i], self._abs(path)))
+                results[i] = self._entry(path, confirmed[i])
+            except w.StatusError as e:
+                results[i] = self._publish_error(ss, e, path)
+                ss.discard([ss.remove(tmps[i])])
+
+    def _publish_error(self, ss: w.Session, e: w.StatusError, path: str) -> RemoteError:
+        """A failed rename onto `path`: a directory in the way is a Conflict."""
+        with contextlib.suppress(w.StatusError):
+            if ss.attrs(ss.lstat(self._abs(path))).kind == w.S_IFDIR:
+                return Conflict(f"a directory is in the way ({self.where})", remote=self.name,
+                                path=path)
+        return self._status_error(e, path)
+
+    def _stream(self, ss: w.Session, h: bytes, src: Source) -> list[int]:
+        """Send the source's bytes as pipelined WRITEs; returns the ids still unconfirmed.
+        At most WRITE_WINDOW writes are in flight, so a large file streams in constant
+        memory; their statuses are checked as they come back."""
+        n = ss.max_write
+        off = 0
+        pending: deque[int] = deque()
+        while True:
+            data = src.read(n)
+            if not data:
+                break
+            pending.append(ss.write(h, off, data))
+            off += len(data)
+            while len(pending) >= WRITE_WINDOW:
+                ss.status(pending.popleft())
+        return list(pending)
+
+    def _tmp(self, path: str) -> bytes:
+        parent, _, name = path.rpartition("/")
+        return self._abs(f"{parent}/{temp_name(name)}" if parent else temp_name(name))
+
+    def delete(self, paths: Sequence[str]) -> None:
+        if not paths:
+            return
+        for p in paths:
+            check_rel_path(self.name, p)
+        with self._session(paths[0]) as ss:
+            bad = self._check_dirs(ss, {p.rpartition("/")[0] for p in paths}, create=False)
+            for p in paths:
+                e = bad.get(p.rpartition("/")[0])
+                if e is not None and not isinstance(e, NotFound):
+                    raise type(e)(e.reason, remote=self.name, path=p)
+            rids = [(p, ss.remove(self._abs(p))) for p in paths
+                    if p.rpartition("/")[0] not in bad]
+            first: RemoteError | None = None
+            for p, rid in rids:
+                try:
+                    ss.status(rid)
+                except w.StatusError as e:
+                    if e.code != w.NO_SUCH_FILE:
+                        first = first or self._publish_error(ss, e, p)
+            if first is not None:
+                raise first
+
+    def rmdir(self, path: str) -> bool:
+        with self._session(path) as ss:
+            try:
+                self._parent_ok(ss, path, create=False)
+            except NotFound:
+                return True
+            ap = self._abs(path)
+            try:
+                a = ss.attrs(ss.lstat(ap))
+            except w.StatusError as e:
+                if e.code == w.NO_SUCH_FILE:
+                    return True
+                raise
+            if a.kind != w.S_IFDIR:
+                raise Conflict("not a directory", remote=self.name, path=path)
+            try:
+                ss.status(ss.rmdir(ap))
+            except w.StatusError as e:
+                if e.code == w.NO_SUCH_FILE:
+                    return True
+                if e.code == w.FAILURE:   # not empty (OpenSSH maps ENOTEMPTY to FAILURE)
+                    return False
+                raise
+            return True
+
+    def move(self, src: str, dst: str) -> None:
+        with self._session(f"{src} -> {dst}") as ss:
+            self._parent_ok(ss, src, create=False)
+            self._parent_ok(ss, dst, create=True)
+            try:
+                ss.status(ss.rename(self._abs(src), self._abs(dst)))
+            except w.StatusError as e:
+                if e.code == w.FAILURE and not ss.atomic_rename:
+                    ss.discard([ss.remove(self._abs(dst))])
+                    ss.status(ss.rename(self._abs(src), self._abs(dst)))
+                else:
+                    raise
+
+
+def _fail(results: list[Any], i: int, err: RemoteError | None, path: str) -> bool:
+    if err is None:
+        return False
+    results[i] = type(err)(err.reason, remote=err.remote, path=path)
+    return True
+
+
+def _login_name() -> str:
+    import getpass
+
+    try:
+        return getpass.getuser()
+    except Exception:   # no user name in the environment or passwd: let the server refuse
+        return str(os.getuid())
+
+
+__all__ = ["TMP_PREFIX", "SFTPOptions", "SFTPRemote", "fingerprint"]
+

@@ -1,0 +1,31 @@
+"""Session-wide fixtures: real servers on 127.0.0.1 shared by the conformance and e2e suites."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import pytest
+
+from tests.servers import REQUIRE_ENV, ServerMissing, SSHServer, sshd_binary
+
+
+def _missing(e: Exception) -> None:
+    # In CI (scripts/test.sh) a missing server is a failure: the core suites never skip.
+    if os.environ.get(REQUIRE_ENV):
+        pytest.fail(str(e))
+    pytest.skip(str(e))
+
+
+@pytest.fixture(scope="session")
+def sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SSHServer]:
+    """One OpenSSH sshd for the session (tests that stop or restart a server start their own)."""
+    try:
+        sshd_binary()
+    except ServerMissing as e:
+        _missing(e)
+    srv = SSHServer(tmp_path_factory.mktemp("sshd")).start()
+    try:
+        yield srv
+    finally:
+        srv.stop()

@@ -1,0 +1,169 @@
+"""Real servers on 127.0.0.1 for tests and benchmarks: a throwaway OpenSSH sshd.
+
+Each server lives in a temp dir (config, keys, logs), listens on a free loopback port and
+is stopped (terminate, then kill) by `stop()`. Nothing outside its directory is touched,
+except /run/sshd, which sshd insists on when started as root (an empty directory).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+# scripts/test.sh sets this: in CI a missing server binary is a failure, never a skip.
+REQUIRE_ENV = "SYNCD_TEST_REQUIRE_SERVERS"
+
+
+class ServerMissing(RuntimeError):
+    pass
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, proc: subprocess.Popen[bytes], log: Path, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}: {log.read_text()[-2000:]}")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+            return
+        time.sleep(0.02)
+    raise RuntimeError(f"server did not listen on 127.0.0.1:{port} within {timeout} s")
+
+
+def _keygen(path: Path, kind: str = "ed25519", passphrase: str = "") -> None:
+    subprocess.run(["ssh-keygen", "-q", "-t", kind, "-N", passphrase, "-C", "syncd-test",
+                    "-f", str(path)], check=True, stdin=subprocess.DEVNULL)
+
+
+def sshd_binary() -> str:
+    found = shutil.which("sshd") or next(
+        (p for p in ("/usr/sbin/sshd", "/usr/local/sbin/sshd") if os.access(p, os.X_OK)), None)
+    if found is None or shutil.which("ssh-keygen") is None:
+        raise ServerMissing("OpenSSH sshd/ssh-keygen not found: install openssh-server "
+                            "(scripts/test.sh does it when run as root)")
+    return found
+
+
+class SSHServer:
+    """A throwaway OpenSSH sshd (internal-sftp, key auth) serving `root`."""
+
+    def __init__(self, workdir: Path):
+        self.dir = workdir
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.user = _user()
+        self.host = "127.0.0.1"
+        self.port = 0
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.host_key = self.dir / "host_ed25519"
+        self.client_key = self.dir / "client_ed25519"
+        self.known_hosts = self.dir / "known_hosts"
+        self.authorized = self.dir / "authorized_keys"
+        self.log = self.dir / "sshd.log"
+        self.extra_config = ""
+
+    def start(self) -> SSHServer:
+        binary = sshd_binary()
+        if not self.host_key.exists():
+            _keygen(self.host_key)
+        if not self.client_key.exists():
+            _keygen(self.client_key)
+            self.authorized.write_text(self.client_key.with_suffix(".pub").read_text())
+        if os.geteuid() == 0:   # sshd refuses to start without its privilege-separation dir
+            Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
+        last: Exception | None = None
+        for _ in range(3):     # a free port can be taken between probe and bind: retry
+            self.port = self.port or free_port()
+            cfg = self.dir / "sshd_config"
+            cfg.write_text(self._config())
+            self.proc = subprocess.Popen([binary, "-D", "-e", "-f", str(cfg)],
+                                         stdout=subprocess.DEVNULL,
+                                         stderr=self.log.open("ab"), stdin=subprocess.DEVNULL)
+            try:
+                wait_port(self.port, self.proc, self.log)
+                break
+            except RuntimeError as e:
+                last = e
+                self.stop()
+                self.port = 0
+        else:
+            raise RuntimeError(f"sshd would not start: {last}")
+        pub = self.host_key.with_suffix(".pub").read_text().split()
+        self.known_hosts.write_text(f"[{self.host}]:{self.port} {pub[0]} {pub[1]}\n")
+        return self
+
+    def restart(self) -> None:
+        """Stop and start on the same port (same host key)."""
+        self.stop()
+        port = self.port
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:   # wait until the old listener is gone
+            try:
+                with socket.create_connection((self.host, port), 0.2):
+                    time.sleep(0.05)
+            except OSError:
+                break
+        self.port = port
+        self.start()
+
+    def _config(self) -> str:
+        return "\n".join([
+            f"Port {self.port}",
+            f"ListenAddress {self.host}",
+            f"HostKey {self.host_key}",
+            f"PidFile {self.dir / 'sshd.pid'}",
+            f"AuthorizedKeysFile {self.authorized}",
+            "StrictModes no",
+            "PubkeyAuthentication yes",
+            "PasswordAuthentication no",
+            "KbdInteractiveAuthentication no",
+            "UsePAM no",
+            "PermitRootLogin prohibit-password",
+            "Subsystem sftp internal-sftp",
+            "LogLevel ERROR",
+            "MaxSessions 64",
+            "MaxStartups 64:30:128",
+            self.extra_config,
+            "",
+        ])
+
+    def stop(self) -> None:
+        p, self.proc = self.proc, None
+        if p is None or p.poll() is not None:
+            return
+        p.terminate()
+        try:
+            p.wait(5)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait(5)
+
+    def kill_sessions(self) -> None:
+        """Kill every per-connection sshd child (drops live connections; the listener stays)."""
+        if self.proc is None:
+            return
+        out = subprocess.run(["pgrep", "-P", str(self.proc.pid)], capture_output=True, text=True)
+        for pid in out.stdout.split():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(pid), 9)
+
+    def __enter__(self) -> SSHServer:
+        return self.start()
+
+    def __exit__(self, *_: object) -> None:
+        self.stop()
+
+
+def _user() -> str:
+    import pwd
+
+    return pwd.getpwuid(os.geteuid()).pw_name
