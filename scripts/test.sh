@@ -4,5 +4,20 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/bootstrap.sh "[test]"
+
+# The suites start real servers on 127.0.0.1: OpenSSH's sshd (+ ssh-keygen, ssh-agent).
+if ! command -v sshd >/dev/null 2>&1 && [ ! -x /usr/sbin/sshd ]; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        echo "test: installing openssh-server (the SFTP tests run a throwaway sshd)" >&2
+        apt-get update -qq >&2
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+            openssh-server openssh-client >&2
+    else
+        echo "test: OpenSSH sshd is missing; install it (Debian: sudo apt-get install openssh-server)" >&2
+        exit 2
+    fi
+fi
+# A missing server is a failure here, never a silent skip.
+export SYNCD_TEST_REQUIRE_SERVERS=1
 .venv/bin/ruff check syncd tests bench
 exec .venv/bin/python -m pytest "$@"

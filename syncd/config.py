@@ -340,8 +340,9 @@ def _parse_sftp(v: _V, r: dict[str, Any], key: str) -> dict[str, Any]:
     for k in ("passphrase_env", "password_env"):
         name = v.string(r, k, key, "")
         if name and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
-            raise v.fail(f"{key}.{k}", f"'{name}' is not an environment variable name; give "
-                         "the variable's name (e.g. \"SYNCD_BACKUP_PASSWORD\"), not its value")
+            # Not echoed: a user may have pasted the secret itself here.
+            raise v.fail(f"{key}.{k}", "is not an environment variable name; give the "
+                         "variable's name (e.g. \"SYNCD_BACKUP_PASSWORD\"), not its value")
         o[k] = name
     if o["timeout"] <= 0:
         raise v.fail(f"{key}.timeout", "must be more than 0")

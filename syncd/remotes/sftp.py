@@ -102,7 +102,14 @@ class SFTPRemote:
         """Connect, authenticate and make sure the root exists; errors say which and why."""
         try:
             with self._session("") as ss:
-                st = ss.attrs(ss.lstat(self.root))
+                try:
+                    st = ss.attrs(ss.stat(self.root))
+                except w.StatusError as e:
+                    if e.code != w.NO_SUCH_FILE:
+                        raise
+                    raise UnavailableError(f"root directory {self.o.root} does not exist on "
+                                           f"{self.where}; syncd never creates a remote root",
+                                           remote=self.name) from None
         except TransientError as e:
             raise UnavailableError(e.reason, remote=self.name) from None
         except UnavailableError:
@@ -281,6 +288,15 @@ class SFTPRemote:
             pw = self._env(o.password_env, "password_env")
             if attempt(f"password from ${o.password_env}", t.auth_password, pw):
                 return
+        if allowed is None:   # ask the server which methods it takes, for the message
+            try:
+                t.auth_none(user)
+            except paramiko.BadAuthenticationType as e:
+                allowed = list(e.allowed_types)
+            except Exception:   # any other answer just leaves the hint out
+                pass
+            if t.is_authenticated():   # a server that wants no credentials at all
+                return
         methods = f"; the server accepts: {', '.join(allowed)}" if allowed else ""
         raise AuthError(f"authentication as '{user}' on {o.host}:{o.port} failed (tried: "
                         f"{', '.join(tried) or 'nothing: set key_file, password_env or run an ssh agent'}"
@@ -298,7 +314,7 @@ class SFTPRemote:
 
         p = Path(path).expanduser()
         try:
-            return paramiko.PKey.from_path(p, passphrase)
+            return paramiko.PKey.from_path(p, passphrase.encode() if passphrase is not None else None)
         except FileNotFoundError:
             raise AuthError(f"key file {p} does not exist", remote=self.name) from None
         except PermissionError:

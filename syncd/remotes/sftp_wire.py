@@ -338,6 +338,9 @@ class Session:
     def lstat(self, path: bytes) -> int:
         return self.send(LSTAT, s(path))
 
+    def stat(self, path: bytes) -> int:
+        return self.send(STAT, s(path))
+
     def fstat(self, handle: bytes) -> int:
         return self.send(FSTAT, s(handle))
 

@@ -100,7 +100,7 @@ def test_missing_required_key(tmp_path: Path) -> None:
 
 
 def test_not_yet_available_type_and_mode_say_so(tmp_path: Path) -> None:
-    e = load_err(tmp_path, GOOD.replace('type = "local"', 'type = "sftp"'))
+    e = load_err(tmp_path, GOOD.replace('type = "local"', 'type = "s3"'))
     assert e.key == "remotes.nas.type" and "not available in this version" in str(e)
     e = load_err(tmp_path, GOOD.replace('path = "docs"', 'path = "docs"\nmode = "pull"'))
     assert e.key == "sync[0].mode" and "not available" in str(e)
@@ -197,6 +197,46 @@ def test_example_config_parses_and_documents_every_key() -> None:
     cfg = load_config(example, env={"HOME": "/home/someone"})
     assert cfg.pairs[0].local == Path("/home/someone/Documents")
     text = example.read_text()
-    keys = (*DAEMON_KEYS, *PAIR_KEYS, *REMOTE_COMMON_KEYS, *REMOTE_TYPE_KEYS["local"])
+    keys = (*DAEMON_KEYS, *PAIR_KEYS, *REMOTE_COMMON_KEYS, *REMOTE_TYPE_KEYS["local"],
+            *REMOTE_TYPE_KEYS["sftp"])
     for key in keys:
         assert f"\n{key} =" in text, f"config.example.toml does not document {key}"
+
+
+SFTP = GOOD.replace('''type = "local"
+path = "{tmp}/nas"''', '''type = "sftp"
+host = "backup.example.net"
+user = "sync"
+root = "/srv/backup"
+key_file = "~/.ssh/id_ed25519"''')
+
+
+def test_sftp_remote_parses_with_defaults(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, SFTP), env={"HOME": "/home/x"})
+    o = cfg.remotes["nas"].options
+    assert o["host"] == "backup.example.net" and o["port"] == 22 and o["user"] == "sync"
+    assert o["root"] == "/srv/backup" and o["key_file"] == "/home/x/.ssh/id_ed25519"
+    assert o["known_hosts"] == "/home/x/.ssh/known_hosts" and o["host_key_policy"] == "strict"
+    assert o["timeout"] == 30 and o["use_agent"] is True and o["fsync"] is False
+    assert o["password_env"] == "" and o["passphrase_env"] == ""
+
+
+@pytest.mark.parametrize(("add", "key", "words"), [
+    ('password = "hunter2"', "remotes.nas.password", "never read from the config file"),
+    ('passphrase = "x"', "remotes.nas.passphrase", "passphrase_env"),
+    ('password_env = "hunter2 !"', "remotes.nas.password_env", "not an environment variable name"),
+    ('host_key_policy = "auto-add"', "remotes.nas.host_key_policy", "strict, accept-new"),
+    ("port = 70000", "remotes.nas.port", "out of range"),
+    ('timeout = "0s"', "remotes.nas.timeout", "more than 0"),
+])
+def test_sftp_bad_keys_named(tmp_path: Path, add: str, key: str, words: str) -> None:
+    e = load_err(tmp_path, SFTP.replace('user = "sync"', f'user = "sync"\n{add}'))
+    assert e.key == key and words in str(e), str(e)
+    assert "hunter2" not in str(e)
+
+
+def test_sftp_host_must_be_a_host(tmp_path: Path) -> None:
+    e = load_err(tmp_path, SFTP.replace('"backup.example.net"', '"sync@backup.example.net"'))
+    assert e.key == "remotes.nas.host" and "put the user in 'user'" in str(e)
+    e = load_err(tmp_path, SFTP.replace('host = "backup.example.net"\n', ""))
+    assert e.key == "remotes.nas.host" and "missing" in str(e)

@@ -1,0 +1,236 @@
+"""`syncd reconcile` to a real OpenSSH sshd, as a user runs it: subprocess, exit codes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.conftest import SYNCD, Run, run_syncd, tree
+from tests.servers import SSHServer
+
+pytestmark = pytest.mark.e2e
+
+FILES = {
+    "a.txt": b"alpha\n",
+    "empty": b"",
+    "dir/b.bin": bytes(range(256)) * 4000,
+    "dir/sub/c.txt": b"gamma\n",
+    "été/naïve ☃.txt": "unicode ✓".encode(),
+    "with space/d e.txt": b"spaces\n",
+    "big.bin": os.urandom(3 * 1024 * 1024 + 5),
+    **{f"many/{i % 7}/f{i}.txt": f"file {i}\n".encode() * (i % 13) for i in range(300)},
+}
+
+CONFIG = """\
+[daemon]
+state_dir = "{state}"
+log_format = "json"
+retry_initial = "10ms"
+retry_max = "50ms"
+max_attempts = {attempts}
+
+[remotes.box]
+type = "sftp"
+host = "127.0.0.1"
+port = {port}
+user = "{user}"
+root = "{root}"
+key_file = "{key}"
+known_hosts = "{known_hosts}"
+host_key_policy = "{policy}"
+use_agent = false
+timeout = "5s"
+
+[[sync]]
+name = "docs"
+local = "{src}"
+remote = "box"
+path = "docs"
+delete = "propagate"
+ignore = ["*.tmp"]
+"""
+
+
+class SftpSetup:
+    def __init__(self, tmp: Path, srv: SSHServer, *, policy: str = "strict",
+                 known_hosts: Path | None = None, key: Path | None = None, attempts: int = 3):
+        self.tmp, self.srv = tmp, srv
+        self.src, self.root, self.state = tmp / "src", tmp / "remote-root", tmp / "state"
+        self.src.mkdir(exist_ok=True)
+        self.root.mkdir(exist_ok=True)
+        self.config = tmp / "config.toml"
+        self.config.write_text(CONFIG.format(
+            state=self.state, port=srv.port, user=srv.user, root=self.root,
+            key=key or srv.client_key, known_hosts=known_hosts or srv.known_hosts,
+            policy=policy, src=self.src, attempts=attempts))
+
+    @property
+    def mirror(self) -> Path:
+        return self.root / "docs"
+
+    def write(self, rel: str, data: bytes) -> None:
+        p = self.src / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(data)
+
+    def reconcile(self, *extra: str) -> Run:
+        return run_syncd("reconcile", "--config", str(self.config), "--json", *extra)
+
+
+def test_reconcile_to_sshd_mirrors_then_idle_then_exact_changes(tmp_path: Path, sshd: SSHServer) -> None:
+    s = SftpSetup(tmp_path, sshd)
+    for rel, data in FILES.items():
+        s.write(rel, data)
+    s.write("skip.tmp", b"ignored")
+    r = s.reconcile()
+    assert r.code == 0, r.err
+    assert r.summary["uploaded"] == len(FILES) and r.summary["failed"] == []
+    assert tree(s.mirror) == FILES
+    for rel in ("a.txt", "dir/b.bin", "big.bin"):   # whole-second mtimes and modes kept
+        a, b = (s.src / rel).stat(), (s.mirror / rel).stat()
+        assert int(a.st_mtime) == int(b.st_mtime) and a.st_mode == b.st_mode
+    assert not list(s.mirror.rglob(".syncd-tmp-*"))
+
+    r = s.reconcile()
+    assert r.code == 0 and r.summary["uploaded"] == 0 and r.summary["deleted"] == 0, r.out
+
+    s.write("a.txt", b"alpha v2\n")
+    s.write("dir/sub/c.txt", b"gamma v2\n")
+    s.write("empty", b"no longer empty")
+    (s.src / "dir/b.bin").unlink()
+    (s.src / "with space/d e.txt").unlink()
+    s.write("new/one.txt", b"new")
+    plan = s.reconcile("--dry-run")
+    got = sorted((a["op"], a["path"]) for a in plan.summary["plan"])
+    assert [x for x in got if x[0] != "rmdir"] == sorted([
+        ("upload", "a.txt"), ("upload", "dir/sub/c.txt"), ("upload", "empty"),
+        ("delete_remote", "dir/b.bin"), ("delete_remote", "with space/d e.txt"), ("mkdir", "new"),
+        ("upload", "new/one.txt")])
+    r = s.reconcile()
+    assert r.code == 0, r.err
+    want = {k: v for k, v in FILES.items() if k not in ("dir/b.bin", "with space/d e.txt")}
+    want.update({"a.txt": b"alpha v2\n", "dir/sub/c.txt": b"gamma v2\n",
+                 "empty": b"no longer empty", "new/one.txt": b"new"})
+    assert tree(s.mirror) == want
+
+
+def test_remote_drift_is_detected_and_overwritten(tmp_path: Path, sshd: SSHServer) -> None:
+    s = SftpSetup(tmp_path, sshd)
+    s.write("x.txt", b"ours")
+    assert s.reconcile().code == 0
+    (s.mirror / "x.txt").write_bytes(b"changed behind syncd's back")
+    r = s.reconcile()
+    assert r.code == 0 and r.summary["uploaded"] == 1
+    assert any(e.get("event") == "remote_drift" for e in r.events())
+    assert (s.mirror / "x.txt").read_bytes() == b"ours"
+
+
+def test_unknown_host_key_exits_3_with_fingerprint(tmp_path: Path, sshd: SSHServer) -> None:
+    empty = tmp_path / "empty_known_hosts"
+    empty.write_text("")
+    s = SftpSetup(tmp_path, sshd, known_hosts=empty)
+    s.write("a.txt", b"a")
+    r = s.reconcile()
+    assert r.code == 3, r.err
+    fp = subprocess.run(["ssh-keygen", "-lf", str(sshd.host_key.with_suffix(".pub"))],
+                        capture_output=True, text=True).stdout.split()[1]
+    assert fp in r.out + r.err and "remote 'box'" in r.out
+    assert "Traceback" not in r.err
+    assert not s.mirror.exists()
+
+
+def test_accept_new_then_changed_key_refused(tmp_path: Path, sshd: SSHServer) -> None:
+    empty = tmp_path / "empty_known_hosts"
+    empty.write_text("")
+    with SSHServer(tmp_path / "srv") as srv:
+        s = SftpSetup(tmp_path, srv, policy="accept-new", known_hosts=empty)
+        s.write("a.txt", b"a")
+        r = s.reconcile()
+        assert r.code == 0, r.err
+        assert any(e.get("event") == "host_key_accepted" for e in r.events())
+        assert (s.state / "known_hosts").exists()
+        srv.stop()
+        srv.host_key.unlink()
+        srv.host_key.with_suffix(".pub").unlink()
+        srv.start()                      # same address, new host key
+        s.write("b.txt", b"b")
+        r = s.reconcile()
+        assert r.code == 3 and "MISMATCH" in r.out, r.out
+        assert not (s.mirror / "b.txt").exists()
+
+
+def test_wrong_key_exits_3_naming_the_remote(tmp_path: Path, sshd: SSHServer) -> None:
+    other = tmp_path / "other"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(other)], check=True)
+    s = SftpSetup(tmp_path, sshd, key=other)
+    s.write("a.txt", b"a")
+    r = s.reconcile()
+    assert r.code == 3
+    assert "remote 'box'" in r.out and "authentication" in r.out and "Traceback" not in r.err
+
+
+def test_sshd_killed_mid_transfer_then_next_run_completes(tmp_path: Path, sshd: SSHServer) -> None:
+    """The server dies during a large upload and stays down for the retries: the run ends
+    with failures (exit 1), the final name never shows a partial file, and once the server
+    is back the next run completes the upload and leaves no temp file behind."""
+    big = os.urandom(96 << 20)
+    with SSHServer(tmp_path / "srv") as srv:
+        s = SftpSetup(tmp_path, srv, attempts=2)
+        s.write("big.bin", big)
+        s.write("small.txt", b"small")
+        final = s.mirror / "big.bin"
+        seen_partial: list[int] = []
+        stop = threading.Event()
+
+        def watch() -> None:    # the final name must only ever hold the whole file
+            while not stop.is_set():
+                try:
+                    n = final.stat().st_size
+                except FileNotFoundError:
+                    n = None
+                if n is not None and n != len(big):
+                    seen_partial.append(n)
+                time.sleep(0.005)
+
+        t = threading.Thread(target=watch)
+        t.start()
+        proc = subprocess.Popen(
+            [*_syncd_cmd(), "reconcile", "--config", str(s.config), "--json"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:   # wait until the upload is under way
+                tmps = list(s.mirror.glob(".syncd-tmp-*")) if s.mirror.exists() else []
+                if any(p.stat().st_size > (8 << 20) for p in tmps):
+                    break
+                time.sleep(0.01)
+            else:
+                pytest.fail("upload never started")
+            srv.stop()
+            srv.kill_sessions()
+            subprocess.run(["pkill", "-9", "-f", f"sshd: {srv.user}"], check=False)
+            out, err = proc.communicate(timeout=120)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        assert proc.returncode in (1, 3), err
+        assert not final.exists() or final.read_bytes() == big
+        srv.start()
+        r = s.reconcile()
+        stop.set()
+        t.join()
+        assert r.code == 0, r.err
+        assert final.read_bytes() == big and (s.mirror / "small.txt").read_bytes() == b"small"
+        assert not list(s.mirror.glob(".syncd-tmp-*"))
+        assert seen_partial == []
+
+
+def _syncd_cmd() -> list[str]:
+    return [str(SYNCD)] if SYNCD.exists() else [sys.executable, "-m", "syncd"]

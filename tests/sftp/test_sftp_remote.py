@@ -1,0 +1,286 @@
+"""The SFTP remote against a real OpenSSH sshd: trust, authentication, errors, reconnects.
+
+The Remote protocol itself (put/get/list/...) is covered by the conformance battery; this
+file covers what is SFTP's own: host keys, credentials, and connections that go away.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from syncd.errors import AuthError, HostKeyError, TransientError, UnavailableError
+from syncd.remotes import sftp_wire
+from syncd.remotes.base import Source
+from syncd.remotes.sftp import SFTPOptions, SFTPRemote, fingerprint
+from tests.servers import SSHServer
+
+
+@pytest.fixture(scope="module")
+def srv(tmp_path_factory: pytest.TempPathFactory, sshd: SSHServer) -> Iterator[SSHServer]:
+    """A server of this module's own (some tests add keys or restart it)."""
+    s = SSHServer(tmp_path_factory.mktemp("own-sshd")).start()
+    try:
+        yield s
+    finally:
+        s.stop()
+
+
+def opts(srv: SSHServer, root: Path, **kw: object) -> SFTPOptions:
+    base: dict[str, object] = dict(host=srv.host, port=srv.port, user=srv.user, root=str(root),
+                                   key_file=str(srv.client_key), known_hosts=str(srv.known_hosts),
+                                   use_agent=False, timeout=5.0)
+    base.update(kw)
+    return SFTPOptions(**base)  # type: ignore[arg-type]
+
+
+def host_fp(srv: SSHServer) -> str:
+    out = subprocess.run(["ssh-keygen", "-lf", str(srv.host_key.with_suffix(".pub"))],
+                         capture_output=True, text=True, check=True).stdout
+    return out.split()[1]
+
+
+def test_known_host_connects_and_fingerprint_matches_ssh_keygen(srv: SSHServer, tmp_path: Path) -> None:
+    r = SFTPRemote("t", opts(srv, tmp_path))
+    r.check()
+    assert fingerprint(r._transport.get_remote_server_key()) == host_fp(srv)
+    r.close()
+
+
+def test_unknown_host_key_refused_with_fingerprint(srv: SSHServer, tmp_path: Path) -> None:
+    empty = tmp_path / "known_hosts"
+    empty.write_text("")
+    r = SFTPRemote("t", opts(srv, tmp_path, known_hosts=str(empty)))
+    with pytest.raises(HostKeyError) as ei:
+        r.check()
+    msg = str(ei.value)
+    assert host_fp(srv) in msg and "unknown host key" in msg and "ssh-keyscan -p" in msg
+    assert "accept-new" in msg
+
+
+def test_hashed_known_hosts_entry_is_honoured(srv: SSHServer, tmp_path: Path) -> None:
+    kh = tmp_path / "known_hosts"
+    kh.write_text(srv.known_hosts.read_text())
+    subprocess.run(["ssh-keygen", "-q", "-H", "-f", str(kh)], check=True, capture_output=True)
+    assert kh.read_text().startswith("|1|"), "ssh-keygen -H did not hash the entry"
+    r = SFTPRemote("t", opts(srv, tmp_path, known_hosts=str(kh)))
+    r.check()
+    r.close()
+
+
+def test_port_22_entry_does_not_vouch_for_another_port(srv: SSHServer, tmp_path: Path) -> None:
+    kh = tmp_path / "known_hosts"
+    pub = srv.host_key.with_suffix(".pub").read_text().split()
+    kh.write_text(f"{srv.host} {pub[0]} {pub[1]}\n")     # same key, but for port 22
+    with pytest.raises(HostKeyError):
+        SFTPRemote("t", opts(srv, tmp_path, known_hosts=str(kh))).check()
+
+
+def test_accept_new_records_once_and_refuses_a_changed_key(tmp_path: Path, sshd: SSHServer) -> None:
+    state = tmp_path / "state"
+    empty = tmp_path / "known_hosts"
+    empty.write_text("")
+    with SSHServer(tmp_path / "srv") as s:
+        o = opts(s, tmp_path, known_hosts=str(empty), host_key_policy="accept-new",
+                 state_dir=str(state))
+        SFTPRemote("t", o).check()
+        recorded = (state / "known_hosts").read_text()
+        assert f"[127.0.0.1]:{s.port} ssh-ed25519 " in recorded
+        SFTPRemote("t", o).check()                      # known now: nothing added
+        assert (state / "known_hosts").read_text() == recorded
+        # The server is reinstalled: same address, new host key.
+        s.stop()
+        s.host_key.unlink()
+        s.host_key.with_suffix(".pub").unlink()
+        s.start()
+        with pytest.raises(HostKeyError) as ei:
+            SFTPRemote("t", o).check()
+        assert "MISMATCH" in str(ei.value) and host_fp(s) in str(ei.value)
+        assert (state / "known_hosts").read_text() == recorded
+
+
+def test_wrong_key_is_auth_error_naming_user_and_host(srv: SSHServer, tmp_path: Path) -> None:
+    other = tmp_path / "other_key"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(other)], check=True)
+    with pytest.raises(AuthError) as ei:
+        SFTPRemote("t", opts(srv, tmp_path, key_file=str(other))).check()
+    msg = str(ei.value)
+    assert f"'{srv.user}'" in msg and f"127.0.0.1:{srv.port}" in msg and str(other) in msg
+    assert "publickey" in msg   # what the server accepts
+
+
+def test_missing_key_file_and_missing_env(srv: SSHServer, tmp_path: Path) -> None:
+    with pytest.raises(AuthError, match="does not exist"):
+        SFTPRemote("t", opts(srv, tmp_path, key_file=str(tmp_path / "nope"))).check()
+    with pytest.raises(AuthError, match=r"SYNCD_T_PW .*password_env.* is not set"):
+        SFTPRemote("t", opts(srv, tmp_path, key_file="", password_env="SYNCD_T_PW"), env={}).check()
+
+
+def test_encrypted_key_with_passphrase_from_env(srv: SSHServer, tmp_path: Path) -> None:
+    key = tmp_path / "enc_key"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "s3cret phrase", "-f", str(key)],
+                   check=True)
+    with srv.authorized.open("a") as f:
+        f.write(key.with_suffix(".pub").read_text())
+    o = opts(srv, tmp_path, key_file=str(key), passphrase_env="SYNCD_T_PASS")
+    SFTPRemote("t", o, env={"SYNCD_T_PASS": "s3cret phrase"}).check()
+    with pytest.raises(AuthError) as ei:
+        SFTPRemote("t", o, env={"SYNCD_T_PASS": "wrong"}).check()
+    assert "s3cret" not in str(ei.value) and "wrong" not in str(ei.value).replace("wrong passphrase", "")
+    with pytest.raises(AuthError, match=r"encrypted: set remotes\.t\.passphrase_env"):
+        SFTPRemote("t", opts(srv, tmp_path, key_file=str(key)), env={}).check()
+
+
+def test_agent_keys_are_used(srv: SSHServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    sock = tmp_path / "agent.sock"
+    agent = subprocess.Popen(["ssh-agent", "-D", "-a", str(sock)], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 5
+        while not sock.exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        env = {**os.environ, "SSH_AUTH_SOCK": str(sock)}
+        subprocess.run(["ssh-add", "-q", str(srv.client_key)], env=env, check=True,
+                       capture_output=True)
+        monkeypatch.setenv("SSH_AUTH_SOCK", str(sock))
+        r = SFTPRemote("t", opts(srv, tmp_path, key_file="", use_agent=True),
+                       env={"SSH_AUTH_SOCK": str(sock), "HOME": str(tmp_path)})
+        monkeypatch.setenv("HOME", str(tmp_path))   # no default identities to fall back on
+        r.check()
+        r.close()
+    finally:
+        agent.send_signal(signal.SIGTERM)
+        agent.wait(5)
+
+
+def test_missing_root_is_unavailable(srv: SSHServer, tmp_path: Path) -> None:
+    with pytest.raises(UnavailableError, match=r"does not exist on .*never creates a remote root"):
+        SFTPRemote("t", opts(srv, tmp_path / "absent")).check()
+    f = tmp_path / "file"
+    f.write_text("x")
+    with pytest.raises(UnavailableError, match="not a directory"):
+        SFTPRemote("t", opts(srv, f)).check()
+
+
+def test_refused_connection_is_unavailable_up_front(tmp_path: Path) -> None:
+    from tests.servers import free_port
+
+    o = SFTPOptions(host="127.0.0.1", port=free_port(), root=str(tmp_path), timeout=2.0)
+    with pytest.raises(UnavailableError, match=r"cannot connect to 127\.0\.0\.1"):
+        SFTPRemote("t", o).check()
+
+
+def test_dropped_connection_is_transient_then_reconnects(tmp_path: Path, sshd: SSHServer) -> None:
+    root = tmp_path / "root"
+    root.mkdir()
+    small = tmp_path / "small"
+    small.write_bytes(b"x" * 1000)
+    big = tmp_path / "big"
+    big.write_bytes(os.urandom(16 << 20))
+    with SSHServer(tmp_path / "srv") as s:
+        r = SFTPRemote("t", opts(s, root))
+        r.check()
+        # Dropped while idle: the next call notices and reconnects by itself.
+        s.kill_sessions()
+        time.sleep(0.2)
+        with Source(str(small), "f") as so:
+            assert r.put("a/f", so).size == 1000
+
+        # Dropped in the middle of an upload: a transient error, and nothing under the name.
+        class Killing(Source):
+            def read(self, size: int = 1 << 20) -> bytes:
+                if self.sent > (2 << 20):
+                    s.kill_sessions()
+                    time.sleep(0.2)
+                return super().read(size)
+
+        with pytest.raises(TransientError), Killing(str(big), "big") as so:
+            r.put("a/big", so)
+        assert not (root / "a/big").exists()
+        with Source(str(big), "big") as so:       # the next call reconnects and completes
+            assert r.put("a/big", so).size == 16 << 20
+        assert (root / "a/big").read_bytes() == big.read_bytes()
+        assert [n for n in os.listdir(root / "a") if n.startswith(".syncd-tmp-")] == []
+        r.close()
+
+
+def test_stalled_server_times_out_as_transient(tmp_path: Path, sshd: SSHServer) -> None:
+    root = tmp_path / "root"
+    root.mkdir()
+    with SSHServer(tmp_path / "srv") as s:
+        r = SFTPRemote("t", opts(s, root, timeout=1.0))
+        r.check()
+        kids = subprocess.run(["pgrep", "-P", str(s.proc.pid)], capture_output=True,
+                              text=True).stdout.split()
+        for pid in kids:
+            os.kill(int(pid), signal.SIGSTOP)   # the server hangs: no reply ever comes
+        try:
+            t0 = time.monotonic()
+            with pytest.raises(TransientError, match="timed out"):
+                r.stat("anything")
+            assert time.monotonic() - t0 < 10
+        finally:
+            for pid in kids:
+                os.kill(int(pid), signal.SIGKILL)
+        r.close()
+
+
+def test_large_write_requests_are_used(srv: SSHServer, tmp_path: Path) -> None:
+    """OpenSSH announces limits@openssh.com; syncd must use its large write size, not the
+    32 KiB minimum (that is where paramiko's default upload speed goes)."""
+    r = SFTPRemote("t", opts(srv, tmp_path))
+    r.check()
+    with r._session("") as ss:
+        assert "limits@openssh.com" in ss.extensions
+        assert ss.max_write > 200_000 and ss.max_read > 200_000
+    r.close()
+
+
+def test_concurrent_put_many_from_threads(srv: SSHServer, tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    root.mkdir()
+    srcdir = tmp_path / "src"
+    srcdir.mkdir()
+    r = SFTPRemote("t", opts(srv, root))
+    r.check()
+    errors: list[BaseException] = []
+
+    def work(k: int) -> None:
+        try:
+            items = []
+            for i in range(50):
+                p = srcdir / f"{k}-{i}"
+                p.write_bytes(f"{k}:{i}".encode() * (i + 1))
+                items.append((f"d{i % 5}/{k}-{i}", Source(str(p), p.name)))
+            res = r.put_many(items)
+            for _, so in items:
+                so.close()
+            bad = [x for x in res if isinstance(x, Exception)]
+            assert not bad, bad
+        except BaseException as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors, errors
+    for k in range(6):
+        for i in range(50):
+            assert (root / f"d{i % 5}/{k}-{i}").read_bytes() == f"{k}:{i}".encode() * (i + 1)
+    r.close()
+
+
+def test_wire_status_error_text() -> None:
+    e = sftp_wire.StatusError(sftp_wire.PERMISSION_DENIED, "Permission denied")
+    assert str(e) == "permission denied"
+    e = sftp_wire.StatusError(sftp_wire.FAILURE, "No space left on device")
+    assert str(e) == "failure (No space left on device)"
