@@ -169,6 +169,24 @@ def wait_idle(threshold: float = 0.15, window: float = 1.0) -> None:
         log(f"waited {time.monotonic() - t0:.0f}s for the machine to go idle")
 
 
+KEEP_PIDS: set[int] = set()   # our own long-lived children (e.g. a server): never waited for
+
+
+def other_children() -> bool:
+    """Whether we have a child that is not in KEEP_PIDS (from /proc: ppid == us)."""
+    me = os.getpid()
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or int(name) in KEEP_PIDS:
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as f:
+                if int(f.read().rpartition(b")")[2].split()[1]) == me:
+                    return True
+        except OSError:
+            continue
+    return False
+
+
 def reap_orphans(deadline_s: float = 10.0) -> tuple[float, float, int]:
     """Wait for the descendants re-parented to us; (user s, sys s, max ru_maxrss KiB) of them."""
     user = system = 0.0
@@ -180,6 +198,8 @@ def reap_orphans(deadline_s: float = 10.0) -> tuple[float, float, int]:
         except ChildProcessError:
             break  # no children left
         if pid == 0:
+            if not other_children():
+                break  # only long-lived helpers (a test server) are left
             if time.monotonic() > end:
                 log("orphaned processes still running after the tool exited; not counted")
                 break

@@ -124,20 +124,29 @@ class Engine:
                            lease_timeout=d.lease_timeout)
         self.remotes: dict[str, Remote] = {}
         self.unavailable: dict[str, UnavailableError] = {}
+        self.checked: set[str] = set()
         self.log = slog.get()
 
     def remote(self, name: str) -> Remote:
+        """The remote, opened once per engine. A directory remote is checked here (cheap);
+        a network remote is checked by the first listing, which runs in a child process
+        alongside the local walk, so connecting overlaps scanning."""
         if name in self.unavailable:
             raise self.unavailable[name]
         if name not in self.remotes:
             r = open_remote(self.cfg.remotes[name], str(self.cfg.daemon.state_dir))
-            try:
-                r.check()
-            except UnavailableError as e:
-                self.unavailable[name] = e
-                raise
+            if r.caps.cpu_bound:
+                self._check(name, r)
             self.remotes[name] = r
         return self.remotes[name]
+
+    def _check(self, name: str, r: Remote) -> None:
+        try:
+            r.check()
+        except UnavailableError as e:
+            self.unavailable[name] = e
+            raise
+        self.checked.add(name)
 
     def close(self) -> None:
         for r in self.remotes.values():
@@ -190,13 +199,20 @@ class Engine:
         # The remote listing runs alongside the local walk (in a child process for a
         # directory remote) and reports only where the remote differs from the bases.
         t = [time.perf_counter()]
-        listing = Listing(self._lister(remote, pair, matcher), fork=remote.caps.cpu_bound,
-                          detach=self.index.detached)
+        # A network remote's listing runs in a child too: it connects, authenticates and
+        # lists while the parent loads the index and walks, and an idle run never even
+        # imports the SSH/S3 library in the parent.
+        listing = Listing(self._lister(remote, pair, matcher,
+                                       check=pair.remote not in self.checked),
+                          fork=True, detach=self.index.detached)
         try:
             clean, prior = self.index.load_prior(pair.name)
             t.append(time.perf_counter())
             w = walk(root, clean, prior, matcher, pair.follow_symlinks)
             t.append(time.perf_counter())
+            prepare = getattr(remote, "prepare", None)
+            if w.states and prepare is not None:
+                prepare()   # local changes: uploads are likely, connect while the child lists
             for rel, why in w.skipped:
                 log.debug("entry_skipped", path=rel, reason=why)
             if w.skipped:   # one line at info, however many symlinks a tree holds
@@ -216,7 +232,12 @@ class Engine:
                 raise SafetyError(pair.name, f"the local root cannot be read ({why})",
                                   "make it readable by this user (permissions, mount)",
                                   self._where(pair))
-            diff = listing.result()
+            try:
+                diff = listing.result()
+            except UnavailableError as e:
+                self.unavailable[pair.remote] = e
+                raise
+            self.checked.add(pair.remote)
         finally:
             listing.close()
         t.append(time.perf_counter())
@@ -301,7 +322,8 @@ class Engine:
             else:
                 self._run(pair, ctx, later, res)
 
-    def _lister(self, remote: Remote, pair: PairConfig, matcher: Matcher) -> Callable[[], RemoteDiff]:
+    def _lister(self, remote: Remote, pair: PairConfig, matcher: Matcher,
+                check: bool) -> Callable[[], RemoteDiff]:
         db_file = self.index.path
 
         ignored_dirs: dict[str, bool] = {}
@@ -323,6 +345,8 @@ class Engine:
             return not (dir_ignored(e.path) if e.kind == DIR else matcher(e.path))
 
         def run() -> RemoteDiff:
+            if check:   # unreachable, auth and host-key errors surface here, named
+                remote.check()
             # Its own connection: this may run in a forked child.
             idx = Index(db_file)
             try:
