@@ -284,3 +284,115 @@ def test_wire_status_error_text() -> None:
     assert str(e) == "permission denied"
     e = sftp_wire.StatusError(sftp_wire.FAILURE, "No space left on device")
     assert str(e) == "failure (No space left on device)"
+
+
+# --- password authentication ------------------------------------------------------------------
+#
+# The throwaway sshd cannot check passwords without a system account that has one (the
+# tests must not change system users), so the password path is checked against paramiko's
+# own server, in addition to the real sshd used everywhere else: it accepts one password
+# and offers no SFTP subsystem, so a right password gets past authentication and stops
+# at the subsystem; a wrong one is an AuthError.
+
+
+class _PasswordServer:
+    def __init__(self, tmp: Path):
+        import socket
+
+        import paramiko
+
+        key_file = tmp / "pw_host_key"
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key_file)],
+                       check=True)
+        self.key = paramiko.Ed25519Key.from_private_key_file(str(key_file))
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(4)
+        self.sock.settimeout(10)
+        self.port = self.sock.getsockname()[1]
+        self.known_hosts = tmp / "pw_known_hosts"
+        self.known_hosts.write_text(f"[127.0.0.1]:{self.port} {self.key.get_name()} "
+                                    f"{self.key.get_base64()}\n")
+        self.transports: list[object] = []
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        import paramiko
+
+        class Iface(paramiko.ServerInterface):
+            def get_allowed_auths(self, username: str) -> str:
+                return "password"
+
+            def check_auth_password(self, username: str, password: str) -> int:
+                ok = password == "correct horse"
+                return paramiko.AUTH_SUCCESSFUL if ok else paramiko.AUTH_FAILED
+
+            def check_channel_request(self, kind: str, chanid: int) -> int:
+                return paramiko.OPEN_SUCCEEDED
+
+            def check_channel_subsystem_request(self, channel: object, name: str) -> bool:
+                return False
+
+        for _ in range(2):    # one connection per test case below, then stop
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            t = paramiko.Transport(conn)
+            t.add_server_key(self.key)
+            t.start_server(server=Iface())
+            self.transports.append(t)
+
+    def close(self) -> None:
+        self.sock.close()
+        for t in self.transports:
+            t.close()  # type: ignore[attr-defined]
+
+
+def test_password_from_env_is_used_and_never_shown(tmp_path: Path) -> None:
+    srv = _PasswordServer(tmp_path)
+    try:
+        o = SFTPOptions(host="127.0.0.1", port=srv.port, user="someone", root="/",
+                        password_env="SYNCD_T_PW", known_hosts=str(srv.known_hosts),
+                        use_agent=False, timeout=5.0)
+        home = {"HOME": str(tmp_path)}   # no default identity files
+        with pytest.raises(UnavailableError) as ei:
+            SFTPRemote("t", o, env={**home, "SYNCD_T_PW": "correct horse"}).check()
+        assert not isinstance(ei.value, AuthError), ei.value   # got past authentication
+        assert "SFTP channel" in str(ei.value)
+        with pytest.raises(AuthError) as ei:
+            SFTPRemote("t", o, env={**home, "SYNCD_T_PW": "wrong pony"}).check()
+        assert "password from $SYNCD_T_PW" in str(ei.value)
+        assert "pony" not in str(ei.value) and "horse" not in str(ei.value)
+    finally:
+        srv.close()
+
+
+def test_plain_rename_fallback_replaces_existing(srv: SSHServer, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """A server without posix-rename@openssh.com: RENAME refuses to replace a file, so the
+    target is removed first (a short window without the file; documented)."""
+    start = sftp_wire.Session.start
+
+    def start_without_posix_rename(self: sftp_wire.Session) -> None:
+        start(self)
+        self.extensions.pop("posix-rename@openssh.com", None)
+
+    monkeypatch.setattr(sftp_wire.Session, "start", start_without_posix_rename)
+    root = tmp_path / "root"
+    root.mkdir()
+    r = SFTPRemote("t", opts(srv, root))
+    r.check()
+    for content in (b"first", b"second version"):
+        src = tmp_path / "src"
+        src.write_bytes(content)
+        with Source(str(src), "f") as so:
+            r.put("d/f.txt", so)
+        assert (root / "d/f.txt").read_bytes() == content
+    src.write_bytes(b"moved")
+    with Source(str(src), "m") as so:
+        r.put("m.txt", so)
+    r.move("m.txt", "d/f.txt")
+    assert (root / "d/f.txt").read_bytes() == b"moved" and not (root / "m.txt").exists()
+    r.close()
