@@ -96,6 +96,107 @@ def reconcile(
     _guard(go)
 
 
+@app.command()
+def run(
+    config: ConfigOpt = None,
+    log_level: LogLevelOpt = None,
+    log_format: LogFormatOpt = None,
+) -> None:
+    """Run the daemon: reconcile every pair, then watch and sync changes as they happen.
+    SIGTERM/SIGINT stop it (exit 0), SIGHUP reloads the config."""
+
+    def go() -> int:
+        from syncd.config import find_config, load_config
+        from syncd.daemon import Daemon
+
+        path = find_config(config)
+        cfg = load_config(path)
+        _setup_logs(cfg, log_level, log_format)
+        return Daemon(cfg, path).run()
+
+    _guard(go)
+
+
+@app.command()
+def status(
+    config: ConfigOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print as JSON.")] = False,
+) -> None:
+    """Per pair: last reconcile and its result, queue depth, failed jobs with their errors.
+    Safe while the daemon runs (reads the index; SQLite WAL)."""
+
+    def go() -> int:
+        cfg = _load(config)
+        report = collect_status(cfg)
+        if as_json:
+            print(json.dumps(report, indent=2))
+        else:
+            _print_status(report)
+        return EXIT_OK
+
+    _guard(go)
+
+
+def collect_status(cfg: Any) -> dict[str, Any]:
+    import fcntl
+    import os
+    import time
+
+    from syncd.index import Index
+
+    state_dir = cfg.daemon.state_dir
+    running: int | None = None
+    lock = state_dir / "syncd.lock"
+    if lock.exists():
+        fd = os.open(lock, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        except BlockingIOError:
+            text = os.read(fd, 64).decode(errors="replace").strip()
+            running = int(text) if text.isdigit() else -1
+        finally:
+            os.close(fd)
+    pairs = []
+    index = Index.open(state_dir) if (state_dir / "index.sqlite3").exists() else None
+    try:
+        for p in cfg.pairs:
+            meta = index.pair_meta(p.name) if index else None
+            counts = index.job_counts(p.name) if index else {}
+            failed = [{"path": j.path, "error": j.last_error, "attempts": j.attempts}
+                      for j in (index.failed_jobs(p.name) if index else [])]
+            last = meta.last_result if meta else None
+            state = ("stopped by guard" if last == "stopped" else
+                     "syncing" if counts.get("leased") else
+                     "pending" if counts.get("pending") else "idle")
+            pairs.append({
+                "pair": p.name, "state": state,
+                "last_reconcile": (time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(meta.last_reconcile))
+                                   if meta and meta.last_reconcile else None),
+                "last_result": last,
+                "tracked": index.count_base(p.name) if index else 0,
+                "queued": counts.get("pending", 0), "in_flight": counts.get("leased", 0),
+                "failed": failed,
+            })
+    finally:
+        if index is not None:
+            index.close()
+    return {"daemon": {"running": running is not None, "pid": running},
+            "state_dir": str(state_dir), "pairs": pairs}
+
+
+def _print_status(report: dict[str, Any]) -> None:
+    d = report["daemon"]
+    print(f"daemon: {'running, PID ' + str(d['pid']) if d['running'] else 'not running'} "
+          f"(state dir {report['state_dir']})")
+    for p in report["pairs"]:
+        print(f"pair {p['pair']}: {p['state']}; last reconcile {p['last_reconcile'] or 'never'}"
+              f" ({p['last_result'] or '-'}); {p['tracked']} entries tracked; "
+              f"queued {p['queued']}, in flight {p['in_flight']}, failed {len(p['failed'])}")
+        for f in p["failed"]:
+            print(f"  failed: {f['path']}: {f['error']} (after {f['attempts']} attempts)")
+
+
 def run_reconcile(cfg: Any, names: list[str], *, dry_run: bool = False, as_json: bool = False,
                   allow_mass_delete: bool = False, allow_device_change: bool = False) -> int:
     from syncd.engine import Engine, Options, StateLock

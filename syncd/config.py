@@ -39,6 +39,10 @@ class DaemonConfig:
     retry_max: float = 300.0
     max_attempts: int = 10
     lease_timeout: float = 600.0
+    debounce: float = 0.25
+    max_delay: float = 5.0
+    full_reconcile_interval: float = 3600.0
+    shutdown_timeout: float = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -240,7 +244,8 @@ def _tname(v: Any) -> str:
 
 
 DAEMON_KEYS = ("state_dir", "log_format", "log_level", "retry_initial", "retry_max",
-               "max_attempts", "lease_timeout")
+               "max_attempts", "lease_timeout", "debounce", "max_delay",
+               "full_reconcile_interval", "shutdown_timeout")
 PAIR_KEYS = ("name", "local", "remote", "path", "mode", "delete", "max_delete", "ignore",
              "follow_symlinks")
 REMOTE_COMMON_KEYS = ("type", "transfers")
@@ -292,6 +297,11 @@ def _parse_daemon(v: _V, t: dict[str, Any]) -> DaemonConfig:
         retry_max=retry_max,
         max_attempts=v.integer(t, "max_attempts", "daemon", d.max_attempts, lo=1, hi=1000),
         lease_timeout=v.parsed(t, "lease_timeout", "daemon", "10m", parse_duration),
+        debounce=v.parsed(t, "debounce", "daemon", "250ms", parse_duration),
+        max_delay=v.parsed(t, "max_delay", "daemon", "5s", parse_duration),
+        full_reconcile_interval=v.parsed(t, "full_reconcile_interval", "daemon", "1h",
+                                         parse_duration),
+        shutdown_timeout=v.parsed(t, "shutdown_timeout", "daemon", "30s", parse_duration),
     )
 
 
@@ -466,6 +476,9 @@ def to_display(cfg: Config) -> dict[str, Any]:
             "state_dir": str(d.state_dir), "log_format": d.log_format, "log_level": d.log_level,
             "retry_initial": f"{d.retry_initial:g}s", "retry_max": f"{d.retry_max:g}s",
             "max_attempts": d.max_attempts, "lease_timeout": f"{d.lease_timeout:g}s",
+            "debounce": f"{d.debounce:g}s", "max_delay": f"{d.max_delay:g}s",
+            "full_reconcile_interval": f"{d.full_reconcile_interval:g}s",
+            "shutdown_timeout": f"{d.shutdown_timeout:g}s",
         },
         "remotes": {
             name: {"type": r.type, "transfers": r.transfers,

@@ -38,6 +38,9 @@ class Options:
     dry_run: bool = False
     allow_mass_delete: bool = False
     allow_device_change: bool = False
+    # False: trust the bases as the remote's state instead of listing it (the daemon's
+    # event-driven runs; its periodic full reconcile lists and catches drift).
+    list_remote: bool = True
 
 
 @dataclass
@@ -108,10 +111,12 @@ class StateLock:
 class Engine:
     def __init__(self, cfg: Config, index: Index, *, clock: Callable[[], float] = time.time,
                  reporter_factory: Callable[[str, int, int], Reporter | None] | None = None,
-                 sleep: Callable[[float], None] = time.sleep, transfer_log_level: str = "debug"):
+                 sleep: Callable[[float], None] = time.sleep, transfer_log_level: str = "debug",
+                 stop: Any = None):
         # One event per transferred file: debug for one-shot reconciles (like rclone and
         # rsync, the summary says what happened), info for the daemon.
         self.transfer_log_level = transfer_log_level
+        self.stop = stop   # a threading.Event: when set, transfers wind down (daemon shutdown)
         self.cfg = cfg
         self.index = index
         self.clock = clock
@@ -202,9 +207,13 @@ class Engine:
         # A network remote's listing runs in a child too: it connects, authenticates and
         # lists while the parent loads the index and walks, and an idle run never even
         # imports the SSH/S3 library in the parent.
-        listing = Listing(self._lister(remote, pair, matcher,
-                                       check=pair.remote not in self.checked),
-                          fork=True, detach=self.index.detached)
+        if opts.list_remote:
+            listing = Listing(self._lister(remote, pair, matcher,
+                                           check=pair.remote not in self.checked),
+                              fork=True, detach=self.index.detached)
+        else:
+            listing = Listing(lambda: RemoteDiff(files=self.index.count_base(pair.name)),
+                              fork=False)
         try:
             clean, prior = self.index.load_prior(pair.name)
             t.append(time.perf_counter())
@@ -371,8 +380,8 @@ class Engine:
         return f"local {pair.local} -> remote '{pair.remote}' path '{pair.path or '/'}'"
 
     def _run(self, pair: PairConfig, ctx: PairCtx, actions: list[Action], res: PairResult) -> None:
-        if not actions:
-            return
+        if not actions or (self.stop is not None and self.stop.is_set()):
+            return   # shutting down: the next start re-plans from a fresh scan
         self.queue.enqueue(pair.name, actions)
         n_jobs = len(actions)
         moving = any(a.op in (Op.UPLOAD, Op.DELETE, Op.TRASH) for a in actions)
@@ -386,7 +395,7 @@ class Engine:
 
         runner = Runner(self.queue, {pair.name: ctx}, sleep=self.sleep, reporter=reporter,
                         log=self.log, done_level=self.transfer_log_level,
-                        processes=n_jobs >= PROCESS_POOL_MIN_JOBS)
+                        processes=n_jobs >= PROCESS_POOL_MIN_JOBS, stop=self.stop)
         try:
             stats = runner.run([pair.name])
         finally:

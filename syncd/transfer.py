@@ -202,7 +202,8 @@ class Runner:
     def __init__(self, queue: Queue, pairs: dict[str, PairCtx], *,
                  sleep: Callable[[float], None] = time.sleep,
                  reporter: Reporter | None = None, log: Any = None, done_level: str = "info",
-                 processes: bool = False):
+                 processes: bool = False, stop: Any = None):
+        self.stop = stop   # threading.Event: set = lease nothing more, finish what is in flight
         self.done_level = done_level
         self.log_each = slog.enabled(done_level)
         self.processes = processes
@@ -231,7 +232,12 @@ class Runner:
         last_commit = time.monotonic()
         try:
             while True:
+                stopping = self.stop is not None and self.stop.is_set()
+                if stopping and not inflight:
+                    break
                 for r, ps in by_remote.items():
+                    if stopping:
+                        break
                     transfers = self.pairs[ps[0]].transfers
                     q = ready[r]
                     if len(q) < LEASE_BATCH // 2:

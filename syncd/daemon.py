@@ -1,0 +1,254 @@
+"""`syncd run`: lifecycle of the long-running service — lock, initial reconcile, watchers,
+debounced event-driven scans, periodic full reconciles, signals and sd_notify.
+
+Events never carry decisions: they only mark a pair as changed. A marked pair gets a
+local scan checked against the index (the bases stand for the remote, no listing); the
+periodic full reconcile also lists the remote and catches drift and anything missed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from syncd import log as slog
+from syncd.config import Config, load_config
+from syncd.errors import SyncdError
+
+FALLBACK_SCAN_S = 30.0      # pairs that cannot be watched are scanned this often
+
+
+def sd_notify(state: str) -> bool:
+    """systemd's notify protocol (sd_notify(3)) without a library: one datagram to
+    $NOTIFY_SOCKET. A no-op outside systemd."""
+    addr = os.environ.get("NOTIFY_SOCKET")
+    if not addr:
+        return False
+    if addr.startswith("@"):
+        addr = "\0" + addr[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
+            s.connect(addr)
+            s.sendall(state.encode())
+        return True
+    except OSError:
+        return False
+
+
+class Daemon:
+    def __init__(self, cfg: Config, config_path: Path):
+        self.cfg = cfg
+        self.config_path = config_path
+        self.log = slog.get()
+        self.stop = threading.Event()
+        self.reload = threading.Event()
+        self.last_error = ""
+        self.engine: Any = None
+        self.index: Any = None
+        self.watcher: Any = None
+        self.debouncer: Any = None
+        self.unwatched: set[str] = set()
+        self.next_full: dict[str, float] = {}
+        self.next_poll: dict[str, float] = {}
+
+    # --- signals ----------------------------------------------------------------------------
+
+    def _on_term(self, signum: int, _frame: Any) -> None:
+        if not self.stop.is_set():
+            self.log.info("daemon_stopping", signal=signal.Signals(signum).name,
+                          timeout_s=self.cfg.daemon.shutdown_timeout)
+            sd_notify("STOPPING=1")
+            self.stop.set()
+            if self.debouncer is not None:
+                self.debouncer.wake.set()
+            # Transfers in flight get shutdown_timeout; after that the process leaves
+            # anyway. Nothing is lost: leased jobs are reclaimed at the next start.
+            t = threading.Timer(self.cfg.daemon.shutdown_timeout, self._hard_exit)
+            t.daemon = True
+            t.start()
+
+    def _hard_exit(self) -> None:
+        self.log.warning("shutdown_timeout", timeout_s=self.cfg.daemon.shutdown_timeout,
+                         note="transfers in flight abandoned; they are retried at the next start")
+        os._exit(0)
+
+    def _on_hup(self, _signum: int, _frame: Any) -> None:
+        self.reload.set()
+        if self.debouncer is not None:
+            self.debouncer.wake.set()
+
+    # --- lifecycle --------------------------------------------------------------------------
+
+    def run(self) -> int:
+        from syncd.engine import StateLock
+
+        signal.signal(signal.SIGTERM, self._on_term)
+        signal.signal(signal.SIGINT, self._on_term)
+        signal.signal(signal.SIGHUP, self._on_hup)
+        with StateLock(self.cfg.daemon.state_dir):
+            self._open()
+            try:
+                self.log.info("daemon_started", pid=os.getpid(), config=str(self.config_path),
+                              pairs=[p.name for p in self.cfg.pairs])
+                self._start_watching()
+                # The initial full reconcile of every pair; READY once it is done, so
+                # `systemctl start` returns with the trees in sync (or the problems logged).
+                for p in self.cfg.pairs:
+                    if self.stop.is_set():
+                        break
+                    self._reconcile(p.name, full=True)
+                sd_notify("READY=1\n" + self._status())
+                self._loop()
+            finally:
+                self._close()
+        self.log.info("daemon_stopped")
+        return 0
+
+    def _open(self) -> None:
+        from syncd.engine import Engine
+        from syncd.index import Index
+        from syncd.watch import Debouncer
+
+        self.index = Index.open(self.cfg.daemon.state_dir)
+        self.engine = Engine(self.cfg, self.index, transfer_log_level="info", stop=self.stop)
+        self.engine.queue.reclaim(exclusive=True)   # we hold the lock: every lease is stale
+        d = self.cfg.daemon
+        self.debouncer = Debouncer(d.debounce, d.max_delay)
+        now = time.monotonic()
+        self.next_full = {p.name: now + d.full_reconcile_interval for p in self.cfg.pairs}
+
+    def _close(self) -> None:
+        if self.watcher is not None:
+            self.watcher.stop()
+            self.watcher = None
+        if self.engine is not None:
+            self.engine.close()
+        if self.index is not None:
+            self.index.close()
+
+    def _start_watching(self) -> None:
+        from syncd.scan import Matcher
+        from syncd.watch import Watcher
+
+        roots = {}
+        for p in self.cfg.pairs:
+            m = Matcher(p.ignore)
+            roots[p.name] = (str(p.local), lambda rel, m=m: m(rel) or m(rel + "/"))
+        self.watcher = Watcher(self.debouncer, self.log)
+        self.unwatched = set(self.watcher.start(
+            {n: r for n, r in roots.items() if os.path.isdir(r[0])}))
+        self.unwatched |= {n for n, r in roots.items() if not os.path.isdir(r[0])}
+        now = time.monotonic()
+        self.next_poll = {n: now + FALLBACK_SCAN_S for n in self.unwatched}
+
+    def _loop(self) -> None:
+        d = self.cfg.daemon
+        watchdog_s = _watchdog_interval()
+        if watchdog_s:
+            threading.Thread(target=self._ping, args=(watchdog_s,), daemon=True,
+                             name="sd-watchdog").start()
+        while not self.stop.is_set():
+            deb = self.debouncer   # a reload replaces it
+            now = time.monotonic()
+            wake_at = min([*self.next_full.values(), *self.next_poll.values(),
+                           deb.next_due() or now + 3600])
+            deb.wake.wait(max(0.0, min(wake_at - now, 60.0)))
+            deb.wake.clear()
+            if self.stop.is_set():
+                break
+            now = time.monotonic()
+            if self.reload.is_set():
+                self.reload.clear()
+                self._reload()
+                continue
+            for name in deb.due(now):
+                self._reconcile(name, full=False)
+            for name, at in list(self.next_full.items()):
+                if now >= at and not self.stop.is_set():
+                    self._reconcile(name, full=True)
+                    self.next_full[name] = time.monotonic() + d.full_reconcile_interval
+            for name, at in list(self.next_poll.items()):
+                if now >= at and not self.stop.is_set():
+                    self._reconcile(name, full=False)
+                    self.next_poll[name] = time.monotonic() + FALLBACK_SCAN_S
+
+    def _ping(self, interval: float) -> None:
+        # From a thread, so a long first sync does not look like a hang to systemd.
+        while not self.stop.wait(interval):
+            sd_notify("WATCHDOG=1")
+
+    def _reconcile(self, name: str, full: bool) -> None:
+        from syncd.engine import Options
+
+        pair = next((p for p in self.cfg.pairs if p.name == name), None)
+        if pair is None:   # removed by a reload
+            return
+        sd_notify(f"STATUS={'reconciling' if full else 'syncing'} {name}")
+        res = self.engine.reconcile(pair, Options(list_remote=full))
+        if res.status != "ok":
+            self.last_error = f"{name}: {res.message or res.status}"
+        if res.status == "unavailable":
+            # The remote is down: forget the cached verdict so the next attempt retries,
+            # and try again soon rather than at the next full reconcile.
+            self.engine.unavailable.pop(pair.remote, None)
+            self.engine.checked.discard(pair.remote)
+            self.next_full[name] = time.monotonic() + min(30.0, self.cfg.daemon.retry_max)
+        sd_notify(self._status())
+
+    def _status(self) -> str:
+        queued = failed = 0
+        for p in self.cfg.pairs:
+            for state, n in self.index.job_counts(p.name).items():
+                if state == "failed":
+                    failed += n
+                else:
+                    queued += n
+        parts = [f"{len(self.cfg.pairs)} pairs", f"queue {queued}", f"failed {failed}"]
+        if self.last_error:
+            parts.append(f"last error: {self.last_error[:200]}")
+        return "STATUS=" + "; ".join(parts)
+
+    def _reload(self) -> None:
+        sd_notify("RELOADING=1")
+        try:
+            new = load_config(self.config_path)
+            if new.daemon.state_dir != self.cfg.daemon.state_dir:
+                raise SyncdError("daemon.state_dir cannot change on reload; restart syncd")
+        except SyncdError as e:
+            self.log.error("config_reload_failed", error=str(e), note="the old config stays in use")
+            self.last_error = f"reload: {e}"
+            sd_notify("READY=1\n" + self._status())
+            return
+        self.log.info("config_reloaded", pairs=[p.name for p in new.pairs])
+        if self.watcher is not None:
+            self.watcher.stop()
+        self.engine.close()
+        self.cfg = new
+        slog.setup(new.daemon.log_format, new.daemon.log_level)
+        self.log = slog.get()
+        from syncd.engine import Engine
+        from syncd.watch import Debouncer
+
+        self.engine = Engine(new, self.index, transfer_log_level="info", stop=self.stop)
+        self.debouncer = Debouncer(new.daemon.debounce, new.daemon.max_delay)
+        self._start_watching()
+        now = time.monotonic()
+        self.next_full = {p.name: now for p in new.pairs}   # a full pass with the new config
+        sd_notify("READY=1\n" + self._status())
+
+
+def _watchdog_interval() -> float:
+    """Half of $WATCHDOG_USEC (systemd's WatchdogSec=), if it is meant for us."""
+    usec = os.environ.get("WATCHDOG_USEC")
+    pid = os.environ.get("WATCHDOG_PID")
+    if not usec or (pid and pid != str(os.getpid())):
+        return 0.0
+    with contextlib.suppress(ValueError):
+        return int(usec) / 2e6
+    return 0.0

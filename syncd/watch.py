@@ -1,0 +1,163 @@
+"""Watching local roots: watchdog observers → per-pair "something changed" marks, debounced.
+
+The observer thread only records a timestamp per pair (never blocks, never does I/O);
+the daemon asks `Debouncer.due()` which pairs are quiet long enough to scan.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from syncd.model import TMP_PREFIX, TRASH_DIR
+
+# Events that change nothing on disk: our own reads of a file being uploaded produce them.
+_IGNORED_EVENTS = frozenset({"opened", "closed_no_write"})
+
+
+@dataclass
+class _Mark:
+    first: float
+    last: float
+
+
+class Debouncer:
+    """A pair is due when no event came for `debounce` seconds, or when its first unsynced
+    event is `max_delay` old (a file written continuously is still synced that often)."""
+
+    def __init__(self, debounce: float, max_delay: float,
+                 clock: Callable[[], float] = time.monotonic):
+        self.debounce = debounce
+        self.max_delay = max(max_delay, debounce)
+        self.clock = clock
+        self._marks: dict[str, _Mark] = {}
+        self._lock = threading.Lock()
+        self.wake = threading.Event()   # set on every event: the daemon loop waits on it
+
+    def touch(self, pair: str, now: float | None = None) -> None:
+        t = self.clock() if now is None else now
+        with self._lock:
+            m = self._marks.get(pair)
+            if m is None:
+                self._marks[pair] = _Mark(t, t)
+            else:
+                m.last = t
+        self.wake.set()
+
+    def due(self, now: float | None = None) -> list[str]:
+        """Pairs to scan now (their marks are cleared)."""
+        t = self.clock() if now is None else now
+        out = []
+        with self._lock:
+            for pair, m in list(self._marks.items()):
+                if t - m.last >= self.debounce or t - m.first >= self.max_delay:
+                    out.append(pair)
+                    del self._marks[pair]
+        return out
+
+    def next_due(self) -> float | None:
+        """When the earliest pending pair becomes due (clock time), or None."""
+        with self._lock:
+            if not self._marks:
+                return None
+            return min(min(m.last + self.debounce, m.first + self.max_delay)
+                       for m in self._marks.values())
+
+
+def relevant(rel: str, ignored: Callable[[str], bool]) -> bool:
+    """Whether a change at `rel` (relative to the pair's root) can matter to the sync."""
+    if not rel or rel == ".":
+        return True
+    parts = rel.split("/")
+    if parts[0] == TRASH_DIR or any(p.startswith(TMP_PREFIX) for p in parts):
+        return False
+    return not ignored(rel)
+
+
+class WatchError(Exception):
+    pass
+
+
+class Watcher:
+    """One watchdog observer over every pair's root; events become Debouncer marks."""
+
+    def __init__(self, debouncer: Debouncer, log: Any):
+        self.debouncer = debouncer
+        self.log = log
+        self.observer: Any = None
+        self.watched: dict[str, str] = {}   # pair -> root
+
+    def start(self, roots: dict[str, tuple[str, Callable[[str], bool]]]) -> list[str]:
+        """Watch each pair's root; returns the pairs that could not be watched (they fall
+        back to periodic scans), after logging why."""
+        from watchdog.events import FileSystemEventHandler
+        from watchdog.observers import Observer
+
+        deb = self.debouncer
+
+        class Handler(FileSystemEventHandler):
+            def __init__(self, pair: str, root: str, ignored: Callable[[str], bool]):
+                self.pair, self.root, self.ignored = pair, root, ignored
+
+            def on_any_event(self, event: Any) -> None:
+                if event.event_type in _IGNORED_EVENTS:
+                    return
+                for p in (event.src_path, getattr(event, "dest_path", "")):
+                    if not p:
+                        continue
+                    p = os.fsdecode(p)
+                    rel = os.path.relpath(p, self.root) if p != self.root else ""
+                    if rel.startswith(".."):
+                        continue
+                    if relevant(rel.replace(os.sep, "/"), self.ignored):
+                        deb.touch(self.pair)
+                        return
+
+        self.observer = Observer()
+        failed = []
+        for pair, (root, ignored) in roots.items():
+            try:
+                self.observer.schedule(Handler(pair, root, ignored), root, recursive=True)
+                self.watched[pair] = root
+            except OSError as e:
+                failed.append(pair)
+                self._log_watch_error(pair, root, e)
+        try:
+            self.observer.start()
+        except OSError as e:
+            for pair, root in self.watched.items():
+                self._log_watch_error(pair, root, e)
+            failed += list(self.watched)
+            self.watched.clear()
+        return failed
+
+    def _log_watch_error(self, pair: str, root: str, e: OSError) -> None:
+        if e.errno == errno.ENOSPC:
+            n = _count_dirs(root)
+            self.log.error("watch_limit", pair=pair, path=root, error=str(e),
+                           fix=f"raise fs.inotify.max_user_watches to at least "
+                               f"{n + 8192} (this tree has {n} directories): "
+                               f"sysctl fs.inotify.max_user_watches={n + 8192}",
+                           fallback="periodic scans")
+        else:
+            self.log.error("watch_failed", pair=pair, path=root, error=str(e),
+                           fallback="periodic scans")
+
+    def stop(self) -> None:
+        if self.observer is not None:
+            self.observer.stop()
+            self.observer.join(timeout=5)
+            self.observer = None
+        self.watched.clear()
+
+
+def _count_dirs(root: str) -> int:
+    n = 0
+    for _, dirs, _ in os.walk(root):
+        n += len(dirs) + 1
+    return n

@@ -1,0 +1,304 @@
+"""`syncd run` in a subprocess: events reach the remote, signals, lock, reload, sd_notify."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.conftest import SYNCD, tree
+from tests.servers import SSHServer
+
+pytestmark = pytest.mark.e2e
+
+CONFIG = """\
+[daemon]
+state_dir = "{state}"
+log_format = "json"
+debounce = "100ms"
+max_delay = "1s"
+retry_initial = "50ms"
+retry_max = "200ms"
+shutdown_timeout = "10s"
+
+[remotes.nas]
+{remote}
+
+[[sync]]
+name = "docs"
+local = "{src}"
+remote = "nas"
+path = "docs"
+delete = "propagate"
+ignore = ["*.swp", "*~"]
+"""
+
+
+def wait_for(cond: Callable[[], bool], timeout: float = 15.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return
+        time.sleep(0.02)
+    pytest.fail(f"timed out after {timeout} s waiting for {what}")
+
+
+class Daemon:
+    def __init__(self, tmp: Path, remote: str | None = None, env: dict[str, str] | None = None):
+        self.src, self.dst, self.state = tmp / "src", tmp / "dst", tmp / "state"
+        self.src.mkdir(exist_ok=True)
+        self.dst.mkdir(exist_ok=True)
+        self.config = tmp / "config.toml"
+        self.log = tmp / "daemon.log"
+        self.config.write_text(CONFIG.format(
+            state=self.state, src=self.src,
+            remote=remote or f'type = "local"\npath = "{self.dst}"'))
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("SYNCD_")}
+        self.env.update(env or {})
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def mirror(self) -> Path:
+        return self.dst / "docs"
+
+    def start(self) -> Daemon:
+        self.proc = subprocess.Popen([str(SYNCD), "run", "--config", str(self.config)],
+                                     stdout=subprocess.DEVNULL, stderr=self.log.open("ab"),
+                                     env=self.env)
+        wait_for(lambda: "daemon_started" in self.log.read_text() or self.proc.poll() is not None,
+                 what="daemon start")
+        return self
+
+    def events(self) -> list[dict[str, object]]:
+        out = []
+        for line in self.log.read_text().splitlines():
+            if line.startswith("{"):
+                out.append(json.loads(line))
+        return out
+
+    def write(self, rel: str, data: bytes) -> None:
+        p = self.src / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(data)
+
+    def converged(self) -> bool:
+        return tree(self.mirror) == tree(self.src) if self.mirror.exists() else not tree(self.src)
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(30)
+        finally:
+            self.proc = None
+
+
+@pytest.fixture
+def daemon(tmp_path: Path) -> Iterator[Daemon]:
+    d = Daemon(tmp_path)
+    yield d
+    if d.proc is not None:
+        d.proc.kill()
+        d.proc.wait()
+
+
+def test_changes_reach_the_remote_and_sigterm_exits_0(daemon: Daemon) -> None:
+    daemon.write("a.txt", b"alpha")
+    daemon.start()
+    wait_for(lambda: (daemon.mirror / "a.txt").exists(), what="initial sync")
+    # create, modify, delete, nested dirs
+    daemon.write("dir/sub/b.txt", b"beta")
+    daemon.write("a.txt", b"alpha 2")
+    wait_for(daemon.converged, what="create + modify")
+    (daemon.src / "a.txt").unlink()
+    wait_for(daemon.converged, what="delete")
+    # rename a file and a directory
+    os.rename(daemon.src / "dir/sub/b.txt", daemon.src / "dir/sub/c.txt")
+    os.rename(daemon.src / "dir", daemon.src / "renamed")
+    wait_for(daemon.converged, what="renames")
+    assert daemon.stop() == 0
+    names = [e["event"] for e in daemon.events()]
+    assert "daemon_stopping" in names and names[-1] == "daemon_stopped"
+
+
+def test_editor_saves_end_as_one_upload_never_a_delete(daemon: Daemon) -> None:
+    daemon.write("notes.txt", b"v1\n")
+    daemon.start()
+    wait_for(lambda: (daemon.mirror / "notes.txt").exists(), what="initial sync")
+    n0 = len(daemon.events())
+    # vim: write a swap file, write the new version to a temp name, rename over, drop swap
+    daemon.write(".notes.txt.swp", b"swap")
+    daemon.write("notes.txt~", b"v1\n")
+    tmp = daemon.src / "4913"
+    tmp.write_bytes(b"v2 from vim\n")
+    os.rename(tmp, daemon.src / "notes.txt")
+    (daemon.src / ".notes.txt.swp").unlink()
+    (daemon.src / "notes.txt~").unlink()
+    wait_for(lambda: (daemon.mirror / "notes.txt").read_bytes() == b"v2 from vim\n",
+             what="vim-style save")
+    # truncate + write in place
+    with open(daemon.src / "notes.txt", "r+b") as f:
+        f.truncate(0)
+        f.write(b"v3 truncated and rewritten\n")
+    wait_for(lambda: (daemon.mirror / "notes.txt").read_bytes() == b"v3 truncated and rewritten\n",
+             what="truncate-style save")
+    time.sleep(0.3)
+    evs = daemon.events()[n0:]
+    ops = [(e.get("event"), e.get("path")) for e in evs if e.get("path") == "notes.txt"]
+    assert ("delete_remote_done", "notes.txt") not in ops, ops
+    assert ops.count(("upload_done", "notes.txt")) == 2, ops
+    assert not any(str(e.get("path", "")).endswith((".swp", "~", "4913")) and
+                   e.get("event") == "upload_done" for e in evs)
+    assert daemon.stop() == 0
+
+
+def test_burst_of_1000_files_converges(daemon: Daemon) -> None:
+    daemon.start()
+    for i in range(1000):
+        daemon.write(f"burst/{i % 10}/f{i}.txt", f"file {i}\n".encode())
+    wait_for(daemon.converged, timeout=60, what="1000-file burst")
+    uploads = [e for e in daemon.events() if e.get("event") == "upload_done"]
+    assert len({e["path"] for e in uploads}) == 1000
+    assert daemon.stop() == 0
+
+
+def test_second_instance_is_refused_with_pid(daemon: Daemon) -> None:
+    daemon.start()
+    r = subprocess.run([str(SYNCD), "run", "--config", str(daemon.config)], capture_output=True,
+                       text=True, timeout=30, env=daemon.env)
+    assert r.returncode == 2
+    assert f"PID {daemon.proc.pid}" in r.stderr  # type: ignore[union-attr]
+    assert daemon.stop() == 0
+
+
+def test_sighup_bad_config_keeps_running_good_config_applies(daemon: Daemon, tmp_path: Path) -> None:
+    daemon.start()
+    good = daemon.config.read_text()
+    daemon.config.write_text(good + "\n[[sync]]\nname = \"broken\"\n")   # missing keys
+    daemon.proc.send_signal(signal.SIGHUP)  # type: ignore[union-attr]
+    wait_for(lambda: any(e.get("event") == "config_reload_failed" for e in daemon.events()),
+             what="reload failure logged")
+    daemon.write("still.txt", b"works")
+    wait_for(lambda: (daemon.mirror / "still.txt").exists(), what="sync after a bad reload")
+    # A good new config: a second pair appears and is synced without a restart.
+    src2 = tmp_path / "src2"
+    src2.mkdir()
+    (src2 / "two.txt").write_bytes(b"second pair")
+    daemon.config.write_text(good + f'\n[[sync]]\nname = "more"\nlocal = "{src2}"\n'
+                             'remote = "nas"\npath = "more"\n')
+    daemon.proc.send_signal(signal.SIGHUP)  # type: ignore[union-attr]
+    wait_for(lambda: (daemon.dst / "more" / "two.txt").exists(), what="new pair synced")
+    (src2 / "three.txt").write_bytes(b"watched too")
+    wait_for(lambda: (daemon.dst / "more" / "three.txt").exists(), what="new pair watched")
+    assert daemon.stop() == 0
+
+
+def test_kill_9_during_burst_then_restart_converges(daemon: Daemon) -> None:
+    for i in range(300):
+        daemon.write(f"k/{i % 5}/f{i}.bin", os.urandom(20_000))
+    daemon.start()
+    wait_for(lambda: any(e.get("event") == "upload_done" for e in daemon.events()),
+             what="uploads under way")
+    daemon.stop(signal.SIGKILL)
+    for i in range(300, 400):
+        daemon.write(f"k/{i % 5}/f{i}.bin", os.urandom(20_000))
+    daemon.start()
+    wait_for(daemon.converged, timeout=60, what="convergence after kill -9")
+    assert not list(daemon.mirror.rglob(".syncd-tmp-*"))
+    assert daemon.stop() == 0
+
+
+def test_sd_notify_ready_and_stopping(tmp_path: Path) -> None:
+    sock_path = tmp_path / "notify.sock"
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    s.bind(str(sock_path))
+    s.settimeout(20)
+    d = Daemon(tmp_path, env={"NOTIFY_SOCKET": str(sock_path)})
+    d.write("a.txt", b"a")
+    try:
+        d.start()
+        got: list[str] = []
+        while not any("READY=1" in m for m in got):
+            got.append(s.recv(4096).decode())
+        assert (d.mirror / "a.txt").exists()     # READY comes after the initial reconcile
+        assert any("STATUS=" in m for m in got)
+        assert d.stop() == 0
+        while not any("STOPPING=1" in m for m in got):
+            got.append(s.recv(4096).decode())
+    finally:
+        s.close()
+        if d.proc is not None:
+            d.proc.kill()
+
+
+def test_daemon_to_sshd(tmp_path: Path, sshd: SSHServer) -> None:
+    root = tmp_path / "remote-root"
+    root.mkdir()
+    remote = (f'type = "sftp"\nhost = "127.0.0.1"\nport = {sshd.port}\nuser = "{sshd.user}"\n'
+              f'root = "{root}"\nkey_file = "{sshd.client_key}"\n'
+              f'known_hosts = "{sshd.known_hosts}"\nuse_agent = false\ntimeout = "5s"')
+    d = Daemon(tmp_path, remote=remote)
+    d.write("first.txt", b"1")
+    d.start()
+    try:
+        wait_for(lambda: (root / "docs/first.txt").exists(), what="initial sync over SFTP")
+        d.write("dir/second.txt", b"2")
+        wait_for(lambda: (root / "docs/dir/second.txt").read_bytes() == b"2"
+                 if (root / "docs/dir/second.txt").exists() else False, what="event over SFTP")
+        (d.src / "first.txt").unlink()
+        wait_for(lambda: not (root / "docs/first.txt").exists(), what="delete over SFTP")
+        assert d.stop() == 0
+    finally:
+        if d.proc is not None:
+            d.proc.kill()
+
+
+def test_status_while_running_and_after(daemon: Daemon) -> None:
+    daemon.write("a.txt", b"a")
+    daemon.start()
+    wait_for(lambda: (daemon.mirror / "a.txt").exists(), what="initial sync")
+    r = subprocess.run([str(SYNCD), "status", "--config", str(daemon.config), "--json"],
+                       capture_output=True, text=True, timeout=30, env=daemon.env)
+    assert r.returncode == 0, r.stderr
+    st = json.loads(r.stdout)
+    assert st["daemon"] == {"running": True, "pid": daemon.proc.pid}  # type: ignore[union-attr]
+    (p,) = st["pairs"]
+    assert p["pair"] == "docs" and p["last_result"] == "ok" and p["tracked"] == 1
+    assert p["state"] == "idle" and p["failed"] == []
+    assert daemon.stop() == 0
+    r = subprocess.run([str(SYNCD), "status", "--config", str(daemon.config)],
+                       capture_output=True, text=True, timeout=30, env=daemon.env)
+    assert r.returncode == 0 and "daemon: not running" in r.stdout
+    assert "pair docs: idle" in r.stdout
+
+
+def test_systemd_units() -> None:
+    """The units say what the README promises; systemd-analyze checks them where present."""
+    import shutil
+
+    unit = Path(__file__).parents[2] / "systemd" / "syncd.service"
+    text = unit.read_text()
+    for directive in ("Type=notify", "ExecReload=/bin/kill -HUP $MAINPID", "Restart=on-failure",
+                      "StateDirectory=syncd", "ConfigurationDirectory=syncd", "User=syncd",
+                      "ProtectSystem=strict", "NoNewPrivileges=yes", "PrivateTmp=yes",
+                      "CapabilityBoundingSet=\n",
+                      "RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6", "WatchdogSec="):
+        assert directive in text, directive
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        pytest.skip("systemd-analyze not installed: only the directives were checked")
+    tmp = Path(os.environ.get("TMPDIR", "/tmp")) / f"syncd-unit-{os.getpid()}.service"
+    tmp.write_text(text.replace("/usr/local/bin/syncd", shutil.which("true") or "/bin/true"))
+    try:
+        r = subprocess.run([analyze, "verify", str(tmp)], capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+    finally:
+        tmp.unlink()
