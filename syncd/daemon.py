@@ -56,6 +56,8 @@ class Daemon:
         self.unwatched: set[str] = set()
         self.next_full: dict[str, float] = {}
         self.next_poll: dict[str, float] = {}
+        self.retry_at: dict[str, tuple[float, bool]] = {}   # pair -> (when, full reconcile?)
+        self.failures: dict[str, int] = {}                   # consecutive failed runs
 
     # --- signals ----------------------------------------------------------------------------
 
@@ -157,7 +159,7 @@ class Daemon:
             deb = self.debouncer   # a reload replaces it
             now = time.monotonic()
             wake_at = min([*self.next_full.values(), *self.next_poll.values(),
-                           deb.next_due() or now + 3600])
+                           *(t for t, _ in self.retry_at.values()), deb.next_due() or now + 3600])
             deb.wake.wait(max(0.0, min(wake_at - now, 60.0)))
             deb.wake.clear()
             if self.stop.is_set():
@@ -173,6 +175,9 @@ class Daemon:
                 if now >= at and not self.stop.is_set():
                     self._reconcile(name, full=True)
                     self.next_full[name] = time.monotonic() + d.full_reconcile_interval
+            for name, (at, full) in list(self.retry_at.items()):
+                if now >= at and not self.stop.is_set():
+                    self._reconcile(name, full=full)
             for name, at in list(self.next_poll.items()):
                 if now >= at and not self.stop.is_set():
                     self._reconcile(name, full=False)
@@ -191,14 +196,21 @@ class Daemon:
             return
         sd_notify(f"STATUS={'reconciling' if full else 'syncing'} {name}")
         res = self.engine.reconcile(pair, Options(list_remote=full))
-        if res.status != "ok":
+        self.retry_at.pop(name, None)
+        if res.status in ("failed", "unavailable"):
             self.last_error = f"{name}: {res.message or res.status}"
-        if res.status == "unavailable":
-            # The remote is down: forget the cached verdict so the next attempt retries,
-            # and try again soon rather than at the next full reconcile.
-            self.engine.unavailable.pop(pair.remote, None)
-            self.engine.checked.discard(pair.remote)
-            self.next_full[name] = time.monotonic() + min(30.0, self.cfg.daemon.retry_max)
+            if res.status == "unavailable":   # forget the verdict: the next try reconnects
+                self.engine.unavailable.pop(pair.remote, None)
+                self.engine.checked.discard(pair.remote)
+            # Parked jobs and an unreachable remote are tried again with growing delays
+            # (capped at retry_max), not only at the next full reconcile or local change.
+            d = self.cfg.daemon
+            n = self.failures[name] = self.failures.get(name, 0) + 1
+            delay = min(d.retry_max, d.retry_initial * 2 ** min(n, 30))
+            self.retry_at[name] = (time.monotonic() + delay, full or res.status == "unavailable")
+            self.log.info("pair_retry_scheduled", pair=name, in_s=round(delay, 3), attempt=n)
+        else:
+            self.failures.pop(name, None)
         sd_notify(self._status())
 
     def _status(self) -> str:

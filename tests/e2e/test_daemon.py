@@ -302,3 +302,33 @@ def test_systemd_units() -> None:
         assert r.returncode == 0, r.stderr
     finally:
         tmp.unlink()
+
+
+def test_remote_down_while_files_change_then_back_converges(tmp_path: Path, sshd: SSHServer) -> None:
+    root = tmp_path / "remote-root"
+    root.mkdir()
+    with SSHServer(tmp_path / "srv") as srv:
+        remote = (f'type = "sftp"\nhost = "127.0.0.1"\nport = {srv.port}\nuser = "{srv.user}"\n'
+                  f'root = "{root}"\nkey_file = "{srv.client_key}"\n'
+                  f'known_hosts = "{srv.known_hosts}"\nuse_agent = false\ntimeout = "2s"')
+        d = Daemon(tmp_path, remote=remote)
+        d.write("before.txt", b"0")
+        d.start()
+        try:
+            wait_for(lambda: (root / "docs/before.txt").exists(), what="initial sync")
+            srv.kill_sessions()                  # drop the live connection...
+            srv.stop()                           # ...and refuse new ones
+            for i in range(20):
+                d.write(f"while-down/{i}.txt", f"{i}".encode())
+            wait_for(lambda: sum(e.get("event") in ("job_retry", "pair_retry_scheduled")
+                                 for e in d.events()) >= 3, what="retries while down")
+            assert not (root / "docs/while-down").exists()
+            srv.start()                          # same port, same host key
+            wait_for(lambda: tree(root / "docs") == tree(d.src), timeout=30,
+                     what="convergence once the server is back")
+            delays = [e["in_s"] for e in d.events() if e.get("event") == "pair_retry_scheduled"]
+            assert delays == sorted(delays) or max(delays) <= 0.2   # growing, capped at retry_max
+            assert d.stop() == 0
+        finally:
+            if d.proc is not None:
+                d.proc.kill()
