@@ -1,0 +1,230 @@
+"""Daemon benchmark: change-to-remote latency of `syncd run`, its idle cost, a burst.
+
+    .venv/bin/python bench/bench_daemon.py [--changes 200] [--tree 100000] [--remotes local,sftp]
+
+For each remote (a local directory, and a throwaway OpenSSH sshd on 127.0.0.1): start the
+daemon on a tree of --tree-small files (default 10,000), then write one file at a time
+(a new 4 KiB file, or a rewrite of an earlier one) and poll the remote every 2 ms until
+the file is there with the new content; report p50 / p95 / max over --changes changes,
+with the default debounce (250 ms). Then a burst of --burst files written at once: time
+until all are on the remote. Finally idle CPU (% of one core over --idle seconds) and
+RSS of the daemon watching a --tree-file tree (default 100,000 files). Prints a Markdown
+table; JSON in bench/out/daemon-last.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+from tests.servers import SSHServer  # noqa: E402
+
+SYNCD = Path(sys.executable).parent / "syncd"
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def make_tree(root: Path, n: int) -> None:
+    for i in range(n):
+        p = root / f"d{i % max(1, n // 100):04d}" / f"f{i:06d}"
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(b"x" * 100)
+
+
+def config(wd: Path, name: str, src: Path, remote: str) -> Path:
+    cfg = wd / f"{name}.toml"
+    cfg.write_text(f"""[daemon]
+state_dir = "{wd / ('state-' + name)}"
+log_format = "json"
+log_level = "warning"
+
+[remotes.r]
+{remote}
+
+[[sync]]
+name = "p"
+local = "{src}"
+remote = "r"
+path = "p"
+delete = "propagate"
+""")
+    return cfg
+
+
+class Run:
+    def __init__(self, cfg: Path, logf: Path):
+        self.proc = subprocess.Popen([str(SYNCD), "run", "--config", str(cfg)],
+                                     stdout=subprocess.DEVNULL, stderr=logf.open("ab"),
+                                     env={**os.environ, "NOTIFY_SOCKET": ""})
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(60)
+
+    def cpu_s(self) -> float:
+        with open(f"/proc/{self.proc.pid}/stat") as f:
+            fields = f.read().rpartition(")")[2].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def rss_mib(self) -> float:
+        with open(f"/proc/{self.proc.pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+        return 0.0
+
+
+def wait_until(cond: Any, timeout: float = 60.0, step: float = 0.002) -> float:
+    t0 = time.perf_counter()
+    while not cond():
+        if time.perf_counter() - t0 > timeout:
+            raise SystemExit("bench: timed out waiting for the daemon")
+        time.sleep(step)
+    return time.perf_counter() - t0
+
+
+def same(p: Path, data: bytes) -> bool:
+    try:
+        return p.read_bytes() == data
+    except OSError:
+        return False
+
+
+def bench_remote(wd: Path, kind: str, remote: str, remote_root: Path, args: argparse.Namespace,
+                 ) -> dict[str, Any]:
+    src = wd / f"src-{kind}"
+    make_tree(src, args.tree_small)
+    cfg = config(wd, kind, src, remote)
+    d = Run(cfg, wd / f"{kind}.log")
+    mirror = remote_root / "p"
+    try:
+        wait_until(lambda: (mirror / "d0000" / "f000000").exists(), timeout=300, step=0.05)
+        time.sleep(1.0)
+        lat = []
+        for i in range(args.changes):
+            rel = f"lat/f{i % 50:03d}"
+            data = f"change {i} ".encode() * 400
+            p = src / rel
+            p.parent.mkdir(exist_ok=True)
+            t0 = time.perf_counter()
+            p.write_bytes(data)
+            wait_until(lambda m=mirror / rel, x=data: same(m, x))
+            lat.append(time.perf_counter() - t0)
+            time.sleep(0.05)
+        log(f"{kind}: latency p50 {statistics.median(lat):.3f}s")
+        burst_dir = src / "burst"
+        burst_dir.mkdir()
+        t0 = time.perf_counter()
+        for i in range(args.burst):
+            (burst_dir / f"b{i:05d}").write_bytes(b"b" * 4096)
+        last = mirror / "burst" / f"b{args.burst - 1:05d}"
+        wait_until(lambda: last.exists() and len(os.listdir(mirror / "burst")) >= args.burst
+                   and not any(n.startswith(".syncd-tmp-") for n in os.listdir(mirror / "burst")),
+                   timeout=600, step=0.01)
+        burst_s = time.perf_counter() - t0
+        log(f"{kind}: burst of {args.burst} in {burst_s:.2f}s")
+    finally:
+        d.stop()
+    lat.sort()
+    return {"remote": kind, "changes": len(lat), "p50_s": statistics.median(lat),
+            "p95_s": lat[int(0.95 * (len(lat) - 1))], "max_s": lat[-1],
+            "burst_files": args.burst, "burst_s": burst_s}
+
+
+def bench_idle(wd: Path, args: argparse.Namespace) -> dict[str, Any]:
+    src = wd / "src-idle"
+    log(f"idle: generating {args.tree_idle:,} files (untimed)")
+    make_tree(src, args.tree_idle)
+    dst = wd / "dst-idle"
+    dst.mkdir()
+    cfg = config(wd, "idle", src, f'type = "local"\npath = "{dst}"\nfsync = false')
+    d = Run(cfg, wd / "idle.log")
+    try:
+        wait_until(lambda: (dst / "p" / "d0000" / "f000000").exists(), timeout=900, step=0.2)
+        # wait for the initial reconcile to finish: CPU stops climbing
+        prev = -1.0
+        while True:
+            time.sleep(2)
+            c = d.cpu_s()
+            if c - prev < 0.02:
+                break
+            prev = c
+        c0, t0 = d.cpu_s(), time.perf_counter()
+        time.sleep(args.idle)
+        cpu = (d.cpu_s() - c0) / (time.perf_counter() - t0) * 100
+        rss = d.rss_mib()
+    finally:
+        d.stop()
+    return {"files": args.tree_idle, "idle_cpu_pct": cpu, "rss_mib": rss, "seconds": args.idle}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--changes", type=int, default=200)
+    ap.add_argument("--tree-small", type=int, default=10_000)
+    ap.add_argument("--tree-idle", type=int, default=100_000)
+    ap.add_argument("--burst", type=int, default=10_000)
+    ap.add_argument("--idle", type=float, default=30.0, help="seconds of idle measured")
+    ap.add_argument("--remotes", default="local,sftp")
+    ap.add_argument("--keep", action="store_true")
+    args = ap.parse_args()
+    wd = Path(tempfile.mkdtemp(prefix="syncd-bench-daemon-", dir="/tmp"))
+    srv = None
+    results: dict[str, Any] = {"latency": []}
+    try:
+        for kind in args.remotes.split(","):
+            root = wd / f"remote-{kind}"
+            root.mkdir()
+            if kind == "local":
+                remote = f'type = "local"\npath = "{root}"'
+            elif kind == "sftp":
+                srv = SSHServer(wd / "sshd").start()
+                remote = (f'type = "sftp"\nhost = "127.0.0.1"\nport = {srv.port}\n'
+                          f'user = "{srv.user}"\nroot = "{root}"\nkey_file = "{srv.client_key}"\n'
+                          f'known_hosts = "{srv.known_hosts}"\nuse_agent = false')
+            else:
+                raise SystemExit(f"bench: unknown remote kind {kind}")
+            results["latency"].append(bench_remote(wd, kind, remote, root, args))
+        results["idle"] = bench_idle(wd, args)
+        lines = [f"## syncd run: change-to-remote latency ({time.strftime('%Y-%m-%d %H:%M:%S %Z')})",
+                 "", f"{args.changes} single-file changes (16 KiB), default debounce 250 ms; "
+                 f"burst = {args.burst:,} × 4 KiB written at once; tree of {args.tree_small:,} "
+                 "files being watched.", "",
+                 "| remote | p50 | p95 | max | burst |", "|---|---|---|---|---|"]
+        for r in results["latency"]:
+            lines.append(f"| {r['remote']} | {r['p50_s']:.3f} s | {r['p95_s']:.3f} s | "
+                         f"{r['max_s']:.3f} s | {r['burst_s']:.2f} s |")
+        i = results["idle"]
+        lines += ["", f"Idle, watching {i['files']:,} files: {i['idle_cpu_pct']:.2f}% of one core "
+                  f"over {i['seconds']:.0f} s, RSS {i['rss_mib']:.0f} MiB.", ""]
+        text = "\n".join(lines)
+        print(text)
+        out = HERE / "out" / "daemon-last.json"
+        out.parent.mkdir(exist_ok=True)
+        out.write_text(json.dumps({**results, "markdown": text}, indent=2) + "\n")
+    finally:
+        if srv is not None:
+            srv.stop()
+        if args.keep:
+            log(f"kept {wd}")
+        else:
+            shutil.rmtree(wd, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
