@@ -1,0 +1,76 @@
+"""Debouncing and watch set-up, with an injected clock (no sleeping)."""
+
+from __future__ import annotations
+
+import errno
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from syncd.watch import Debouncer, Watcher, relevant
+
+
+def test_quiet_period_then_due_once() -> None:
+    d = Debouncer(0.25, 5.0, clock=lambda: 0.0)
+    d.touch("a", now=10.0)
+    d.touch("a", now=10.2)
+    assert d.due(now=10.3) == []                 # only 0.1 s quiet
+    assert d.next_due() == pytest.approx(10.45)
+    assert d.due(now=10.45) == ["a"]
+    assert d.due(now=11.0) == [] and d.next_due() is None
+
+
+def test_continuous_writes_still_due_after_max_delay() -> None:
+    d = Debouncer(0.25, 5.0, clock=lambda: 0.0)
+    t = 100.0
+    d.touch("a", now=t)
+    while t < 104.9:
+        t += 0.1
+        d.touch("a", now=t)
+        assert d.due(now=t) == []
+    assert d.due(now=105.0) == ["a"]            # first event 5 s ago
+
+
+def test_pairs_are_independent_and_touch_wakes() -> None:
+    d = Debouncer(1.0, 5.0, clock=lambda: 0.0)
+    d.touch("a", now=0.0)
+    assert d.wake.is_set()
+    d.touch("b", now=0.5)
+    assert d.due(now=1.0) == ["a"] and d.due(now=1.5) == ["b"]
+
+
+def test_relevant_filters_reserved_and_ignored() -> None:
+    ignored = {"x.tmp"}.__contains__
+    assert relevant("a/b.txt", ignored)
+    assert not relevant("x.tmp", ignored)
+    assert not relevant("d/.syncd-tmp-123", ignored)
+    assert not relevant(".syncd-trash/2026/a.txt", ignored)
+    assert relevant("", ignored)
+
+
+class Log:
+    def __init__(self) -> None:
+        self.events: list[tuple[str, dict[str, Any]]] = []
+
+    def error(self, event: str, **kw: Any) -> None:
+        self.events.append((event, kw))
+
+
+def test_out_of_inotify_watches_says_what_to_set_and_falls_back(tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    from watchdog.observers import Observer
+
+    def refuse(*_a: Any, **_k: Any) -> None:
+        raise OSError(errno.ENOSPC, "inotify watch limit reached")
+
+    monkeypatch.setattr(Observer, "schedule", refuse)
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    log = Log()
+    w = Watcher(Debouncer(0.1, 1.0), log)
+    failed = w.start({"p": (str(tmp_path), lambda _r: False)})
+    w.stop()
+    assert failed == ["p"]
+    (event, kw), = log.events
+    assert event == "watch_limit" and "fs.inotify.max_user_watches" in kw["fix"]
+    assert kw["fallback"] == "periodic scans"
