@@ -4,6 +4,7 @@ in the same transaction that acks the job)."""
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import signal
@@ -55,6 +56,12 @@ def _take_chunk(q: deque[Job], max_bytes: int = CHUNK_BYTES) -> list[Job]:
 def _worker_init() -> None:
     # Ctrl-C goes to the whole process group; the parent decides how to stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # Die with the fork server (which exits with syncd): a worker orphaned by `kill -9`
+    # must not go on publishing files while a restarted syncd uploads the same paths.
+    with contextlib.suppress(Exception):
+        import ctypes
+
+        ctypes.CDLL(None).prctl(1, int(signal.SIGKILL))   # PR_SET_PDEATHSIG
 
 
 def _execute_chunk(jobs: list[Job], pairs: dict[str, PairCtx]) -> list[Outcome]:

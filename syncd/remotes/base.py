@@ -168,10 +168,16 @@ def check_rel_path(remote: str, path: str) -> list[str]:
 
 
 def temp_name(name: str) -> str:
-    """The temp name for a target: stable across retries, so a retry overwrites its own."""
+    """A temp name for a target, unique per attempt: two writers of one target (a worker
+    orphaned by a killed syncd, a second syncd on another machine) then never write into
+    the same temp file and rename it half-done. A temp left by a crash is removed by a
+    later reconcile (the planner's cleanup of stale `.syncd-tmp-*` files)."""
+    import secrets
+
     from syncd.model import TMP_PREFIX
 
-    return TMP_PREFIX + xxhash.xxh64_hexdigest(name.encode("utf-8", "surrogateescape"))
+    tag = xxhash.xxh64_hexdigest(name.encode("utf-8", "surrogateescape"))[:8]
+    return f"{TMP_PREFIX}{tag}-{secrets.token_hex(6)}"
 
 
 def _isreg(mode: int) -> bool:

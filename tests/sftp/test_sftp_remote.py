@@ -207,7 +207,9 @@ def test_dropped_connection_is_transient_then_reconnects(tmp_path: Path, sshd: S
         with Source(str(big), "big") as so:       # the next call reconnects and completes
             assert r.put("a/big", so).size == 16 << 20
         assert (root / "a/big").read_bytes() == big.read_bytes()
-        assert [n for n in os.listdir(root / "a") if n.startswith(".syncd-tmp-")] == []
+        # The temp of the cut attempt may remain (a reconcile removes it once stale); it is
+        # never the final name, and the retry did not write into it.
+        assert len([n for n in os.listdir(root / "a") if n.startswith(".syncd-tmp-")]) <= 1
         r.close()
 
 
