@@ -47,6 +47,9 @@ class Daemon:
         self.config_path = config_path
         self.log = slog.get()
         self.stop = threading.Event()
+        self.finished = threading.Event()
+        self.announced = threading.Event()   # the guard has logged the stop
+        self.signal_name = ""
         self.reload = threading.Event()
         self.last_error = ""
         self.engine: Any = None
@@ -62,23 +65,28 @@ class Daemon:
     # --- signals ----------------------------------------------------------------------------
 
     def _on_term(self, signum: int, _frame: Any) -> None:
-        if not self.stop.is_set():
-            self.log.info("daemon_stopping", signal=signal.Signals(signum).name,
-                          timeout_s=self.cfg.daemon.shutdown_timeout)
-            sd_notify("STOPPING=1")
-            self.stop.set()
-            if self.debouncer is not None:
-                self.debouncer.wake.set()
-            # Transfers in flight get shutdown_timeout; after that the process leaves
-            # anyway. Nothing is lost: leased jobs are reclaimed at the next start.
-            t = threading.Timer(self.cfg.daemon.shutdown_timeout, self._hard_exit)
-            t.daemon = True
-            t.start()
+        # Only flags here: a handler that logged could deadlock on a lock the interrupted
+        # code holds. The shutdown guard thread does the talking.
+        self.signal_name = signal.Signals(signum).name
+        self.stop.set()
+        if self.debouncer is not None:
+            self.debouncer.wake.set()
 
-    def _hard_exit(self) -> None:
-        self.log.warning("shutdown_timeout", timeout_s=self.cfg.daemon.shutdown_timeout,
-                         note="transfers in flight abandoned; they are retried at the next start")
-        os._exit(0)
+    def _shutdown_guard(self) -> None:
+        """Waits for a stop request; then says so, and gives transfers in flight
+        shutdown_timeout before the process leaves anyway. Nothing is lost: leased jobs
+        are reclaimed, and the tree re-planned, at the next start."""
+        self.stop.wait()
+        if self.finished.is_set():
+            return
+        self.log.info("daemon_stopping", signal=self.signal_name,
+                      timeout_s=self.cfg.daemon.shutdown_timeout)
+        sd_notify("STOPPING=1")
+        self.announced.set()
+        if not self.finished.wait(self.cfg.daemon.shutdown_timeout):
+            self.log.warning("shutdown_timeout", timeout_s=self.cfg.daemon.shutdown_timeout,
+                             note="transfers in flight abandoned; retried at the next start")
+            os._exit(0)
 
     def _on_hup(self, _signum: int, _frame: Any) -> None:
         self.reload.set()
@@ -93,6 +101,7 @@ class Daemon:
         signal.signal(signal.SIGTERM, self._on_term)
         signal.signal(signal.SIGINT, self._on_term)
         signal.signal(signal.SIGHUP, self._on_hup)
+        threading.Thread(target=self._shutdown_guard, daemon=True, name="shutdown").start()
         with StateLock(self.cfg.daemon.state_dir):
             self._open()
             try:
@@ -108,7 +117,11 @@ class Daemon:
                 sd_notify("READY=1\n" + self._status())
                 self._loop()
             finally:
+                if self.signal_name:   # keep the log in order: stopping, then stopped
+                    self.announced.wait(2)
                 self._close()
+        self.finished.set()
+        self.stop.set()   # releases the guard thread
         self.log.info("daemon_stopped")
         return 0
 

@@ -21,6 +21,10 @@ class Policy:
     dirs: bool = True               # the remote has real directories
     mtime_precision_ns: int = 1     # 0: the remote does not keep mtimes (never adopt)
     now_ns: int = 0
+    # Temp names of this state dir start with TMP_PREFIX + tmp_owner + "-". The state
+    # dir's lock means none of them is being written while we plan: they are removed at
+    # once. Anyone else's (another syncd writing the same remote) only once stale.
+    tmp_owner: str = ""
 
 
 def same_mtime(a: int, b: int, precision_ns: int) -> bool:
@@ -52,7 +56,10 @@ def plan_push(local: Mapping[str, LocalState], base: Mapping[str, Base],
         if path in local:
             continue
         if r.kind == FILE and path.rpartition("/")[2].startswith(TMP_PREFIX):
-            if r.mtime_ns < policy.now_ns - STALE_TMP_NS:
+            name = path.rpartition("/")[2]
+            if policy.tmp_owner and name.startswith(f"{TMP_PREFIX}{policy.tmp_owner}-"):
+                out.append(Action(Op.CLEANUP, path, "temp file of an interrupted upload"))
+            elif r.mtime_ns < policy.now_ns - STALE_TMP_NS:
                 out.append(Action(Op.CLEANUP, path, "stale temp file of syncd"))
             continue
         b = bget(path)

@@ -12,13 +12,19 @@ if TYPE_CHECKING:
 
 
 def open_remote(cfg: RemoteConfig, state_dir: str = "") -> Remote:
+    from syncd.remotes.base import owner_tag
+
+    r: Remote
     if cfg.type == "local":
         from syncd.remotes.local import LocalRemote
 
-        return LocalRemote(cfg.name, cfg.options["path"], fsync=cfg.options.get("fsync", True))
-    if cfg.type == "sftp":
+        r = LocalRemote(cfg.name, cfg.options["path"], fsync=cfg.options.get("fsync", True))
+    elif cfg.type == "sftp":
         from syncd.remotes.sftp import SFTPOptions, SFTPRemote
 
-        return SFTPRemote(cfg.name, SFTPOptions(**cfg.options, state_dir=state_dir))
-    raise ConfigError(f"remote type '{cfg.type}' is not available in this version",
-                      key=f"remotes.{cfg.name}.type")
+        r = SFTPRemote(cfg.name, SFTPOptions(**cfg.options, state_dir=state_dir))
+    else:
+        raise ConfigError(f"remote type '{cfg.type}' is not available in this version",
+                          key=f"remotes.{cfg.name}.type")
+    r.tmp_owner = owner_tag(state_dir)  # type: ignore[attr-defined]
+    return r

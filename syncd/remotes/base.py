@@ -167,17 +167,45 @@ def check_rel_path(remote: str, path: str) -> list[str]:
     return parts
 
 
-def temp_name(name: str) -> str:
+def temp_name(name: str, owner: str = "") -> str:
     """A temp name for a target, unique per attempt: two writers of one target (a worker
     orphaned by a killed syncd, a second syncd on another machine) then never write into
-    the same temp file and rename it half-done. A temp left by a crash is removed by a
-    later reconcile (the planner's cleanup of stale `.syncd-tmp-*` files)."""
+    the same temp file and rename it half-done. `owner` (the state dir's tag) lets the
+    next reconcile of the same state dir remove temps of interrupted uploads at once."""
     import secrets
 
     from syncd.model import TMP_PREFIX
 
-    tag = xxhash.xxh64_hexdigest(name.encode("utf-8", "surrogateescape"))[:8]
-    return f"{TMP_PREFIX}{tag}-{secrets.token_hex(6)}"
+    return f"{TMP_PREFIX}{owner or 'x'}-{secrets.token_hex(6)}"
+
+
+def owner_tag(state_dir: str) -> str:
+    """A short random tag for this state dir, created once (state_dir/tmp-owner)."""
+    import secrets
+
+    if not state_dir:
+        return ""
+    path = os.path.join(state_dir, "tmp-owner")
+    try:
+        with open(path, encoding="ascii") as f:
+            tag = f.read().strip()
+        if tag.isalnum():
+            return tag
+    except FileNotFoundError:
+        pass
+    except OSError:
+        return ""
+    tag = secrets.token_hex(4)
+    try:
+        os.makedirs(state_dir, mode=0o700, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:   # created meanwhile: use that one
+        return owner_tag(state_dir)
+    except OSError:
+        return ""
+    with os.fdopen(fd, "w") as f:
+        f.write(tag + "\n")
+    return tag
 
 
 def _isreg(mode: int) -> bool:

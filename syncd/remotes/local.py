@@ -60,6 +60,7 @@ class LocalRemote:
         self.name = name
         self.root = os.path.abspath(os.fspath(root))
         self.fsync = fsync
+        self.tmp_owner = ""   # set by open_remote: the state dir's tag (see temp_name)
 
     # --- errors ---------------------------------------------------------------------------
 
@@ -296,7 +297,7 @@ class LocalRemote:
     def _write_temp(self, dfd: int, name: str, path: str, source: Source, fsync: bool) -> str:
         """Stream the source into this target's temp file and verify it; returns the temp
         name. Nothing is left behind on failure."""
-        tmp = temp_name(name)
+        tmp = temp_name(name, self.tmp_owner)
         fd = -1
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,

@@ -95,6 +95,7 @@ class SFTPRemote:
         self._generation = 0            # bumps on every reconnect
         self.root = b""                 # canonical (symlink-free) absolute root, from the server
         self._pid = os.getpid()
+        self.tmp_owner = ""   # set by open_remote: the state dir's tag (see temp_name)
         self.log = slog.get()
 
     @property
@@ -889,7 +890,8 @@ class SFTPRemote:
 
     def _tmp(self, path: str) -> bytes:
         parent, _, name = path.rpartition("/")
-        return self._abs(f"{parent}/{temp_name(name)}" if parent else temp_name(name))
+        tmp = temp_name(name, self.tmp_owner)
+        return self._abs(f"{parent}/{tmp}" if parent else tmp)
 
     def delete(self, paths: Sequence[str]) -> None:
         if not paths:

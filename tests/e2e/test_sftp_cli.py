@@ -229,16 +229,16 @@ def test_sshd_killed_mid_transfer_then_next_run_completes(tmp_path: Path, sshd: 
         assert r.code == 0, r.err
         assert final.read_bytes() == big and (s.mirror / "small.txt").read_bytes() == b"small"
         assert seen_partial == []
-        # The cut upload's temp file (unique per attempt) is left for a later reconcile
-        # to remove once it is stale (15 min): age it and run again.
-        left = list(s.mirror.glob(".syncd-tmp-*"))
-        assert len(left) <= 1, left
-        old = time.time() - 3600
-        for p in left:
-            os.utime(p, (old, old))
-        r = s.reconcile()
-        assert r.code == 0, r.err
+        # The cut upload's temp (unique per attempt, tagged with this state dir) is
+        # removed by that next run: nothing of ours is in flight while it plans.
         assert not list(s.mirror.glob(".syncd-tmp-*"))
+        # A temp of someone else (another state dir) is left alone until it is stale.
+        foreign = s.mirror / ".syncd-tmp-0ther-123456"
+        foreign.write_bytes(b"someone else's upload in progress")
+        assert s.reconcile().code == 0 and foreign.exists()
+        old = time.time() - 3600
+        os.utime(foreign, (old, old))
+        assert s.reconcile().code == 0 and not foreign.exists()
         assert final.read_bytes() == big
 
 

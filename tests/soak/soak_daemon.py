@@ -45,7 +45,8 @@ class Report:
 
     @property
     def ok(self) -> bool:
-        return not (self.lost or self.corrupt or self.partial_seen or self.stuck_jobs)
+        return not (self.lost or self.corrupt or self.partial_seen or self.stuck_jobs
+                    or self.temps_left)
 
 
 def content(rel: str, version: int, rng: random.Random) -> bytes:
@@ -163,6 +164,10 @@ max_delete = "100%"
                 break
             time.sleep(0.1)
         rep.converged_s = time.monotonic() - t0
+        # Temps of uploads cut by a kill: the last start's full reconcile removes them.
+        while list(mirror.rglob(".syncd-tmp-*")) and time.monotonic() - t0 < 120:
+            time.sleep(0.1)
+        rep.temps_left = len(list(mirror.rglob(".syncd-tmp-*")))
         threads[1].join()
     finally:
         stop.set()
@@ -184,9 +189,6 @@ max_delete = "100%"
                         capture_output=True, text=True, check=True)
     for p in json.loads(st.stdout)["pairs"]:
         rep.stuck_jobs += p["queued"] + p["in_flight"] + len(p["failed"])
-    # Informational: temps of uploads cut by a kill (unique names, never renamed into
-    # place); a reconcile removes them once they are 15 minutes old.
-    rep.temps_left = len(list(mirror.rglob(".syncd-tmp-*")))
     return rep
 
 

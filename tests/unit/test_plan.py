@@ -243,3 +243,14 @@ def test_applying_the_plan_makes_remote_equal_local(local_t: dict[str, str], rem
     ops = [a.op for a in acts]
     first_delete = next((i for i, o in enumerate(ops) if o in DELETING_OPS or o == Op.RMDIR), len(ops))
     assert all(o not in (Op.UPLOAD, Op.MKDIR) for o in ops[first_delete:])
+
+
+def test_own_temps_cleaned_at_once_foreign_only_when_stale() -> None:
+    from syncd.model import TMP_PREFIX
+
+    now = 10**18
+    young = now - 60 * 10**9
+    remote = {f"d/{TMP_PREFIX}ab12-1": RemoteEntry(f"d/{TMP_PREFIX}ab12-1", int(Kind.FILE), 1, young, "1:x"),
+              f"d/{TMP_PREFIX}zz99-2": RemoteEntry(f"d/{TMP_PREFIX}zz99-2", int(Kind.FILE), 1, young, "1:y")}
+    acts = plan_push({}, {}, remote, Policy(now_ns=now, tmp_owner="ab12", delete="propagate"))
+    assert [(a.op, a.path) for a in acts] == [(Op.CLEANUP, f"d/{TMP_PREFIX}ab12-1")]
