@@ -194,9 +194,7 @@ def main() -> None:
                 remote = f'type = "local"\npath = "{root}"'
             elif kind == "sftp":
                 srv = SSHServer(wd / "sshd").start()
-                remote = (f'type = "sftp"\nhost = "127.0.0.1"\nport = {srv.port}\n'
-                          f'user = "{srv.user}"\nroot = "{root}"\nkey_file = "{srv.client_key}"\n'
-                          f'known_hosts = "{srv.known_hosts}"\nuse_agent = false')
+                remote = srv.remote_toml(root)
             else:
                 raise SystemExit(f"bench: unknown remote kind {kind}")
             results["latency"].append(bench_remote(wd, kind, remote, root, args))

@@ -101,6 +101,12 @@ class SSHServer:
         self.known_hosts.write_text(f"[{self.host}]:{self.port} {pub[0]} {pub[1]}\n")
         return self
 
+    def remote_toml(self, root: Path, timeout: str = "5s") -> str:
+        """The body of a [remotes.NAME] table for syncd pointing at this server."""
+        return (f'type = "sftp"\nhost = "{self.host}"\nport = {self.port}\n'
+                f'user = "{self.user}"\nroot = "{root}"\nkey_file = "{self.client_key}"\n'
+                f'known_hosts = "{self.known_hosts}"\nuse_agent = false\ntimeout = "{timeout}"')
+
     def restart(self) -> None:
         """Stop and start on the same port (same host key)."""
         self.stop()

@@ -243,10 +243,7 @@ def test_sd_notify_ready_and_stopping(tmp_path: Path) -> None:
 def test_daemon_to_sshd(tmp_path: Path, sshd: SSHServer) -> None:
     root = tmp_path / "remote-root"
     root.mkdir()
-    remote = (f'type = "sftp"\nhost = "127.0.0.1"\nport = {sshd.port}\nuser = "{sshd.user}"\n'
-              f'root = "{root}"\nkey_file = "{sshd.client_key}"\n'
-              f'known_hosts = "{sshd.known_hosts}"\nuse_agent = false\ntimeout = "5s"')
-    d = Daemon(tmp_path, remote=remote)
+    d = Daemon(tmp_path, remote=sshd.remote_toml(root))
     d.write("first.txt", b"1")
     d.start()
     try:
@@ -309,10 +306,7 @@ def test_remote_down_while_files_change_then_back_converges(tmp_path: Path, sshd
     root = tmp_path / "remote-root"
     root.mkdir()
     with SSHServer(tmp_path / "srv") as srv:
-        remote = (f'type = "sftp"\nhost = "127.0.0.1"\nport = {srv.port}\nuser = "{srv.user}"\n'
-                  f'root = "{root}"\nkey_file = "{srv.client_key}"\n'
-                  f'known_hosts = "{srv.known_hosts}"\nuse_agent = false\ntimeout = "2s"')
-        d = Daemon(tmp_path, remote=remote)
+        d = Daemon(tmp_path, remote=srv.remote_toml(root, timeout="2s"))
         d.write("before.txt", b"0")
         d.start()
         try:

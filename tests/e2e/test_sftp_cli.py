@@ -12,20 +12,13 @@ from pathlib import Path
 import pytest
 
 from tests.e2e.conftest import SYNCD, Run, run_syncd, tree
+from tests.e2e.test_reconcile_cli import FILES as BASE_FILES
 from tests.servers import SSHServer
 
 pytestmark = pytest.mark.e2e
 
-FILES = {
-    "a.txt": b"alpha\n",
-    "empty": b"",
-    "dir/b.bin": bytes(range(256)) * 4000,
-    "dir/sub/c.txt": b"gamma\n",
-    "été/naïve ☃.txt": "unicode ✓".encode(),
-    "with space/d e.txt": b"spaces\n",
-    "big.bin": os.urandom(3 * 1024 * 1024 + 5),
-    **{f"many/{i % 7}/f{i}.txt": f"file {i}\n".encode() * (i % 13) for i in range(300)},
-}
+FILES = {**BASE_FILES,
+         **{f"many/{i % 7}/f{i}.txt": f"file {i}\n".encode() * (i % 13) for i in range(300)}}
 
 CONFIG = """\
 [daemon]

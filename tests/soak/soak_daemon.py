@@ -60,13 +60,8 @@ def soak(work: Path, kills: int, remote: str = "local", seed: int = 1,
     src, dst, state = work / "src", work / "dst", work / "state"
     for d in (src, dst):
         d.mkdir(parents=True, exist_ok=True)
-    if remote == "local":
-        rconf = f'type = "local"\npath = "{dst}"'
-    else:
-        s = sshd
-        rconf = (f'type = "sftp"\nhost = "127.0.0.1"\nport = {s.port}\nuser = "{s.user}"\n'  # type: ignore[attr-defined]
-                 f'root = "{dst}"\nkey_file = "{s.client_key}"\n'  # type: ignore[attr-defined]
-                 f'known_hosts = "{s.known_hosts}"\nuse_agent = false\ntimeout = "5s"')  # type: ignore[attr-defined]
+    rconf = (f'type = "local"\npath = "{dst}"' if remote == "local"
+             else sshd.remote_toml(dst))  # type: ignore[attr-defined]
     cfg = work / "config.toml"
     cfg.write_text(f"""[daemon]
 state_dir = "{state}"
