@@ -21,7 +21,7 @@ from syncd.errors import ConfigError
 from syncd.units import parse_duration
 
 REMOTE_TYPES = ("local", "sftp", "s3", "ftp")
-IMPLEMENTED_REMOTE_TYPES = ("local", "sftp")
+IMPLEMENTED_REMOTE_TYPES = ("local", "sftp", "s3")
 MODES = ("push", "pull", "bidirectional")
 IMPLEMENTED_MODES = ("push",)
 DELETE_POLICIES = ("trash", "propagate", "keep")
@@ -253,7 +253,12 @@ REMOTE_TYPE_KEYS: dict[str, tuple[str, ...]] = {
     "local": ("path", "fsync"),
     "sftp": ("host", "port", "user", "root", "key_file", "passphrase_env", "password_env",
              "use_agent", "known_hosts", "host_key_policy", "timeout", "fsync"),
+    "s3": ("bucket", "prefix", "region", "endpoint_url", "profile", "addressing_style",
+           "storage_class", "sse", "sse_kms_key_id", "multipart_threshold",
+           "multipart_chunksize", "timeout"),
 }
+S3_SECRET_KEYS = ("aws_access_key_id", "aws_secret_access_key", "access_key", "secret_key",
+                  "secret_access_key", "session_token")
 HOST_KEY_POLICIES = ("strict", "accept-new")
 # Secrets never live in the config file: these keys get a pointer to the *_env key instead.
 SECRET_KEYS = {"password": "password_env", "passphrase": "passphrase_env"}
@@ -311,6 +316,13 @@ def _parse_remotes(v: _V, t: dict[str, Any]) -> dict[str, RemoteConfig]:
         key = f"remotes.{name}"
         r = v.table(raw, key)
         typ = v.choice(r, "type", key, REMOTE_TYPES)
+        if typ == "s3":
+            for k in S3_SECRET_KEYS:
+                if k in r:
+                    raise v.fail(f"{key}.{k}", "credentials are never read from the config "
+                                 "file; use the AWS chain: a profile (profile = \"NAME\"), "
+                                 "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY in the environment, "
+                                 "or an instance role")
         for k, instead in SECRET_KEYS.items():
             if k in r and instead in REMOTE_TYPE_KEYS.get(typ, ()):
                 raise v.fail(f"{key}.{k}", f"secrets are never read from the config file; put "
@@ -326,6 +338,8 @@ def _parse_remotes(v: _V, t: dict[str, Any]) -> dict[str, RemoteConfig]:
             options["fsync"] = v.boolean(r, "fsync", key, True)
         elif typ == "sftp":
             options.update(_parse_sftp(v, r, key))
+        elif typ == "s3":
+            options.update(_parse_s3(v, r, key))
         out[name] = RemoteConfig(name=name, type=typ, transfers=transfers, options=options)
     return out
 
@@ -356,6 +370,40 @@ def _parse_sftp(v: _V, r: dict[str, Any], key: str) -> dict[str, Any]:
         o[k] = name
     if o["timeout"] <= 0:
         raise v.fail(f"{key}.timeout", "must be more than 0")
+    return o
+
+
+def _parse_s3(v: _V, r: dict[str, Any], key: str) -> dict[str, Any]:
+    from syncd.units import parse_size
+
+    bucket = v.string(r, "bucket", key).strip()
+    if not re.fullmatch(r"[a-z0-9][a-z0-9.\-_]{1,254}", bucket):
+        raise v.fail(f"{key}.bucket", f"'{bucket}' is not a bucket name (lower-case letters, "
+                     "digits, '.', '-'; no s3:// prefix, no path)")
+    prefix = v.string(r, "prefix", key, "").strip("/")
+    if prefix:
+        prefix = _clean_remote_path(v, prefix, f"{key}.prefix")
+    o: dict[str, Any] = {
+        "bucket": bucket, "prefix": prefix,
+        "region": v.string(r, "region", key, ""),
+        "endpoint_url": v.string(r, "endpoint_url", key, ""),
+        "profile": v.string(r, "profile", key, ""),
+        "addressing_style": v.choice(r, "addressing_style", key, ("auto", "path", "virtual"), "auto"),
+        "storage_class": v.string(r, "storage_class", key, "STANDARD"),
+        "sse": v.choice(r, "sse", key, ("", "AES256", "aws:kms"), ""),
+        "sse_kms_key_id": v.string(r, "sse_kms_key_id", key, ""),
+        "multipart_threshold": v.parsed(r, "multipart_threshold", key, "64MiB", parse_size),
+        "multipart_chunksize": v.parsed(r, "multipart_chunksize", key, "16MiB", parse_size),
+        "timeout": v.parsed(r, "timeout", key, "60s", parse_duration),
+    }
+    if o["endpoint_url"] and not re.match(r"https?://", o["endpoint_url"]):
+        raise v.fail(f"{key}.endpoint_url", "must start with http:// or https://")
+    if o["multipart_chunksize"] < 5 << 20:
+        raise v.fail(f"{key}.multipart_chunksize", "S3 parts are at least 5MiB")
+    if o["multipart_threshold"] < o["multipart_chunksize"]:
+        raise v.fail(f"{key}.multipart_threshold", "must be at least multipart_chunksize")
+    if o["sse_kms_key_id"] and o["sse"] != "aws:kms":
+        raise v.fail(f"{key}.sse_kms_key_id", "only with sse = \"aws:kms\"")
     return o
 
 

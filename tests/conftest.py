@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.servers import REQUIRE_ENV, ServerMissing, SSHServer, sshd_binary
+from tests.servers import REQUIRE_ENV, S3Server, ServerMissing, SSHServer, sshd_binary
 
 
 def _missing(e: Exception) -> None:
@@ -29,3 +29,24 @@ def sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SSHServer]:
         yield srv
     finally:
         srv.stop()
+
+
+@pytest.fixture(scope="session")
+def s3server() -> Iterator[S3Server]:
+    """moto's S3 server on 127.0.0.1 over HTTP, with fake credentials in the environment
+    (boto3 in this process and syncd subprocesses read them from there)."""
+    old = {k: os.environ.get(k) for k in S3Server.ENV}
+    os.environ.update(S3Server.ENV)
+    try:
+        srv = S3Server().start()
+    except ServerMissing as e:
+        _missing(e)
+    try:
+        yield srv
+    finally:
+        srv.stop()
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

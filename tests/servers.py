@@ -14,6 +14,7 @@ import socket
 import subprocess
 import time
 from pathlib import Path
+from typing import ClassVar
 
 # scripts/test.sh sets this: in CI a missing server binary is a failure, never a skip.
 REQUIRE_ENV = "SYNCD_TEST_REQUIRE_SERVERS"
@@ -173,3 +174,46 @@ def _user() -> str:
     import pwd
 
     return pwd.getpwuid(os.geteuid()).pw_name
+
+
+class S3Server:
+    """moto's S3 server over real HTTP on 127.0.0.1 (a thread of this process)."""
+
+    def __init__(self) -> None:
+        self.port = 0
+        self.server: object | None = None
+
+    def start(self) -> S3Server:
+        try:
+            from moto.server import ThreadedMotoServer
+        except ImportError as e:   # pragma: no cover - moto[server] is a test dependency
+            raise ServerMissing(f"moto's server is not installed ({e}); pip install 'moto[server]'") from None
+        self.port = free_port()
+        srv = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
+        srv.start()
+        self.server = srv
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), 0.2):
+                return self
+            time.sleep(0.02)
+        raise RuntimeError("moto server did not start")
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    ENV: ClassVar[dict[str, str]] = {"AWS_ACCESS_KEY_ID": "testing",
+                                     "AWS_SECRET_ACCESS_KEY": "testing",
+                                     "AWS_DEFAULT_REGION": "us-east-1"}
+
+    def client(self) -> object:
+        import boto3
+
+        return boto3.client("s3", endpoint_url=self.endpoint, region_name="us-east-1",
+                            aws_access_key_id="testing", aws_secret_access_key="testing")
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.stop()  # type: ignore[attr-defined]
+            self.server = None

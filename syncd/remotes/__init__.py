@@ -23,6 +23,10 @@ def open_remote(cfg: RemoteConfig, state_dir: str = "") -> Remote:
         from syncd.remotes.sftp import SFTPOptions, SFTPRemote
 
         r = SFTPRemote(cfg.name, SFTPOptions(**cfg.options, state_dir=state_dir))
+    elif cfg.type == "s3":
+        from syncd.remotes.s3 import S3Options, S3Remote
+
+        r = S3Remote(cfg.name, S3Options(**cfg.options, transfers=cfg.transfers))
     else:
         raise ConfigError(f"remote type '{cfg.type}' is not available in this version",
                           key=f"remotes.{cfg.name}.type")

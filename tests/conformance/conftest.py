@@ -14,13 +14,14 @@ client for the others -- so the tests can check what really landed on the remote
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import stat
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import pytest
 
@@ -190,10 +191,103 @@ def _make_sftp(request: pytest.FixtureRequest) -> Harness:
     return Harness(SFTPRemote("test", opts), LocalPeek(root, outside))
 
 
+# --- s3: moto's server over real HTTP ------------------------------------------------------
+
+
+class S3Peek:
+    """Raw boto3 view of one bucket: the remote's root is `<base>/root/`, the "outside" is
+    `<base>/outside/` next to it. Directories are implicit (key prefixes)."""
+
+    supports_symlinks = False
+
+    def __init__(self, client: object, bucket: str, base: str):
+        self.c: Any = client
+        self.bucket = bucket
+        self.root = f"{base}/root/"
+        self.outside = f"{base}/outside/"
+
+    def _keys(self, prefix: str) -> list[str]:
+        out: list[str] = []
+        for page in self.c.get_paginator("list_objects_v2").paginate(Bucket=self.bucket,
+                                                                     Prefix=prefix):
+            out += [o["Key"] for o in page.get("Contents", ())]
+        return out
+
+    def read(self, path: str) -> bytes | None:
+        try:
+            return self.c.get_object(Bucket=self.bucket, Key=self.root + path)["Body"].read()
+        except self.c.exceptions.NoSuchKey:
+            return None
+
+    def exists(self, path: str) -> bool:
+        return self.read(path) is not None or self.is_dir(path)
+
+    def is_dir(self, path: str) -> bool:
+        return bool(self._keys(self.root + path + "/")) if path else True
+
+    def listdir_names(self, path: str = "") -> set[str]:
+        start = self.root + (path + "/" if path else "")
+        return {k[len(start):].split("/", 1)[0] for k in self._keys(start)}
+
+    def tree(self) -> dict[str, bytes | str]:
+        out: dict[str, bytes | str] = {}
+        for k in self._keys(self.root):
+            rel = k[len(self.root):]
+            out[rel] = self.c.get_object(Bucket=self.bucket, Key=k)["Body"].read()
+            parts = rel.split("/")
+            for i in range(1, len(parts)):
+                out["/".join(parts[:i])] = "<dir>"
+        return out
+
+    def write(self, path: str, data: bytes) -> None:
+        self.c.put_object(Bucket=self.bucket, Key=self.root + path, Body=data)
+
+    def remove_tree(self, path: str) -> None:
+        keys = [k for k in self._keys(self.root + path) if k == self.root + path
+                or k.startswith(self.root + path + "/")]
+        for k in keys:
+            self.c.delete_object(Bucket=self.bucket, Key=k)
+
+    def symlink(self, path: str, target: str) -> None:  # pragma: no cover - no symlinks in S3
+        raise NotImplementedError
+
+    def outside_abs(self, rel: str = "") -> str:
+        return "/" + self.outside + rel
+
+    def outside_write(self, rel: str, data: bytes) -> None:
+        self.c.put_object(Bucket=self.bucket, Key=self.outside + rel, Body=data)
+
+    def outside_mkdir(self, rel: str) -> None:
+        self.c.put_object(Bucket=self.bucket, Key=self.outside + rel + "/.keep", Body=b"")
+
+    def outside_snapshot(self) -> dict[str, bytes | str]:
+        return {k: self.c.get_object(Bucket=self.bucket, Key=k)["Body"].read()
+                for k in self._keys(self.outside)}
+
+
+_S3_COUNTER = iter(range(1_000_000))
+
+
+def _make_s3(request: pytest.FixtureRequest) -> Harness:
+    from syncd.remotes.s3 import S3Options, S3Remote
+
+    srv = request.getfixturevalue("s3server")
+    client: Any = srv.client()
+    bucket = "conformance"
+    with contextlib.suppress(client.exceptions.BucketAlreadyOwnedByYou):
+        client.create_bucket(Bucket=bucket)
+    base = f"t{next(_S3_COUNTER)}"
+    opts = S3Options(bucket=bucket, prefix=f"{base}/root", endpoint_url=srv.endpoint,
+                     region="us-east-1", addressing_style="path", transfers=4,
+                     multipart_threshold=5 << 20, multipart_chunksize=5 << 20)
+    return Harness(S3Remote("test", opts), S3Peek(client, bucket, base))
+
+
 # One entry per backend; this is the only list to extend.
 BACKENDS = [
     pytest.param(_make_local, id="local"),
     pytest.param(_make_sftp, id="sftp"),
+    pytest.param(_make_s3, id="s3"),
 ]
 
 _HARNESS = pytest.StashKey[Harness]()

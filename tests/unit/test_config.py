@@ -100,7 +100,7 @@ def test_missing_required_key(tmp_path: Path) -> None:
 
 
 def test_not_yet_available_type_and_mode_say_so(tmp_path: Path) -> None:
-    e = load_err(tmp_path, GOOD.replace('type = "local"', 'type = "s3"'))
+    e = load_err(tmp_path, GOOD.replace('type = "local"', 'type = "ftp"'))
     assert e.key == "remotes.nas.type" and "not available in this version" in str(e)
     e = load_err(tmp_path, GOOD.replace('path = "docs"', 'path = "docs"\nmode = "pull"'))
     assert e.key == "sync[0].mode" and "not available" in str(e)
@@ -198,7 +198,7 @@ def test_example_config_parses_and_documents_every_key() -> None:
     assert cfg.pairs[0].local == Path("/home/someone/Documents")
     text = example.read_text()
     keys = (*DAEMON_KEYS, *PAIR_KEYS, *REMOTE_COMMON_KEYS, *REMOTE_TYPE_KEYS["local"],
-            *REMOTE_TYPE_KEYS["sftp"])
+            *REMOTE_TYPE_KEYS["sftp"], *REMOTE_TYPE_KEYS["s3"])
     for key in keys:
         assert f"\n{key} =" in text, f"config.example.toml does not document {key}"
 
@@ -240,3 +240,22 @@ def test_sftp_host_must_be_a_host(tmp_path: Path) -> None:
     assert e.key == "remotes.nas.host" and "put the user in 'user'" in str(e)
     e = load_err(tmp_path, SFTP.replace('host = "backup.example.net"\n', ""))
     assert e.key == "remotes.nas.host" and "missing" in str(e)
+
+
+S3 = GOOD.replace('''type = "local"
+path = "{tmp}/nas"''', '''type = "s3"
+bucket = "my-archive"
+prefix = "hosts/web1"''')
+
+
+def test_s3_remote_defaults_and_bad_keys(tmp_path: Path) -> None:
+    o = load_config(write(tmp_path, S3), env={"HOME": "/h"}).remotes["nas"].options
+    assert o["bucket"] == "my-archive" and o["prefix"] == "hosts/web1"
+    assert o["multipart_threshold"] == 64 << 20 and o["multipart_chunksize"] == 16 << 20
+    assert o["addressing_style"] == "auto" and o["sse"] == ""
+    e = load_err(tmp_path, S3.replace('prefix = "hosts/web1"', 'aws_secret_access_key = "x"'))
+    assert e.key == "remotes.nas.aws_secret_access_key" and "never read" in str(e)
+    e = load_err(tmp_path, S3.replace('"my-archive"', '"s3://my-archive/x"'))
+    assert e.key == "remotes.nas.bucket"
+    e = load_err(tmp_path, S3.replace('prefix = "hosts/web1"', 'multipart_chunksize = "1MiB"'))
+    assert e.key == "remotes.nas.multipart_chunksize" and "5MiB" in str(e)
