@@ -99,5 +99,16 @@ def setup(tmp_path: Path) -> Setup:
 
 
 def tree(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
-            if p.is_file() and ".syncd-trash" not in p.parts}
+    """Files under root (syncd's trash and temp files left out). Safe to call while syncd
+    writes there: a file that vanishes between listing and reading (a temp being renamed)
+    is skipped."""
+    out = {}
+    for p in sorted(root.rglob("*")):
+        if p.name.startswith(".syncd-tmp-") or ".syncd-trash" in p.parts:
+            continue
+        try:
+            if p.is_file():
+                out[str(p.relative_to(root))] = p.read_bytes()
+        except FileNotFoundError:
+            continue
+    return out
