@@ -50,6 +50,7 @@ class Daemon:
         self.finished = threading.Event()
         self.announced = threading.Event()   # the guard has logged the stop
         self.signal_name = ""
+        self.hup_pending = False
         self.reload = threading.Event()
         self.last_error = ""
         self.engine: Any = None
@@ -65,12 +66,26 @@ class Daemon:
     # --- signals ----------------------------------------------------------------------------
 
     def _on_term(self, signum: int, _frame: Any) -> None:
-        # Only flags here: a handler that logged could deadlock on a lock the interrupted
-        # code holds. The shutdown guard thread does the talking.
+        # Plain attribute writes only: Event.set() takes a lock the interrupted main thread
+        # may hold (inside Event.wait), which would deadlock. The relay thread acts on it.
         self.signal_name = signal.Signals(signum).name
-        self.stop.set()
-        if self.debouncer is not None:
-            self.debouncer.wake.set()
+
+    def _on_hup(self, _signum: int, _frame: Any) -> None:
+        self.hup_pending = True
+
+    def _relay(self) -> None:
+        """Turns what the signal handlers noted into events, from a thread of its own."""
+        while not self.finished.is_set():
+            if self.signal_name and not self.stop.is_set():
+                self.stop.set()
+                if self.debouncer is not None:
+                    self.debouncer.wake.set()
+            if self.hup_pending:
+                self.hup_pending = False
+                self.reload.set()
+                if self.debouncer is not None:
+                    self.debouncer.wake.set()
+            time.sleep(0.05)
 
     def _shutdown_guard(self) -> None:
         """Waits for a stop request; then says so, and gives transfers in flight
@@ -88,11 +103,6 @@ class Daemon:
                              note="transfers in flight abandoned; retried at the next start")
             os._exit(0)
 
-    def _on_hup(self, _signum: int, _frame: Any) -> None:
-        self.reload.set()
-        if self.debouncer is not None:
-            self.debouncer.wake.set()
-
     # --- lifecycle --------------------------------------------------------------------------
 
     def run(self) -> int:
@@ -102,6 +112,7 @@ class Daemon:
         signal.signal(signal.SIGINT, self._on_term)
         signal.signal(signal.SIGHUP, self._on_hup)
         threading.Thread(target=self._shutdown_guard, daemon=True, name="shutdown").start()
+        threading.Thread(target=self._relay, daemon=True, name="signals").start()
         with StateLock(self.cfg.daemon.state_dir):
             self._open()
             try:
@@ -206,10 +217,15 @@ class Daemon:
 
         pair = next((p for p in self.cfg.pairs if p.name == name), None)
         if pair is None:   # removed by a reload
+            self.retry_at.pop(name, None)
+            self.failures.pop(name, None)
             return
         sd_notify(f"STATUS={'reconciling' if full else 'syncing'} {name}")
         res = self.engine.reconcile(pair, Options(list_remote=full))
-        self.retry_at.pop(name, None)
+        pending = self.retry_at.get(name)
+        if pending is not None and (full or not pending[1]):
+            # A local-only run does not stand in for a pending full retry.
+            self.retry_at.pop(name, None)
         if res.status in ("failed", "unavailable"):
             self.last_error = f"{name}: {res.message or res.status}"
             if res.status == "unavailable":   # forget the verdict: the next try reconnects
@@ -265,6 +281,9 @@ class Daemon:
         self._start_watching()
         now = time.monotonic()
         self.next_full = {p.name: now for p in new.pairs}   # a full pass with the new config
+        names = {p.name for p in new.pairs}
+        self.retry_at = {n: v for n, v in self.retry_at.items() if n in names}
+        self.failures = {n: v for n, v in self.failures.items() if n in names}
         sd_notify("READY=1\n" + self._status())
 
 

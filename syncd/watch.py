@@ -112,7 +112,7 @@ class Watcher:
                         continue
                     p = os.fsdecode(p)
                     rel = os.path.relpath(p, self.root) if p != self.root else ""
-                    if rel.startswith(".."):
+                    if rel == ".." or rel.startswith("../"):   # not under this root
                         continue
                     if relevant(rel.replace(os.sep, "/"), self.ignored):
                         deb.touch(self.pair)

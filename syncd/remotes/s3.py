@@ -228,7 +228,10 @@ class S3Remote:
             with ThreadPoolExecutor(max_workers=PARTS_IN_FLIGHT) as pool:
                 futs = []
                 n = 0
-                while data := source.read(self.o.multipart_chunksize):
+                # S3 takes at most 10,000 parts: grow them for very large files (in MiB).
+                part = max(self.o.multipart_chunksize, -(-source.size // 9_000))
+                part = -(-part // (1 << 20)) << 20
+                while data := source.read(part):
                     n += 1
                     while len([f for f in futs if not f.done()]) >= PARTS_IN_FLIGHT:
                         futs[[f.done() for f in futs].index(False)].result()

@@ -13,6 +13,7 @@ import contextlib
 import hashlib
 import os
 import socket
+import struct
 import threading
 from collections import deque
 from collections.abc import Iterator, Sequence
@@ -325,6 +326,8 @@ class SFTPRemote:
         except FileNotFoundError:
             raise AuthError(f"key file {p} does not exist", remote=self.name) from None
         except PermissionError:
+            if not explicit:
+                return None
             raise AuthError(f"key file {p} is not readable by this user", remote=self.name) from None
         except (paramiko.PasswordRequiredException, TypeError):
             if not explicit:
@@ -343,16 +346,17 @@ class SFTPRemote:
         """A session for one user at a time; protocol errors become syncd errors naming
         `path`, and a lost connection is transient (the next call reconnects)."""
         ss = self._take()
-        ok = False
         try:
             yield ss
-            ok = True
-        except w.ConnectionLost as e:
-            raise TransientError(f"{e} ({self.where})", remote=self.name, path=path) from None
         except w.StatusError as e:
             raise self._status_error(e, path) from None
+        except (w.WireError, struct.error) as e:   # lost, timed out, or a garbled reply
+            ss.broken = True
+            raise TransientError(f"{e} ({self.where})", remote=self.name, path=path) from None
         finally:
-            self._give(ss, ok or not ss.broken)
+            # A session left with requests in flight (an operation that failed half-way)
+            # may hold open handles and unread replies: close it rather than reuse it.
+            self._give(ss, not ss.broken and ss.idle)
 
     def prepare(self) -> None:
         """Start connecting in the background (uploads are coming); errors are left for
@@ -376,6 +380,27 @@ class SFTPRemote:
         self._generation += 1
 
     def _take(self) -> w.Session:
+        ss = self._take_session()
+        if self.root:
+            return ss
+        try:   # the canonical root, once per connection; a failure leaves it unset
+            canon = ss.realpath_name(ss.realpath(self.o.root.encode()))
+            self.root = canon.rstrip(b"/") or b"/"
+        except w.StatusError as e:
+            self._give(ss, True)
+            if e.code == w.NO_SUCH_FILE:
+                raise UnavailableError(f"root directory {self.o.root} does not exist on "
+                                       f"{self.where}; syncd never creates a remote root",
+                                       remote=self.name) from None
+            raise UnavailableError(f"root directory {self.o.root} on {self.where}: {e}",
+                                   remote=self.name) from None
+        except (w.WireError, struct.error) as e:
+            ss.broken = True
+            self._give(ss, False)
+            raise TransientError(f"{e} ({self.where})", remote=self.name) from None
+        return ss
+
+    def _take_session(self) -> w.Session:
         if self._pid != os.getpid():
             self._after_fork()
         with self._lock:
@@ -406,21 +431,6 @@ class SFTPRemote:
                     self._free.notify()
             raise
         ss.generation = gen   # type: ignore[attr-defined]
-        if not self.root:
-            try:
-                canon = ss.realpath_name(ss.realpath(self.o.root.encode()))
-                self.root = canon.rstrip(b"/") or b"/"
-            except w.StatusError as e:
-                self._give(ss, True)
-                if e.code == w.NO_SUCH_FILE:
-                    raise UnavailableError(f"root directory {self.o.root} does not exist on "
-                                           f"{self.where}; syncd never creates a remote root",
-                                           remote=self.name) from None
-                raise UnavailableError(f"root directory {self.o.root} on {self.where}: {e}",
-                                       remote=self.name) from None
-            except w.ConnectionLost as e:
-                self._give(ss, False)
-                raise TransientError(f"{e} ({self.where})", remote=self.name) from None
         return ss
 
     def _open_session(self, t: Any) -> w.Session:
@@ -489,7 +499,11 @@ class SFTPRemote:
         return PermanentError(msg, remote=self.name, path=path)
 
     def _abs(self, rel: str) -> bytes:
-        return self.root + b"/" + rel.encode("utf-8", "surrogateescape") if rel else self.root
+        if not rel:
+            return self.root
+        # A chrooted account's root is "/": no "//" (REALPATH would never give it back).
+        sep = b"" if self.root.endswith(b"/") else b"/"
+        return self.root + sep + rel.encode("utf-8", "surrogateescape")
 
     def _check_dirs(self, ss: w.Session, dirs: set[str], create: bool) -> dict[str, RemoteError]:
         """Make sure each directory (relative) is a real directory under the root, with no

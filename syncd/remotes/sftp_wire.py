@@ -184,6 +184,11 @@ class Session:
             self.flush()
         return rid
 
+    @property
+    def idle(self) -> bool:
+        """No request outstanding and no reply unread: safe to hand to another user."""
+        return not self._pending and not self._replies and not self._out
+
     def flush(self) -> None:
         if self._out:
             data = b"".join(self._out)
@@ -395,7 +400,7 @@ class Session:
 
 
 def _check_status(t: int, b: bytes) -> None:
-    if t != STATUS:
+    if t != STATUS:   # the caller's session context marks the session broken
         raise ConnectionLost(f"expected STATUS, got packet type {t}")
     code = _U32.unpack_from(b, 0)[0]
     if code == OK:

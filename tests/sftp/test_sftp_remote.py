@@ -398,3 +398,14 @@ def test_plain_rename_fallback_replaces_existing(srv: SSHServer, tmp_path: Path,
     r.move("m.txt", "d/f.txt")
     assert (root / "d/f.txt").read_bytes() == b"moved" and not (root / "m.txt").exists()
     r.close()
+
+
+def test_paths_under_a_chrooted_root() -> None:
+    """A chrooted account (internal-sftp ChrootDirectory) has "/" as its root: paths must
+    not start with "//", or REALPATH's answer never matches and every parent looks like
+    a symlink escape."""
+    r = SFTPRemote("t", SFTPOptions(host="127.0.0.1"))
+    r.root = b"/"
+    assert r._abs("a/b.txt") == b"/a/b.txt" and r._abs("") == b"/"
+    r.root = b"/srv/backup"
+    assert r._abs("a/b.txt") == b"/srv/backup/a/b.txt"
