@@ -10,11 +10,12 @@ import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from tests.e2e.conftest import SYNCD, tree
-from tests.servers import SSHServer
+from tests.servers import S3Server, SSHServer
 
 pytestmark = pytest.mark.e2e
 
@@ -330,3 +331,28 @@ def test_remote_down_while_files_change_then_back_converges(tmp_path: Path, sshd
         finally:
             if d.proc is not None:
                 d.proc.kill()
+
+
+def test_daemon_to_s3(tmp_path: Path, s3server: S3Server) -> None:
+    c: Any = s3server.client()
+    c.create_bucket(Bucket="daemon")
+    remote = (f'type = "s3"\nbucket = "daemon"\nendpoint_url = "{s3server.endpoint}"\n'
+              'region = "us-east-1"\naddressing_style = "path"')
+    d = Daemon(tmp_path, remote=remote, env=S3Server.ENV)
+
+    def keys() -> set[str]:
+        return {o["Key"] for o in c.list_objects_v2(Bucket="daemon").get("Contents", ())}
+
+    d.write("first.txt", b"1")
+    d.start()
+    try:
+        wait_for(lambda: "docs/first.txt" in keys(), what="initial sync to S3")
+        d.write("dir/second.txt", b"2")
+        wait_for(lambda: "docs/dir/second.txt" in keys(), what="event to S3")
+        (d.src / "first.txt").unlink()
+        wait_for(lambda: "docs/first.txt" not in keys(), what="delete on S3")
+        assert c.get_object(Bucket="daemon", Key="docs/dir/second.txt")["Body"].read() == b"2"
+        assert d.stop() == 0
+    finally:
+        if d.proc is not None:
+            d.proc.kill()
