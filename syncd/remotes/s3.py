@@ -147,17 +147,30 @@ class S3Remote:
 
     # --- protocol ------------------------------------------------------------------------
 
-    def check(self) -> None:
-        try:
-            self.client.head_bucket(Bucket=self.o.bucket)
-        except Exception as e:
-            err = self._err(e)
-            if isinstance(err, NotFound):
-                raise UnavailableError(f"bucket '{self.o.bucket}' does not exist (or is not "
-                                       "visible to these credentials)", remote=self.name) from None
-            if isinstance(err, UnavailableError):
-                raise err from None
-            raise UnavailableError(err.reason, remote=self.name) from None
+    def check(self, attempts: int = 6, sleep: Any = None) -> None:
+        import time
+
+        sleep = sleep or time.sleep
+        for i in range(attempts):
+            try:
+                self.client.head_bucket(Bucket=self.o.bucket)
+                return
+            except Exception as e:
+                err = self._err(e)
+                # Throttled or a passing 5xx: worth a few more tries before the pair is
+                # declared unreachable (botocore already retried each call 3 times).
+                if isinstance(err, TransientError) and i < attempts - 1:
+                    sleep(min(2.0, 0.2 * 2 ** i))
+                    continue
+                self._check_failed(err)
+
+    def _check_failed(self, err: RemoteError) -> None:
+        if isinstance(err, NotFound):
+            raise UnavailableError(f"bucket '{self.o.bucket}' does not exist (or is not "
+                                   "visible to these credentials)", remote=self.name)
+        if isinstance(err, UnavailableError):
+            raise err
+        raise UnavailableError(err.reason, remote=self.name)
 
     def list(self, prefix: str) -> Iterator[RemoteEntry]:
         if prefix:

@@ -116,3 +116,24 @@ def test_missing_bucket_exits_3_naming_it(tmp_path: Path, s3server: S3Server) ->
     r = s.reconcile()
     assert r.code == 3, r.err
     assert "no-such-bucket" in r.out and "remote 'bucket'" in r.out and "Traceback" not in r.err
+
+
+def test_s3_throttling_503s_are_retried_to_completion(tmp_path: Path, s3server: S3Server) -> None:
+    """A proxy answers the first 12 requests with 503 SlowDown: botocore's retries and the
+    queue's backoff absorb them and the reconcile still completes, byte-exact."""
+    from tests.servers import FaultProxy
+
+    s = S3Setup(tmp_path, s3server, "e2e-throttle")
+    proxy = FaultProxy(s3server.port, fail_first=12)
+    try:
+        s.config.write_text(s.config.read_text().replace(s3server.endpoint, proxy.endpoint))
+        files = {f"t/{i}.txt": f"file {i}".encode() * 100 for i in range(20)}
+        files["big.bin"] = os.urandom(11 * 1024 * 1024)      # multipart through the proxy
+        for rel, data in files.items():
+            s.write(rel, data)
+        r = s.reconcile()
+        assert r.code == 0, r.err + r.out
+        assert proxy.failed == 12 and proxy.requests > 12
+        assert s.objects() == files
+    finally:
+        proxy.stop()
