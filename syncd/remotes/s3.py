@@ -61,6 +61,7 @@ def _fp(size: int, etag: str) -> str:
 
 
 class S3Remote:
+    STALE_UPLOAD_S = 3600.0   # an unfinished multipart upload older than this is abandoned
     caps = Capabilities(dirs=False, move=True, mtime_precision_ns=0, atomic_put=True,
                         cpu_bound=False)
 
@@ -190,7 +191,29 @@ class S3Remote:
                                            _fp(obj["Size"], obj["ETag"])))
         except Exception as e:
             raise self._err(e, start) from None
+        self._abort_stale_uploads(start)
         return iter(out)
+
+    def _abort_stale_uploads(self, start: str) -> None:
+        """Abort multipart uploads under this pair's prefix left by an interrupted run
+        (older than STALE_UPLOAD_S): their parts cost storage and are never completed.
+        Best effort: a failure here never fails the listing."""
+        import datetime
+
+        from syncd import log as slog
+
+        cutoff = datetime.datetime.now(datetime.UTC) - datetime.timedelta(
+            seconds=self.STALE_UPLOAD_S)
+        with contextlib.suppress(Exception):
+            pages = self.client.get_paginator("list_multipart_uploads").paginate(
+                Bucket=self.o.bucket, Prefix=start)
+            for page in pages:
+                for up in page.get("Uploads", ()):
+                    if up["Initiated"] <= cutoff:
+                        self.client.abort_multipart_upload(Bucket=self.o.bucket, Key=up["Key"],
+                                                           UploadId=up["UploadId"])
+                        slog.get().info("multipart_aborted", remote=self.name, key=up["Key"],
+                                        initiated=str(up["Initiated"]))
 
     def stat(self, path: str) -> RemoteEntry:
         key = self._key(path)

@@ -137,3 +137,21 @@ def test_s3_throttling_503s_are_retried_to_completion(tmp_path: Path, s3server: 
         assert s.objects() == files
     finally:
         proxy.stop()
+
+
+def test_stale_multipart_uploads_under_the_pair_are_aborted(s3server: S3Server,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    from syncd.remotes.s3 import S3Options, S3Remote
+
+    c: Any = s3server.client()
+    c.create_bucket(Bucket="e2e-stale")
+    ours = c.create_multipart_upload(Bucket="e2e-stale", Key="p/docs/big.bin")["UploadId"]
+    other = c.create_multipart_upload(Bucket="e2e-stale", Key="elsewhere/x.bin")["UploadId"]
+    c.upload_part(Bucket="e2e-stale", Key="p/docs/big.bin", UploadId=ours, PartNumber=1,
+                  Body=b"x" * (5 << 20))
+    r = S3Remote("b", S3Options(bucket="e2e-stale", prefix="p", endpoint_url=s3server.endpoint,
+                                region="us-east-1", addressing_style="path"))
+    monkeypatch.setattr(S3Remote, "STALE_UPLOAD_S", -60.0)   # everything counts as stale
+    assert list(r.list("docs")) == []
+    left = {u["UploadId"] for u in c.list_multipart_uploads(Bucket="e2e-stale").get("Uploads", ())}
+    assert ours not in left and other in left                # only under the pair's prefix
