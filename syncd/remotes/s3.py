@@ -17,7 +17,6 @@ from typing import Any
 from syncd.errors import (
     AuthError,
     NotFound,
-    PathEscape,
     PermanentError,
     RemoteError,
     SourceChanged,
@@ -343,4 +342,4 @@ class S3Remote:
         self._client = None
 
 
-__all__ = ["PathEscape", "S3Options", "S3Remote"]
+__all__ = ["S3Options", "S3Remote"]

@@ -35,7 +35,7 @@ from syncd.errors import (
     UnavailableError,
 )
 from syncd.listing import DIR_FP
-from syncd.model import TMP_PREFIX, TRASH_DIR, Kind, RemoteEntry
+from syncd.model import TRASH_DIR, Kind, RemoteEntry
 from syncd.remotes import sftp_wire as w
 from syncd.remotes.base import Capabilities, Source, check_rel_path, temp_name
 
@@ -765,8 +765,7 @@ class SFTPRemote:
         except RemoteError as e:   # the connection went: everything unfinished is retried
             for i, r in enumerate(results):
                 if r is None:
-                    results[i] = e if not e.path or e.path == items[i][0] else type(e)(
-                        e.reason, remote=self.name, path=items[i][0])
+                    _fail(results, i, e, items[i][0])
         return [r if r is not None else PermanentError("not attempted", remote=self.name)
                 for r in results]
 
@@ -1003,5 +1002,5 @@ def _login_name() -> str:
         return str(os.getuid())
 
 
-__all__ = ["TMP_PREFIX", "SFTPOptions", "SFTPRemote", "fingerprint"]
+__all__ = ["SFTPOptions", "SFTPRemote", "fingerprint"]
 

@@ -39,6 +39,14 @@ def run_syncd(*args: str, env: dict[str, str] | None = None, prefix: tuple[str, 
     return Run(p.returncode, p.stdout, p.stderr)
 
 
+def write_file(root: Path, rel: str, data: bytes) -> Path:
+    """Create root/rel with `data`, parents included (test trees)."""
+    p = root / rel
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_bytes(data)
+    return p
+
+
 @dataclass
 class Setup:
     root: Path
@@ -52,10 +60,7 @@ class Setup:
         return self.dst / "docs"
 
     def write(self, rel: str, data: bytes) -> Path:
-        p = self.src / rel
-        p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_bytes(data)
-        return p
+        return write_file(self.src, rel, data)
 
     def reconcile(self, *extra: str, **kw: Any) -> Run:
         return run_syncd("reconcile", "--config", str(self.config), "--json", *extra, **kw)

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from tests.e2e.conftest import SYNCD, tree
+from tests.e2e.conftest import SYNCD, tree, write_file
 from tests.servers import S3Server, SSHServer
 
 pytestmark = pytest.mark.e2e
@@ -85,9 +85,7 @@ class Daemon:
         return out
 
     def write(self, rel: str, data: bytes) -> None:
-        p = self.src / rel
-        p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_bytes(data)
+        write_file(self.src, rel, data)
 
     def converged(self) -> bool:
         return tree(self.mirror) == tree(self.src) if self.mirror.exists() else not tree(self.src)

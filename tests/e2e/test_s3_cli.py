@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from tests.e2e.conftest import Run, run_syncd
+from tests.e2e.conftest import Run, run_syncd, write_file
 from tests.e2e.test_reconcile_cli import FILES as BASE_FILES
 from tests.servers import S3Server
 
@@ -51,9 +51,7 @@ delete = "propagate"
 """)
 
     def write(self, rel: str, data: bytes) -> None:
-        p = self.src / rel
-        p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_bytes(data)
+        write_file(self.src, rel, data)
 
     def reconcile(self, *extra: str) -> Run:
         return run_syncd("reconcile", "--config", str(self.config), "--json", *extra,

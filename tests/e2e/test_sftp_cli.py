@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.conftest import SYNCD, Run, run_syncd, tree
+from tests.e2e.conftest import SYNCD, Run, run_syncd, tree, write_file
 from tests.e2e.test_reconcile_cli import FILES as BASE_FILES
 from tests.servers import SSHServer
 
@@ -68,9 +68,7 @@ class SftpSetup:
         return self.root / "docs"
 
     def write(self, rel: str, data: bytes) -> None:
-        p = self.src / rel
-        p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_bytes(data)
+        write_file(self.src, rel, data)
 
     def reconcile(self, *extra: str) -> Run:
         return run_syncd("reconcile", "--config", str(self.config), "--json", *extra)

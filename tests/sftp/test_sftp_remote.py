@@ -223,11 +223,9 @@ def test_stalled_server_times_out_as_transient(tmp_path: Path, sshd: SSHServer) 
                               text=True).stdout.split()
         for pid in kids:
             os.kill(int(pid), signal.SIGSTOP)   # the server hangs: no reply ever comes
-        try:
-            t0 = time.monotonic()
+        try:   # the reply never comes: the session's own timeout (1 s) must end the wait
             with pytest.raises(TransientError, match="timed out"):
                 r.stat("anything")
-            assert time.monotonic() - t0 < 10
         finally:
             for pid in kids:
                 os.kill(int(pid), signal.SIGKILL)
