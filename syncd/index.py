@@ -6,7 +6,9 @@ This is the only module that speaks SQL. One `Index` belongs to one thread.
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
+import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,6 +55,29 @@ MIGRATIONS: tuple[str, ...] = (
         UNIQUE (pair, path)
     );
     CREATE INDEX jobs_lease ON jobs (pair, state, phase, id);
+    """,
+    # v2: multipart uploads in progress, so one cut by a crash resumes from its parts.
+    """
+    CREATE TABLE uploads (
+        id INTEGER PRIMARY KEY,
+        remote TEXT NOT NULL,
+        key TEXT NOT NULL,
+        upload_id TEXT,                   -- NULL: created, answer not recorded yet
+        source TEXT NOT NULL,             -- the local file (absolute path)
+        src_size INTEGER NOT NULL, src_mtime INTEGER NOT NULL, src_ctime INTEGER NOT NULL,
+        src_inode INTEGER NOT NULL,
+        hash BLOB,                        -- xxh3-128 promised in the object's metadata
+        part_size INTEGER NOT NULL,
+        created REAL NOT NULL,
+        UNIQUE (remote, key)
+    );
+    CREATE TABLE upload_parts (
+        upload INTEGER NOT NULL REFERENCES uploads (id) ON DELETE CASCADE,
+        part INTEGER NOT NULL,
+        etag TEXT NOT NULL,
+        checksum TEXT,
+        PRIMARY KEY (upload, part)
+    ) WITHOUT ROWID;
     """,
 )
 
@@ -140,6 +165,10 @@ class Index:
                               "or point [daemon] state_dir elsewhere")
         for v in range(version, len(migrations)):
             with self.tx():
+                # Another process may have migrated since we looked: re-read under the lock.
+                row = db.execute("SELECT version FROM schema_version").fetchone()
+                if (row[0] if row else 0) > v:
+                    continue
                 for stmt in _split_sql(migrations[v]):
                     db.execute(stmt)
                 db.execute("DELETE FROM schema_version")
@@ -427,6 +456,103 @@ class Index:
         """(path, state, attempts, last_error) of every job of a pair; for tests and status."""
         return self.db.execute("SELECT path, state, attempts, last_error FROM jobs WHERE pair=? "
                                "ORDER BY path", (pair,)).fetchall()
+
+
+class UploadRecord(NamedTuple):
+    id: int
+    remote: str
+    key: str
+    upload_id: str | None
+    source: str
+    size: int
+    mtime_ns: int
+    ctime_ns: int
+    inode: int
+    hash: bytes | None
+    part_size: int
+    created: float
+
+
+_UPLOAD_COLS = ("id, remote, key, upload_id, source, src_size, src_mtime, src_ctime, src_inode, "
+                "hash, part_size, created")
+
+
+class UploadLog:
+    """Multipart uploads in progress: which upload id and finished parts belong to which
+    local file, so an upload cut by a crash or a network loss resumes from its parts.
+
+    Used by transfer threads and forked listing children at once: one connection per
+    thread and process, each write its own short transaction."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._local = threading.local()
+        self._migrated_in = 0
+        self._inherited: list[sqlite3.Connection] = []
+
+    def _db(self) -> sqlite3.Connection:
+        loc, pid = self._local, os.getpid()
+        db = getattr(loc, "db", None)
+        if db is not None and loc.pid == pid:
+            return db
+        if db is not None:
+            # Opened before a fork: never used nor closed here (closing could disturb the
+            # parent's locks); kept referenced so garbage collection does not close it.
+            self._inherited.append(db)
+        if self._migrated_in != pid:
+            Index(self.path).close()
+            self._migrated_in = pid
+        db = sqlite3.connect(str(self.path), isolation_level=None, timeout=30.0,
+                             check_same_thread=True)
+        db.execute("PRAGMA foreign_keys=ON")
+        loc.db, loc.pid = db, pid
+        return db
+
+    def find(self, remote: str, key: str) -> UploadRecord | None:
+        r = self._db().execute(f"SELECT {_UPLOAD_COLS} FROM uploads WHERE remote = ? AND key = ?",
+                               (remote, key)).fetchone()
+        return UploadRecord(*r) if r else None
+
+    def under(self, remote: str, key_prefix: str) -> list[UploadRecord]:
+        rows = self._db().execute(f"SELECT {_UPLOAD_COLS} FROM uploads WHERE remote = ?",
+                                  (remote,)).fetchall()
+        return [UploadRecord(*r) for r in rows if r[2].startswith(key_prefix)]
+
+    def begin(self, remote: str, key: str, source: str, size: int, mtime_ns: int,
+              ctime_ns: int, inode: int, hash_: bytes | None, part_size: int,
+              now: float) -> int:
+        """Record the intent before CreateMultipartUpload: an upload created just before a
+        crash is still known (by key and time) and can be found and aborted."""
+        db = self._db()
+        with _Tx(db):
+            db.execute("DELETE FROM uploads WHERE remote = ? AND key = ?", (remote, key))
+            cur = db.execute(
+                "INSERT INTO uploads (remote, key, source, src_size, src_mtime, src_ctime, "
+                "src_inode, hash, part_size, created) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (remote, key, source, size, mtime_ns, ctime_ns, inode, hash_, part_size, now))
+        return int(cur.lastrowid or 0)
+
+    def started(self, rec_id: int, upload_id: str) -> None:
+        self._db().execute("UPDATE uploads SET upload_id = ? WHERE id = ?", (upload_id, rec_id))
+
+    def part_done(self, rec_id: int, part: int, etag: str, checksum: str | None) -> None:
+        self._db().execute("INSERT OR REPLACE INTO upload_parts (upload, part, etag, checksum) "
+                           "VALUES (?, ?, ?, ?)", (rec_id, part, etag, checksum))
+
+    def parts(self, rec_id: int) -> dict[int, tuple[str, str | None]]:
+        rows = self._db().execute("SELECT part, etag, checksum FROM upload_parts WHERE upload = ?",
+                                  (rec_id,))
+        return {n: (etag, ck) for n, etag, ck in rows}
+
+    def forget(self, rec_id: int) -> None:
+        self._db().execute("DELETE FROM uploads WHERE id = ?", (rec_id,))
+
+    def close(self) -> None:
+        """Close this thread's connection (others close when their thread ends)."""
+        db = getattr(self._local, "db", None)
+        if db is not None and self._local.pid == os.getpid():
+            db.close()
+        self._local.db = None
 
 
 def _chunks(ids: list[int], n: int = 500) -> Iterator[list[int]]:

@@ -121,7 +121,9 @@ def _open_source(o: Outcome, ctx: PairCtx) -> Source | None:
     """The job's local file, opened; None (with the outcome filled in) if it cannot be."""
     abspath = os.path.join(ctx.local_root, o.job.path)
     try:
-        return Source(abspath, o.job.path, ctx.follow_symlinks)
+        src = Source(abspath, o.job.path, ctx.follow_symlinks)
+        src.expected = o.job.action.hash
+        return src
     except FileNotFoundError:
         # Gone since the scan: nothing to send; the next scan plans its deletion.
         o.keep_base, o.note = True, "vanished before upload"

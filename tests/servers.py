@@ -221,16 +221,26 @@ class S3Server:
 
 class FaultProxy:
     """An HTTP proxy on 127.0.0.1 in front of another server (moto) that answers the first
-    `fail_first` requests with 503 SlowDown, then forwards everything. Counts requests."""
+    `fail_first` requests with 503 SlowDown, then forwards everything. Counts requests and
+    multipart part uploads (`part_puts`, forwarded ones only). With `parts_allowed` set,
+    part uploads beyond that many are refused (`part_fault = "fail"`: 503 SlowDown) or held
+    until the proxy stops (`"stall"`: the client hangs as on a dead link)."""
 
-    def __init__(self, upstream_port: int, fail_first: int):
+    def __init__(self, upstream_port: int, fail_first: int = 0,
+                 parts_allowed: int | None = None, part_fault: str = "fail"):
         import http.server
         import threading
 
         self.upstream_port = upstream_port
         self.fail_first = fail_first
+        self.parts_allowed = parts_allowed
+        self.part_fault = part_fault
         self.requests = 0
         self.failed = 0
+        self.part_puts = 0
+        self.part_numbers: list[int] = []
+        self.stalled = threading.Event()     # set once a part upload is being held
+        self._release = threading.Event()
         lock = threading.Lock()
         proxy = self
 
@@ -256,13 +266,28 @@ class FaultProxy:
 
             def _any(self) -> None:
                 import http.client
+                import urllib.parse
 
                 body = self._body()
+                query = urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query)
+                is_part = self.command == "PUT" and "partNumber" in query
                 with lock:
                     proxy.requests += 1
                     fail = proxy.failed < proxy.fail_first
                     if fail:
                         proxy.failed += 1
+                    if is_part and not fail:
+                        cap = proxy.parts_allowed
+                        if cap is not None and proxy.part_puts >= cap:
+                            fail = True
+                        else:
+                            proxy.part_puts += 1
+                            proxy.part_numbers.append(int(query["partNumber"][0]))
+                if fail and is_part and proxy.part_fault == "stall":
+                    proxy.stalled.set()
+                    proxy._release.wait(120)
+                    self.close_connection = True
+                    return
                 if fail:
                     msg = (b"<?xml version=\"1.0\" encoding=\"UTF-8\"?><Error><Code>SlowDown"
                            b"</Code><Message>Please reduce your request rate.</Message></Error>")
@@ -303,5 +328,6 @@ class FaultProxy:
         return f"http://127.0.0.1:{self.port}"
 
     def stop(self) -> None:
+        self._release.set()
         self.server.shutdown()
         self.server.server_close()

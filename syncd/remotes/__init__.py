@@ -27,6 +27,12 @@ def open_remote(cfg: RemoteConfig, state_dir: str = "") -> Remote:
         from syncd.remotes.s3 import S3Options, S3Remote
 
         r = S3Remote(cfg.name, S3Options(**cfg.options, transfers=cfg.transfers))
+        if state_dir:
+            from pathlib import Path
+
+            from syncd.index import DB_NAME, UploadLog
+
+            r.uploads = UploadLog(Path(state_dir) / DB_NAME)
     else:
         raise ConfigError(f"remote type '{cfg.type}' is not available in this version",
                           key=f"remotes.{cfg.name}.type")

@@ -54,6 +54,9 @@ class Source:
         self._h = xxhash.xxh3_128()
         self.sent = 0
         self.digest: bytes | None = None
+        # The hash the scan computed, when known: a backend that must state the hash
+        # before reading (S3 multipart metadata) checks the bytes it sent against it.
+        self.expected: bytes | None = None
         self.after: os.stat_result | None = None
 
     def readinto(self, buf: bytearray | memoryview) -> int:
@@ -75,6 +78,21 @@ class Source:
             self._h.update(b)
             self.sent += len(b)
         return b
+
+    def prehash(self) -> bytes:
+        """Hash the whole file without moving the read position, for a backend that must
+        state the hash before sending (verify() later proves the bytes sent match)."""
+        h = xxhash.xxh3_128()
+        buf = bytearray(8 << 20)
+        view = memoryview(buf)
+        off = 0
+        try:
+            while n := os.preadv(self.fd, [buf], off):
+                h.update(view[:n])
+                off += n
+        except OSError as e:
+            raise SourceChanged(self.rel, f"read failed: {e.strerror}") from None
+        return h.digest()
 
     def verify(self) -> bytes:
         """Digest of the bytes read; raises SourceChanged on a torn or short read."""

@@ -12,7 +12,7 @@ import threading
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from syncd.errors import (
     AuthError,
@@ -26,6 +26,9 @@ from syncd.errors import (
 from syncd.listing import DIR_FP
 from syncd.model import TRASH_DIR, Kind, RemoteEntry
 from syncd.remotes.base import Capabilities, Source, check_rel_path
+
+if TYPE_CHECKING:
+    from syncd.index import UploadLog
 
 _FILE, _DIR = int(Kind.FILE), int(Kind.DIR)
 META_HASH = "syncd-xxh3"
@@ -55,12 +58,20 @@ class S3Options:
     timeout: float = 60.0
 
 
+def _part_dict(n: int, etag: str, checksum: str | None) -> dict[str, Any]:
+    d: dict[str, Any] = {"PartNumber": n, "ETag": etag}
+    if checksum:
+        d["ChecksumCRC32"] = checksum
+    return d
+
+
 def _fp(size: int, etag: str) -> str:
     return f"{size}:" + etag.strip('"')
 
 
 class S3Remote:
-    STALE_UPLOAD_S = 3600.0   # an unfinished multipart upload older than this is abandoned
+    RETRY_ATTEMPTS = 3               # botocore's own tries per request, before the queue's
+    RESUME_MAX_AGE_S = 7 * 86400.0   # an unfinished upload of ours older than this is aborted
     caps = Capabilities(dirs=False, move=True, mtime_precision_ns=0, atomic_put=True,
                         cpu_bound=False)
 
@@ -72,6 +83,7 @@ class S3Remote:
         self._lock = threading.Lock()
         self._pid = os.getpid()
         self.tmp_owner = ""
+        self.uploads: UploadLog | None = None   # set by open_remote: resumable multipart
 
     # --- client and errors -----------------------------------------------------------------
 
@@ -92,7 +104,7 @@ class S3Remote:
         session = boto3.session.Session(profile_name=o.profile or None)
         cfg = Config(region_name=o.region or None, connect_timeout=o.timeout,
                      read_timeout=o.timeout, max_pool_connections=max(10, 2 * o.transfers),
-                     retries={"mode": "standard", "max_attempts": 3},
+                     retries={"mode": "standard", "max_attempts": self.RETRY_ATTEMPTS},
                      s3={"addressing_style": o.addressing_style})
         try:
             return session.client("s3", endpoint_url=o.endpoint_url or None, config=cfg)
@@ -190,29 +202,30 @@ class S3Remote:
                                            _fp(obj["Size"], obj["ETag"])))
         except Exception as e:
             raise self._err(e, start) from None
-        self._abort_stale_uploads(start)
+        self._clean_uploads(start)
         return iter(out)
 
-    def _abort_stale_uploads(self, start: str) -> None:
-        """Abort multipart uploads under this pair's prefix left by an interrupted run
-        (older than STALE_UPLOAD_S): their parts cost storage and are never completed.
-        Best effort: a failure here never fails the listing."""
-        import datetime
+    def _clean_uploads(self, start: str) -> None:
+        """Abort our unfinished multipart uploads under this listing that can never be
+        resumed: the source file changed or vanished, or the record is older than
+        RESUME_MAX_AGE_S. Other uploads are not ours to touch (an S3 lifecycle rule
+        `AbortIncompleteMultipartUpload` handles those). Best effort: never fails the listing."""
+        import time
 
-        from syncd import log as slog
-
-        cutoff = datetime.datetime.now(datetime.UTC) - datetime.timedelta(
-            seconds=self.STALE_UPLOAD_S)
+        if self.uploads is None:
+            return
         with contextlib.suppress(Exception):
-            pages = self.client.get_paginator("list_multipart_uploads").paginate(
-                Bucket=self.o.bucket, Prefix=start)
-            for page in pages:
-                for up in page.get("Uploads", ()):
-                    if up["Initiated"] <= cutoff:
-                        self.client.abort_multipart_upload(Bucket=self.o.bucket, Key=up["Key"],
-                                                           UploadId=up["UploadId"])
-                        slog.get().info("multipart_aborted", remote=self.name, key=up["Key"],
-                                        initiated=str(up["Initiated"]))
+            for rec in self.uploads.under(self.name, start):
+                try:
+                    st = os.stat(rec.source, follow_symlinks=False)
+                    same = (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino) == (
+                        rec.size, rec.mtime_ns, rec.ctime_ns, rec.inode)
+                except OSError:
+                    same = False
+                if not same:
+                    self._abort_record(rec, "source changed")
+                elif time.time() - rec.created > self.RESUME_MAX_AGE_S:
+                    self._abort_record(rec, "too old")
 
     def stat(self, path: str) -> RemoteEntry:
         key = self._key(path)
@@ -247,45 +260,170 @@ class S3Remote:
             raise self._err(e, key) from None
         return RemoteEntry(path, _FILE, len(body), 0, _fp(len(body), r["ETag"]))
 
+    def _part_size(self, size: int) -> int:
+        # S3 takes at most 10,000 parts: grow them for very large files (whole MiB).
+        part = max(self.o.multipart_chunksize, -(-size // 9_000))
+        return -(-part // (1 << 20)) << 20
+
     def _put_multipart(self, path: str, key: str, source: Source) -> RemoteEntry:
+        """Multipart upload, resumable: the upload id and each finished part go to the
+        upload log, so an upload cut by a crash or a network loss continues from its
+        finished parts as long as the source file is unchanged (same size, mtime, ctime,
+        inode and expected hash); otherwise it is aborted and started over."""
         c, bucket = self.client, self.o.bucket
-        # Metadata is fixed when a multipart upload is created, before the bytes (and so
-        # the hash) are known: multipart objects carry the mtime, the index their hash.
-        try:
-            up = c.create_multipart_upload(Bucket=bucket, Key=key,
-                                           Metadata={META_MTIME: str(source.mtime_ns)},
-                                           **self._extra())
-        except Exception as e:
-            raise self._err(e, key) from None
-        uid = up["UploadId"]
-        parts: list[dict[str, Any]] = []
+        part_size = self._part_size(source.size)
+        if source.expected is None:   # a new file, not hashed by the scan: the metadata
+            source.expected = source.prehash()   # and the resume check need its hash now
+        rec_id, uid, done = self._resume(key, source, part_size)
+        if uid is None:
+            rec_id, uid = self._create(key, source, part_size)
+        parts: dict[int, tuple[str, str | None]] = dict(done)
+        keep = False   # keep the upload (and its record) for a later resume
         try:
             with ThreadPoolExecutor(max_workers=PARTS_IN_FLIGHT) as pool:
-                futs = []
+                futs: dict[Any, int] = {}
                 n = 0
-                # S3 takes at most 10,000 parts: grow them for very large files (in MiB).
-                part = max(self.o.multipart_chunksize, -(-source.size // 9_000))
-                part = -(-part // (1 << 20)) << 20
-                while data := source.read(part):
-                    n += 1
-                    while len([f for f in futs if not f.done()]) >= PARTS_IN_FLIGHT:
-                        futs[[f.done() for f in futs].index(False)].result()
-                    futs.append(pool.submit(c.upload_part, Bucket=bucket, Key=key, UploadId=uid,
-                                            PartNumber=n, Body=data))
-                for i, f in enumerate(futs, 1):
-                    parts.append({"PartNumber": i, "ETag": f.result()["ETag"]})
-            source.verify()   # before completing: the object appears only now
-            r = c.complete_multipart_upload(Bucket=bucket, Key=key, UploadId=uid,
-                                            MultipartUpload={"Parts": parts})
+                while data := source.read(part_size):   # parts already there are read for
+                    n += 1                              # the hash, not sent again
+                    if n in done:
+                        continue
+                    while len(futs) >= PARTS_IN_FLIGHT:
+                        self._part_finished(futs, parts, rec_id)
+                    futs[pool.submit(c.upload_part, Bucket=bucket, Key=key, UploadId=uid,
+                                     PartNumber=n, Body=data, ChecksumAlgorithm="CRC32")] = n
+                while futs:
+                    self._part_finished(futs, parts, rec_id)
+            digest = source.verify()   # before completing: the object appears only now
+            if source.expected is not None and digest != source.expected:
+                raise SourceChanged(source.rel, "content differs from the scan's hash")
+            r = c.complete_multipart_upload(
+                Bucket=bucket, Key=key, UploadId=uid,
+                MultipartUpload={"Parts": [_part_dict(i, *parts[i]) for i in sorted(parts)]})
         except BaseException as e:
-            with contextlib.suppress(Exception):   # best effort; nothing was published
-                c.abort_multipart_upload(Bucket=bucket, Key=key, UploadId=uid)
-            if isinstance(e, SourceChanged | RemoteError):
+            err: BaseException = e
+            if isinstance(e, Exception) and not isinstance(e, SourceChanged | RemoteError):
+                err = self._err(e, key)
+            # A network loss or a stop (Ctrl-C, shutdown) keeps what was sent; a changed
+            # source or a refusal makes the parts useless.
+            keep = isinstance(err, TransientError) or not isinstance(err, Exception)
+            if not keep:
+                self._abort(key, uid, rec_id)
+            if err is e:
                 raise
-            if isinstance(e, Exception):
-                raise self._err(e, key) from None
-            raise
+            raise err from None
+        self._forget(rec_id)
         return RemoteEntry(path, _FILE, source.sent, 0, _fp(source.sent, r["ETag"]))
+
+    def _part_finished(self, futs: dict[Any, int], parts: dict[int, tuple[str, str | None]],
+                       rec_id: int) -> None:
+        from concurrent.futures import FIRST_COMPLETED, wait
+
+        finished, _ = wait(list(futs), return_when=FIRST_COMPLETED)
+        for f in finished:
+            n = futs.pop(f)
+            r = f.result()
+            parts[n] = (r["ETag"], r.get("ChecksumCRC32"))
+            if self.uploads is not None and rec_id:
+                self.uploads.part_done(rec_id, n, r["ETag"], r.get("ChecksumCRC32"))
+
+    def _create(self, key: str, source: Source, part_size: int) -> tuple[int, str]:
+        import time
+
+        st = source.before
+        rec_id = 0
+        if self.uploads is not None:
+            rec_id = self.uploads.begin(self.name, key, source.abspath, source.size,
+                                        source.mtime_ns, st.st_ctime_ns, st.st_ino,
+                                        source.expected, part_size, time.time())
+        # Metadata is fixed when the upload is created, before the bytes are read: it
+        # carries the hash the scan computed, and completing checks the bytes sent match.
+        meta = {META_MTIME: str(source.mtime_ns)}
+        if source.expected is not None:
+            meta[META_HASH] = source.expected.hex()
+        try:
+            up = self.client.create_multipart_upload(Bucket=self.o.bucket, Key=key,
+                                                     Metadata=meta, ChecksumAlgorithm="CRC32",
+                                                     **self._extra())
+        except Exception as e:
+            self._forget(rec_id)
+            raise self._err(e, key) from None
+        if self.uploads is not None:
+            self.uploads.started(rec_id, up["UploadId"])
+        return rec_id, up["UploadId"]
+
+    def _resume(self, key: str, source: Source, part_size: int,
+                ) -> tuple[int, str | None, dict[int, tuple[str, str | None]]]:
+        """The upload to continue for this key and its finished parts, or (0, None, {})."""
+        from syncd import log as slog
+
+        if self.uploads is None:
+            return 0, None, {}
+        rec = self.uploads.find(self.name, key)
+        if rec is None:
+            return 0, None, {}
+        st = source.before
+        same = (rec.upload_id is not None and rec.source == source.abspath
+                and (rec.size, rec.mtime_ns, rec.ctime_ns, rec.inode, rec.part_size)
+                == (source.size, source.mtime_ns, st.st_ctime_ns, st.st_ino, part_size)
+                and rec.hash == source.expected)
+        if not same:
+            self._abort_record(rec, "source changed")
+            return 0, None, {}
+        assert rec.upload_id is not None
+        mine = self.uploads.parts(rec.id)
+        last = -(-source.size // part_size)
+        done: dict[int, tuple[str, str | None]] = {}
+        try:
+            pages = self.client.get_paginator("list_parts").paginate(
+                Bucket=self.o.bucket, Key=key, UploadId=rec.upload_id)
+            for page in pages:
+                for p in page.get("Parts", ()):
+                    n = p["PartNumber"]
+                    want = part_size if n < last else source.size - part_size * (last - 1)
+                    if n in mine and mine[n][0] == p["ETag"] and p["Size"] == want:
+                        done[n] = mine[n]
+        except Exception as e:
+            err = self._err(e, key)
+            if isinstance(err, TransientError):
+                raise err from None
+            # NoSuchUpload (completed, aborted or expired meanwhile): start over.
+            self._forget(rec.id)
+            return 0, None, {}
+        slog.get().info("multipart_resumed", remote=self.name, key=key, parts_done=len(done),
+                        parts=last, bytes_done=sum(part_size if n < last else
+                                                   source.size - part_size * (last - 1)
+                                                   for n in done))
+        return rec.id, rec.upload_id, done
+
+    def _abort(self, key: str, uid: str, rec_id: int) -> None:
+        with contextlib.suppress(Exception):   # best effort; nothing was published
+            self.client.abort_multipart_upload(Bucket=self.o.bucket, Key=key, UploadId=uid)
+        self._forget(rec_id)
+
+    def _abort_record(self, rec: Any, reason: str) -> None:
+        """Abort a recorded upload of ours. One whose id was never recorded (a crash right
+        after CreateMultipartUpload) is found by its exact key: under our pair's prefix an
+        upload of that key is ours (servers' `Initiated` times are not reliable enough to
+        narrow it further: moto, for one, reports a fixed date)."""
+        from syncd import log as slog
+
+        ids = [rec.upload_id] if rec.upload_id else []
+        if not ids:
+            with contextlib.suppress(Exception):
+                r = self.client.list_multipart_uploads(Bucket=self.o.bucket, Prefix=rec.key)
+                ids = [u["UploadId"] for u in r.get("Uploads", ()) if u["Key"] == rec.key]
+        for uid in ids:
+            with contextlib.suppress(Exception):
+                self.client.abort_multipart_upload(Bucket=self.o.bucket, Key=rec.key,
+                                                   UploadId=uid)
+                slog.get().info("multipart_aborted", remote=self.name, key=rec.key,
+                                reason=reason)
+        self._forget(rec.id)
+
+    def _forget(self, rec_id: int) -> None:
+        if self.uploads is not None and rec_id:
+            with contextlib.suppress(Exception):
+                self.uploads.forget(rec_id)
 
     def get(self, path: str, dest: str) -> RemoteEntry:
         key = self._key(path)

@@ -78,9 +78,10 @@ def test_reconcile_to_s3_mirrors_idles_and_applies_changes(tmp_path: Path, s3ser
     assert s.objects() == FILES
     import xxhash
 
-    head = s.c.head_object(Bucket=s.bucket, Key="hosts/web1/docs/a.txt")
-    assert head["Metadata"]["syncd-xxh3"] == xxhash.xxh3_128(FILES["a.txt"]).hexdigest()
-    assert head["Metadata"]["syncd-mtime-ns"] == str((s.src / "a.txt").stat().st_mtime_ns)
+    for rel in ("a.txt", "multi/part.bin"):                # single PUT and multipart
+        head = s.c.head_object(Bucket=s.bucket, Key=f"hosts/web1/docs/{rel}")
+        assert head["Metadata"]["syncd-xxh3"] == xxhash.xxh3_128(FILES[rel]).hexdigest()
+        assert head["Metadata"]["syncd-mtime-ns"] == str((s.src / rel).stat().st_mtime_ns)
 
     r = s.reconcile()
     assert r.code == 0 and r.summary["uploaded"] == 0 and r.summary["deleted"] == 0, r.out
@@ -137,19 +138,64 @@ def test_s3_throttling_503s_are_retried_to_completion(tmp_path: Path, s3server: 
         proxy.stop()
 
 
-def test_stale_multipart_uploads_under_the_pair_are_aborted(s3server: S3Server,
-                                                             monkeypatch: pytest.MonkeyPatch) -> None:
-    from syncd.remotes.s3 import S3Options, S3Remote
+def test_reconcile_killed_mid_multipart_resumes_sending_only_missing_parts(
+        tmp_path: Path, s3server: S3Server) -> None:
+    """`kill -9` while a multipart upload is half done; the next run continues the same
+    upload: the server receives only the parts it did not have (counted by a proxy)."""
+    import signal
+    import subprocess
+    import time
 
-    c: Any = s3server.client()
-    c.create_bucket(Bucket="e2e-stale")
-    ours = c.create_multipart_upload(Bucket="e2e-stale", Key="p/docs/big.bin")["UploadId"]
-    other = c.create_multipart_upload(Bucket="e2e-stale", Key="elsewhere/x.bin")["UploadId"]
-    c.upload_part(Bucket="e2e-stale", Key="p/docs/big.bin", UploadId=ours, PartNumber=1,
-                  Body=b"x" * (5 << 20))
-    r = S3Remote("b", S3Options(bucket="e2e-stale", prefix="p", endpoint_url=s3server.endpoint,
-                                region="us-east-1", addressing_style="path"))
-    monkeypatch.setattr(S3Remote, "STALE_UPLOAD_S", -60.0)   # everything counts as stale
-    assert list(r.list("docs")) == []
-    left = {u["UploadId"] for u in c.list_multipart_uploads(Bucket="e2e-stale").get("Uploads", ())}
-    assert ours not in left and other in left                # only under the pair's prefix
+    import xxhash
+
+    from syncd.index import DB_NAME, UploadLog
+    from tests.e2e.conftest import SYNCD
+    from tests.servers import FaultProxy
+
+    s = S3Setup(tmp_path, s3server, "e2e-resume")
+    data = os.urandom(6 * 5 * 1024 * 1024 + 99)          # 7 parts of 5 MiB
+    s.write("big.bin", data)
+    stall = FaultProxy(s3server.port, parts_allowed=3, part_fault="stall")
+    config = s.config.read_text()
+    try:
+        s.config.write_text(config.replace(s3server.endpoint, stall.endpoint))
+        env = {k: v for k, v in os.environ.items() if not k.startswith("SYNCD_")}
+        env.update(S3Server.ENV)
+        proc = subprocess.Popen([str(SYNCD), "reconcile", "--config", str(s.config), "--json"],
+                                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                stdin=subprocess.DEVNULL)
+        db = tmp_path / "state" / DB_NAME
+        deadline = time.monotonic() + 60
+        while not db.exists() and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+        log = UploadLog(db)
+        recorded: dict[int, object] = {}
+        while time.monotonic() < deadline and proc.poll() is None:
+            rec = log.find("bucket", "hosts/web1/docs/big.bin")
+            recorded = log.parts(rec.id) if rec else {}
+            if stall.stalled.is_set() and len(recorded) == 3:
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None and len(recorded) == 3, "upload did not reach 3 parts"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+        log.close()
+    finally:
+        stall.stop()
+    sent_before = set(stall.part_numbers)
+    assert s.objects() == {}                              # nothing published by the cut run
+
+    count = FaultProxy(s3server.port)
+    try:
+        s.config.write_text(config.replace(s3server.endpoint, count.endpoint))
+        r = s.reconcile()
+    finally:
+        count.stop()
+    assert r.code == 0, r.err
+    assert sorted(count.part_numbers) == sorted(set(range(1, 8)) - sent_before)
+    assert any(e.get("event") == "multipart_resumed" and e.get("parts_done") == 3
+               for e in r.events())
+    assert s.objects() == {"big.bin": data}
+    head = s.c.head_object(Bucket=s.bucket, Key="hosts/web1/docs/big.bin")
+    assert head["Metadata"]["syncd-xxh3"] == xxhash.xxh3_128(data).hexdigest()
+    assert s.c.list_multipart_uploads(Bucket=s.bucket).get("Uploads", []) == []

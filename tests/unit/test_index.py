@@ -100,3 +100,52 @@ def test_a_failing_commit_moves_neither_base_nor_job(tmp_path: Path) -> None:
         idx.finish("p", [bad, Done(job.id, "g", "not a base")], [], [], now=1)  # type: ignore[arg-type]
     assert idx.load("p")[2] == {}
     assert idx.job_counts("p") == {"leased": 1}
+
+
+def test_v1_index_migrates_to_v2_with_the_upload_log(tmp_path: Path) -> None:
+    db = tmp_path / "i.sqlite3"
+    v1 = Index(db, migrations=MIGRATIONS[:1])
+    v1.save_scan("p", [("a", LocalState(F, 1, 2, 3, 0o644, b"h" * 16), False)], [])
+    v1.close()
+    idx = Index(db)
+    assert idx.schema_version == len(MIGRATIONS) >= 2
+    assert idx.load("p")[0]["a"].hash == b"h" * 16
+    idx.close()
+
+
+def test_upload_log_records_parts_and_forgets_them_together(tmp_path: Path) -> None:
+    from syncd.index import DB_NAME, UploadLog
+
+    log = UploadLog(tmp_path / DB_NAME)       # creates and migrates the index on first use
+    rid = log.begin("s3", "p/k", "/src/k", 10, 1, 2, 3, b"x" * 16, 5, 100.0)
+    assert log.find("s3", "p/k") is not None and log.find("s3", "p/k").upload_id is None
+    log.started(rid, "UP1")
+    log.part_done(rid, 1, '"e1"', "crc")
+    log.part_done(rid, 2, '"e2"', None)
+    assert log.parts(rid) == {1: ('"e1"', "crc"), 2: ('"e2"', None)}
+    assert [r.key for r in log.under("s3", "p/")] == ["p/k"] and log.under("s3", "q/") == []
+    rid2 = log.begin("s3", "p/k", "/src/k", 11, 1, 2, 3, None, 5, 101.0)   # replaces
+    assert log.parts(rid2) == {} and log.parts(rid) == {}
+    log.forget(rid2)
+    assert log.find("s3", "p/k") is None
+    n = sqlite3.connect(tmp_path / DB_NAME).execute("SELECT count(*) FROM upload_parts").fetchone()
+    assert n == (0,)
+
+
+def test_upload_log_opens_its_own_connection_after_fork(tmp_path: Path) -> None:
+    import os
+
+    from syncd.index import DB_NAME, UploadLog
+
+    log = UploadLog(tmp_path / DB_NAME)
+    rid = log.begin("s3", "k", "/s", 1, 1, 1, 1, None, 5, 1.0)
+    pid = os.fork()
+    if pid == 0:   # child: the parent's connection is left alone; a new one works
+        try:
+            log.part_done(rid, 1, '"e"', None)
+            os._exit(0)
+        except BaseException:
+            os._exit(1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert log.parts(rid) == {1: ('"e"', None)}
