@@ -1,19 +1,24 @@
 """S3 benchmark: `syncd reconcile` to a local moto server (its own process, HTTP on
-127.0.0.1), against `rclone sync` (s3 backend, provider Other, path style, defaults) on
-the same workloads and server, in the same run; plus the endpoint's own ceiling measured
-with a plain boto3 loop.
+127.0.0.1), against `rclone sync` (s3 backend, provider Other, path style, defaults) and
+`aws s3 sync` (defaults) on the same workloads and server, in the same run; plus the
+endpoint's own ceiling measured with plain boto3 (put_object from 16 threads for small
+files, `upload_file` with the default TransferConfig for the large one).
 
-    .venv/bin/python bench/bench_s3.py [--runs R] [--small-files N] [--large-size SIZE]
+    .venv/bin/python bench/bench_s3.py [--runs R] [--only small,large,mixed]
+        [--small-files N] [--large-size SIZE] [--mixed-files N]
 
 Workloads (seeded, untimed): small = N × 4 KiB in 100 dirs (default 10,000); large = one
-random file (default 1 GiB). Per run and tool: first sync to a fresh prefix, a no-op right
-after, then (small) 10 files modified. moto is CPU-bound and slow: every figure here is a
-moto figure, not an AWS one. Prints a Markdown table; JSON in bench/out/s3-last.json.
+random file (default 1 GiB); mixed = N files log-uniform 1 KiB–8 MiB in 20 dirs (default
+1,000, ~0.9 GB). Per run and tool: first sync to a fresh prefix, a no-op right after,
+then (small, mixed) 10 files modified; the prefix is emptied afterwards (untimed) so
+moto's bucket does not grow run after run. moto is CPU-bound and slow: every figure here
+is a moto figure, not an AWS one. Prints a Markdown table; JSON in bench/out/s3-last.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -108,14 +113,42 @@ def timed(argv: list[str], logs: Path, tag: str, env: dict[str, str | None]) -> 
 
 
 def ceiling(endpoint: str, bucket: str, src: Path) -> float:
-    """Plain boto3 put_object of every file from 16 threads: the endpoint's ceiling."""
+    """Plain boto3, no hashing, no index: put_object of every file from 16 threads, or
+    upload_file (default TransferConfig: 8 MiB parts, 10 threads) for one big file."""
     c = client(endpoint)
     files = sorted(p for p in src.rglob("*") if p.is_file())
+    bl.sync_disks()
+    bl.wait_idle()
     t0 = time.perf_counter()
-    with ThreadPoolExecutor(16) as pool:
-        list(pool.map(lambda p: c.put_object(Bucket=bucket, Key=f"ceiling/{p.name}",
-                                             Body=p.read_bytes()), files))
-    return time.perf_counter() - t0
+    if len(files) == 1:
+        c.upload_file(str(files[0]), bucket, f"ceiling/{files[0].name}")
+    else:
+        with ThreadPoolExecutor(16) as pool:
+            list(pool.map(lambda p: c.put_object(Bucket=bucket, Key=f"ceiling/{p.name}",
+                                                 Body=p.read_bytes()), files))
+    took = time.perf_counter() - t0
+    empty(c, bucket, "ceiling/")
+    return took
+
+
+def empty(c: Any, bucket: str, prefix: str) -> None:
+    """Delete everything under prefix (untimed): moto keeps every object in memory."""
+    for page in c.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        keys = [{"Key": o["Key"]} for o in page.get("Contents", ())]
+        if keys:
+            c.delete_objects(Bucket=bucket, Delete={"Objects": keys, "Quiet": True})
+
+
+def count(c: Any, bucket: str, prefix: str) -> tuple[int, int]:
+    n = size = 0
+    for page in c.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        for o in page.get("Contents", ()):
+            n += 1
+            size += o["Size"]
+    return n, size
+
+
+TOOLS = ("syncd", "rclone", "aws")
 
 
 def main() -> None:
@@ -123,7 +156,8 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--small-files", type=int, default=10_000)
     ap.add_argument("--large-size", type=bl.parse_size, default=1 << 30)
-    ap.add_argument("--only", default="small,large")
+    ap.add_argument("--mixed-files", type=int, default=1_000)
+    ap.add_argument("--only", default="small,large,mixed")
     ap.add_argument("--idle-wait", type=float, default=20.0)
     args = ap.parse_args()
     bl.IDLE_WAIT = args.idle_wait
@@ -134,27 +168,34 @@ def main() -> None:
     moto, endpoint = start_moto(wd)
     bl.KEEP_PIDS.add(moto.pid)
     bl.become_subreaper()
-    rclone = shutil.which("rclone")
     (wd / "rclone.conf").write_text("")
+    (wd / "aws.conf").write_text("[default]\ns3 =\n  addressing_style = path\n")
     # rclone's AWS SDK refuses a custom CA bundle on its HTTP transport ("unsupported
     # transport"): this is plain HTTP anyway, so it runs without one.
-    renv: dict[str, str | None] = {
+    envs: dict[str, dict[str, str | None]] = {
+        "syncd": dict(ENV),
+        "rclone": {
             **ENV, "AWS_CA_BUNDLE": None,
             "RCLONE_CONFIG": str(wd / "rclone.conf"), "RCLONE_CONFIG_M_TYPE": "s3",
             "RCLONE_CONFIG_M_PROVIDER": "Other", "RCLONE_CONFIG_M_ENDPOINT": endpoint,
             "RCLONE_CONFIG_M_ACCESS_KEY_ID": "testing",
             "RCLONE_CONFIG_M_SECRET_ACCESS_KEY": "testing",
-            "RCLONE_CONFIG_M_FORCE_PATH_STYLE": "true", "RCLONE_CONFIG_M_REGION": "us-east-1"}
+            "RCLONE_CONFIG_M_FORCE_PATH_STYLE": "true", "RCLONE_CONFIG_M_REGION": "us-east-1"},
+        "aws": {**ENV, "AWS_CONFIG_FILE": str(wd / "aws.conf"),
+                "AWS_SHARED_CREDENTIALS_FILE": str(wd / "none"), "AWS_PROFILE": None},
+    }
+    rclone = shutil.which("rclone")
+    aws = _real_aws()
     results: dict[str, dict[str, list[float]]] = {}
     try:
         c = client(endpoint)
         c.create_bucket(Bucket="bench")
         for name in args.only.split(","):
             bl.log(f"generating {name} (untimed)")
-            bs.generate(wd / "src", name, args.small_files, args.large_size, 0)
+            bs.generate(wd / "src", name, args.small_files, args.large_size, args.mixed_files)
             bl.sync_disks()
             src = wd / "src" / name
-            files = bl.tree_totals(src)[0]
+            want = bl.tree_totals(src)
             res: dict[str, list[float]] = {}
             results[name] = res
 
@@ -163,39 +204,34 @@ def main() -> None:
                 bl.log(f"{name}: {key:<14} {p.wall_s:7.2f}s  cpu {p.user_s + p.sys_s:6.2f}s")
 
             for r in range(args.runs):
-                cfg = syncd_config(wd, name, r, endpoint, "bench")
-                sy = [str(bl.SYNCD), "reconcile", "--config", str(cfg), "--json"]
-                add("syncd_first", timed(sy, logs, f"syncd-{name}-first-{r}", ENV))
-                add("syncd_noop", timed(sy, logs, f"syncd-{name}-noop-{r}", ENV))
-                rc = [rclone, "sync", str(src), f"m:bench/rclone-{name}-{r}"] if rclone else None
-                if rc:
-                    add("rclone_first", timed(rc, logs, f"rclone-{name}-first-{r}", renv))
-                    add("rclone_noop", timed(rc, logs, f"rclone-{name}-noop-{r}", renv))
-                if name == "small":
-                    bs.modify_ten(src, r)
-                    add("syncd_ten", timed(sy, logs, f"syncd-{name}-ten-{r}", ENV))
-                    if rc:
-                        add("rclone_ten", timed(rc, logs, f"rclone-{name}-ten-{r}", renv))
-            if name == "small":
-                res["boto3_ceiling"] = [ceiling(endpoint, "bench", src)]
-                bl.log(f"small: boto3 put_object x16 threads {res['boto3_ceiling'][0]:.2f}s")
-            del files
-        lines = [f"## syncd vs rclone, S3 on a local moto server ({time.strftime('%Y-%m-%d %H:%M')})",
-                 "", f"{args.runs} runs, median wall s; ratio = syncd / rclone.", "",
-                 "| workload | syncd | rclone | ratio |", "|---|---|---|---|"]
-        for name, res in results.items():
-            for kind in ("first", "noop", "ten"):
-                s = res.get(f"syncd_{kind}")
-                if not s:
-                    continue
-                rv = res.get(f"rclone_{kind}")
-                sm, rm = statistics.median(s), (statistics.median(rv) if rv else None)
-                lines.append(f"| {name}: {kind} | {sm:.2f} | {bl.fmt_s(rm)} | "
-                             f"{(f'{sm / rm:.2f}×' if rm else '—')} |")
-            if "boto3_ceiling" in res:
-                lines.append(f"| {name}: plain boto3 put_object ×16 (endpoint ceiling) | "
-                             f"{res['boto3_ceiling'][0]:.2f} | — | — |")
-        text = "\n".join(lines) + "\n"
+                for tool in TOOLS:
+                    prefix = f"{tool}-{name}-{r}"
+                    if tool == "syncd":
+                        cfg = syncd_config(wd, name, r, endpoint, "bench")
+                        argv = [str(bl.SYNCD), "reconcile", "--config", str(cfg), "--json"]
+                    elif tool == "rclone" and rclone:
+                        argv = [rclone, "sync", str(src), f"m:bench/{prefix}"]
+                    elif tool == "aws" and aws:
+                        argv = [aws, "s3", "sync", str(src), f"s3://bench/{prefix}",
+                                "--endpoint-url", endpoint, "--only-show-errors", "--no-progress"]
+                    else:
+                        continue
+                    env = envs[tool]
+                    add(f"{tool}_first", timed(argv, logs, f"{prefix}-first", env))
+                    got = count(c, "bench", prefix + "/")
+                    if got != want:
+                        raise SystemExit(f"bench: {tool} left {got} (files, bytes) under "
+                                         f"{prefix}/, expected {want}")
+                    add(f"{tool}_noop", timed(argv, logs, f"{prefix}-noop", env))
+                    if name != "large":
+                        bs.modify_ten(src, r * len(TOOLS) + TOOLS.index(tool))
+                        add(f"{tool}_ten", timed(argv, logs, f"{prefix}-ten", env))
+                    empty(c, "bench", prefix + "/")
+            if name in ("small", "large"):
+                res["boto3_ceiling"] = [ceiling(endpoint, "bench", src) for _ in range(args.runs)]
+                bl.log(f"{name}: plain boto3 {res['boto3_ceiling']}")
+            shutil.rmtree(src, ignore_errors=True)
+        text = render(results, args.runs)
         print(text)
         out = HERE / "out" / "s3-last.json"
         out.parent.mkdir(exist_ok=True)
@@ -204,6 +240,41 @@ def main() -> None:
         moto.terminate()
         moto.wait(10)
         shutil.rmtree(wd, ignore_errors=True)
+
+
+def _real_aws() -> str | None:
+    """The aws CLI's own script, not a pyenv shim (a shim adds ~0.1 s of shell per call)."""
+    aws = shutil.which("aws")
+    if aws and "/shims/" in aws:
+        with contextlib.suppress(Exception):
+            real = subprocess.run(["pyenv", "which", "aws"], capture_output=True, text=True,
+                                  timeout=10).stdout.strip()
+            if real:
+                return real
+    return aws
+
+
+def render(results: dict[str, dict[str, list[float]]], runs: int) -> str:
+    med = statistics.median
+    lines = [f"## syncd vs rclone and aws s3 sync, S3 on a local moto server "
+             f"({time.strftime('%Y-%m-%d %H:%M')})", "",
+             f"{runs} runs, median wall s; ratio = tool / rclone (lower is better).", "",
+             "| workload | syncd | rclone | aws s3 sync | syncd / rclone | aws / rclone | plain boto3 |",
+             "|---|---|---|---|---|---|---|"]
+    for name, res in results.items():
+        for kind in ("first", "noop", "ten"):
+            s = res.get(f"syncd_{kind}")
+            if not s:
+                continue
+            sm = med(s)
+            rv, av = res.get(f"rclone_{kind}"), res.get(f"aws_{kind}")
+            rm, am = (med(rv) if rv else None), (med(av) if av else None)
+            ceil = res.get("boto3_ceiling") if kind == "first" else None
+            lines.append(f"| {name}: {kind} | {sm:.2f} | {bl.fmt_s(rm)} | {bl.fmt_s(am)} | "
+                         f"{(f'{sm / rm:.2f}×' if rm else '—')} | "
+                         f"{(f'{am / rm:.2f}×' if rm and am else '—')} | "
+                         f"{(f'{med(ceil):.2f}' if ceil else '—')} |")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

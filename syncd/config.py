@@ -21,7 +21,7 @@ from syncd.errors import ConfigError
 from syncd.units import parse_duration
 
 REMOTE_TYPES = ("local", "sftp", "s3", "ftp")
-IMPLEMENTED_REMOTE_TYPES = ("local", "sftp", "s3")
+IMPLEMENTED_REMOTE_TYPES = ("local", "sftp", "s3", "ftp")
 MODES = ("push", "pull", "bidirectional")
 IMPLEMENTED_MODES = ("push",)
 DELETE_POLICIES = ("trash", "propagate", "keep")
@@ -256,6 +256,8 @@ REMOTE_TYPE_KEYS: dict[str, tuple[str, ...]] = {
     "s3": ("bucket", "prefix", "region", "endpoint_url", "profile", "addressing_style",
            "storage_class", "sse", "sse_kms_key_id", "multipart_threshold",
            "multipart_chunksize", "timeout"),
+    "ftp": ("host", "port", "user", "password_env", "root", "tls", "ca_file", "passive",
+            "timeout"),
 }
 S3_SECRET_KEYS = ("aws_access_key_id", "aws_secret_access_key", "access_key", "secret_key",
                   "secret_access_key", "session_token")
@@ -340,6 +342,8 @@ def _parse_remotes(v: _V, t: dict[str, Any]) -> dict[str, RemoteConfig]:
             options.update(_parse_sftp(v, r, key))
         elif typ == "s3":
             options.update(_parse_s3(v, r, key))
+        elif typ == "ftp":
+            options.update(_parse_ftp(v, r, key))
         out[name] = RemoteConfig(name=name, type=typ, transfers=transfers, options=options)
     return out
 
@@ -368,6 +372,46 @@ def _parse_sftp(v: _V, r: dict[str, Any], key: str) -> dict[str, Any]:
             raise v.fail(f"{key}.{k}", "is not an environment variable name; give the "
                          "variable's name (e.g. \"SYNCD_BACKUP_PASSWORD\"), not its value")
         o[k] = name
+    if o["timeout"] <= 0:
+        raise v.fail(f"{key}.timeout", "must be more than 0")
+    return o
+
+
+def _host(v: _V, r: dict[str, Any], key: str) -> str:
+    host = v.string(r, "host", key).strip()
+    if not host or any(c.isspace() for c in host) or "@" in host or "/" in host:
+        raise v.fail(f"{key}.host", f"'{host}' is not a host name or address (put the user "
+                     "in 'user' and the port in 'port')")
+    return host
+
+
+def _env_name(v: _V, r: dict[str, Any], k: str, key: str) -> str:
+    name = v.string(r, k, key, "")
+    if name and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+        # Not echoed: a user may have pasted the secret itself here.
+        raise v.fail(f"{key}.{k}", "is not an environment variable name; give the "
+                     "variable's name (e.g. \"SYNCD_BACKUP_PASSWORD\"), not its value")
+    return name
+
+
+def _parse_ftp(v: _V, r: dict[str, Any], key: str) -> dict[str, Any]:
+    tls = v.choice(r, "tls", key, ("explicit", "implicit", "none"), "explicit")
+    o: dict[str, Any] = {
+        "host": _host(v, r, key),
+        "port": v.integer(r, "port", key, 990 if tls == "implicit" else 21, lo=1, hi=65535),
+        "user": v.string(r, "user", key, "anonymous") or "anonymous",
+        "password_env": _env_name(v, r, "password_env", key),
+        "root": v.string(r, "root", key, "/") or "/",
+        "tls": tls,
+        "ca_file": str(v.path(r, "ca_file", key)) if r.get("ca_file") else "",
+        "passive": v.boolean(r, "passive", key, True),
+        "timeout": v.parsed(r, "timeout", key, "30s", parse_duration),
+    }
+    if o["ca_file"] and not os.path.isfile(o["ca_file"]):
+        raise v.fail(f"{key}.ca_file", f"{o['ca_file']} is not a readable file (a PEM bundle "
+                     "of CA certificates)")
+    if o["ca_file"] and tls == "none":
+        raise v.fail(f"{key}.ca_file", "has no effect with tls = \"none\"")
     if o["timeout"] <= 0:
         raise v.fail(f"{key}.timeout", "must be more than 0")
     return o

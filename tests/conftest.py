@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.servers import REQUIRE_ENV, S3Server, ServerMissing, SSHServer, sshd_binary
+from tests.servers import REQUIRE_ENV, FTPServer, S3Server, ServerMissing, SSHServer, sshd_binary
 
 
 def _missing(e: Exception) -> None:
@@ -50,3 +50,33 @@ def s3server() -> Iterator[S3Server]:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+def _ftp(tmp_path_factory: pytest.TempPathFactory, tls: str) -> Iterator[FTPServer]:
+    try:
+        srv = FTPServer(tmp_path_factory.mktemp(f"ftp-{tls}"), tls=tls).start()
+    except ServerMissing as e:
+        _missing(e)
+    old = os.environ.get(FTPServer.PASSWORD_ENV)
+    os.environ[FTPServer.PASSWORD_ENV] = FTPServer.PASSWORD
+    try:
+        yield srv
+    finally:
+        srv.stop()
+        if old is None:
+            os.environ.pop(FTPServer.PASSWORD_ENV, None)
+        else:
+            os.environ[FTPServer.PASSWORD_ENV] = old
+
+
+@pytest.fixture(scope="session")
+def ftpserver(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FTPServer]:
+    """pyftpdlib over explicit FTPS (certificate from a throwaway CA) on 127.0.0.1, with
+    the password in the environment (as a user would set password_env)."""
+    yield from _ftp(tmp_path_factory, "explicit")
+
+
+@pytest.fixture(scope="session")
+def ftpserver_plain(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FTPServer]:
+    """The same, plain FTP (tls = "none")."""
+    yield from _ftp(tmp_path_factory, "none")

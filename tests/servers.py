@@ -331,3 +331,82 @@ class FaultProxy:
         self._release.set()
         self.server.shutdown()
         self.server.server_close()
+
+
+class FTPServer:
+    """pyftpdlib (`tests/ftpserver.py`) in its own process on 127.0.0.1: FTPS with a
+    certificate from a throwaway CA (trustme) by default, or plain FTP. `stop()` kills it,
+    `start()` brings it back on the same port and root (a server restart)."""
+
+    USER = "syncd"
+    PASSWORD_ENV = "SYNCD_TEST_FTP_PASSWORD"
+    PASSWORD = "s3cret-ftp-pw"
+
+    def __init__(self, base: Path, tls: str = "explicit", extra: tuple[str, ...] = ()):
+        self.base = base
+        self.tls = tls
+        self.extra = extra
+        self.root = base / "root"
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.ca_file = base / "ca.pem"
+        self.transfer_log = base / "transfers.jsonl"
+        if tls != "none":
+            try:
+                import trustme
+            except ImportError as e:   # pragma: no cover - trustme is a test dependency
+                raise ServerMissing(f"trustme is not installed ({e})") from None
+            ca = trustme.CA()
+            cert = ca.issue_cert("127.0.0.1", "localhost")
+            ca.cert_pem.write_to_path(str(self.ca_file))
+            cert.cert_chain_pems[0].write_to_path(str(base / "cert.pem"))
+            for blob in cert.cert_chain_pems[1:]:
+                blob.write_to_path(str(base / "cert.pem"), append=True)
+            cert.private_key_pem.write_to_path(str(base / "key.pem"))
+
+    def start(self) -> FTPServer:
+        import sys
+
+        try:
+            import pyftpdlib  # noqa: F401
+        except ImportError as e:   # pragma: no cover - pyftpdlib is a test dependency
+            raise ServerMissing(f"pyftpdlib is not installed ({e}); pip install pyftpdlib") from None
+        cmd = [sys.executable, "-m", "tests.ftpserver", "--port", str(self.port), "--root",
+               str(self.root), "--user", self.USER, "--password-env", self.PASSWORD_ENV,
+               "--tls", self.tls, "--transfer-log", str(self.transfer_log), *self.extra]
+        if self.tls != "none":
+            cmd += ["--cert", str(self.base / "cert.pem"), "--key", str(self.base / "key.pem")]
+        env = dict(os.environ, **{self.PASSWORD_ENV: self.PASSWORD})
+        log = (self.base / "server.log").open("ab")
+        self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=log,
+                                     cwd=Path(__file__).resolve().parent.parent)
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()   # "ready" once listening (or EOF on a crash)
+        if line.strip() != b"ready":
+            self.stop()
+            raise RuntimeError(f"FTP server did not start; see {self.base / 'server.log'}")
+        return self
+
+    def remote_toml(self, name: str = "ftp", root: str = "/", **extra: str) -> str:
+        lines = [f"[remotes.{name}]", 'type = "ftp"', 'host = "127.0.0.1"',
+                 f"port = {self.port}", f'user = "{self.USER}"',
+                 f'password_env = "{self.PASSWORD_ENV}"', f'root = "{root}"',
+                 f'tls = "{self.tls}"']
+        if self.tls != "none":
+            lines.append(f'ca_file = "{self.ca_file}"')
+        lines += [f"{k} = {v}" for k, v in extra.items()]
+        return "\n".join(lines) + "\n"
+
+    def transfers(self) -> list[dict[str, object]]:
+        import json
+
+        if not self.transfer_log.exists():
+            return []
+        return [json.loads(x) for x in self.transfer_log.read_text().splitlines() if x]
+
+    def stop(self) -> None:
+        p, self.proc = self.proc, None
+        if p is not None and p.poll() is None:
+            p.kill()
+            p.wait(10)

@@ -33,6 +33,16 @@ def open_remote(cfg: RemoteConfig, state_dir: str = "") -> Remote:
             from syncd.index import DB_NAME, UploadLog
 
             r.uploads = UploadLog(Path(state_dir) / DB_NAME)
+    elif cfg.type == "ftp":
+        from syncd.remotes.ftp import FTPOptions, FTPRemote
+
+        r = FTPRemote(cfg.name, FTPOptions(**cfg.options, transfers=cfg.transfers))
+        if state_dir:
+            from pathlib import Path
+
+            from syncd.index import DB_NAME, UploadLog
+
+            r.uploads = UploadLog(Path(state_dir) / DB_NAME)
     else:
         raise ConfigError(f"remote type '{cfg.type}' is not available in this version",
                           key=f"remotes.{cfg.name}.type")

@@ -102,9 +102,12 @@ def _snapshot(top: Path, skip: Path | None = None) -> dict[str, bytes | str]:
 class LocalPeek:
     supports_symlinks = True
 
-    def __init__(self, root: Path, outside: Path):
+    def __init__(self, root: Path, outside: Path, no_symlinks_why: str = ""):
         self.root = root
         self.outside = outside
+        if no_symlinks_why:   # the storage could hold them, the protocol cannot see them
+            self.supports_symlinks = False
+            self.no_symlinks_why = no_symlinks_why
 
     def _p(self, path: str) -> Path:
         return self.root / path if path else self.root
@@ -283,11 +286,49 @@ def _make_s3(request: pytest.FixtureRequest) -> Harness:
     return Harness(S3Remote("test", opts), S3Peek(client, bucket, base))
 
 
+# --- ftp: pyftpdlib in its own process, FTPS and plain FTP ----------------------------------
+
+_FTP_COUNTER = iter(range(1_000_000))
+
+
+def _make_ftp(request: pytest.FixtureRequest, fixture: str) -> Harness:
+    from syncd.remotes.ftp import FTPOptions, FTPRemote
+
+    srv = request.getfixturevalue(fixture)
+    # Each test gets <server root>/tN/root; tN/outside is beside it, still inside what the
+    # server serves, so escape attempts could reach it if the backend let them.
+    base = f"t{next(_FTP_COUNTER)}"
+    root = srv.root / base / "root"
+    outside = srv.root / base / "outside"
+    root.mkdir(parents=True)
+    outside.mkdir()
+    opts = FTPOptions(host="127.0.0.1", port=srv.port, user=srv.USER,
+                      password_env=srv.PASSWORD_ENV, root=f"/{base}/root", tls=srv.tls,
+                      ca_file=str(srv.ca_file) if srv.tls != "none" else "", timeout=10.0)
+    r = FTPRemote("test", opts, env={srv.PASSWORD_ENV: srv.PASSWORD})
+    # FTP shows no symlinks: servers resolve them (pyftpdlib stat()s through them, vsftpd
+    # lists targets), so a client cannot refuse to follow one; the server's chroot is the
+    # boundary (README, limits). The symlink battery does not apply.
+    why = ("FTP cannot see symlinks (the server resolves them); containment is the "
+           "server's chroot, documented in the README's limits")
+    return Harness(r, LocalPeek(root, outside, no_symlinks_why=why), cleanup=r.close)
+
+
+def _make_ftps(request: pytest.FixtureRequest) -> Harness:
+    return _make_ftp(request, "ftpserver")
+
+
+def _make_ftp_plain(request: pytest.FixtureRequest) -> Harness:
+    return _make_ftp(request, "ftpserver_plain")
+
+
 # One entry per backend; this is the only list to extend.
 BACKENDS = [
     pytest.param(_make_local, id="local"),
     pytest.param(_make_sftp, id="sftp"),
     pytest.param(_make_s3, id="s3"),
+    pytest.param(_make_ftps, id="ftps"),
+    pytest.param(_make_ftp_plain, id="ftp"),
 ]
 
 _HARNESS = pytest.StashKey[Harness]()

@@ -636,7 +636,7 @@ def test_path_escape_refused(remote: Remote, peek: Peek, upload: Upload, local_d
 def test_path_escape_refused_through_symlinked_parent(remote: Remote, peek: Peek, upload: Upload,
                                                       local_dir: Path) -> None:
     if not peek.supports_symlinks:
-        pytest.skip("cannot plant symlinks on this backend")
+        pytest.skip(getattr(peek, "no_symlinks_why", "cannot plant symlinks on this backend"))
     peek.outside_write("victim.txt", b"victim")
     peek.outside_mkdir("emptydir")                      # rmdir would succeed if followed
     peek.symlink("link", peek.outside_abs())            # root/link -> outside
@@ -663,7 +663,7 @@ def test_path_escape_refused_through_symlinked_parent(remote: Remote, peek: Peek
 def test_symlink_leaf_is_not_followed(remote: Remote, peek: Peek, upload: Upload,
                                       local_dir: Path) -> None:
     if not peek.supports_symlinks:
-        pytest.skip("cannot plant symlinks on this backend")
+        pytest.skip(getattr(peek, "no_symlinks_why", "cannot plant symlinks on this backend"))
     peek.outside_write("victim.txt", b"victim")
     peek.symlink("leaf.txt", peek.outside_abs("victim.txt"))
     outside_before = peek.outside_snapshot()
@@ -682,7 +682,7 @@ def test_path_escape_refused_when_parent_swapped_for_symlink(remote: Remote, pee
     """A directory the backend has used before is replaced by a symlink (another user on the
     NAS, say): the next operations below it must still refuse to follow it."""
     if not peek.supports_symlinks:
-        pytest.skip("cannot plant symlinks on this backend")
+        pytest.skip(getattr(peek, "no_symlinks_why", "cannot plant symlinks on this backend"))
     upload("d/first.txt", b"first")
     upload("keep.txt", b"keep")
     assert set(files_of(listing(remote, "d"))) == {"first.txt"}
