@@ -270,22 +270,60 @@ def _reporter_factory() -> Callable[[str, int, int], Any] | None:
 
 @config_app.command("check")
 def config_check(config: ConfigOpt = None,
-                 as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+                 as_json: Annotated[bool, typer.Option("--json")] = False,
+                 connect: Annotated[bool, typer.Option(
+                     "--connect", help="Also connect to every remote and report what it "
+                                       "offers (exit 3 if one cannot be used).")] = False,
+                 ) -> None:
     """Validate the config and print it resolved, with secrets masked."""
 
     def go() -> int:
-        from syncd.config import to_display
+        from syncd.config import config_warnings, to_display
 
         cfg = _load(config)
         shown = to_display(cfg)
+        warnings = config_warnings(cfg)
+        probes: dict[str, dict[str, Any]] = {}
+        if connect:
+            _setup_logs(cfg, None, "json" if as_json else None)
+            probes = _probe_remotes(cfg)
         if as_json:
-            print(json.dumps(shown, indent=2))
+            out = {**shown, "warnings": warnings}
+            if connect:
+                out["connect"] = probes
+            print(json.dumps(out, indent=2))
         else:
             print(f"config OK: {cfg.source}")
             _print_tree(shown, 0)
-        return EXIT_OK
+            for w in warnings:
+                print(f"warning: {w}")
+            for name, p in probes.items():
+                if p["ok"]:
+                    extra = ", ".join(f"{k} {v}" for k, v in p.items() if k != "ok")
+                    print(f"remote '{name}': OK" + (f" ({extra})" if extra else ""))
+                else:
+                    print(f"remote '{name}': FAILED: {p['error']}")
+        return EXIT_REMOTE if any(not p["ok"] for p in probes.values()) else EXIT_OK
 
     _guard(go)
+
+
+def _probe_remotes(cfg: Any) -> dict[str, dict[str, Any]]:
+    from syncd.errors import RemoteError
+    from syncd.remotes import open_remote
+
+    out: dict[str, dict[str, Any]] = {}
+    for name, rc in cfg.remotes.items():
+        r = open_remote(rc, str(cfg.daemon.state_dir))
+        try:
+            describe = getattr(r, "describe", None)
+            info = describe() if describe is not None else (r.check() or {})
+            out[name] = {"ok": True, **info}
+        except RemoteError as e:
+            out[name] = {"ok": False, "error": str(e)}
+        finally:
+            r.close()
+    return out
 
 
 def _print_tree(d: Any, depth: int) -> None:

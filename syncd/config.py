@@ -584,3 +584,14 @@ def to_display(cfg: Config) -> dict[str, Any]:
             for p in cfg.pairs
         ],
     }
+
+
+def config_warnings(cfg: Config) -> list[str]:
+    """Settings that work but deserve a second look (printed by `syncd config check`)."""
+    out = []
+    for name, r in cfg.remotes.items():
+        if r.type == "ftp" and r.options.get("tls") == "none":
+            out.append(f"remotes.{name}: tls = \"none\": the password and every file cross "
+                       "the network in clear text; use \"explicit\" (FTPS) if the server "
+                       "offers it")
+    return out

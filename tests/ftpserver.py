@@ -45,17 +45,14 @@ def main(argv: list[str] | None = None) -> None:
 
     base: Any = FTPHandler if a.tls == "none" else TLS_FTPHandler
     dtp: Any = DTPHandler if a.tls == "none" else TLS_DTPHandler
-    if a.throttle:
-        class Throttled(dtp):  # type: ignore[misc, valid-type]
-            """Receives at most --throttle bytes per second (a slow link)."""
+    if a.throttle:   # a slow link (plain FTP only: pyftpdlib throttles its plain handler)
+        from pyftpdlib.handlers import ThrottledDTPHandler
 
-            def handle_read(self) -> None:
-                import time
+        if a.tls != "none":
+            raise SystemExit("--throttle needs --tls none")
 
-                super().handle_read()
-                time.sleep(65536 / a.throttle)
-
-            ac_in_buffer_size = 65536
+        class Throttled(ThrottledDTPHandler):  # type: ignore[misc]
+            read_limit = a.throttle
 
         dtp = Throttled
 

@@ -165,6 +165,7 @@ class FTPRemote:
         self.root = ""                  # absolute root on the server, from the first login
         self.features: dict[str, str] = {}
         self.listing = ""               # "MLSD" or "LIST"
+        self._list_cmd = "LIST -a"
 
     @property
     def where(self) -> str:
@@ -229,6 +230,13 @@ class FTPRemote:
             root = f"{pwd}/{root}" if root not in ("", ".") else pwd or "/"
         self.root = root.rstrip("/") or "/"
         self.listing = "MLSD" if "MLST" in feats or "MLSD" in feats else "LIST"
+        if self.listing == "LIST":
+            # Most servers hide dot files (our temps, the trash) from LIST without "-a";
+            # some (pyftpdlib) refuse the option and show them anyway.
+            try:
+                _lines(ftp, f"LIST -a {self.root}")
+            except ftplib.error_perm:
+                self._list_cmd = "LIST"
         self.features = feats or {"": ""}
 
     def _connect_error(self, e: Exception) -> RemoteError:
@@ -416,7 +424,7 @@ class FTPRemote:
                     continue   # cdir / pdir: the directory itself and its parent
                 out.append((name, kind, size, mtime))
             return out
-        for line in _lines(ftp, f"LIST -a {ap}"):
+        for line in _lines(ftp, f"{self._list_cmd} {ap}"):
             m = _LIST_RE.match(line)
             if not m or m["name"] in (".", ".."):
                 continue

@@ -99,9 +99,7 @@ def test_missing_required_key(tmp_path: Path) -> None:
     assert e.key == "sync[0].local" and "missing" in str(e)
 
 
-def test_not_yet_available_type_and_mode_say_so(tmp_path: Path) -> None:
-    e = load_err(tmp_path, GOOD.replace('type = "local"', 'type = "ftp"'))
-    assert e.key == "remotes.nas.type" and "not available in this version" in str(e)
+def test_not_yet_available_mode_says_so(tmp_path: Path) -> None:
     e = load_err(tmp_path, GOOD.replace('path = "docs"', 'path = "docs"\nmode = "pull"'))
     assert e.key == "sync[0].mode" and "not available" in str(e)
 
@@ -198,7 +196,7 @@ def test_example_config_parses_and_documents_every_key() -> None:
     assert cfg.pairs[0].local == Path("/home/someone/Documents")
     text = example.read_text()
     keys = (*DAEMON_KEYS, *PAIR_KEYS, *REMOTE_COMMON_KEYS, *REMOTE_TYPE_KEYS["local"],
-            *REMOTE_TYPE_KEYS["sftp"], *REMOTE_TYPE_KEYS["s3"])
+            *REMOTE_TYPE_KEYS["sftp"], *REMOTE_TYPE_KEYS["s3"], *REMOTE_TYPE_KEYS["ftp"])
     for key in keys:
         assert f"\n{key} =" in text, f"config.example.toml does not document {key}"
 
@@ -259,3 +257,46 @@ def test_s3_remote_defaults_and_bad_keys(tmp_path: Path) -> None:
     assert e.key == "remotes.nas.bucket"
     e = load_err(tmp_path, S3.replace('prefix = "hosts/web1"', 'multipart_chunksize = "1MiB"'))
     assert e.key == "remotes.nas.multipart_chunksize" and "5MiB" in str(e)
+
+
+FTP = GOOD.replace('''type = "local"
+path = "{tmp}/nas"''', '''type = "ftp"
+host = "ftp.example.net"
+user = "upload"
+password_env = "SYNCD_PARTNER_PASSWORD"
+root = "/incoming"''')
+
+
+def test_ftp_remote_defaults(tmp_path: Path) -> None:
+    from syncd.config import config_warnings
+
+    cfg = load_config(write(tmp_path, FTP), env={"HOME": "/h"})
+    o = cfg.remotes["nas"].options
+    assert (o["host"], o["port"], o["user"], o["root"]) == ("ftp.example.net", 21, "upload",
+                                                            "/incoming")
+    assert o["tls"] == "explicit" and o["passive"] is True and o["timeout"] == 30
+    assert o["password_env"] == "SYNCD_PARTNER_PASSWORD" and o["ca_file"] == ""
+    assert config_warnings(cfg) == []
+    implicit = load_config(write(tmp_path, FTP.replace('root = "/incoming"',
+                                                       'root = "/incoming"\ntls = "implicit"')),
+                           env={"HOME": "/h"})
+    assert implicit.remotes["nas"].options["port"] == 990
+    plain = load_config(write(tmp_path, FTP.replace('root = "/incoming"',
+                                                    'root = "/incoming"\ntls = "none"')),
+                        env={"HOME": "/h"})
+    (w,) = config_warnings(plain)
+    assert "remotes.nas" in w and "clear text" in w
+
+
+@pytest.mark.parametrize(("add", "key", "words"), [
+    ('password = "hunter2"', "remotes.nas.password", "password_env"),
+    ('tls = "ssl"', "remotes.nas.tls", "explicit, implicit, none"),
+    ('ca_file = "/nonexistent/ca.pem"', "remotes.nas.ca_file", "not a readable file"),
+    ("passive = 1", "remotes.nas.passive", "true or false"),
+    ('timeout = "0s"', "remotes.nas.timeout", "more than 0"),
+    ('key_file = "~/.ssh/id"', "remotes.nas.key_file", "unknown key"),
+])
+def test_ftp_bad_keys_named(tmp_path: Path, add: str, key: str, words: str) -> None:
+    e = load_err(tmp_path, FTP.replace('user = "upload"', f'user = "upload"\n{add}'))
+    assert e.key == key and words in str(e), str(e)
+    assert "hunter2" not in str(e)

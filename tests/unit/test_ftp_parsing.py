@@ -1,0 +1,40 @@
+"""FTP listing parsers: MLSD facts and the Unix LIST format (the fallback)."""
+
+from __future__ import annotations
+
+import pytest
+
+from syncd.remotes.ftp import _LIST_RE, _date_key, _facts, _parse_modify
+
+
+def test_mlsd_facts_and_modify() -> None:
+    f = _facts("type=file;size=1234;modify=20261125132400.123;UNIX.mode=0644;")
+    assert f["type"] == "file" and f["size"] == "1234" and f["unix.mode"] == "0644"
+    assert _parse_modify(f["modify"]) == 1795613040
+    assert _parse_modify("garbage") == 0
+
+
+@pytest.mark.parametrize(("line", "kind", "size", "name"), [
+    ("-rw-r--r--   1 owner group      1234 Nov 25 13:24 report final.txt", "-", 1234,
+     "report final.txt"),
+    ("drwxr-xr-x   2 owner group      4096 Jan  3  2024 archive", "d", 4096, "archive"),
+    ("lrwxrwxrwx   1 owner group        11 Nov 25 13:24 link -> target", "l", 11,
+     "link -> target"),
+    ("-rw-r--r--   1 1000     1000  99 Feb 29 08:00 .syncd-tmp-ab-12", "-", 99,
+     ".syncd-tmp-ab-12"),
+    ("-rw-r--r--   1 ftp      5 Mar  1 10:00 nogroup.txt", "-", 5, "nogroup.txt"),
+])
+def test_unix_list_lines(line: str, kind: str, size: int, name: str) -> None:
+    m = _LIST_RE.match(line)
+    assert m is not None
+    assert (m["kind"], int(m["size"]), m["name"]) == (kind, size, name)
+
+
+def test_list_lines_that_are_not_entries_do_not_match() -> None:
+    assert _LIST_RE.match("total 12") is None
+    assert _LIST_RE.match("") is None
+
+
+def test_list_dates_order_and_differ() -> None:
+    assert _date_key("Nov 25 13:24") != _date_key("Nov 25 13:25")
+    assert _date_key("Jan  3  2024".replace("  ", " ")) != _date_key("Jan 3 2025")
