@@ -342,8 +342,10 @@ class FTPServer:
     PASSWORD_ENV = "SYNCD_TEST_FTP_PASSWORD"
     PASSWORD = "s3cret-ftp-pw"
 
-    def __init__(self, base: Path, tls: str = "explicit", extra: tuple[str, ...] = ()):
+    def __init__(self, base: Path, tls: str = "explicit", extra: tuple[str, ...] = (),
+                 transfer_log: bool = True):
         self.base = base
+        self.log_transfers = transfer_log
         self.tls = tls
         self.extra = extra
         self.root = base / "root"
@@ -374,7 +376,9 @@ class FTPServer:
             raise ServerMissing(f"pyftpdlib is not installed ({e}); pip install pyftpdlib") from None
         cmd = [sys.executable, "-m", "tests.ftpserver", "--port", str(self.port), "--root",
                str(self.root), "--user", self.USER, "--password-env", self.PASSWORD_ENV,
-               "--tls", self.tls, "--transfer-log", str(self.transfer_log), *self.extra]
+               "--tls", self.tls, *self.extra]
+        if self.log_transfers:
+            cmd += ["--transfer-log", str(self.transfer_log)]
         if self.tls != "none":
             cmd += ["--cert", str(self.base / "cert.pem"), "--key", str(self.base / "key.pem")]
         env = dict(os.environ, **{self.PASSWORD_ENV: self.PASSWORD})

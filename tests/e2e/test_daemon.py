@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from tests.e2e.conftest import SYNCD, tree, write_file
-from tests.servers import S3Server, SSHServer
+from tests.servers import FTPServer, S3Server, SSHServer
 
 pytestmark = pytest.mark.e2e
 
@@ -350,6 +350,27 @@ def test_daemon_to_s3(tmp_path: Path, s3server: S3Server) -> None:
         (d.src / "first.txt").unlink()
         wait_for(lambda: "docs/first.txt" not in keys(), what="delete on S3")
         assert c.get_object(Bucket="daemon", Key="docs/dir/second.txt")["Body"].read() == b"2"
+        assert d.stop() == 0
+    finally:
+        if d.proc is not None:
+            d.proc.kill()
+
+
+def test_daemon_to_ftps(tmp_path: Path, ftpserver: FTPServer) -> None:
+    root = ftpserver.root / tmp_path.name
+    root.mkdir()
+    body = ftpserver.remote_toml("nas", root=f"/{tmp_path.name}").split("\n", 1)[1]
+    d = Daemon(tmp_path, remote=body,
+               env={FTPServer.PASSWORD_ENV: FTPServer.PASSWORD})
+    d.write("first.txt", b"1")
+    d.start()
+    try:
+        wait_for(lambda: (root / "docs/first.txt").exists(), what="initial sync over FTPS")
+        d.write("dir/second.txt", b"2")
+        wait_for(lambda: (root / "docs/dir/second.txt").read_bytes() == b"2"
+                 if (root / "docs/dir/second.txt").exists() else False, what="event over FTPS")
+        (d.src / "first.txt").unlink()
+        wait_for(lambda: not (root / "docs/first.txt").exists(), what="delete over FTPS")
         assert d.stop() == 0
     finally:
         if d.proc is not None:
