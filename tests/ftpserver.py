@@ -33,6 +33,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--throttle", type=int, default=0)
     ap.add_argument("--transfer-log", default="")
     ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--idle-timeout", type=float, default=300.0)
+    ap.add_argument("--max-cons-per-ip", type=int, default=0)
     a = ap.parse_args(argv)
 
     from pyftpdlib.authorizers import DummyAuthorizer
@@ -68,6 +70,7 @@ def main(argv: list[str] | None = None) -> None:
         dtp_handler = dtp
         banner = "syncd test server"
         permit_foreign_addresses = False
+        timeout = a.idle_timeout
         proto_cmds: ClassVar[dict[str, Any]] = dict(base.proto_cmds)
 
         def handle(self) -> None:
@@ -94,6 +97,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     server = FTPServer(("127.0.0.1", a.port), Handler)
     server.max_cons = 256
+    server.max_cons_per_ip = a.max_cons_per_ip
     print("ready", flush=True)
     server.serve_forever(handle_exit=True, worker_processes=a.workers)
 

@@ -42,6 +42,7 @@ if TYPE_CHECKING:
 _FILE, _DIR = int(Kind.FILE), int(Kind.DIR)
 _SEC = 1_000_000_000
 KEEPALIVE_S = 30.0          # NOOP on a connection idle this long (servers drop idle ones)
+STALE_S = 5.0               # a connection idle this long is checked with NOOP before use
 CHUNK = 256 << 10           # bytes per send on the data connection
 RESUME_MIN = 8 << 20        # uploads at least this big are recorded for a resume
 LIST_WORKERS = 4            # directories listed at once (each over its own connection)
@@ -274,23 +275,47 @@ class FTPRemote:
     def _take(self) -> _Conn:
         if self._pid != os.getpid():
             self._reset()   # a forked child: the parent's connections are the parent's
+        while True:
+            c, gen = self._slot()
+            if c is None:
+                try:
+                    return self._new_conn(gen)
+                except TransientError as e:
+                    # "421 too many connections" while others are open: wait for one of
+                    # those instead (_new_conn lowered the cap).
+                    if "421" not in e.reason or not self._open:
+                        raise
+                    continue
+            if time.monotonic() - c.used < STALE_S:
+                return c
+            try:   # idle a while: make sure the server has not hung up on it meanwhile
+                c.ftp.voidcmd("NOOP")
+                return c
+            except Exception:
+                c.broken = True
+                self._give(c)
+
+    def _slot(self) -> tuple[_Conn | None, int]:
+        """An idle connection, or (None, generation) with a slot reserved for a new one."""
         with self._lock:
             while True:
                 if self._idle:
-                    return self._idle.pop()
+                    return self._idle.pop(), self._gen
                 if self._open < self._max:
                     self._open += 1
-                    gen = self._gen
-                    break
+                    return None, self._gen
                 self._free.wait(self.o.timeout)
+
+    def _new_conn(self, gen: int) -> _Conn:
         try:
             ftp = self._connect()
         except BaseException as e:
             with self._lock:
-                self._open -= 1
-                # "421 too many connections" while others are open: use fewer from now on.
-                if isinstance(e, TransientError) and "421" in e.reason and self._open:
-                    self._max = max(1, self._open)
+                if gen == self._gen:
+                    self._open -= 1
+                    # "421 too many connections" while others are open: use fewer.
+                    if isinstance(e, TransientError) and "421" in e.reason and self._open:
+                        self._max = max(1, self._open)
                 self._free.notify()
             raise
         self._start_keeper()
@@ -298,7 +323,7 @@ class FTPRemote:
 
     def _give(self, c: _Conn) -> None:
         with self._lock:
-            if c.broken or c.gen != self._gen or self._closed.is_set():
+            if c.broken or c.gen != self._gen:
                 self._open -= c.gen == self._gen
                 with contextlib.suppress(Exception):
                     c.ftp.close()
@@ -311,14 +336,14 @@ class FTPRemote:
         with self._lock:
             if self._keeper is not None:
                 return
-            self._keeper = threading.Thread(target=self._keepalive, daemon=True,
-                                            name=f"ftp-noop-{self.name}")
+            self._keeper = threading.Thread(target=self._keepalive, args=(self._closed,),
+                                            daemon=True, name=f"ftp-noop-{self.name}")
         self._keeper.start()
 
-    def _keepalive(self) -> None:
+    def _keepalive(self, closed: threading.Event) -> None:
         """NOOP on idle connections so servers and middleboxes keep them; a dead one is
         closed here instead of failing the next job."""
-        while not self._closed.wait(KEEPALIVE_S / 3):
+        while not closed.wait(KEEPALIVE_S / 3):
             now = time.monotonic()
             with self._lock:
                 stale = [c for c in self._idle if now - c.used >= KEEPALIVE_S]
@@ -363,8 +388,11 @@ class FTPRemote:
         return PermanentError(msg, remote=self.name, path=path)
 
     def close(self) -> None:
-        self._closed.set()
+        """Log out of idle connections; connections in use are closed when given back.
+        The remote stays usable (a later call connects again)."""
         with self._lock:
+            self._closed.set()
+            self._closed, self._keeper = threading.Event(), None
             idle, self._idle = self._idle, []
             self._gen += 1
             self._open = 0
