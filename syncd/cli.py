@@ -166,6 +166,8 @@ def collect_status(cfg: Any) -> dict[str, Any]:
             failed = [{"path": j.path, "error": j.last_error, "attempts": j.attempts}
                       for j in (index.failed_jobs(p.name) if index else [])]
             last = meta.last_result if meta else None
+            since, moved_files, moved_bytes = (index.run_counters(p.name) if index
+                                               else (None, 0, 0))
             state = ("stopped by guard" if last == "stopped" else
                      "syncing" if counts.get("leased") else
                      "pending" if counts.get("pending") else "idle")
@@ -177,6 +179,11 @@ def collect_status(cfg: Any) -> dict[str, Any]:
                 "tracked": index.count_base(p.name) if index else 0,
                 "queued": counts.get("pending", 0), "in_flight": counts.get("leased", 0),
                 "failed": failed,
+                # Files uploaded or removed and bytes sent by the daemon since it started
+                # (its last start, if it is not running).
+                "since_start": {"since": (time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(since))
+                                          if since else None),
+                                "files": moved_files, "bytes": moved_bytes},
             })
     finally:
         if index is not None:
@@ -193,6 +200,10 @@ def _print_status(report: dict[str, Any]) -> None:
         print(f"pair {p['pair']}: {p['state']}; last reconcile {p['last_reconcile'] or 'never'}"
               f" ({p['last_result'] or '-'}); {p['tracked']} entries tracked; "
               f"queued {p['queued']}, in flight {p['in_flight']}, failed {len(p['failed'])}")
+        ss = p["since_start"]
+        if ss["since"]:
+            print(f"  since daemon start ({ss['since']}): {ss['files']} files, "
+                  f"{ss['bytes']} bytes")
         for f in p["failed"]:
             print(f"  failed: {f['path']}: {f['error']} (after {f['attempts']} attempts)")
 

@@ -118,6 +118,7 @@ class Daemon:
             try:
                 self.log.info("daemon_started", pid=os.getpid(), config=str(self.config_path),
                               pairs=[p.name for p in self.cfg.pairs])
+                self.index.start_run_counters([p.name for p in self.cfg.pairs], time.time())
                 self._start_watching()
                 # The initial full reconcile of every pair; READY once it is done, so
                 # `systemctl start` returns with the trees in sync (or the problems logged).
@@ -222,6 +223,8 @@ class Daemon:
             return
         sd_notify(f"STATUS={'reconciling' if full else 'syncing'} {name}")
         res = self.engine.reconcile(pair, Options(list_remote=full))
+        self.index.add_run_counters(name, res.uploaded + res.deleted + res.trashed,
+                                    res.uploaded_bytes)
         pending = self.retry_at.get(name)
         if pending is not None and (full or not pending[1]):
             # A local-only run does not stand in for a pending full retry.

@@ -79,6 +79,12 @@ MIGRATIONS: tuple[str, ...] = (
         PRIMARY KEY (upload, part)
     ) WITHOUT ROWID;
     """,
+    # v3: what the running daemon has moved since it started, for `syncd status`.
+    """
+    ALTER TABLE pairs ADD COLUMN run_since REAL;
+    ALTER TABLE pairs ADD COLUMN run_files INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE pairs ADD COLUMN run_bytes INTEGER NOT NULL DEFAULT 0;
+    """,
 )
 
 
@@ -194,6 +200,26 @@ class Index:
                 "INSERT INTO pairs (pair, root, st_dev) VALUES (?, ?, ?) ON CONFLICT(pair) "
                 "DO UPDATE SET root = excluded.root, st_dev = excluded.st_dev",
                 (pair, root, st_dev))
+
+    def start_run_counters(self, pairs: Sequence[str], since: float) -> None:
+        """Zero the since-start counters of these pairs (a daemon starting)."""
+        with self.tx():
+            for pair in pairs:
+                self.db.execute(
+                    "INSERT INTO pairs (pair, root, run_since) VALUES (?, '', ?) ON CONFLICT(pair) "
+                    "DO UPDATE SET run_since = excluded.run_since, run_files = 0, run_bytes = 0",
+                    (pair, since))
+
+    def add_run_counters(self, pair: str, files: int, nbytes: int) -> None:
+        if files or nbytes:
+            with self.tx():
+                self.db.execute("UPDATE pairs SET run_files = run_files + ?, "
+                                "run_bytes = run_bytes + ? WHERE pair = ?", (files, nbytes, pair))
+
+    def run_counters(self, pair: str) -> tuple[float | None, int, int]:
+        r = self.db.execute("SELECT run_since, run_files, run_bytes FROM pairs WHERE pair = ?",
+                            (pair,)).fetchone()
+        return (r[0], r[1], r[2]) if r else (None, 0, 0)
 
     def set_pair_result(self, pair: str, when: float, result: str) -> None:
         with self.tx():

@@ -273,11 +273,22 @@ def test_status_while_running_and_after(daemon: Daemon) -> None:
     (p,) = st["pairs"]
     assert p["pair"] == "docs" and p["last_result"] == "ok" and p["tracked"] == 1
     assert p["state"] == "idle" and p["failed"] == []
+    assert p["since_start"]["files"] == 1 and p["since_start"]["bytes"] == 1
+    daemon.write("b.txt", b"bee")
+    wait_for(lambda: (daemon.mirror / "b.txt").exists(), what="event sync")
+
+    def moved() -> dict[str, object]:
+        r = subprocess.run([str(SYNCD), "status", "--config", str(daemon.config), "--json"],
+                           capture_output=True, text=True, timeout=30, env=daemon.env)
+        return json.loads(r.stdout)["pairs"][0]["since_start"]
+
+    wait_for(lambda: moved()["files"] == 2, what="status counting the second upload")
+    assert moved()["bytes"] == 4
     assert daemon.stop() == 0
     r = subprocess.run([str(SYNCD), "status", "--config", str(daemon.config)],
                        capture_output=True, text=True, timeout=30, env=daemon.env)
     assert r.returncode == 0 and "daemon: not running" in r.stdout
-    assert "pair docs: idle" in r.stdout
+    assert "pair docs: idle" in r.stdout and "2 files, 4 bytes" in r.stdout
 
 
 def test_systemd_units() -> None:
