@@ -1,8 +1,10 @@
 """Daemon benchmark: change-to-remote latency of `syncd run`, its idle cost, a burst.
 
-    .venv/bin/python bench/bench_daemon.py [--changes 200] [--tree 100000] [--remotes local,sftp]
+    .venv/bin/python bench/bench_daemon.py [--changes 200] [--tree 100000]
+        [--remotes local,sftp,s3,ftp]
 
-For each remote (a local directory, and a throwaway OpenSSH sshd on 127.0.0.1): start the
+For each remote (a local directory; a throwaway OpenSSH sshd, moto S3 server and
+pyftpdlib FTPS server on 127.0.0.1): start the
 daemon on a tree of --tree-small files (default 10,000), then write one file at a time
 (a new 4 KiB file, or a rewrite of an earlier one) and poll the remote every 2 ms until
 the file is there with the new content; report p50 / p95 / max over --changes changes,
@@ -30,7 +32,9 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from tests.servers import SSHServer  # noqa: E402
+sys.path.insert(0, str(HERE))
+
+from tests.servers import FTPServer, SSHServer  # noqa: E402
 
 SYNCD = Path(sys.executable).parent / "syncd"
 
@@ -67,10 +71,10 @@ delete = "propagate"
 
 
 class Run:
-    def __init__(self, cfg: Path, logf: Path):
+    def __init__(self, cfg: Path, logf: Path, env: dict[str, str] | None = None):
         self.proc = subprocess.Popen([str(SYNCD), "run", "--config", str(cfg)],
                                      stdout=subprocess.DEVNULL, stderr=logf.open("ab"),
-                                     env={**os.environ, "NOTIFY_SOCKET": ""})
+                                     env={**os.environ, "NOTIFY_SOCKET": "", **(env or {})})
 
     def stop(self) -> None:
         self.proc.send_signal(signal.SIGTERM)
@@ -105,15 +109,59 @@ def same(p: Path, data: bytes) -> bool:
         return False
 
 
-def bench_remote(wd: Path, kind: str, remote: str, remote_root: Path, args: argparse.Namespace,
-                 ) -> dict[str, Any]:
+class FilePeek:
+    """The remote's storage seen on this machine's filesystem (local, SFTP, FTP servers)."""
+
+    def __init__(self, mirror: Path):
+        self.mirror = mirror
+
+    def read(self, rel: str) -> bytes | None:
+        try:
+            return (self.mirror / rel).read_bytes()
+        except OSError:
+            return None
+
+    def complete(self, rel_dir: str, n: int) -> bool:
+        try:
+            names = os.listdir(self.mirror / rel_dir)
+        except OSError:
+            return False
+        return len(names) >= n and not any(x.startswith(".syncd-tmp-") for x in names)
+
+
+class S3Peek:
+    def __init__(self, endpoint: str, bucket: str, prefix: str):
+        import boto3
+
+        self.c = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
+                              aws_access_key_id="testing", aws_secret_access_key="testing")
+        self.bucket, self.prefix = bucket, prefix
+
+    def read(self, rel: str) -> bytes | None:
+        try:
+            return bytes(self.c.get_object(Bucket=self.bucket,
+                                           Key=f"{self.prefix}/{rel}")["Body"].read())
+        except Exception:
+            return None
+
+    def complete(self, rel_dir: str, n: int) -> bool:
+        got = 0
+        for page in self.c.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix=f"{self.prefix}/{rel_dir}/"):
+            got += len(page.get("Contents", ()))
+        return got >= n
+
+
+def bench_remote(wd: Path, kind: str, remote: str, peek: Any, args: argparse.Namespace,
+                 env: dict[str, str] | None = None) -> dict[str, Any]:
     src = wd / f"src-{kind}"
     make_tree(src, args.tree_small)
     cfg = config(wd, kind, src, remote)
-    d = Run(cfg, wd / f"{kind}.log")
-    mirror = remote_root / "p"
+    d = Run(cfg, wd / f"{kind}.log", env)
+    # A network poll costs the server: poll object stores less often.
+    step = 0.01 if kind == "s3" else 0.002
     try:
-        wait_until(lambda: (mirror / "d0000" / "f000000").exists(), timeout=300, step=0.05)
+        wait_until(lambda: peek.read("d0000/f000000") is not None, timeout=600, step=0.2)
         time.sleep(1.0)
         lat = []
         for i in range(args.changes):
@@ -123,7 +171,7 @@ def bench_remote(wd: Path, kind: str, remote: str, remote_root: Path, args: argp
             p.parent.mkdir(exist_ok=True)
             t0 = time.perf_counter()
             p.write_bytes(data)
-            wait_until(lambda m=mirror / rel, x=data: same(m, x))
+            wait_until(lambda r=rel, x=data: peek.read(r) == x, step=step)
             lat.append(time.perf_counter() - t0)
             time.sleep(0.05)
         log(f"{kind}: latency p50 {statistics.median(lat):.3f}s")
@@ -132,10 +180,7 @@ def bench_remote(wd: Path, kind: str, remote: str, remote_root: Path, args: argp
         t0 = time.perf_counter()
         for i in range(args.burst):
             (burst_dir / f"b{i:05d}").write_bytes(b"b" * 4096)
-        last = mirror / "burst" / f"b{args.burst - 1:05d}"
-        wait_until(lambda: last.exists() and len(os.listdir(mirror / "burst")) >= args.burst
-                   and not any(n.startswith(".syncd-tmp-") for n in os.listdir(mirror / "burst")),
-                   timeout=600, step=0.01)
+        wait_until(lambda: peek.complete("burst", args.burst), timeout=900, step=0.05)
         burst_s = time.perf_counter() - t0
         log(f"{kind}: burst of {args.burst} in {burst_s:.2f}s")
     finally:
@@ -180,24 +225,43 @@ def main() -> None:
     ap.add_argument("--tree-idle", type=int, default=100_000)
     ap.add_argument("--burst", type=int, default=10_000)
     ap.add_argument("--idle", type=float, default=30.0, help="seconds of idle measured")
-    ap.add_argument("--remotes", default="local,sftp")
+    ap.add_argument("--remotes", default="local,sftp,s3,ftp")
     ap.add_argument("--keep", action="store_true")
     args = ap.parse_args()
     wd = Path(tempfile.mkdtemp(prefix="syncd-bench-daemon-", dir="/tmp"))
-    srv = None
+    servers: list[Any] = []
     results: dict[str, Any] = {"latency": []}
     try:
         for kind in args.remotes.split(","):
             root = wd / f"remote-{kind}"
             root.mkdir()
+            env = None
+            peek: Any = FilePeek(root / "p")
             if kind == "local":
                 remote = f'type = "local"\npath = "{root}"'
             elif kind == "sftp":
                 srv = SSHServer(wd / "sshd").start()
+                servers.append(srv)
                 remote = srv.remote_toml(root)
+            elif kind == "ftp":   # FTPS, the default
+                fsrv = FTPServer(wd / "ftpd").start()
+                servers.append(fsrv)
+                remote = fsrv.remote_toml("r").split("\n", 1)[1]
+                peek = FilePeek(fsrv.root / "p")
+                env = {FTPServer.PASSWORD_ENV: FTPServer.PASSWORD}
+            elif kind == "s3":
+                import bench_s3
+
+                moto, endpoint = bench_s3.start_moto(wd)
+                servers.append(moto)
+                S3Peek(endpoint, "daemon", "p").c.create_bucket(Bucket="daemon")
+                remote = (f'type = "s3"\nbucket = "daemon"\nendpoint_url = "{endpoint}"\n'
+                          'region = "us-east-1"\naddressing_style = "path"')
+                peek = S3Peek(endpoint, "daemon", "p")
+                env = {k: v for k, v in bench_s3.ENV.items() if v is not None}
             else:
                 raise SystemExit(f"bench: unknown remote kind {kind}")
-            results["latency"].append(bench_remote(wd, kind, remote, root, args))
+            results["latency"].append(bench_remote(wd, kind, remote, peek, args, env))
         results["idle"] = bench_idle(wd, args)
         lines = [f"## syncd run: change-to-remote latency ({time.strftime('%Y-%m-%d %H:%M:%S %Z')})",
                  "", f"{args.changes} single-file changes (16 KiB), default debounce 250 ms; "
@@ -216,8 +280,12 @@ def main() -> None:
         out.parent.mkdir(exist_ok=True)
         out.write_text(json.dumps({**results, "markdown": text}, indent=2) + "\n")
     finally:
-        if srv is not None:
-            srv.stop()
+        for srv in servers:
+            if isinstance(srv, subprocess.Popen):
+                srv.terminate()
+                srv.wait(10)
+            else:
+                srv.stop()
         if args.keep:
             log(f"kept {wd}")
         else:
