@@ -55,7 +55,12 @@ path = {q(tag)}
     return cfg
 
 
-def timed(argv: list[str], logs: Path, tag: str, env: dict[str, str | None]) -> bl.Proc:
+class PeerFailed(Exception):
+    pass
+
+
+def timed(argv: list[str], logs: Path, tag: str, env: dict[str, str | None],
+          peer: bool = False) -> bl.Proc:
     import os
 
     old = dict(os.environ)
@@ -70,7 +75,11 @@ def timed(argv: list[str], logs: Path, tag: str, env: dict[str, str | None]) -> 
         os.environ.clear()
         os.environ.update(old)
     if p.rc != 0:
-        raise SystemExit(f"bench: {tag} exited {p.rc}; see {logs / (tag + '.err')}")
+        tail = (logs / f"{tag}.err").read_text(errors="replace")[-1500:]
+        if peer:   # a peer's failure is a result, not the end of the benchmark
+            last = [x for x in tail.splitlines() if x.strip()][-1:] or ["?"]
+            raise PeerFailed(last[0])
+        raise SystemExit(f"bench: {tag} exited {p.rc}:\n{tail}")
     return p
 
 
@@ -96,6 +105,7 @@ def main() -> None:
         obscured = subprocess.run([rclone, "obscure", FTPServer.PASSWORD], capture_output=True,
                                   text=True, check=True).stdout.strip()
     results: dict[str, dict[str, list[float]]] = {}
+    fails: dict[str, str] = {}
     servers: list[FTPServer] = []
     try:
         for name in args.only.split(","):
@@ -127,6 +137,9 @@ def main() -> None:
                 for r in range(args.runs):
                     for tool in ("syncd", "rclone"):
                         tag = f"{tool}-{name}-{tls}-{r}"
+                        # Created beforehand for both tools: pyftpdlib answers a listing of
+                        # a missing directory with 501, which rclone takes as fatal.
+                        (srv.root / tag).mkdir()
                         if tool == "syncd":
                             cfg = syncd_config(wd, srv, name, tag)
                             argv = [str(bl.SYNCD), "reconcile", "--config", str(cfg), "--json"]
@@ -136,30 +149,36 @@ def main() -> None:
                             env = renv
                         else:
                             continue
-                        add(f"{tool}_first", timed(argv, logs, f"{tag}-first", env))
-                        got = bl.tree_totals(srv.root / tag)
-                        if got != want:
-                            raise SystemExit(f"bench: {tool} left {got} (files, bytes) in "
-                                             f"{srv.root / tag}, expected {want}")
-                        add(f"{tool}_noop", timed(argv, logs, f"{tag}-noop", env))
-                        if name == "small":
-                            bs.modify_ten(src, r * 2 + (tool == "rclone"))
-                            add(f"{tool}_ten", timed(argv, logs, f"{tag}-ten", env))
+                        peer = tool != "syncd"
+                        try:
+                            add(f"{tool}_first", timed(argv, logs, f"{tag}-first", env, peer))
+                            got = bl.tree_totals(srv.root / tag)
+                            if got != want:
+                                raise SystemExit(f"bench: {tool} left {got} (files, bytes) in "
+                                                 f"{srv.root / tag}, expected {want}")
+                            add(f"{tool}_noop", timed(argv, logs, f"{tag}-noop", env, peer))
+                            if name == "small":
+                                bs.modify_ten(src, r * 2 + (tool == "rclone"))
+                                add(f"{tool}_ten", timed(argv, logs, f"{tag}-ten", env, peer))
+                        except PeerFailed as e:
+                            fails[key] = f"{tool} failed: {e}"
+                            bl.log(f"{key}: {fails[key]}")
                         shutil.rmtree(srv.root / tag, ignore_errors=True)
                 srv.stop()
             shutil.rmtree(src, ignore_errors=True)
-        text = render(results, args.runs)
+        text = render(results, args.runs, fails)
         print(text)
         out = HERE / "out" / "ftp-last.json"
         out.parent.mkdir(exist_ok=True)
-        out.write_text(json.dumps({"results": results, "markdown": text}, indent=2) + "\n")
+        out.write_text(json.dumps({"results": results, "failures": fails, "markdown": text},
+                                  indent=2) + "\n")
     finally:
         for srv in servers:
             srv.stop()
         shutil.rmtree(wd, ignore_errors=True)
 
 
-def render(results: dict[str, dict[str, list[float]]], runs: int) -> str:
+def render(results: dict[str, dict[str, list[float]]], runs: int, fails: dict[str, str]) -> str:
     med = statistics.median
     lines = [f"## syncd vs rclone, FTP(S) on a local pyftpdlib server "
              f"({time.strftime('%Y-%m-%d %H:%M')})", "",
@@ -172,8 +191,11 @@ def render(results: dict[str, dict[str, list[float]]], runs: int) -> str:
                 continue
             rv = res.get(f"rclone_{kind}")
             sm, rm = med(s), (med(rv) if rv else None)
-            lines.append(f"| {key}: {kind} | {sm:.2f} | {bl.fmt_s(rm)} | "
+            lines.append(f"| {key}: {kind} | {sm:.2f} | "
+                         f"{bl.fmt_s(rm) if rm or key not in fails else 'failed'} | "
                          f"{(f'{sm / rm:.2f}×' if rm else '—')} |")
+    for key, why in fails.items():
+        lines.append(f"\n{key}: {why}")
     return "\n".join(lines) + "\n"
 
 

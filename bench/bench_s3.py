@@ -238,7 +238,11 @@ def main() -> None:
         out.write_text(json.dumps({"results": results, "markdown": text}, indent=2) + "\n")
     finally:
         moto.terminate()
-        moto.wait(10)
+        try:
+            moto.wait(30)
+        except subprocess.TimeoutExpired:
+            moto.kill()
+            moto.wait(10)
         shutil.rmtree(wd, ignore_errors=True)
 
 

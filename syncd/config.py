@@ -437,7 +437,7 @@ def _parse_s3(v: _V, r: dict[str, Any], key: str) -> dict[str, Any]:
         "sse": v.choice(r, "sse", key, ("", "AES256", "aws:kms"), ""),
         "sse_kms_key_id": v.string(r, "sse_kms_key_id", key, ""),
         "multipart_threshold": v.parsed(r, "multipart_threshold", key, "64MiB", parse_size),
-        "multipart_chunksize": v.parsed(r, "multipart_chunksize", key, "16MiB", parse_size),
+        "multipart_chunksize": v.parsed(r, "multipart_chunksize", key, "8MiB", parse_size),
         "timeout": v.parsed(r, "timeout", key, "60s", parse_duration),
     }
     if o["endpoint_url"] and not re.match(r"https?://", o["endpoint_url"]):

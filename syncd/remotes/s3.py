@@ -33,7 +33,10 @@ if TYPE_CHECKING:
 _FILE, _DIR = int(Kind.FILE), int(Kind.DIR)
 META_HASH = "syncd-xxh3"
 META_MTIME = "syncd-mtime-ns"
-PARTS_IN_FLIGHT = 4
+# Parts sent at once per upload. 8 MiB x 8 moved 1 GiB to moto in 6.55 s (median of 5),
+# 16 MiB x 4 in 7.14 s, 8 MiB x 10 in 6.85 s, 8 MiB x 4 in 7.28 s; the same 64 MiB of
+# buffers as 16 x 4.
+PARTS_IN_FLIGHT = 8
 _TRANSIENT_CODES = {"SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout",
                     "RequestTimeTooSkewed", "Throttling", "ThrottlingException", "500", "502",
                     "503", "504", "OperationAborted"}
@@ -54,7 +57,7 @@ class S3Options:
     sse_kms_key_id: str = ""
     transfers: int = 8
     multipart_threshold: int = 64 << 20
-    multipart_chunksize: int = 16 << 20
+    multipart_chunksize: int = 8 << 20
     timeout: float = 60.0
 
 
@@ -102,8 +105,10 @@ class S3Remote:
 
         o = self.o
         session = boto3.session.Session(profile_name=o.profile or None)
+        # Enough connections for every part of every upload in flight (no churn).
+        pool = min(128, max(10, o.transfers * PARTS_IN_FLIGHT))
         cfg = Config(region_name=o.region or None, connect_timeout=o.timeout,
-                     read_timeout=o.timeout, max_pool_connections=max(10, 2 * o.transfers),
+                     read_timeout=o.timeout, max_pool_connections=pool,
                      retries={"mode": "standard", "max_attempts": self.RETRY_ATTEMPTS},
                      s3={"addressing_style": o.addressing_style})
         try:

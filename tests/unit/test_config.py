@@ -249,7 +249,7 @@ prefix = "hosts/web1"''')
 def test_s3_remote_defaults_and_bad_keys(tmp_path: Path) -> None:
     o = load_config(write(tmp_path, S3), env={"HOME": "/h"}).remotes["nas"].options
     assert o["bucket"] == "my-archive" and o["prefix"] == "hosts/web1"
-    assert o["multipart_threshold"] == 64 << 20 and o["multipart_chunksize"] == 16 << 20
+    assert o["multipart_threshold"] == 64 << 20 and o["multipart_chunksize"] == 8 << 20
     assert o["addressing_style"] == "auto" and o["sse"] == ""
     e = load_err(tmp_path, S3.replace('prefix = "hosts/web1"', 'aws_secret_access_key = "x"'))
     assert e.key == "remotes.nas.aws_secret_access_key" and "never read" in str(e)
