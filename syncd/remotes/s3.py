@@ -92,12 +92,24 @@ class S3Remote:
 
     @property
     def client(self) -> Any:
-        if self._client is None or self._pid != os.getpid():
+        if self._pid != os.getpid():
+            # A forked child: the parent's client (its connections) and lock are not ours;
+            # the lock may even have been held by a parent thread at fork time.
+            self._lock, self._client, self._pid = threading.Lock(), None, os.getpid()
+        if self._client is None:
             with self._lock:
-                if self._client is None or self._pid != os.getpid():
+                if self._client is None:
                     self._client = self._make_client()
-                    self._pid = os.getpid()
         return self._client
+
+    def prepare(self) -> None:
+        """Uploads are coming: import botocore and build the client in the background
+        (~0.3 s) while the listing runs elsewhere. Errors are left for the first real call."""
+        def build() -> None:
+            with contextlib.suppress(Exception):
+                _ = self.client
+
+        threading.Thread(target=build, name=f"s3-client-{self.name}", daemon=True).start()
 
     def _make_client(self) -> Any:
         import boto3
