@@ -123,11 +123,15 @@ def _mtime_str(mtime_ns: int) -> str:
 
 
 def _parse_modify(v: str) -> int:
-    """MLSD/MDTM `YYYYMMDDHHMMSS[.sss]` (UTC) -> whole seconds since the epoch."""
+    """MLSD/MDTM `YYYYMMDDHHMMSS[.sss]` (UTC) -> whole seconds since the epoch. (Sliced by
+    hand: time.strptime took 64 ms of a 10,000-entry listing.)"""
     v = v.strip()
+    if len(v) < 14 or not v[:14].isdigit():
+        return 0
     try:
-        return calendar.timegm(time.strptime(v[:14], "%Y%m%d%H%M%S"))
-    except ValueError:
+        return calendar.timegm((int(v[0:4]), int(v[4:6]), int(v[6:8]), int(v[8:10]),
+                                int(v[10:12]), int(v[12:14]), 0, 0, 0))
+    except (ValueError, OverflowError):
         return 0
 
 
@@ -172,6 +176,7 @@ class FTPRemote:
         self._dirs: set[str] = set()    # absolute directories known to exist
         self._closed = threading.Event()
         self._keeper: threading.Thread | None = None
+        self._ssl: ssl.SSLContext | None = None
         self.root = ""                  # absolute root on the server, from the first login
         self.features: dict[str, str] = {}
         self.listing = ""               # "MLSD" or "LIST"
@@ -184,9 +189,13 @@ class FTPRemote:
     # --- connections ------------------------------------------------------------------------
 
     def _context(self) -> ssl.SSLContext:
-        ctx = ssl.create_default_context(cafile=self.o.ca_file or None)
-        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-        return ctx
+        # One per remote and process: loading the CA store costs ~10 ms per context, and
+        # TLS sessions are only resumed within one context.
+        if self._ssl is None:
+            ctx = ssl.create_default_context(cafile=self.o.ca_file or None)
+            ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+            self._ssl = ctx
+        return self._ssl
 
     def _password(self) -> str:
         var = self.o.password_env
@@ -456,10 +465,10 @@ class FTPRemote:
                 facts, _, name = line.partition(" ")
                 if not name or name in (".", ".."):
                     continue
-                kind, size, mtime = self._kind_of(_facts(facts))
-                if kind == _DIR and _facts(facts).get("type", "").lower() != "dir":
-                    continue   # cdir / pdir: the directory itself and its parent
-                out.append((name, kind, size, mtime))
+                f = _facts(facts)
+                if f.get("type", "").lower() in ("cdir", "pdir"):
+                    continue   # the directory itself and its parent
+                out.append((name, *self._kind_of(f)))
             return out
         for line in _lines(ftp, f"{self._list_cmd} {ap}"):
             m = _LIST_RE.match(line)
