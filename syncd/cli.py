@@ -137,26 +137,82 @@ def status(
     _guard(go)
 
 
-def collect_status(cfg: Any) -> dict[str, Any]:
+@app.command()
+def retry(
+    pairs: Annotated[list[str] | None, typer.Argument(
+        help="Pairs whose failed jobs to retry (default: all).")] = None,
+    config: ConfigOpt = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Retry failed jobs now: with the daemon running, it is told to (SIGUSR1) and runs a
+    full reconcile of every pair; otherwise the pairs are reconciled here."""
+
+    def go() -> int:
+        import os
+        import signal
+        import time
+
+        from syncd.index import Index
+
+        cfg = _load(config)
+        names = _pair_names(cfg, pairs or [])
+        pid = _daemon_pid(cfg.daemon.state_dir)
+        db = cfg.daemon.state_dir / "index.sqlite3"
+        n = 0
+        if db.exists():
+            index = Index.open(cfg.daemon.state_dir)
+            try:
+                n = index.requeue_failed(names, time.time())
+            finally:
+                index.close()
+        if pid is not None and pid > 0:
+            os.kill(pid, signal.SIGUSR1)
+            print(f"{n} failed job(s) requeued; the daemon (PID {pid}) runs them now "
+                  "(see `syncd status`)")
+            return EXIT_OK
+        _setup_logs(cfg, None, None)
+        print(f"{n} failed job(s) requeued; the daemon is not running: reconciling "
+              f"{', '.join(names)} now", file=sys.stderr)
+        return run_reconcile(cfg, names, as_json=as_json)
+
+    _guard(go)
+
+
+def _pair_names(cfg: Any, wanted: list[str]) -> list[str]:
+    known = [p.name for p in cfg.pairs]
+    for w in wanted:
+        if w not in known:
+            raise UsageError(f"unknown pair '{w}'; known: {', '.join(known)}")
+    return wanted or known
+
+
+def _daemon_pid(state_dir: Path) -> int | None:
+    """PID of the daemon holding this state dir's lock, None if none runs (-1: unknown)."""
     import fcntl
     import os
+
+    lock = state_dir / "syncd.lock"
+    if not lock.exists():
+        return None
+    fd = os.open(lock, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    except BlockingIOError:
+        text = os.read(fd, 64).decode(errors="replace").strip()
+        return int(text) if text.isdigit() else -1
+    finally:
+        os.close(fd)
+
+
+def collect_status(cfg: Any) -> dict[str, Any]:
     import time
 
     from syncd.index import Index
 
     state_dir = cfg.daemon.state_dir
-    running: int | None = None
-    lock = state_dir / "syncd.lock"
-    if lock.exists():
-        fd = os.open(lock, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            fcntl.flock(fd, fcntl.LOCK_UN)
-        except BlockingIOError:
-            text = os.read(fd, 64).decode(errors="replace").strip()
-            running = int(text) if text.isdigit() else -1
-        finally:
-            os.close(fd)
+    running = _daemon_pid(state_dir)
     pairs = []
     index = Index.open(state_dir) if (state_dir / "index.sqlite3").exists() else None
     try:

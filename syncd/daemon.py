@@ -52,6 +52,8 @@ class Daemon:
         self.signal_name = ""
         self.hup_pending = False
         self.reload = threading.Event()
+        self.retry_pending = False
+        self.retry_now = threading.Event()
         self.last_error = ""
         self.engine: Any = None
         self.index: Any = None
@@ -73,6 +75,9 @@ class Daemon:
     def _on_hup(self, _signum: int, _frame: Any) -> None:
         self.hup_pending = True
 
+    def _on_usr1(self, _signum: int, _frame: Any) -> None:
+        self.retry_pending = True   # `syncd retry`: failed jobs were requeued; run them now
+
     def _relay(self) -> None:
         """Turns what the signal handlers noted into events, from a thread of its own."""
         while not self.finished.is_set():
@@ -83,6 +88,11 @@ class Daemon:
             if self.hup_pending:
                 self.hup_pending = False
                 self.reload.set()
+                if self.debouncer is not None:
+                    self.debouncer.wake.set()
+            if self.retry_pending:
+                self.retry_pending = False
+                self.retry_now.set()
                 if self.debouncer is not None:
                     self.debouncer.wake.set()
             time.sleep(0.05)
@@ -111,6 +121,7 @@ class Daemon:
         signal.signal(signal.SIGTERM, self._on_term)
         signal.signal(signal.SIGINT, self._on_term)
         signal.signal(signal.SIGHUP, self._on_hup)
+        signal.signal(signal.SIGUSR1, self._on_usr1)
         threading.Thread(target=self._shutdown_guard, daemon=True, name="shutdown").start()
         threading.Thread(target=self._relay, daemon=True, name="signals").start()
         with StateLock(self.cfg.daemon.state_dir):
@@ -194,6 +205,13 @@ class Daemon:
                 self.reload.clear()
                 self._reload()
                 continue
+            if self.retry_now.is_set():
+                self.retry_now.clear()
+                self.log.info("retry_requested", pairs=[p.name for p in self.cfg.pairs])
+                for p in self.cfg.pairs:
+                    if not self.stop.is_set():
+                        self.retry_at.pop(p.name, None)
+                        self._reconcile(p.name, full=True)
             for name in deb.due(now):
                 self._reconcile(name, full=False)
             for name, at in list(self.next_full.items()):

@@ -471,6 +471,16 @@ class Index:
             f"({','.join('?' * len(pairs))})", list(pairs)).fetchone()
         return r[0]
 
+    def requeue_failed(self, pairs: Sequence[str], now: float) -> int:
+        """Failed (parked) jobs of these pairs become pending again, attempts reset."""
+        with self.tx():
+            n = 0
+            for pair in pairs:
+                n += self.db.execute(
+                    "UPDATE jobs SET state='pending', attempts=0, not_before=?, updated=? "
+                    "WHERE pair=? AND state='failed'", (now, now, pair)).rowcount
+        return n
+
     def failed_jobs(self, pair: str) -> list[Job]:
         rows = self.db.execute("SELECT id, pair, path, args, attempts, not_before, last_error "
                                "FROM jobs WHERE pair=? AND state='failed' ORDER BY path",

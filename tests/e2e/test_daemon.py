@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -386,3 +387,54 @@ def test_daemon_to_ftps(tmp_path: Path, ftpserver: FTPServer) -> None:
     finally:
         if d.proc is not None:
             d.proc.kill()
+
+
+def test_syncd_retry_runs_failed_jobs_in_the_running_daemon(tmp_path: Path) -> None:
+    d = Daemon(tmp_path)
+    # The daemon's own retries are an hour away: only `syncd retry` can bring it back now.
+    d.config.write_text(d.config.read_text().replace('retry_initial = "50ms"',
+                                                     'retry_initial = "1h"')
+                        .replace('retry_max = "200ms"', 'retry_max = "2h"'))
+    (d.mirror / "x.txt").mkdir(parents=True)        # a directory where the file must go
+    (d.mirror / "x.txt" / "keep").write_bytes(b"k")
+    d.write("x.txt", b"the file")
+    d.start()
+    try:
+        def failed() -> int:
+            r = subprocess.run([str(SYNCD), "status", "--config", str(d.config), "--json"],
+                               capture_output=True, text=True, timeout=30, env=d.env)
+            return len(json.loads(r.stdout)["pairs"][0]["failed"])
+
+        wait_for(lambda: failed() == 1, what="the conflicting upload parked as failed")
+        shutil.rmtree(d.mirror / "x.txt")           # the operator clears the way
+        r = subprocess.run([str(SYNCD), "retry", "--config", str(d.config)],
+                           capture_output=True, text=True, timeout=30, env=d.env)
+        assert r.returncode == 0, r.stderr
+        assert "1 failed job(s) requeued" in r.stdout and f"PID {d.proc.pid}" in r.stdout  # type: ignore[union-attr]
+        wait_for(lambda: (d.mirror / "x.txt").is_file()
+                 and (d.mirror / "x.txt").read_bytes() == b"the file", what="retried upload")
+        wait_for(lambda: failed() == 0, what="no failed job left")
+        assert any(e.get("event") == "retry_requested" for e in d.events())
+        assert d.stop() == 0
+    finally:
+        if d.proc is not None:
+            d.proc.kill()
+
+
+def test_syncd_retry_without_a_daemon_reconciles_the_pair(tmp_path: Path) -> None:
+    d = Daemon(tmp_path)
+    (d.mirror / "x.txt").mkdir(parents=True)
+    (d.mirror / "x.txt" / "keep").write_bytes(b"k")
+    d.write("x.txt", b"the file")
+    r = subprocess.run([str(SYNCD), "reconcile", "--config", str(d.config)],
+                       capture_output=True, text=True, timeout=60, env=d.env)
+    assert r.returncode == 1, r.stderr                # the conflict: a failed job
+    shutil.rmtree(d.mirror / "x.txt")
+    r = subprocess.run([str(SYNCD), "retry", "docs", "--config", str(d.config)],
+                       capture_output=True, text=True, timeout=60, env=d.env)
+    assert r.returncode == 0, r.stderr
+    assert "1 failed job(s) requeued" in r.stderr and "reconciling docs now" in r.stderr
+    assert (d.mirror / "x.txt").read_bytes() == b"the file"
+    r = subprocess.run([str(SYNCD), "retry", "nope", "--config", str(d.config)],
+                       capture_output=True, text=True, timeout=60, env=d.env)
+    assert r.returncode == 2 and "unknown pair 'nope'; known: docs" in r.stderr
