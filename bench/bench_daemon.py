@@ -204,6 +204,42 @@ def bench_remote(wd: Path, kind: str, remote: str, peek: Any, args: argparse.Nam
             "burst_files": args.burst, "burst_s": burst_s}
 
 
+def bench_lsyncd(wd: Path, args: argparse.Namespace) -> dict[str, Any] | None:
+    """lsyncd with its default configuration (default.rsync, 15 s delay) between two local
+    directories: the same write-then-poll measurement, fewer changes (each waits ~15 s)."""
+    lsyncd = shutil.which("lsyncd")
+    if not lsyncd or not shutil.which("rsync") or args.lsyncd_changes <= 0:
+        return None
+    src, dst = wd / "src-lsyncd", wd / "dst-lsyncd"
+    make_tree(src, args.tree_small)
+    dst.mkdir()
+    conf = wd / "lsyncd.lua"
+    conf.write_text(f'settings {{ nodaemon = true, logfile = "{wd}/lsyncd.log" }}\n'
+                    f'sync {{ default.rsync, source = "{src}", target = "{dst}" }}\n')
+    proc = subprocess.Popen([lsyncd, str(conf)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        wait_until(lambda: (dst / "d0000" / "f000000").exists(), timeout=300, step=0.1)
+        time.sleep(1.0)
+        lat = []
+        for i in range(args.lsyncd_changes):
+            rel = f"lat/f{i:03d}"
+            data = f"change {i} ".encode() * 400
+            (src / "lat").mkdir(exist_ok=True)
+            t0 = time.perf_counter()
+            (src / rel).write_bytes(data)
+            wait_until(lambda r=rel, x=data: same(dst / r, x), timeout=120, step=0.01)
+            lat.append(time.perf_counter() - t0)
+        log(f"lsyncd: latency p50 {statistics.median(lat):.3f}s")
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    lat.sort()
+    return {"remote": "lsyncd 2 default (local dir, rsync)", "changes": len(lat),
+            "p50_s": statistics.median(lat), "p95_s": lat[int(0.95 * (len(lat) - 1))],
+            "max_s": lat[-1]}
+
+
 def bench_idle(wd: Path, args: argparse.Namespace) -> dict[str, Any]:
     src = wd / "src-idle"
     log(f"idle: generating {args.tree_idle:,} files (untimed)")
@@ -240,6 +276,8 @@ def main() -> None:
     ap.add_argument("--idle", type=float, default=30.0, help="seconds of idle measured")
     ap.add_argument("--remotes", default="local,sftp,s3,ftp")
     ap.add_argument("--keep", action="store_true")
+    ap.add_argument("--lsyncd-changes", type=int, default=10,
+                    help="changes timed through lsyncd, where installed (0: skip)")
     args = ap.parse_args()
     wd = Path(tempfile.mkdtemp(prefix="syncd-bench-daemon-", dir="/tmp"))
     servers: list[Any] = []
@@ -275,6 +313,7 @@ def main() -> None:
             else:
                 raise SystemExit(f"bench: unknown remote kind {kind}")
             results["latency"].append(bench_remote(wd, kind, remote, peek, args, env))
+        results["lsyncd"] = bench_lsyncd(wd, args)
         results["idle"] = bench_idle(wd, args)
         lines = [f"## syncd run: change-to-remote latency ({time.strftime('%Y-%m-%d %H:%M:%S %Z')})",
                  "", f"{args.changes} single-file changes (16 KiB), default debounce 250 ms; "
@@ -284,6 +323,10 @@ def main() -> None:
         for r in results["latency"]:
             lines.append(f"| {r['remote']} | {r['p50_s']:.3f} s | {r['p95_s']:.3f} s | "
                          f"{r['max_s']:.3f} s | {r['burst_s']:.2f} s |")
+        ls = results["lsyncd"]
+        if ls:
+            lines.append(f"| {ls['remote']}, {ls['changes']} changes | {ls['p50_s']:.3f} s | "
+                         f"{ls['p95_s']:.3f} s | {ls['max_s']:.3f} s | — |")
         i = results["idle"]
         lines += ["", f"Idle, watching {i['files']:,} files: {i['idle_cpu_pct']:.2f}% of one core "
                   f"over {i['seconds']:.0f} s, RSS {i['rss_mib']:.0f} MiB.", ""]

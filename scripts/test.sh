@@ -17,6 +17,14 @@ if ! command -v sshd >/dev/null 2>&1 && [ ! -x /usr/sbin/sshd ]; then
         exit 2
     fi
 fi
+# systemd-analyze checks the units in systemd/ (tests/e2e/test_daemon.py).
+if ! command -v systemd-analyze >/dev/null 2>&1 && [ "$(id -u)" = 0 ] \
+        && command -v apt-get >/dev/null 2>&1; then
+    echo "test: installing systemd (for systemd-analyze verify of the units)" >&2
+    apt-get update -qq >&2 || true
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends systemd >&2 \
+        || echo "test: could not install systemd; the unit test will say so" >&2
+fi
 # A missing server is a failure here, never a silent skip.
 export SYNCD_TEST_REQUIRE_SERVERS=1
 .venv/bin/ruff check syncd tests bench

@@ -307,13 +307,20 @@ def test_systemd_units() -> None:
     analyze = shutil.which("systemd-analyze")
     if analyze is None:
         pytest.skip("systemd-analyze not installed: only the directives were checked")
-    tmp = Path(os.environ.get("TMPDIR", "/tmp")) / f"syncd-unit-{os.getpid()}.service"
-    tmp.write_text(text.replace("/usr/local/bin/syncd", shutil.which("true") or "/bin/true"))
-    try:
-        r = subprocess.run([analyze, "verify", str(tmp)], capture_output=True, text=True)
-        assert r.returncode == 0, r.stderr
-    finally:
-        tmp.unlink()
+    true = shutil.which("true") or "/bin/true"
+    user = (unit.parent / "syncd-user.service").read_text()
+    assert "Type=notify" in user and "ExecReload=/bin/kill -HUP $MAINPID" in user
+    # Both units, with ExecStart pointed at an existing binary (verify checks it exists).
+    # The user unit is checked as a system unit: `--user` needs a user session manager.
+    for name, body in (("system", text.replace("/usr/local/bin/syncd", true)),
+                       ("user", user.replace("%h/.local/bin/syncd", true))):
+        tmp = Path(os.environ.get("TMPDIR", "/tmp")) / f"syncd-{name}-{os.getpid()}.service"
+        tmp.write_text(body)
+        try:
+            r = subprocess.run([analyze, "verify", str(tmp)], capture_output=True, text=True)
+            assert r.returncode == 0, f"{name} unit: {r.stderr}"
+        finally:
+            tmp.unlink()
 
 
 def test_remote_down_while_files_change_then_back_converges(tmp_path: Path, sshd: SSHServer) -> None:
