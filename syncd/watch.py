@@ -11,7 +11,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from syncd.model import TMP_PREFIX, TRASH_DIR
@@ -20,15 +20,23 @@ from syncd.model import TMP_PREFIX, TRASH_DIR
 _IGNORED_EVENTS = frozenset({"opened", "closed_no_write"})
 
 
+# A file modified (or created) and not yet closed is still being written (inotify's
+# IN_CLOSE_WRITE arrives as watchdog's "closed").
+_WRITE_EVENTS = frozenset({"modified", "created"})
+_GONE_EVENTS = frozenset({"closed", "deleted", "moved"})
+
+
 @dataclass
 class _Mark:
     first: float
     last: float
+    writing: set[str] = field(default_factory=set)   # files open for writing
 
 
 class Debouncer:
-    """A pair is due when no event came for `debounce` seconds, or when its first unsynced
-    event is `max_delay` old (a file written continuously is still synced that often)."""
+    """A pair is due when no event came for `debounce` seconds and no file of it is still
+    open for writing, or when its first unsynced event is `max_delay` old (a file written
+    continuously, or held open, is still synced that often)."""
 
     def __init__(self, debounce: float, max_delay: float,
                  clock: Callable[[], float] = time.monotonic):
@@ -39,15 +47,28 @@ class Debouncer:
         self._lock = threading.Lock()
         self.wake = threading.Event()   # set on every event: the daemon loop waits on it
 
-    def touch(self, pair: str, now: float | None = None) -> None:
+    def touch(self, pair: str, now: float | None = None, path: str = "",
+              event: str = "") -> None:
+        """An event under `pair`; `path` and `event` (watchdog's event type, for files)
+        tell which files are still open for writing."""
         t = self.clock() if now is None else now
         with self._lock:
             m = self._marks.get(pair)
             if m is None:
-                self._marks[pair] = _Mark(t, t)
+                m = self._marks[pair] = _Mark(t, t)
             else:
                 m.last = t
+            if path:
+                if event in _WRITE_EVENTS:
+                    m.writing.add(path)
+                elif event in _GONE_EVENTS:
+                    m.writing.discard(path)
         self.wake.set()
+
+    def _due_at(self, m: _Mark) -> float:
+        if m.writing:
+            return m.first + self.max_delay
+        return min(m.last + self.debounce, m.first + self.max_delay)
 
     def due(self, now: float | None = None) -> list[str]:
         """Pairs to scan now (their marks are cleared)."""
@@ -55,7 +76,7 @@ class Debouncer:
         out = []
         with self._lock:
             for pair, m in list(self._marks.items()):
-                if t - m.last >= self.debounce or t - m.first >= self.max_delay:
+                if t >= self._due_at(m):
                     out.append(pair)
                     del self._marks[pair]
         return out
@@ -65,8 +86,7 @@ class Debouncer:
         with self._lock:
             if not self._marks:
                 return None
-            return min(min(m.last + self.debounce, m.first + self.max_delay)
-                       for m in self._marks.values())
+            return min(self._due_at(m) for m in self._marks.values())
 
 
 def relevant(rel: str, ignored: Callable[[str], bool]) -> bool:
@@ -99,13 +119,17 @@ class Watcher:
         from watchdog.observers import Observer
 
         deb = self.debouncer
+        # Only inotify reports a file's close after writing; elsewhere (macOS FSEvents,
+        # polling) a modified file would look open for ever: do not track writers there.
+        track = Observer.__name__ == "InotifyObserver"
 
         class Handler(FileSystemEventHandler):
             def __init__(self, pair: str, root: str, ignored: Callable[[str], bool]):
                 self.pair, self.root, self.ignored = pair, root, ignored
 
             def on_any_event(self, event: Any) -> None:
-                if event.event_type in _IGNORED_EVENTS:
+                kind = event.event_type
+                if kind in _IGNORED_EVENTS:
                     return
                 for p in (event.src_path, getattr(event, "dest_path", "")):
                     if not p:
@@ -115,7 +139,8 @@ class Watcher:
                     if rel == ".." or rel.startswith("../"):   # not under this root
                         continue
                     if relevant(rel.replace(os.sep, "/"), self.ignored):
-                        deb.touch(self.pair)
+                        deb.touch(self.pair, path="" if event.is_directory or not track
+                                  else p, event=kind)
                         return
 
         self.observer = Observer()

@@ -163,6 +163,29 @@ def test_editor_saves_end_as_one_upload_never_a_delete(daemon: Daemon) -> None:
     assert daemon.stop() == 0
 
 
+def test_a_file_still_being_written_waits_until_closed(daemon: Daemon) -> None:
+    """A writer pausing longer than the debounce (100 ms here) between writes: the file
+    is uploaded once, after it is closed, not once per pause (max_delay is 1 s here)."""
+    daemon.write("seed.txt", b"s")
+    daemon.start()
+    wait_for(lambda: (daemon.mirror / "seed.txt").exists(), what="initial sync")
+    n0 = len(daemon.events())
+    with open(daemon.src / "slow.bin", "wb") as f:
+        for i in range(3):
+            f.write(f"part {i}\n".encode() * 1000)
+            f.flush()
+            if i < 2:
+                time.sleep(0.25)
+    want = b"".join(f"part {i}\n".encode() * 1000 for i in range(3))
+    wait_for(lambda: (daemon.mirror / "slow.bin").exists()
+             and (daemon.mirror / "slow.bin").read_bytes() == want, what="the closed file")
+    time.sleep(0.5)
+    ups = [e for e in daemon.events()[n0:]
+           if e.get("event") == "upload_done" and e.get("path") == "slow.bin"]
+    assert len(ups) == 1, ups
+    assert daemon.stop() == 0
+
+
 def test_burst_of_1000_files_converges(daemon: Daemon) -> None:
     daemon.start()
     for i in range(1000):

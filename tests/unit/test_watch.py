@@ -74,3 +74,31 @@ def test_out_of_inotify_watches_says_what_to_set_and_falls_back(tmp_path: Path,
     (event, kw), = log.events
     assert event == "watch_limit" and "fs.inotify.max_user_watches" in kw["fix"]
     assert kw["fallback"] == "periodic scans"
+
+
+def test_a_file_open_for_writing_holds_the_pair_until_closed_or_max_delay() -> None:
+    d = Debouncer(0.25, 5.0, clock=lambda: 0.0)
+    d.touch("a", now=0.0, path="/r/f", event="created")
+    d.touch("a", now=0.1, path="/r/f", event="modified")
+    assert d.due(now=1.0) == []                  # quiet for 0.9 s, but still being written
+    assert d.next_due() == pytest.approx(5.0)    # at the latest max_delay after the first
+    d.touch("a", now=1.2, path="/r/f", event="closed")
+    assert d.due(now=1.3) == []
+    assert d.due(now=1.45) == ["a"]              # closed, then debounce
+
+
+def test_a_writer_that_never_closes_is_synced_every_max_delay() -> None:
+    d = Debouncer(0.25, 5.0, clock=lambda: 0.0)
+    d.touch("a", now=0.0, path="/r/log", event="modified")
+    assert d.due(now=4.9) == []
+    assert d.due(now=5.0) == ["a"]
+    d.touch("a", now=5.5, path="/r/log", event="modified")   # a new mark: again bounded
+    assert d.due(now=10.4) == [] and d.due(now=10.5) == ["a"]
+
+
+def test_directory_events_and_deletes_do_not_count_as_writers() -> None:
+    d = Debouncer(0.25, 5.0, clock=lambda: 0.0)
+    d.touch("a", now=0.0, path="", event="modified")          # a directory's mtime
+    d.touch("a", now=0.0, path="/r/x", event="created")
+    d.touch("a", now=0.1, path="/r/x", event="deleted")        # gone before it was closed
+    assert d.due(now=0.35) == ["a"]
