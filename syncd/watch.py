@@ -20,9 +20,11 @@ from syncd.model import TMP_PREFIX, TRASH_DIR
 _IGNORED_EVENTS = frozenset({"opened", "closed_no_write"})
 
 
-# A file modified (or created) and not yet closed is still being written (inotify's
-# IN_CLOSE_WRITE arrives as watchdog's "closed").
-_WRITE_EVENTS = frozenset({"modified", "created"})
+# A file modified and not yet closed is still being written (inotify's IN_CLOSE_WRITE
+# arrives as watchdog's "closed"). Not "created": for a directory that appears with files
+# already in it, watchdog makes up "created" events (no close follows), so a file counts
+# as written only once a write is seen.
+_WRITE_EVENTS = frozenset({"modified"})
 _GONE_EVENTS = frozenset({"closed", "deleted", "moved"})
 
 

@@ -99,6 +99,7 @@ def test_a_writer_that_never_closes_is_synced_every_max_delay() -> None:
 def test_directory_events_and_deletes_do_not_count_as_writers() -> None:
     d = Debouncer(0.25, 5.0, clock=lambda: 0.0)
     d.touch("a", now=0.0, path="", event="modified")          # a directory's mtime
-    d.touch("a", now=0.0, path="/r/x", event="created")
+    d.touch("a", now=0.0, path="/r/x", event="modified")
     d.touch("a", now=0.1, path="/r/x", event="deleted")        # gone before it was closed
-    assert d.due(now=0.35) == ["a"]
+    d.touch("a", now=0.1, path="/r/y", event="created")        # made up for a new dir's
+    assert d.due(now=0.35) == ["a"]                            # content: not a writer
