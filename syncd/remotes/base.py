@@ -96,9 +96,12 @@ class Source:
 
     def verify(self) -> bytes:
         """Digest of the bytes read; raises SourceChanged on a torn or short read."""
-        if os.read(self.fd, 1):
-            raise SourceChanged(self.rel, "grew while being read")
-        after = os.fstat(self.fd)
+        try:
+            if os.read(self.fd, 1):
+                raise SourceChanged(self.rel, "grew while being read")
+            after = os.fstat(self.fd)
+        except OSError as e:   # a local read error is not the remote's fault
+            raise SourceChanged(self.rel, f"read failed: {e.strerror}") from None
         b = self.before
         if (after.st_size != b.st_size or after.st_mtime_ns != b.st_mtime_ns
                 or after.st_ctime_ns != b.st_ctime_ns or self.sent != b.st_size):

@@ -574,7 +574,12 @@ class FTPRemote:
                 raise PermanentError(f"cannot write local file {dest}: {e.strerror}",
                                      path=path) from None
             with f:
-                conn, _ = ftp.ntransfercmd(f"RETR {ap}")
+                try:
+                    conn, _ = ftp.ntransfercmd(f"RETR {ap}")
+                except ftplib.error_perm as e:
+                    if str(e).startswith("550") and self._stat(ftp, ap) is None:
+                        raise NotFound("no such file", remote=self.name, path=path) from None
+                    raise
                 try:
                     while data := conn.recv(CHUNK):
                         f.write(data)
@@ -695,12 +700,18 @@ class FTPRemote:
         return self._entry(path, _FILE, source.sent, mtime_s)
 
     def _rename(self, ftp: ftplib.FTP, src: str, dst: str) -> None:
-        """RNFR/RNTO; where the server refuses to rename over an existing file, the target
-        is deleted first (a brief moment without the file, never a partial one)."""
+        """RNFR/RNTO. Where the server refuses to rename onto an existing file, the target
+        is first renamed aside (a temp name), then the new file renamed in, then the old
+        one deleted: a moment without the file, never a partial one, and the old file is
+        put back if the second rename fails. Only an RNTO refusal leads there."""
+        resp = ftp.sendcmd(f"RNFR {src}")   # a missing source fails here, as itself
+        if not resp.startswith("3"):
+            raise ftplib.error_reply(resp)
         try:
-            ftp.rename(src, dst)
+            ftp.voidcmd(f"RNTO {dst}")
+            return
         except ftplib.error_perm as e:
-            if not str(e).startswith(("550", "553", "450")):
+            if not str(e).startswith(("550", "553")):
                 raise
             st = self._stat(ftp, dst)
             if st is not None and st[0] != _FILE:
@@ -708,8 +719,17 @@ class FTPRemote:
                                "goes", remote=self.name, path=dst) from None
             if st is None:
                 raise
-            ftp.delete(dst)
+        parent, _, name = dst.rpartition("/")
+        aside = f"{parent}/{temp_name(name, self.tmp_owner)}"
+        ftp.rename(dst, aside)
+        try:
             ftp.rename(src, dst)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                ftp.rename(aside, dst)
+            raise
+        with contextlib.suppress(ftplib.Error):
+            ftp.delete(aside)
 
     def _record(self, ap: str, tmp: str, source: Source) -> int:
         if self.uploads is None or source.size < RESUME_MIN:

@@ -61,6 +61,29 @@ class S3Options:
     timeout: float = 60.0
 
 
+_FORK_LOCK = threading.Lock()   # guards the reset of a client inherited across fork()
+
+
+def _code(e: BaseException) -> str:
+    """The S3 error code of a botocore ClientError ("" for anything else)."""
+    resp = getattr(e, "response", None)
+    return str(resp.get("Error", {}).get("Code", "")) if isinstance(resp, dict) else ""
+
+
+def _read_full(source: Source, n: int) -> bytes:
+    """n bytes (fewer only at the end of the file): one read may return less on network
+    file systems, and part boundaries must not shift."""
+    first = source.read(n)
+    if len(first) == n or not first:
+        return first
+    chunks = [first]
+    got = len(first)
+    while got < n and (b := source.read(n - got)):
+        chunks.append(b)
+        got += len(b)
+    return b"".join(chunks)
+
+
 def _part_dict(n: int, etag: str, checksum: str | None) -> dict[str, Any]:
     d: dict[str, Any] = {"PartNumber": n, "ETag": etag}
     if checksum:
@@ -95,7 +118,10 @@ class S3Remote:
         if self._pid != os.getpid():
             # A forked child: the parent's client (its connections) and lock are not ours;
             # the lock may even have been held by a parent thread at fork time.
-            self._lock, self._client, self._pid = threading.Lock(), None, os.getpid()
+            with _FORK_LOCK:
+                if self._pid != os.getpid():
+                    self._lock, self._client = threading.Lock(), None
+                    self._pid = os.getpid()
         if self._client is None:
             with self._lock:
                 if self._client is None:
@@ -300,8 +326,8 @@ class S3Remote:
             with ThreadPoolExecutor(max_workers=PARTS_IN_FLIGHT) as pool:
                 futs: dict[Any, int] = {}
                 n = 0
-                while data := source.read(part_size):   # parts already there are read for
-                    n += 1                              # the hash, not sent again
+                while data := _read_full(source, part_size):   # parts already there are
+                    n += 1                                     # read for the hash only
                     if n in done:
                         continue
                     while len(futs) >= PARTS_IN_FLIGHT:
@@ -317,6 +343,16 @@ class S3Remote:
                 Bucket=bucket, Key=key, UploadId=uid,
                 MultipartUpload={"Parts": [_part_dict(i, *parts[i]) for i in sorted(parts)]})
         except BaseException as e:
+            if _code(e) == "NoSuchUpload":
+                # Aborted meanwhile (a lifecycle rule, our own cleanup after the source
+                # changed) or completed with the answer lost: look, then start over.
+                self._forget(rec_id)
+                done_entry = self._completed(path, key, source)
+                if done_entry is not None:
+                    return done_entry
+                raise TransientError(f"multipart upload vanished from bucket "
+                                     f"'{self.o.bucket}'; starting over", remote=self.name,
+                                     path=key) from None
             err: BaseException = e
             if isinstance(e, Exception) and not isinstance(e, SourceChanged | RemoteError):
                 err = self._err(e, key)
@@ -331,17 +367,41 @@ class S3Remote:
         self._forget(rec_id)
         return RemoteEntry(path, _FILE, source.sent, 0, _fp(source.sent, r["ETag"]))
 
+    def _completed(self, path: str, key: str, source: Source) -> RemoteEntry | None:
+        """The object, if it is the one this upload was completing (our hash metadata and
+        size): CompleteMultipartUpload succeeded but its answer was lost."""
+        if source.digest is None or source.digest != source.expected:
+            return None
+        try:
+            h = self.client.head_object(Bucket=self.o.bucket, Key=key)
+        except Exception:
+            return None
+        if (h.get("Metadata", {}).get(META_HASH) == source.digest.hex()
+                and h["ContentLength"] == source.sent):
+            return RemoteEntry(path, _FILE, source.sent, 0, _fp(source.sent, h["ETag"]))
+        return None
+
     def _part_finished(self, futs: dict[Any, int], parts: dict[int, tuple[str, str | None]],
                        rec_id: int) -> None:
         from concurrent.futures import FIRST_COMPLETED, wait
 
         finished, _ = wait(list(futs), return_when=FIRST_COMPLETED)
-        for f in finished:
-            n = futs.pop(f)
+        failed: BaseException | None = None
+        for f in finished:   # record every part that made it before raising for one that
+            n = futs.pop(f)  # did not: they need not be sent again
+            exc = f.exception()
+            if exc is not None:
+                failed = failed or exc
+                continue
             r = f.result()
             parts[n] = (r["ETag"], r.get("ChecksumCRC32"))
             if self.uploads is not None and rec_id:
-                self.uploads.part_done(rec_id, n, r["ETag"], r.get("ChecksumCRC32"))
+                with contextlib.suppress(Exception):   # a lost record only costs a resend
+                    self.uploads.part_done(rec_id, n, r["ETag"], r.get("ChecksumCRC32"))
+        if failed is not None:
+            for f in futs:   # not started yet: no point now
+                f.cancel()
+            raise failed
 
     def _create(self, key: str, source: Source, part_size: int) -> tuple[int, str]:
         import time
@@ -349,9 +409,13 @@ class S3Remote:
         st = source.before
         rec_id = 0
         if self.uploads is not None:
-            rec_id = self.uploads.begin(self.name, key, source.abspath, source.size,
-                                        source.mtime_ns, st.st_ctime_ns, st.st_ino,
-                                        source.expected, part_size, time.time())
+            try:
+                rec_id = self.uploads.begin(self.name, key, source.abspath, source.size,
+                                            source.mtime_ns, st.st_ctime_ns, st.st_ino,
+                                            source.expected, part_size, time.time())
+            except Exception as e:   # the state index is busy or broken: try again later
+                raise TransientError(f"cannot record the upload in the state index: {e}",
+                                     remote=self.name, path=key) from None
         # Metadata is fixed when the upload is created, before the bytes are read: it
         # carries the hash the scan computed, and completing checks the bytes sent match.
         meta = {META_MTIME: str(source.mtime_ns)}
@@ -365,7 +429,12 @@ class S3Remote:
             self._forget(rec_id)
             raise self._err(e, key) from None
         if self.uploads is not None:
-            self.uploads.started(rec_id, up["UploadId"])
+            try:
+                self.uploads.started(rec_id, up["UploadId"])
+            except Exception as e:
+                self._abort(key, up["UploadId"], rec_id)
+                raise TransientError(f"cannot record the upload in the state index: {e}",
+                                     remote=self.name, path=key) from None
         return rec_id, up["UploadId"]
 
     def _resume(self, key: str, source: Source, part_size: int,
@@ -403,8 +472,10 @@ class S3Remote:
             err = self._err(e, key)
             if isinstance(err, TransientError):
                 raise err from None
-            # NoSuchUpload (completed, aborted or expired meanwhile): start over.
-            self._forget(rec.id)
+            if _code(e) == "NoSuchUpload":   # completed, aborted or expired meanwhile
+                self._forget(rec.id)
+            else:   # e.g. ListParts not allowed: do not leave the parts behind
+                self._abort(key, rec.upload_id, rec.id)
             return 0, None, {}
         slog.get().info("multipart_resumed", remote=self.name, key=key, parts_done=len(done),
                         parts=last, bytes_done=sum(part_size if n < last else

@@ -170,3 +170,35 @@ def test_crash_between_create_and_record_is_still_cleaned(rig: Rig) -> None:
     assert sorted(healed.part_numbers) == [1, 2]
     assert lost not in {u["UploadId"] for u in rig.uploads()}
     assert rig.uploads() == []
+
+
+def test_upload_aborted_behind_our_back_starts_over(rig: Rig) -> None:
+    data = rig.write(os.urandom(3 * PART))
+    with pytest.raises(TransientError):
+        rig.put(rig.remote(rig.proxy(parts_allowed=1)))
+    (up,) = rig.uploads()
+    rig.c.abort_multipart_upload(Bucket=rig.bucket, Key=up["Key"], UploadId=up["UploadId"])
+    healed = rig.proxy()
+    rig.put(rig.remote(healed))                         # ListParts: NoSuchUpload -> fresh
+    assert sorted(healed.part_numbers) == [1, 2, 3]
+    assert rig.body() == data and rig.uploads() == []
+
+
+def test_parts_are_whole_even_when_reads_come_back_short() -> None:
+    from syncd.remotes.s3 import _read_full
+
+    class Dribble:   # a network file system handing out 1,000 bytes per read
+        def __init__(self, data: bytes):
+            self.data, self.pos = data, 0
+
+        def read(self, n: int) -> bytes:
+            b = self.data[self.pos:self.pos + min(n, 1000)]
+            self.pos += len(b)
+            return b
+
+    src = Dribble(bytes(range(256)) * 100)               # 25,600 bytes
+    parts = []
+    while part := _read_full(src, 10_000):  # type: ignore[arg-type]
+        parts.append(part)
+    assert [len(p) for p in parts] == [10_000, 10_000, 5_600]
+    assert b"".join(parts) == bytes(range(256)) * 100
