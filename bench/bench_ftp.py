@@ -61,19 +61,7 @@ class PeerFailed(Exception):
 
 def timed(argv: list[str], logs: Path, tag: str, env: dict[str, str | None],
           peer: bool = False) -> bl.Proc:
-    import os
-
-    old = dict(os.environ)
-    for k, v in env.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
-    try:
-        p = bl.run_timed(argv, logs / f"{tag}.out", logs / f"{tag}.err")
-    finally:
-        os.environ.clear()
-        os.environ.update(old)
+    p = bl.run_timed_env(argv, logs / f"{tag}.out", logs / f"{tag}.err", env)
     if p.rc != 0:
         tail = (logs / f"{tag}.err").read_text(errors="replace")[-1500:]
         if peer:   # a peer's failure is a result, not the end of the benchmark

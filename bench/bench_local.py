@@ -209,6 +209,22 @@ def reap_orphans(deadline_s: float = 10.0) -> tuple[float, float, int]:
     return user, system, maxrss
 
 
+def run_timed_env(argv: list[str], out: Path, err: Path,
+                  env: dict[str, str | None]) -> Proc:
+    """run_timed with these environment variables set (None = unset) for the run only."""
+    old = dict(os.environ)
+    for k, v in env.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    try:
+        return run_timed(argv, out, err)
+    finally:
+        os.environ.clear()
+        os.environ.update(old)
+
+
 def run_timed(argv: list[str], out: Path, err: Path) -> Proc:
     """`sync`, wait for an idle machine, then run argv under /usr/bin/time, stdout/stderr to files.
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import shutil
 import signal
 import statistics
@@ -96,17 +95,7 @@ path = ""
 
 
 def timed(argv: list[str], logs: Path, tag: str, env: dict[str, str | None]) -> bl.Proc:
-    old = dict(os.environ)
-    for k, v in env.items():   # None = unset
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
-    try:
-        p = bl.run_timed(argv, logs / f"{tag}.out", logs / f"{tag}.err")
-    finally:
-        os.environ.clear()
-        os.environ.update(old)
+    p = bl.run_timed_env(argv, logs / f"{tag}.out", logs / f"{tag}.err", env)
     if p.rc != 0:
         raise SystemExit(f"bench: {tag} exited {p.rc}; see {logs / (tag + '.err')}")
     return p

@@ -349,12 +349,8 @@ def _parse_remotes(v: _V, t: dict[str, Any]) -> dict[str, RemoteConfig]:
 
 
 def _parse_sftp(v: _V, r: dict[str, Any], key: str) -> dict[str, Any]:
-    host = v.string(r, "host", key).strip()
-    if not host or any(c.isspace() for c in host) or "@" in host or "/" in host:
-        raise v.fail(f"{key}.host", f"'{host}' is not a host name or address (put the user "
-                     "in 'user' and the port in 'port')")
     o: dict[str, Any] = {
-        "host": host,
+        "host": _host(v, r, key),
         "port": v.integer(r, "port", key, 22, lo=1, hi=65535),
         "user": v.string(r, "user", key, ""),
         "root": v.string(r, "root", key, ".") or ".",
@@ -366,12 +362,7 @@ def _parse_sftp(v: _V, r: dict[str, Any], key: str) -> dict[str, Any]:
         "fsync": v.boolean(r, "fsync", key, False),
     }
     for k in ("passphrase_env", "password_env"):
-        name = v.string(r, k, key, "")
-        if name and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
-            # Not echoed: a user may have pasted the secret itself here.
-            raise v.fail(f"{key}.{k}", "is not an environment variable name; give the "
-                         "variable's name (e.g. \"SYNCD_BACKUP_PASSWORD\"), not its value")
-        o[k] = name
+        o[k] = _env_name(v, r, k, key)
     if o["timeout"] <= 0:
         raise v.fail(f"{key}.timeout", "must be more than 0")
     return o

@@ -8,6 +8,7 @@ from syncd.errors import ConfigError
 
 if TYPE_CHECKING:
     from syncd.config import RemoteConfig
+    from syncd.index import UploadLog
     from syncd.remotes.base import Remote
 
 
@@ -27,24 +28,25 @@ def open_remote(cfg: RemoteConfig, state_dir: str = "") -> Remote:
         from syncd.remotes.s3 import S3Options, S3Remote
 
         r = S3Remote(cfg.name, S3Options(**cfg.options, transfers=cfg.transfers))
-        if state_dir:
-            from pathlib import Path
-
-            from syncd.index import DB_NAME, UploadLog
-
-            r.uploads = UploadLog(Path(state_dir) / DB_NAME)
+        r.uploads = _upload_log(state_dir)
     elif cfg.type == "ftp":
         from syncd.remotes.ftp import FTPOptions, FTPRemote
 
         r = FTPRemote(cfg.name, FTPOptions(**cfg.options, transfers=cfg.transfers))
-        if state_dir:
-            from pathlib import Path
-
-            from syncd.index import DB_NAME, UploadLog
-
-            r.uploads = UploadLog(Path(state_dir) / DB_NAME)
+        r.uploads = _upload_log(state_dir)
     else:
         raise ConfigError(f"remote type '{cfg.type}' is not available in this version",
                           key=f"remotes.{cfg.name}.type")
     r.tmp_owner = owner_tag(state_dir)  # type: ignore[attr-defined]
     return r
+
+
+def _upload_log(state_dir: str) -> UploadLog | None:
+    """Where resumable uploads (S3 parts, FTP temps) are recorded: the state index."""
+    if not state_dir:
+        return None
+    from pathlib import Path
+
+    from syncd.index import DB_NAME, UploadLog
+
+    return UploadLog(Path(state_dir) / DB_NAME)

@@ -202,8 +202,9 @@ class FTPRemote:
         if not var:
             return "syncd@" if self.o.user == "anonymous" else ""
         if var not in self.env:
-            raise AuthError(f"environment variable {var} (password_env) is not set",
-                            remote=self.name)
+            raise AuthError(f"environment variable {var} (remotes.{self.name}.password_env) "
+                            "is not set; export it, or under systemd put it in an "
+                            "EnvironmentFile= of the unit", remote=self.name)
         return self.env[var]
 
     def _connect(self) -> ftplib.FTP:
@@ -430,9 +431,11 @@ class FTPRemote:
                 pass
         return f"{self.root.rstrip('/')}/{rel}" if rel else self.root
 
-    def _stat(self, ftp: ftplib.FTP, ap: str) -> tuple[int, int, int] | None:
+    def _stat(self, ftp: ftplib.FTP, ap: str, is_file: bool = False,
+              ) -> tuple[int, int, int] | None:
         """(kind, size, mtime_s) of an absolute path, None if nothing is there; symlinks and
-        other kinds are reported as -1."""
+        other kinds are reported as -1. `is_file`: known to be a file, so with LIST only
+        that file is listed, not its whole directory (a fresh upload in a big one)."""
         if self.listing == "MLSD":
             try:
                 resp = ftp.sendcmd(f"MLST {ap}")
@@ -445,6 +448,10 @@ class FTPRemote:
                     return self._kind_of(_facts(line.strip().partition(" ")[0]))
             return None
         parent, _, name = ap.rpartition("/")
+        if is_file:
+            one = self._list_dir(ftp, ap)
+            if len(one) == 1 and one[0][1] == _FILE and one[0][0] in (name, ap):
+                return one[0][1:]
         for n, kind, size, stamp in self._list_dir(ftp, parent or "/"):
             if n == name:
                 return kind, size, stamp
@@ -657,7 +664,9 @@ class FTPRemote:
             conn, _ = ftp.ntransfercmd(f"{'APPE' if offset else 'STOR'} {tmp}")
             reply_due = True
             try:
-                buf = bytearray(SEND_CHUNK)   # one buffer for the whole file: no copies
+                # One buffer for the whole file, no bigger than the file (10,000 small
+                # files must not zero 10,000 MiB-sized buffers).
+                buf = bytearray(max(1, min(SEND_CHUNK, source.size - offset)))
                 view = memoryview(buf)
                 while n := source.readinto(buf):
                     conn.sendall(view[:n])
@@ -692,7 +701,7 @@ class FTPRemote:
             raise
         self._forget(rec_id)
         if not set_mtime or self.listing != "MLSD":
-            st = self._stat(ftp, ap)
+            st = self._stat(ftp, ap, is_file=True)
             if st is None:
                 raise TransientError("file vanished right after its upload", remote=self.name,
                                      path=path)

@@ -321,7 +321,6 @@ class S3Remote:
         if uid is None:
             rec_id, uid = self._create(key, source, part_size)
         parts: dict[int, tuple[str, str | None]] = dict(done)
-        keep = False   # keep the upload (and its record) for a later resume
         try:
             with ThreadPoolExecutor(max_workers=PARTS_IN_FLIGHT) as pool:
                 futs: dict[Any, int] = {}

@@ -266,23 +266,28 @@ def test_sd_notify_ready_and_stopping(tmp_path: Path) -> None:
             d.proc.kill()
 
 
-def test_daemon_to_sshd(tmp_path: Path, sshd: SSHServer) -> None:
-    root = tmp_path / "remote-root"
-    root.mkdir()
-    d = Daemon(tmp_path, remote=sshd.remote_toml(root))
+def create_change_delete_through(d: Daemon, root: Path, over: str) -> None:
+    """The daemon's basic cycle against a remote whose storage is `root` on this machine:
+    initial sync, a new file from an event, a local delete propagated; then SIGTERM."""
     d.write("first.txt", b"1")
     d.start()
     try:
-        wait_for(lambda: (root / "docs/first.txt").exists(), what="initial sync over SFTP")
+        wait_for(lambda: (root / "docs/first.txt").exists(), what=f"initial sync over {over}")
         d.write("dir/second.txt", b"2")
         wait_for(lambda: (root / "docs/dir/second.txt").read_bytes() == b"2"
-                 if (root / "docs/dir/second.txt").exists() else False, what="event over SFTP")
+                 if (root / "docs/dir/second.txt").exists() else False, what=f"event over {over}")
         (d.src / "first.txt").unlink()
-        wait_for(lambda: not (root / "docs/first.txt").exists(), what="delete over SFTP")
+        wait_for(lambda: not (root / "docs/first.txt").exists(), what=f"delete over {over}")
         assert d.stop() == 0
     finally:
         if d.proc is not None:
             d.proc.kill()
+
+
+def test_daemon_to_sshd(tmp_path: Path, sshd: SSHServer) -> None:
+    root = tmp_path / "remote-root"
+    root.mkdir()
+    create_change_delete_through(Daemon(tmp_path, remote=sshd.remote_toml(root)), root, "SFTP")
 
 
 def test_status_while_running_and_after(daemon: Daemon) -> None:
@@ -402,21 +407,8 @@ def test_daemon_to_ftps(tmp_path: Path, ftpserver: FTPServer) -> None:
     root = ftpserver.root / tmp_path.name
     root.mkdir()
     body = ftpserver.remote_toml("nas", root=f"/{tmp_path.name}").split("\n", 1)[1]
-    d = Daemon(tmp_path, remote=body,
-               env={FTPServer.PASSWORD_ENV: FTPServer.PASSWORD})
-    d.write("first.txt", b"1")
-    d.start()
-    try:
-        wait_for(lambda: (root / "docs/first.txt").exists(), what="initial sync over FTPS")
-        d.write("dir/second.txt", b"2")
-        wait_for(lambda: (root / "docs/dir/second.txt").read_bytes() == b"2"
-                 if (root / "docs/dir/second.txt").exists() else False, what="event over FTPS")
-        (d.src / "first.txt").unlink()
-        wait_for(lambda: not (root / "docs/first.txt").exists(), what="delete over FTPS")
-        assert d.stop() == 0
-    finally:
-        if d.proc is not None:
-            d.proc.kill()
+    d = Daemon(tmp_path, remote=body, env={FTPServer.PASSWORD_ENV: FTPServer.PASSWORD})
+    create_change_delete_through(d, root, "FTPS")
 
 
 def test_syncd_retry_runs_failed_jobs_in_the_running_daemon(tmp_path: Path) -> None:
