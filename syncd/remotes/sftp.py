@@ -38,6 +38,7 @@ from syncd.listing import DIR_FP
 from syncd.model import TRASH_DIR, Kind, RemoteEntry
 from syncd.remotes import sftp_wire as w
 from syncd.remotes.base import Capabilities, Source, check_rel_path, temp_name
+from syncd.remotes.ssh_send import DataSender
 
 _FILE, _DIR = int(Kind.FILE), int(Kind.DIR)
 _SEC = 1_000_000_000
@@ -449,6 +450,7 @@ class SFTPRemote:
             raise TransientError(f"opening an SFTP channel on {self.where} failed: {e}",
                                  remote=self.name) from None
         ss = w.Session(ch)
+        ss.sender = DataSender.for_channel(ch)
         try:
             ss.start()
         except w.WireError as e:

@@ -139,6 +139,9 @@ class Session:
         self.max_write = MIN_WRITE
         self.max_read = MIN_WRITE
         self._chunk = max(1024, int(getattr(channel, "out_max_packet_size", 32768)) - 64)
+        # Something with .send(data) that writes all of data faster than ch.sendall
+        # (ssh_send.DataSender); None: the channel's own sendall.
+        self.sender: Any = None
 
     # --- framing --------------------------------------------------------------------------
 
@@ -201,7 +204,9 @@ class Session:
             raise ConnectionLost("session already failed")
         n = self._chunk
         try:
-            if len(data) <= n:
+            if self.sender is not None:
+                self.sender.send(data)
+            elif len(data) <= n:
                 self.ch.sendall(data)
             else:
                 mv = memoryview(data)
