@@ -48,6 +48,17 @@ MB = 1e6
 
 # --- helpers ----------------------------------------------------------------------------------
 
+def ensure_bytecode() -> None:
+    """Byte-compile syncd (as scripts/bootstrap.sh does at install), so a timed run does
+    not compile sources where __pycache__ is not written (PYTHONDONTWRITEBYTECODE)."""
+    import compileall
+
+    compileall.compile_dir(str(REPO / "syncd"), quiet=1)
+
+
+ensure_bytecode()   # every bench imports this module before timing anything
+
+
 
 def parse_size(s: str) -> int:
     """'1GiB', '256MiB', '64k', '1e9', '1000000' → bytes (K/M/G/T binary; KB/MB/GB decimal)."""
