@@ -20,6 +20,7 @@ from syncd.errors import AuthError, HostKeyError, TransientError, UnavailableErr
 from syncd.remotes import sftp_wire
 from syncd.remotes.base import Source
 from syncd.remotes.sftp import SFTPOptions, SFTPRemote, fingerprint
+from syncd.remotes.ssh_send import _BLOCK_ENGINE_OUT
 from tests.servers import SSHServer
 
 
@@ -439,7 +440,7 @@ def test_fast_data_sender_is_used_and_exact_across_rekeys(srv: SSHServer, tmp_pa
     real_count = sender._count
 
     def count(nbytes: int, npackets: int) -> None:
-        engines.add(id(getattr(pk, "_Packetizer__block_engine_out")))
+        engines.add(id(getattr(pk, _BLOCK_ENGINE_OUT)))
         real_count(nbytes, npackets)
 
     sender._count = count   # type: ignore[method-assign]
@@ -482,3 +483,31 @@ def test_fast_sender_refuses_a_channel_without_the_internals() -> None:
         transport = None
 
     assert DataSender.for_channel(Bare()) is None
+
+
+def test_connection_acknowledges_reads_at_once(srv: SSHServer, tmp_path: Path) -> None:
+    """The transport's socket re-arms TCP_QUICKACK after each read (sshd's reply to the
+    first channel open otherwise waits 40 ms for a delayed ACK) and keeps the timeout."""
+    import socket
+
+    from syncd.remotes.sftp import _QuickAckSocket
+
+    r = SFTPRemote("t", opts(srv, tmp_path))
+    r.check()
+    sock = r._transport.sock
+    assert isinstance(sock, _QuickAckSocket)
+    r.close()
+    tcp = socket.create_server(("127.0.0.1", 0))
+    q = _QuickAckSocket.wrap(socket.create_connection(tcp.getsockname(), timeout=2.5))
+    assert q.gettimeout() == 2.5
+    peer, _ = tcp.accept()
+    for _ in range(3):   # request/reply turns: a plain socket leaves quick-ACK mode here
+        peer.sendall(b"ping")
+        assert q.recv(4) == b"ping"
+        q.sendall(b"pong")
+        peer.recv(4)
+    peer.sendall(b"ping")
+    assert q.recv(4) == b"ping"
+    assert q.getsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK) == 1
+    for s in (q, peer, tcp):
+        s.close()
