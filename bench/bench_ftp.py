@@ -139,6 +139,7 @@ def main() -> None:
                             continue
                         peer = tool != "syncd"
                         try:
+                            bl.warm_cache(src)
                             add(f"{tool}_first", timed(argv, logs, f"{tag}-first", env, peer))
                             got = bl.tree_totals(srv.root / tag)
                             if got != want:

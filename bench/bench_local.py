@@ -82,6 +82,21 @@ def log(msg: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
+def warm_cache(root: Path) -> None:
+    """Read every file under `root` (untimed), so each tool's first sync starts from a warm
+    page cache, as BASELINE.md measures: otherwise whichever tool runs first after the
+    workload was generated (gigabytes later) pays the disk reads for the next one."""
+    buf = bytearray(1 << 20)
+    for dirpath, _, names in os.walk(root):
+        for n in names:
+            try:
+                with open(os.path.join(dirpath, n), "rb", buffering=0) as f:
+                    while f.readinto(buf):
+                        pass
+            except OSError:
+                pass
+
+
 def sync_disks() -> None:
     subprocess.run(["sync"], check=True)
 
@@ -419,6 +434,8 @@ def bench_sync(wd: Path, name: str, runs: int, rclone: str | None) -> dict[str, 
     def first_then_noop(tool: str, r: int, run: Any, dst: Path) -> None:
         """One timed first sync into a fresh `dst`, then the no-op right after it."""
         for phase in ("first", "noop"):
+            if phase == "first":
+                warm_cache(src)
             p = run(phase, f"{tool}-{name}-{phase}-{r}")
             res[f"{tool}_{phase}"].append(p)
             note(name, r, runs, f"{tool} {'no-op' if phase == 'noop' else phase}", p)

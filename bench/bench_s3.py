@@ -206,6 +206,7 @@ def main() -> None:
                     else:
                         continue
                     env = envs[tool]
+                    bl.warm_cache(src)
                     add(f"{tool}_first", timed(argv, logs, f"{prefix}-first", env))
                     got = count(c, "bench", prefix + "/")
                     if got != want:

@@ -195,21 +195,25 @@ def bench_workload(t: Tools, name: str, runs: int) -> dict[str, list[float]]:
         for d in dsts.values():
             bl.fresh_dir(d)
         cfg = t.syncd_config(name, r, dsts["syncd"])
+        bl.warm_cache(src)
         add("syncd_first", t.syncd(cfg, f"syncd-{name}-first-{r}", files))
         add("syncd_noop", t.syncd(cfg, f"syncd-{name}-noop-{r}", 0))
         if r == 0:
             check_copy(src, dsts["syncd"], "syncd")
         drop(name, dsts["syncd"])
         if t.rclone:
+            bl.warm_cache(src)
             add("rclone_first", t.rclone_sync(src, dsts["rclone"], f"rclone-{name}-first-{r}"))
             add("rclone_noop", t.rclone_sync(src, dsts["rclone"], f"rclone-{name}-noop-{r}"))
             if r == 0:
                 check_copy(src, dsts["rclone"], "rclone")
             drop(name, dsts["rclone"])
         if name == "small" and t.rsync:
+            bl.warm_cache(src)
             add("rsync_first", t.rsync_run(src, dsts["rsync"], f"rsync-{name}-first-{r}"))
             add("rsync_noop", t.rsync_run(src, dsts["rsync"], f"rsync-{name}-noop-{r}"))
         if name == "large" and t.sftp:
+            bl.warm_cache(src)
             add("sftp_first", t.sftp_put(src / "large.bin", dsts["sftp"], f"sftp-{name}-{r}"))
             drop(name, dsts["sftp"])
         if name != "large":

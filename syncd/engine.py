@@ -19,7 +19,7 @@ from syncd.errors import LockedError, RemoteError, SafetyError, UnavailableError
 from syncd.index import Index
 from syncd.listing import Listing, RemoteDiff, diff_listing
 from syncd.log import structlog
-from syncd.model import DELETING_OPS, Action, Kind, LocalState, Op, RemoteEntry
+from syncd.model import Action, Kind, LocalState, Op, RemoteEntry, phase
 from syncd.plan import DRIFT_REASONS, Facts, Policy, check_safety, plan_push
 from syncd.queue import Queue
 from syncd.remotes import open_remote
@@ -309,9 +309,8 @@ class Engine:
             res.status, res.plan = "planned", [a for a in actions if a.op != Op.FORGET]
             return
 
-        late = (*DELETING_OPS, Op.RMDIR, Op.CLEANUP)
-        first = [a for a in actions if a.op not in late]
-        later = [a for a in actions if a.op in late]
+        first = [a for a in actions if phase(a) < 1]
+        later = [a for a in actions if phase(a) >= 1]
         # The views are no longer needed; on a first sync of 100k files they are most of
         # the process's memory, and the transfers can take a while.
         del actions, states, base, remote_map, plan_paths, prior, clean, w, diff, hashed

@@ -113,14 +113,17 @@ class Done(NamedTuple):
 
 
 def action_to_json(a: Action) -> str:
-    return json.dumps([a.op.value, a.reason, a.size, a.hash.hex() if a.hash else None,
-                       a.mtime_ns, a.dest, a.remote_fp, int(a.kind)])
+    row = [a.op.value, a.reason, a.size, a.hash.hex() if a.hash else None, a.mtime_ns, a.dest,
+           a.remote_fp, int(a.kind)]
+    if a.replaces:
+        row.append(int(a.replaces))
+    return json.dumps(row)
 
 
 def action_from_json(path: str, s: str) -> Action:
-    op, reason, size, h, mtime_ns, dest, fp, kind = json.loads(s)
+    op, reason, size, h, mtime_ns, dest, fp, kind, *rest = json.loads(s)
     return Action(Op(op), path, reason, size, bytes.fromhex(h) if h else None, mtime_ns, dest,
-                  fp, kind)
+                  fp, kind, rest[0] if rest else 0)
 
 
 class Index:

@@ -81,6 +81,10 @@ class Action(NamedTuple):
     dest: str = ""                # trash destination, relative to the pair's remote path
     remote_fp: str = ""           # adopt: the remote fingerprint to record
     kind: int = Kind.FILE
+    # The kind of remote entry at `path` that this write replaces (a file where a
+    # directory goes, or the reverse); 0: none. It is removed first (trashed to `dest`, or
+    # deleted), as a delete would be.
+    replaces: int = 0
 
 
 class Job(NamedTuple):
@@ -93,9 +97,17 @@ class Job(NamedTuple):
     last_error: str | None
 
 
+PHASE_REPLACE_FILE = -1
+PHASE_REPLACE_DIR = 1003
+
+
 def phase(a: Action) -> int:
-    """Execution order between jobs of one pair: writes, then deletes (only after every
-    write succeeded), then directory removals deepest first."""
+    """Execution order between jobs of one pair: directories that replace remote files
+    (before anything is written under them), writes, then deletes (only after every write
+    succeeded), then directory removals deepest first, then files that replace remote
+    directories (once those are emptied). Phase >= 1 is the deleting part of a plan."""
+    if a.replaces:
+        return PHASE_REPLACE_FILE if a.op == Op.MKDIR else PHASE_REPLACE_DIR
     if a.op in (Op.DELETE, Op.TRASH, Op.CLEANUP):
         return 1   # CLEANUP too: a temp name may belong to an upload of this same run
     if a.op == Op.RMDIR:

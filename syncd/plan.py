@@ -6,7 +6,17 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from syncd.model import DELETING_OPS, TMP_PREFIX, TRASH_DIR, Action, Base, Kind, LocalState, Op
+from syncd.model import (
+    DELETING_OPS,
+    TMP_PREFIX,
+    TRASH_DIR,
+    Action,
+    Base,
+    Kind,
+    LocalState,
+    Op,
+    phase,
+)
 from syncd.model import RemoteEntry as R
 
 FILE, DIR = int(Kind.FILE), int(Kind.DIR)
@@ -47,7 +57,7 @@ def plan_push(local: Mapping[str, LocalState], base: Mapping[str, Base],
                 continue   # the common case: nothing changed anywhere
             out.extend(_file(path, l, b, r, policy))
         elif policy.dirs:
-            out.extend(_dir(path, b, r))
+            out.extend(_dir(path, b, r, policy))
     for path in base:
         if path not in local and path not in remote:
             out.append(Action(Op.FORGET, path, "gone on both sides"))
@@ -78,7 +88,21 @@ def plan_push(local: Mapping[str, LocalState], base: Mapping[str, Base],
                               dest=f"{TRASH_DIR}/{policy.trash_stamp}/{path}"))
     rmdirs.sort(key=lambda a: a.path.count("/"), reverse=True)  # children before parents
     out.extend(rmdirs)
+    if any(a.replaces for a in out):   # replacements go first or last (model.phase)
+        out.sort(key=phase)
+    blocked = {a.path for a in out if a.op == Op.CONFLICT and local[a.path].kind == DIR}
+    if blocked:   # nothing can be written under a remote file that must stay
+        out = [a for a in out if a.op not in (Op.UPLOAD, Op.MKDIR) or not _under(a.path, blocked)]
     return out
+
+
+def _under(path: str, dirs: set[str]) -> bool:
+    parent = path.rpartition("/")[0]
+    while parent:
+        if parent in dirs:
+            return True
+        parent = parent.rpartition("/")[0]
+    return False
 
 
 def _file(path: str, l: LocalState, b: Base | None, r: R | None, p: Policy) -> list[Action]:
@@ -86,8 +110,13 @@ def _file(path: str, l: LocalState, b: Base | None, r: R | None, p: Policy) -> l
     if r is None:
         return [up._replace(reason="new" if b is None else "missing on remote")]
     if r.kind != FILE:
-        return [Action(Op.CONFLICT, path, "the remote has a directory where the local tree "
-                       "has a file; remove or rename one of them")]
+        if p.delete == "keep":
+            return [Action(Op.CONFLICT, path, "the remote has a directory where the local tree "
+                           "has a file, and delete = keep forbids removing it; remove or rename "
+                           "one of them")]
+        # Its content is planned for deletion (not in the local tree); once emptied, the
+        # directory makes way for the file.
+        return [up._replace(reason="replaces a remote directory", replaces=DIR)]
     if b is not None and b.kind == FILE:
         if r.fp != b.remote_fp:
             return [up._replace(reason="remote drift")]
@@ -103,12 +132,17 @@ def _file(path: str, l: LocalState, b: Base | None, r: R | None, p: Policy) -> l
     return [up._replace(reason="differs from remote")]
 
 
-def _dir(path: str, b: Base | None, r: R | None) -> list[Action]:
+def _dir(path: str, b: Base | None, r: R | None, p: Policy) -> list[Action]:
     if r is None:
         return [Action(Op.MKDIR, path, "new")]
     if r.kind != DIR:
-        return [Action(Op.CONFLICT, path, "the remote has a file where the local tree has a "
-                       "directory; remove or rename one of them")]
+        if p.delete == "keep":
+            return [Action(Op.CONFLICT, path, "the remote has a file where the local tree has a "
+                           "directory, and delete = keep forbids removing it; remove or rename "
+                           "one of them")]
+        dest = f"{TRASH_DIR}/{p.trash_stamp}/{path}" if p.delete == "trash" else ""
+        return [Action(Op.MKDIR, path, "replaces a remote file", r.size, dest=dest,
+                       replaces=FILE)]
     if b is None or b.kind != DIR:
         return [Action(Op.ADOPT, path, "directory exists on remote", remote_fp=r.fp, kind=DIR)]
     return []
@@ -151,7 +185,7 @@ def check_safety(actions: list[Action], f: Facts, allow_mass_delete: bool = Fals
     if f.local_entries == 0 and f.base_entries > 0:
         return Trip(f"the local root is empty but {f.base_entries} entries were synced before",
                     "--allow-mass-delete")
-    deletes = sum(1 for a in actions if a.op in DELETING_OPS)
+    deletes = sum(1 for a in actions if a.op in DELETING_OPS or a.replaces == FILE)
     if deletes > f.max_delete:
         return Trip(f"the plan deletes {deletes} of {f.remote_files} remote files, more than "
                     f"max_delete = {f.max_delete_setting} allows ({f.max_delete})",

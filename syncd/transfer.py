@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from syncd import log as slog
-from syncd.errors import Conflict, PermanentError, TransientError
-from syncd.model import Base, Job, Kind, LocalState, Op, RemoteEntry
+from syncd.errors import Conflict, NotFound, PermanentError, TransientError
+from syncd.model import Action, Base, Job, Kind, LocalState, Op, RemoteEntry
 from syncd.queue import Outcome, Queue
 from syncd.remotes.base import Remote, Source, join, move
 from syncd.scan import is_racy
@@ -91,6 +91,8 @@ def execute(job: Job, ctx: PairCtx, now_ns: Callable[[], int] = time.time_ns) ->
     rp = join(ctx.remote_path, job.path)
     o = Outcome(job)
     try:
+        if a.replaces:
+            _clear(a, ctx, rp)
         if a.op == Op.UPLOAD:
             _upload(o, ctx, rp, now_ns)
         elif a.op == Op.MKDIR:
@@ -115,6 +117,28 @@ def execute(job: Job, ctx: PairCtx, now_ns: Callable[[], int] = time.time_ns) ->
         o.error = e
     o.duration_ms = int((time.perf_counter() - t0) * 1000)
     return o
+
+
+def _clear(a: Action, ctx: PairCtx, rp: str) -> None:
+    """Remove the remote entry a write replaces: a file (trashed or deleted, per the plan)
+    or a directory the earlier phases emptied. Already gone is fine."""
+    if a.replaces == DIR:
+        try:
+            emptied = ctx.remote.rmdir(rp)
+        except NotFound:
+            return
+        if not emptied:
+            raise Conflict("the remote directory this file replaces still has content (its "
+                           "deletion failed or was skipped); it is retried on the next run",
+                           remote=ctx.remote.name, path=rp)
+        return
+    try:
+        if a.dest:
+            move(ctx.remote, rp, join(ctx.remote_path, a.dest))
+        else:
+            ctx.remote.delete([rp])
+    except NotFound:
+        pass
 
 
 def _open_source(o: Outcome, ctx: PairCtx) -> Source | None:

@@ -414,9 +414,12 @@ def test_daemon_to_ftps(tmp_path: Path, ftpserver: FTPServer) -> None:
 def test_syncd_retry_runs_failed_jobs_in_the_running_daemon(tmp_path: Path) -> None:
     d = Daemon(tmp_path)
     # The daemon's own retries are an hour away: only `syncd retry` can bring it back now.
+    # delete = keep: the remote directory in the file's way may not be removed, so the
+    # upload is a conflict, parked as failed.
     d.config.write_text(d.config.read_text().replace('retry_initial = "50ms"',
                                                      'retry_initial = "1h"')
-                        .replace('retry_max = "200ms"', 'retry_max = "2h"'))
+                        .replace('retry_max = "200ms"', 'retry_max = "2h"')
+                        .replace('delete = "propagate"', 'delete = "keep"'))
     (d.mirror / "x.txt").mkdir(parents=True)        # a directory where the file must go
     (d.mirror / "x.txt" / "keep").write_bytes(b"k")
     d.write("x.txt", b"the file")
@@ -445,6 +448,7 @@ def test_syncd_retry_runs_failed_jobs_in_the_running_daemon(tmp_path: Path) -> N
 
 def test_syncd_retry_without_a_daemon_reconciles_the_pair(tmp_path: Path) -> None:
     d = Daemon(tmp_path)
+    d.config.write_text(d.config.read_text().replace('delete = "propagate"', 'delete = "keep"'))
     (d.mirror / "x.txt").mkdir(parents=True)
     (d.mirror / "x.txt" / "keep").write_bytes(b"k")
     d.write("x.txt", b"the file")

@@ -209,3 +209,28 @@ def test_server_stopped_mid_upload_then_resumed(tmp_path: Path, own_server: FTPS
     appe = [t for t in own_server.transfers() if t["cmd"] == "APPE"]
     assert appe and appe[-1]["completed"] and appe[-1]["bytes"] == len(data) - resumed[0]["bytes_done"]
     assert s.temps() == []
+
+
+def test_kind_changes_converge_over_ftps(tmp_path: Path, ftpserver: FTPServer) -> None:
+    """A folder replaced by a file and a file by a folder: one run, exact mirror."""
+    import shutil
+
+    (ftpserver.root / tmp_path.name).mkdir()
+    s = FTPSetup(tmp_path, ftpserver, root=f"/{tmp_path.name}")
+    s.mirror = ftpserver.root / tmp_path.name / "docs"
+    s.write("was_dir/a.txt", b"A")
+    s.write("was_dir/sub/b.txt", b"B")
+    s.write("was_file", b"old")
+    for i in range(4):   # so that 3 removals stay under max_delete = 50%
+        s.write(f"keep{i}", b"k")
+    assert s.reconcile().code == 0
+    shutil.rmtree(s.src / "was_dir")
+    s.write("was_dir", b"file now")
+    (s.src / "was_file").unlink()
+    s.write("was_file/in/c.txt", b"C")
+    r = s.reconcile()
+    assert r.code == 0 and r.summary["failed"] == [], r.err
+    assert s.tree() == {"was_dir": b"file now", "was_file/in/c.txt": b"C",
+                        **{f"keep{i}": b"k" for i in range(4)}}
+    assert (s.mirror / "was_dir").is_file()
+    assert s.reconcile().summary["uploaded"] == 0

@@ -326,3 +326,49 @@ def test_unreadable_local_root_stops_the_pair_and_keeps_the_index(setup: Setup) 
     assert tree(setup.mirror) == FILES
     r = setup.reconcile()
     assert r.code == 0 and r.summary["uploaded"] == 0 and r.summary["adopted"] == 0
+
+
+@pytest.mark.parametrize("delete", ["trash", "propagate"])
+def test_folder_replaced_by_a_file_and_file_replaced_by_a_folder(tmp_path: Path,
+                                                                 delete: str) -> None:
+    """Local kind changes converge in one run: the remote folder's content is removed
+    (trashed or deleted) before the file takes its name, and a remote file makes way for
+    the folder before anything is written under it."""
+    s = make_setup(tmp_path, delete=delete, max_delete="100%")
+    s.write("keep.txt", b"k")
+    s.write("was_dir/a.txt", b"A")
+    s.write("was_dir/sub/b.txt", b"B")
+    s.write("was_file", b"old file")
+    assert s.reconcile().code == 0
+    shutil.rmtree(s.src / "was_dir")
+    s.write("was_dir", b"now a file")
+    (s.src / "was_file").unlink()
+    s.write("was_file/inner/c.txt", b"C")
+    r = s.reconcile()
+    assert r.code == 0, r.err
+    assert r.summary["failed"] == []
+    assert tree(s.mirror) == tree(s.src)
+    assert (s.mirror / "was_dir").is_file() and (s.mirror / "was_file").is_dir()
+    trash = s.mirror / ".syncd-trash"
+    if delete == "trash":   # everything replaced is kept, under its old path
+        kept = {p.relative_to(next(trash.iterdir())).as_posix(): p.read_bytes()
+                for p in trash.rglob("*") if p.is_file()}
+        assert kept == {"was_dir/a.txt": b"A", "was_dir/sub/b.txt": b"B", "was_file": b"old file"}
+    else:
+        assert not trash.exists()
+    r2 = s.reconcile()
+    assert r2.code == 0 and r2.summary["uploaded"] == 0 and r2.summary["failed"] == []
+
+
+def test_kind_change_with_delete_keep_is_a_conflict_named_once(tmp_path: Path) -> None:
+    s = make_setup(tmp_path, delete="keep")
+    s.write("x", b"file")
+    assert s.reconcile().code == 0
+    (s.src / "x").unlink()
+    for i in range(5):
+        s.write(f"x/f{i}", b"under")
+    r = s.reconcile()
+    assert r.code == 1
+    assert [f["path"] for f in r.summary["failed"]] == ["x"], r.summary["failed"]
+    assert "delete = keep" in r.summary["failed"][0]["error"]
+    assert (s.mirror / "x").read_bytes() == b"file"

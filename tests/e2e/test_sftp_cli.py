@@ -235,3 +235,24 @@ def test_sshd_killed_mid_transfer_then_next_run_completes(tmp_path: Path, sshd: 
 
 def _syncd_cmd() -> list[str]:
     return [str(SYNCD)] if SYNCD.exists() else [sys.executable, "-m", "syncd"]
+
+
+def test_kind_changes_converge_over_sftp(tmp_path: Path, sshd: SSHServer) -> None:
+    """A folder replaced by a file and a file by a folder: one run, exact mirror."""
+    s = SftpSetup(tmp_path, sshd)
+    s.write("was_dir/a.txt", b"A")
+    s.write("was_dir/sub/b.txt", b"B")
+    s.write("was_file", b"old")
+    for i in range(4):   # so that 3 removals stay under max_delete = 50%
+        s.write(f"keep{i}", b"k")
+    assert s.reconcile().code == 0
+    import shutil
+
+    shutil.rmtree(s.src / "was_dir")
+    s.write("was_dir", b"file now")
+    (s.src / "was_file").unlink()
+    s.write("was_file/in/c.txt", b"C")
+    r = s.reconcile()
+    assert r.code == 0 and r.summary["failed"] == [], r.err
+    assert tree(s.mirror) == tree(s.src)
+    assert s.reconcile().summary["uploaded"] == 0

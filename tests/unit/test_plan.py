@@ -10,7 +10,18 @@ import xxhash
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from syncd.model import DELETING_OPS, TMP_PREFIX, Action, Base, Kind, LocalState, Op, RemoteEntry
+from syncd.model import (
+    DELETING_OPS,
+    TMP_PREFIX,
+    TRASH_DIR,
+    Action,
+    Base,
+    Kind,
+    LocalState,
+    Op,
+    RemoteEntry,
+    phase,
+)
 from syncd.plan import STALE_TMP_NS, Facts, Policy, check_safety, plan_push
 
 F, D = int(Kind.FILE), int(Kind.DIR)
@@ -64,8 +75,13 @@ CASES = [
     ("dir exists remotely, no base", DIR, None, DIR, "trash", [(Op.ADOPT, "")]),
     ("dir in sync", DIR, DIR, DIR, "trash", []),
     ("dir deleted locally", "-", DIR, DIR, "propagate", [(Op.RMDIR, "deleted locally")]),
-    ("file where remote has dir", "A", None, DIR, "trash", [(Op.CONFLICT, "")]),
-    ("dir where remote has file", DIR, None, "A", "trash", [(Op.CONFLICT, "")]),
+    ("file where remote has dir", "A", None, DIR, "trash",
+     [(Op.UPLOAD, "replaces a remote directory")]),
+    ("dir where remote has file", DIR, None, "A", "trash", [(Op.MKDIR, "replaces a remote file")]),
+    ("dir replaced a synced file", DIR, "A", "A", "propagate",
+     [(Op.MKDIR, "replaces a remote file")]),
+    ("file where remote has dir, keep", "A", None, DIR, "keep", [(Op.CONFLICT, "delete = keep")]),
+    ("dir where remote has file, keep", DIR, None, "A", "keep", [(Op.CONFLICT, "delete = keep")]),
 ]
 
 
@@ -83,6 +99,45 @@ def test_plan_table(name: str, l: str | None, b: str | None, r: str | None, dele
     assert [g[0] for g in got] == [w[0] for w in want], name
     for (_, greason), (_, wreason) in zip(got, want, strict=True):
         assert wreason in greason
+
+
+def test_file_replacing_a_directory_waits_for_its_content_to_go() -> None:
+    """Local 'x' is now a file; the remote still has directory x/ with x/a and x/sub/b.
+    The content is trashed, the emptied directories removed deepest first, and only then
+    the file is written (it removes the empty directory itself)."""
+    local = {"x": loc("A")}
+    remote = {"x": rem("x", None), "x/a": rem("x/a", "B"), "x/sub": rem("x/sub", None),
+              "x/sub/b": rem("x/sub/b", "C")}
+    bases = {"x": base(None), "x/a": base("B"), "x/sub": base(None), "x/sub/b": base("C")}
+    acts = plan_push(local, bases, remote, Policy(delete="trash", trash_stamp="T", now_ns=NOW))
+    assert [(a.op, a.path) for a in acts] == [
+        (Op.TRASH, "x/a"), (Op.TRASH, "x/sub/b"), (Op.RMDIR, "x/sub"), (Op.UPLOAD, "x")]
+    assert acts[-1].replaces == D and phase(acts[-1]) > max(phase(a) for a in acts[:-1])
+
+
+def test_directory_replacing_a_file_clears_it_before_anything_is_written_under_it() -> None:
+    local = {"x": loc(None), "x/a": loc("A"), "y": loc("Y")}
+    remote = {"x": rem("x", "OLD")}
+    bases = {"x": base("OLD")}
+    acts = plan_push(local, bases, remote, Policy(delete="trash", trash_stamp="T", now_ns=NOW))
+    assert (acts[0].op, acts[0].path) == (Op.MKDIR, "x")
+    mk = acts[0]
+    assert mk.replaces == F and mk.dest == f"{TRASH_DIR}/T/x" and mk.size == 3
+    assert phase(mk) < min(phase(a) for a in acts[1:])
+    acts = plan_push(local, bases, remote, Policy(delete="propagate", now_ns=NOW))
+    assert acts[0].replaces == F and acts[0].dest == ""
+    # Replacing a file removes it: it counts against max_delete like a delete.
+    trip = check_safety(acts, facts(remote_files=1, max_delete=0))
+    assert trip is not None and "deletes 1 of 1" in trip.reason
+
+
+def test_replacement_survives_the_queue_round_trip() -> None:
+    from syncd.index import action_from_json, action_to_json
+
+    a = Action(Op.MKDIR, "x", "replaces a remote file", 3, dest="t/x", replaces=F)
+    assert action_from_json("x", action_to_json(a)) == a
+    plain = Action(Op.UPLOAD, "y", "new", 1, b"h" * 16, 5)
+    assert "replaces" not in action_to_json(plain) and action_from_json("y", action_to_json(plain)) == plain
 
 
 def test_trash_destination_is_dated_under_pair() -> None:
@@ -199,15 +254,17 @@ def dirs_of(files: dict[str, str]) -> set[str]:
     return ds
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=400, deadline=None)
 @given(local_t=trees, remote_t=trees, base_keys=st.sets(paths, max_size=8),
        drift=st.booleans(), delete=st.sampled_from(["trash", "propagate", "keep"]))
 def test_applying_the_plan_makes_remote_equal_local(local_t: dict[str, str], remote_t: dict[str, str],
                                                     base_keys: set[str], drift: bool,
                                                     delete: str) -> None:
+    """Trees are drawn independently, so a path can be a file on one side and a directory
+    on the other (a folder replaced by a file, or the reverse). Actions are applied in
+    their queue phase order, as the engine runs them; a remote that would need a write
+    under a file, or a removal of a non-empty directory, fails the model."""
     local_t, remote_t = normalize(local_t), normalize(remote_t)
-    remote_t = {p: c for p, c in remote_t.items() if p not in dirs_of(local_t)}
-    local_t = {p: c for p, c in local_t.items() if p not in dirs_of(remote_t)}
     local = {p: loc(c) for p, c in local_t.items()} | {d: loc(None) for d in dirs_of(local_t)}
     remote = {p: rem(p, c) for p, c in remote_t.items()} | {d: rem(d, None) for d in dirs_of(remote_t)}
     bases: dict[str, Base] = {}
@@ -217,15 +274,36 @@ def test_applying_the_plan_makes_remote_equal_local(local_t: dict[str, str], rem
         elif p in local_t:
             bases[p] = base(local_t[p])
     acts = plan_push(local, bases, remote, Policy(delete=delete, trash_stamp="T", now_ns=NOW))
+    assert [phase(a) for a in acts] == sorted(phase(a) for a in acts), "not in execution order"
+    collisions = ({p for p in local_t if p in dirs_of(remote_t)}
+                  | {d for d in dirs_of(local_t) if d in remote_t})
 
     model_files = dict(remote_t)
     model_dirs = dirs_of(remote_t)
+
+    def parents_ok(path: str) -> None:
+        for d in dirs_of({path: ""}):
+            assert d not in model_files, f"write under a remote file: {path}"
+
     for a in acts:
-        assert a.op != Op.CONFLICT
+        if a.op == Op.CONFLICT:
+            assert delete == "keep" and a.path in collisions
+            continue
+        if a.replaces == D:
+            assert a.path in model_dirs
+            assert not any(p.startswith(a.path + "/") for p in (*model_files, *model_dirs)), \
+                "replaced directory not emptied first"
+            model_dirs.discard(a.path)
+        elif a.replaces == F:
+            del model_files[a.path]
         if a.op == Op.UPLOAD:
+            parents_ok(a.path)
+            assert a.path not in model_dirs
             model_files[a.path] = local_t[a.path]
             model_dirs |= dirs_of({a.path: ""})
         elif a.op == Op.MKDIR:
+            parents_ok(a.path)
+            assert a.path not in model_files
             model_dirs.add(a.path)
         elif a.op in DELETING_OPS:
             del model_files[a.path]
@@ -234,15 +312,19 @@ def test_applying_the_plan_makes_remote_equal_local(local_t: dict[str, str], rem
             model_dirs.discard(a.path)
         elif a.op == Op.ADOPT and a.kind == F:
             assert model_files[a.path] == local_t[a.path]
-    if delete == "keep":
-        assert {p: model_files[p] for p in local_t} == local_t
+    if delete == "keep":   # what a conflict blocks (the path, or what lies under it) aside
+        free = {p: c for p, c in local_t.items()
+                if p not in collisions and not dirs_of({p: ""}) & collisions}
+        assert {p: model_files[p] for p in free} == free
     else:
         assert model_files == local_t
         assert model_dirs == dirs_of(local_t)
-    # Invariant: nothing is deleted before every write of the plan.
-    ops = [a.op for a in acts]
-    first_delete = next((i for i, o in enumerate(ops) if o in DELETING_OPS or o == Op.RMDIR), len(ops))
-    assert all(o not in (Op.UPLOAD, Op.MKDIR) for o in ops[first_delete:])
+    # Invariant: nothing is deleted before every write of the plan, except what a write
+    # replaces (it cannot be written otherwise).
+    ops = [a for a in acts if not a.replaces]
+    first_delete = next((i for i, a in enumerate(ops) if a.op in DELETING_OPS or a.op == Op.RMDIR),
+                        len(ops))
+    assert all(a.op not in (Op.UPLOAD, Op.MKDIR) for a in ops[first_delete:])
 
 
 def test_own_temps_cleaned_at_once_foreign_only_when_stale() -> None:
