@@ -252,7 +252,7 @@ REMOTE_COMMON_KEYS = ("type", "transfers")
 REMOTE_TYPE_KEYS: dict[str, tuple[str, ...]] = {
     "local": ("path", "fsync"),
     "sftp": ("host", "port", "user", "root", "key_file", "passphrase_env", "password_env",
-             "use_agent", "known_hosts", "host_key_policy", "timeout", "fsync"),
+             "use_agent", "known_hosts", "host_key_policy", "timeout", "fsync", "connections"),
     "s3": ("bucket", "prefix", "region", "endpoint_url", "profile", "addressing_style",
            "storage_class", "sse", "sse_kms_key_id", "multipart_threshold",
            "multipart_chunksize", "timeout"),
@@ -360,6 +360,7 @@ def _parse_sftp(v: _V, r: dict[str, Any], key: str) -> dict[str, Any]:
         "host_key_policy": v.choice(r, "host_key_policy", key, HOST_KEY_POLICIES, "strict"),
         "timeout": v.parsed(r, "timeout", key, "30s", parse_duration),
         "fsync": v.boolean(r, "fsync", key, False),
+        "connections": v.integer(r, "connections", key, 2, lo=1, hi=16),
     }
     for k in ("passphrase_env", "password_env"):
         o[k] = _env_name(v, r, k, key)

@@ -95,6 +95,7 @@ class SFTPOptions:
     timeout: float = 30.0
     fsync: bool = False
     state_dir: str = ""                     # where accept-new records keys
+    connections: int = 2                    # SSH connections for concurrent transfers
 
 
 def fingerprint(key: Any) -> str:
@@ -107,6 +108,21 @@ def _fp(size: int, mtime_s: int) -> str:
     return f"{size}:{mtime_s * _SEC}"
 
 
+class _Conn:
+    """One SSH connection of the pool and its SFTP channels."""
+
+    __slots__ = ("dead", "idle", "sessions", "transport")
+
+    def __init__(self, transport: Any):
+        self.transport = transport
+        self.sessions = 0                  # channels open (idle or in use)
+        self.idle: list[w.Session] = []
+        self.dead = False
+
+    def busy(self) -> int:
+        return self.sessions - len(self.idle)
+
+
 class SFTPRemote:
     caps = Capabilities(dirs=True, move=True, mtime_precision_ns=_SEC, atomic_put=True,
                         cpu_bound=False)
@@ -117,11 +133,9 @@ class SFTPRemote:
         self.env = dict(os.environ) if env is None else env
         self._lock = threading.Lock()
         self._free = threading.Condition(self._lock)
-        self._transport: Any = None
-        self._idle: list[w.Session] = []
-        self._sessions = 0              # open on the current transport
+        self._conns: list[_Conn] = []   # live SSH connections, each with its channels
+        self._max_conns = max(1, opts.connections)
         self._max_sessions = MAX_CHANNELS
-        self._generation = 0            # bumps on every reconnect
         self.root = b""                 # canonical (symlink-free) absolute root, from the server
         self._pid = os.getpid()
         self.tmp_owner = ""   # set by open_remote: the state dir's tag (see temp_name)
@@ -396,22 +410,26 @@ class SFTPRemote:
         threading.Thread(target=connect, name=f"connect-{self.name}", daemon=True).start()
 
     def _after_fork(self) -> None:
-        """In a forked child: the parent's connection (if any) belongs to the parent. Forget
-        it without a word on the wire (closing it would hang up on the parent's session)
+        """In a forked child: the parent's connections (if any) belong to the parent. Forget
+        them without a word on the wire (closing one would hang up on the parent's session)
         and start over with fresh locks (another thread may have held them at fork time)."""
         self._pid = os.getpid()
         self._lock = threading.Lock()
         self._free = threading.Condition(self._lock)
-        self._transport = None
-        self._idle = []
-        self._sessions = 0
-        self._generation += 1
+        for c in self._conns:
+            c.dead = True
+        self._conns = []
+
+    @property
+    def _transport(self) -> Any:
+        """The first live connection's transport (None before connecting)."""
+        return self._conns[0].transport if self._conns else None
 
     def _take(self) -> w.Session:
         ss = self._take_session()
         if self.root:
             return ss
-        try:   # the canonical root, once per connection; a failure leaves it unset
+        try:   # the canonical root, once; a failure leaves it unset
             canon = ss.realpath_name(ss.realpath(self.o.root.encode()))
             self.root = canon.rstrip(b"/") or b"/"
         except w.StatusError as e:
@@ -429,48 +447,63 @@ class SFTPRemote:
         return ss
 
     def _take_session(self) -> w.Session:
+        """An idle channel, a new channel, or a new connection, in the order that spreads
+        concurrent users over up to `connections` SSH connections: each has its own
+        server process, and one connection's server is the bottleneck of a busy sync."""
         if self._pid != os.getpid():
             self._after_fork()
         with self._lock:
             while True:
-                t = self._transport
-                if t is not None and not t.is_active():
-                    self._drop_transport()
-                    t = None
-                if t is None:
-                    self._transport = t = self._connect()
-                    self._generation += 1
-                    self._sessions = 0
-                    self._idle.clear()
-                    self.root = b""
-                if self._idle:
-                    return self._idle.pop()
-                if self._sessions < self._max_sessions:
-                    self._sessions += 1
+                for c in [c for c in self._conns if not c.transport.is_active()]:
+                    self._drop_conn(c)
+                if not self._conns:
+                    self.root = b""   # re-resolved on the new connection
+                conns = sorted(self._conns, key=_Conn.busy)
+                c = conns[0] if conns else None
+                if c is not None and c.idle and (c.busy() == 0 or len(conns) >= self._max_conns):
+                    return c.idle.pop()
+                if c is None or (c.busy() > 0 and len(conns) < self._max_conns):
+                    try:
+                        c = _Conn(self._connect())
+                    except RemoteError:
+                        if not conns:
+                            raise
+                        # The server refuses more connections (MaxStartups, per-user
+                        # limits): use the ones we have.
+                        self._max_conns = len(conns)
+                        self.log.info("sftp_connections_capped", remote=self.name,
+                                      connections=len(conns))
+                        continue
+                    self._conns.append(c)
+                    if c.idle:   # pragma: no cover - a fresh connection has none
+                        return c.idle.pop()
+                if c.sessions < self._max_sessions:
+                    c.sessions += 1
                     break
+                if c.idle:
+                    return c.idle.pop()
                 self._free.wait(self.o.timeout)
-            gen = self._generation
         try:
-            ss = self._open_session(t)
+            ss = self._open_session(c)
         except BaseException:
             with self._lock:
-                if gen == self._generation:
-                    self._sessions -= 1
+                if not c.dead:
+                    c.sessions -= 1
                     self._free.notify()
             raise
-        ss.generation = gen   # type: ignore[attr-defined]
+        ss.conn = c   # type: ignore[attr-defined]
         return ss
 
-    def _open_session(self, t: Any) -> w.Session:
+    def _open_session(self, c: _Conn) -> w.Session:
         paramiko = _paramiko()
         try:
-            ch = t.open_session(window_size=16 << 20, max_packet_size=256 << 10,
+            ch = c.transport.open_session(window_size=16 << 20, max_packet_size=256 << 10,
                                 timeout=self.o.timeout)
             ch.settimeout(self.o.timeout)
             ch.invoke_subsystem("sftp")
         except paramiko.ChannelException as e:
             with self._lock:   # the server caps sessions per connection: use fewer
-                self._max_sessions = max(1, self._sessions - 1)
+                self._max_sessions = max(1, c.sessions - 1)
             raise TransientError(f"server refused another SFTP channel: {e}",
                                  remote=self.name) from None
         except (paramiko.SSHException, OSError, EOFError) as e:
@@ -489,33 +522,33 @@ class SFTPRemote:
 
     def _give(self, ss: w.Session, reusable: bool) -> None:
         with self._lock:
-            current = getattr(ss, "generation", -1) == self._generation
+            c: _Conn | None = getattr(ss, "conn", None)
+            current = c is not None and not c.dead
             if reusable and not ss.broken and current:
-                self._idle.append(ss)
+                c.idle.append(ss)   # type: ignore[union-attr]
             else:
                 ss.close_channel()
                 if current:
-                    self._sessions -= 1
-                    if ss.broken:   # a broken channel usually means a dead connection
-                        t = self._transport
-                        if t is not None and not t.is_active():
-                            self._drop_transport()
+                    c.sessions -= 1   # type: ignore[union-attr]
+                    # A broken channel usually means a dead connection.
+                    if ss.broken and not c.transport.is_active():   # type: ignore[union-attr]
+                        self._drop_conn(c)   # type: ignore[arg-type]
             self._free.notify()
 
-    def _drop_transport(self) -> None:
-        for ss in self._idle:
+    def _drop_conn(self, c: _Conn) -> None:
+        c.dead = True
+        for ss in c.idle:
             ss.close_channel()
-        self._idle.clear()
-        t, self._transport = self._transport, None
-        self._sessions = 0
-        self._generation += 1
-        if t is not None:
-            with contextlib.suppress(Exception):
-                t.close()
+        c.idle.clear()
+        if c in self._conns:
+            self._conns.remove(c)
+        with contextlib.suppress(Exception):
+            c.transport.close()
 
     def close(self) -> None:
         with self._lock:
-            self._drop_transport()
+            for c in list(self._conns):
+                self._drop_conn(c)
 
     # --- errors and paths ------------------------------------------------------------------
 

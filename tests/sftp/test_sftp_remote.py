@@ -511,3 +511,74 @@ def test_connection_acknowledges_reads_at_once(srv: SSHServer, tmp_path: Path) -
     assert q.getsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK) == 1
     for s in (q, peer, tcp):
         s.close()
+
+
+def _busy_puts(r: SFTPRemote, tmp_path: Path, workers: int = 4) -> list[BaseException]:
+    """`workers` threads each holding a session at once (put_many of a few files)."""
+    srcdir = tmp_path / "src"
+    srcdir.mkdir(parents=True, exist_ok=True)
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(workers)
+
+    def work(k: int) -> None:
+        try:
+            items = []
+            for i in range(20):
+                p = srcdir / f"{k}-{i}"
+                p.write_bytes(os.urandom(50_000))
+                items.append((f"w{k}/{i}", Source(str(p), p.name)))
+            with r._session("") as ss:   # hold one session while the others take theirs
+                barrier.wait(10)
+                assert ss is not None
+            res = r.put_many(items)
+            for _, so in items:
+                so.close()
+            assert not [x for x in res if isinstance(x, Exception)]
+        except BaseException as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(workers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    return errors
+
+
+def test_concurrent_work_spreads_over_connections(srv: SSHServer, tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    root.mkdir()
+    r = SFTPRemote("t", opts(srv, root, connections=2))
+    assert not _busy_puts(r, tmp_path)
+    assert len(r._conns) == 2
+    assert sum(c.sessions for c in r._conns) >= 4
+    assert len(list(root.rglob("*"))) == 4 * 20 + 4
+    r.close()
+    assert r._conns == []
+    one = SFTPRemote("t", opts(srv, root, connections=1))
+    assert not _busy_puts(one, tmp_path / "b")
+    assert len(one._conns) == 1
+    one.close()
+
+
+def test_refused_extra_connection_caps_the_pool(srv: SSHServer, tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """A server that takes one login per user: the second connection fails, the pool
+    stays at one connection and the work still completes."""
+    root = tmp_path / "root"
+    root.mkdir()
+    r = SFTPRemote("t", opts(srv, root, connections=3))
+    real = r._connect
+    calls = []
+
+    def connect_once() -> object:
+        calls.append(1)
+        if len(calls) > 1:
+            raise TransientError("too many logins", remote="t")
+        return real()
+
+    monkeypatch.setattr(r, "_connect", connect_once)
+    assert not _busy_puts(r, tmp_path)
+    assert len(r._conns) == 1 and r._max_conns == 1
+    assert len(calls) == 2   # tried once, then capped: no retry storm
+    r.close()
