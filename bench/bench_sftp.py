@@ -219,6 +219,7 @@ def bench_workload(t: Tools, name: str, runs: int) -> dict[str, list[float]]:
             bl.warm_cache(src)
             add("sftp_first", t.sftp_put(src / "large.bin", dsts["sftp"], f"sftp-{name}-{r}"))
             drop(name, dsts["sftp"])
+            bl.fresh_dir(dsts["sftp"])
             bl.warm_cache(src)
             add("sftpgcm_first", t.sftp_put(src / "large.bin", dsts["sftp"],
                                             f"sftpgcm-{name}-{r}", "aes128-gcm@openssh.com"))
