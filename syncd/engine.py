@@ -31,6 +31,7 @@ if TYPE_CHECKING:   # imported when there is something to transfer: an idle run 
 
 FILE, DIR = int(Kind.FILE), int(Kind.DIR)
 PROCESS_POOL_MIN_JOBS = 256
+ENQUEUE_BATCH = 4096
 
 
 @dataclass
@@ -382,14 +383,27 @@ class Engine:
     def _run(self, pair: PairConfig, ctx: PairCtx, actions: list[Action], res: PairResult) -> None:
         if not actions or (self.stop is not None and self.stop.is_set()):
             return   # shutting down: the next start re-plans from a fresh scan
-        self.queue.enqueue(pair.name, actions)
         n_jobs = len(actions)
+        # The plan goes to the queue in batches as the workers take jobs (phase order
+        # keeps a later phase from starting before an earlier one was written).
+        todo = sorted(actions, key=phase)
+        pos = 0
+
+        def feed() -> bool:
+            nonlocal pos
+            self.queue.enqueue(pair.name, todo[pos:pos + ENQUEUE_BATCH])
+            pos += ENQUEUE_BATCH
+            if pos >= len(todo):
+                todo.clear()
+                return False
+            return True
+
         moving = any(a.op in (Op.UPLOAD, Op.DELETE, Op.TRASH) for a in actions)
         reporter = None
         if self.reporter_factory is not None and moving:
             reporter = self.reporter_factory(pair.name, n_jobs,
                                              sum(a.size for a in actions if a.op == Op.UPLOAD))
-        actions.clear()   # the queue has them now
+        actions.clear()   # `todo` has them, and the queue gets them batch by batch
         # Worker processes pay a start-up cost (~0.1 s); worth it only for many jobs.
         from syncd.transfer import Runner
 
@@ -397,7 +411,7 @@ class Engine:
                         log=self.log, done_level=self.transfer_log_level,
                         processes=n_jobs >= PROCESS_POOL_MIN_JOBS, stop=self.stop)
         try:
-            stats = runner.run([pair.name])
+            stats = runner.run([pair.name], feed)
         finally:
             if reporter is not None and hasattr(reporter, "close"):
                 reporter.close()

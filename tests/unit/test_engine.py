@@ -186,3 +186,64 @@ def test_nothing_under_an_ignored_dir_is_deleted_even_if_a_rule_reincludes_it(tm
     res = engine(cfg, None, Clock()).reconcile(cfg.pairs[0], Options())
     assert res.status == "ok" and res.uploaded == 12 and res.deleted == 0
     assert keep.read_bytes() == b"on the remote only"
+
+
+class Recording(Faulty):
+    """Records the order of every remote operation (threads: its list lives here)."""
+
+    def __init__(self, root: Path):
+        super().__init__(root)
+        self.ops: list[tuple[str, str]] = []
+
+    def put(self, path: str, source: Source) -> Any:
+        self.ops.append(("put", path))
+        return super().put(path, source)
+
+    def mkdir(self, path: str) -> Any:
+        self.ops.append(("mkdir", path))
+        return super().mkdir(path)
+
+    def delete(self, paths: Any) -> None:
+        self.ops += [("delete", p) for p in paths]
+        super().delete(paths)
+
+    def move(self, src: str, dst: str) -> None:
+        self.ops.append(("move", src))
+        super().move(src, dst)
+
+
+def test_plan_fed_to_the_queue_in_batches_keeps_phase_order(tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the plan enqueued a few jobs at a time while workers run, every job still runs
+    once, a file that replaces a remote folder is written only after the folder's content
+    went (last phase), and a folder replacing a remote file is made before anything is
+    written under it (first phase)."""
+    import syncd.engine as eng
+
+    monkeypatch.setattr(eng, "ENQUEUE_BATCH", 3)
+    files = {f"a/f{i}": b"x" * i for i in range(10)} | {"gone_dir/k": b"k", "was_file": b"w"}
+    files |= {f"keep{i}": b"k" for i in range(10)}
+    cfg, src, dst = setup(tmp_path, files)
+    clock = Clock()
+    assert engine(cfg, Recording(dst), clock).reconcile(cfg.pairs[0], Options()).status == "ok"
+    import shutil
+
+    shutil.rmtree(src / "gone_dir")
+    (src / "gone_dir").write_bytes(b"now a file")
+    (src / "was_file").unlink()
+    for i in range(7):
+        (src / "was_file" / f"n{i}").parent.mkdir(exist_ok=True)
+        (src / "was_file" / f"n{i}").write_bytes(b"n")
+    remote = Recording(dst)
+    res = engine(cfg, remote, clock).reconcile(cfg.pairs[0], Options())
+    assert res.status == "ok" and not res.failures, res.failures
+    mirror = {k: v for k, v in tree(dst / "docs").items() if not k.startswith(".syncd-trash")}
+    assert mirror == tree(src)
+    ops = remote.ops
+    assert ops[0] == ("move", "docs/was_file")        # trashed before anything else
+    assert ops.index(("mkdir", "docs/was_file")) < min(
+        ops.index(("put", f"docs/was_file/n{i}")) for i in range(7))
+    assert ops[-1] == ("put", "docs/gone_dir")         # after the folder's content went
+    assert ops.index(("move", "docs/gone_dir/k")) < len(ops) - 1
+    puts = [p for op, p in ops if op == "put"]
+    assert len(puts) == len(set(puts)) == 8
