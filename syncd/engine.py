@@ -20,7 +20,7 @@ from syncd.index import Index
 from syncd.listing import Listing, RemoteDiff, diff_listing
 from syncd.log import structlog
 from syncd.model import Action, Kind, LocalState, Op, RemoteEntry, phase
-from syncd.plan import DRIFT_REASONS, Facts, Policy, check_safety, plan_push
+from syncd.plan import DRIFT_REASONS, Facts, Policy, check_safety, plan_push, under
 from syncd.queue import Queue
 from syncd.remotes import open_remote
 from syncd.remotes.base import Remote
@@ -312,6 +312,15 @@ class Engine:
 
         first = [a for a in actions if phase(a) < 1]
         later = [a for a in actions if phase(a) >= 1]
+        if scan_errors and any(a.replaces for a in first):
+            # Replacing a remote file by a directory removes it before any upload: like
+            # every delete, not after a scan error. What would go under it waits too.
+            held = {a.path for a in first if a.replaces}
+            kept = [a for a in first if a.path not in held and not under(a.path, held)]
+            log.warning("replacements_skipped", count=len(first) - len(kept),
+                        reason="a scan error in this run; they wait for a clean run")
+            res.skipped += len(first) - len(kept)
+            first = kept
         # The views are no longer needed; on a first sync of 100k files they are most of
         # the process's memory, and the transfers can take a while.
         del actions, states, base, remote_map, plan_paths, prior, clean, w, diff, hashed

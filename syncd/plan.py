@@ -92,11 +92,11 @@ def plan_push(local: Mapping[str, LocalState], base: Mapping[str, Base],
         out.sort(key=phase)
     blocked = {a.path for a in out if a.op == Op.CONFLICT and local[a.path].kind == DIR}
     if blocked:   # nothing can be written under a remote file that must stay
-        out = [a for a in out if a.op not in (Op.UPLOAD, Op.MKDIR) or not _under(a.path, blocked)]
+        out = [a for a in out if a.op not in (Op.UPLOAD, Op.MKDIR) or not under(a.path, blocked)]
     return out
 
 
-def _under(path: str, dirs: set[str]) -> bool:
+def under(path: str, dirs: set[str]) -> bool:
     parent = path.rpartition("/")[0]
     while parent:
         if parent in dirs:

@@ -65,7 +65,8 @@ def _worker_init() -> None:
 
 
 def _execute_chunk(jobs: list[Job], pairs: dict[str, PairCtx]) -> list[Outcome]:
-    uploads = [j for j in jobs if j.action.op == Op.UPLOAD]
+    # An upload that replaces a remote directory removes it first (execute): never batched.
+    uploads = [j for j in jobs if j.action.op == Op.UPLOAD and not j.action.replaces]
     ctx = pairs[jobs[0].pair]
     if (len(uploads) >= 2 and getattr(ctx.remote, "put_many", None) is not None
             and all(j.pair == ctx.name for j in uploads)):
@@ -128,8 +129,9 @@ def _clear(a: Action, ctx: PairCtx, rp: str) -> None:
         except NotFound:
             return
         if not emptied:
-            raise Conflict("the remote directory this file replaces still has content (its "
-                           "deletion failed or was skipped); it is retried on the next run",
+            raise Conflict("the remote directory this file replaces still has content: "
+                           "entries this pair ignores, or a deletion that failed or was "
+                           "skipped; remove them (or the directory) by hand, or retry",
                            remote=ctx.remote.name, path=rp)
         return
     try:
@@ -223,8 +225,12 @@ class RunStats:
     retries: int = 0
 
     def add(self, o: Outcome) -> None:
-        key = "skipped" if o.keep_base else o.job.action.op.value
+        a = o.job.action
+        key = "skipped" if o.keep_base else a.op.value
         self.done[key] = self.done.get(key, 0) + 1
+        if a.replaces == FILE and not o.keep_base:   # the remote file it replaced is gone
+            gone = Op.TRASH.value if a.dest else Op.DELETE.value
+            self.done[gone] = self.done.get(gone, 0) + 1
         if o.job.action.op == Op.UPLOAD:
             self.uploaded_bytes += o.bytes
 

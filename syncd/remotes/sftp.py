@@ -15,6 +15,7 @@ import os
 import socket
 import struct
 import threading
+import time
 from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -43,6 +44,7 @@ from syncd.remotes.ssh_send import DataSender
 _FILE, _DIR = int(Kind.FILE), int(Kind.DIR)
 _SEC = 1_000_000_000
 KEEPALIVE_S = 15
+CONNECTION_RETRY_S = 300         # after a refused extra connection, try another this late
 # WRITE requests in flight per upload (x 255 KiB). 32 leaves a 1 GiB upload waiting on
 # flow control ~30% of the time on loopback; 64 does not (spreading one file over four
 # channels was tried too: no faster than one channel with this window).
@@ -135,6 +137,9 @@ class SFTPRemote:
         self._free = threading.Condition(self._lock)
         self._conns: list[_Conn] = []   # live SSH connections, each with its channels
         self._max_conns = max(1, opts.connections)
+        self._connecting = 0            # connections being made (outside the lock)
+        self._capped = self._max_conns  # the limit after a refused extra connection...
+        self._cap_until = 0.0           # ...until this time.monotonic()
         self._max_sessions = MAX_CHANNELS
         self.root = b""                 # canonical (symlink-free) absolute root, from the server
         self._pid = os.getpid()
@@ -419,6 +424,7 @@ class SFTPRemote:
         for c in self._conns:
             c.dead = True
         self._conns = []
+        self._connecting = 0
 
     @property
     def _transport(self) -> Any:
@@ -449,40 +455,43 @@ class SFTPRemote:
     def _take_session(self) -> w.Session:
         """An idle channel, a new channel, or a new connection, in the order that spreads
         concurrent users over up to `connections` SSH connections: each has its own
-        server process, and one connection's server is the bottleneck of a busy sync."""
+        server process, and one connection's server is the bottleneck of a busy sync.
+        Connecting happens outside the lock: other workers keep taking and returning
+        channels meanwhile."""
         if self._pid != os.getpid():
             self._after_fork()
-        with self._lock:
-            while True:
-                for c in [c for c in self._conns if not c.transport.is_active()]:
-                    self._drop_conn(c)
-                if not self._conns:
-                    self.root = b""   # re-resolved on the new connection
-                conns = sorted(self._conns, key=_Conn.busy)
-                c = conns[0] if conns else None
-                if c is not None and c.idle and (c.busy() == 0 or len(conns) >= self._max_conns):
-                    return c.idle.pop()
-                if c is None or (c.busy() > 0 and len(conns) < self._max_conns):
-                    try:
-                        c = _Conn(self._connect())
-                    except RemoteError:
-                        if not conns:
-                            raise
-                        # The server refuses more connections (MaxStartups, per-user
-                        # limits): use the ones we have.
-                        self._max_conns = len(conns)
-                        self.log.info("sftp_connections_capped", remote=self.name,
-                                      connections=len(conns))
-                        continue
-                    self._conns.append(c)
-                    if c.idle:   # pragma: no cover - a fresh connection has none
-                        return c.idle.pop()
-                if c.sessions < self._max_sessions:
-                    c.sessions += 1
+        while True:
+            with self._lock:
+                c = self._pick()
+                if isinstance(c, w.Session):
+                    return c
+                if c is not None:
                     break
-                if c.idle:
-                    return c.idle.pop()
-                self._free.wait(self.o.timeout)
+                self._connecting += 1
+            try:
+                t = self._connect()
+            except RemoteError as e:
+                with self._lock:
+                    self._connecting -= 1
+                    self._free.notify_all()
+                    if not self._conns:
+                        raise
+                    # Refused while others are up (MaxStartups, a per-user login limit, a
+                    # timeout): go on with the ones we have for a while, then try again.
+                    self._capped = len(self._conns)
+                    self._cap_until = time.monotonic() + CONNECTION_RETRY_S
+                    level = "warning" if isinstance(e, (HostKeyError, AuthError)) else "info"
+                    getattr(self.log, level)("sftp_connections_capped", remote=self.name,
+                                             connections=len(self._conns), error=e.reason,
+                                             retry_in_s=CONNECTION_RETRY_S)
+                continue
+            with self._lock:
+                self._connecting -= 1
+                c = _Conn(t)
+                c.sessions = 1
+                self._conns.append(c)
+                self._free.notify_all()
+            break
         try:
             ss = self._open_session(c)
         except BaseException:
@@ -493,6 +502,31 @@ class SFTPRemote:
             raise
         ss.conn = c   # type: ignore[attr-defined]
         return ss
+
+    def _pick(self) -> w.Session | _Conn | None:
+        """With the lock held: an idle session; or a connection with a channel reserved
+        on it (the caller opens it); or None: the caller opens a new connection. Waits
+        while everything is busy or the first connection is being made."""
+        while True:
+            for c in [c for c in self._conns if not c.transport.is_active()]:
+                self._drop_conn(c)
+            cap = self._max_conns if time.monotonic() >= self._cap_until else self._capped
+            conns = sorted(self._conns, key=_Conn.busy)
+            c = conns[0] if conns else None
+            room = len(conns) + self._connecting < cap
+            if c is None:
+                if not self._connecting:
+                    return None
+            elif c.idle and (c.busy() == 0 or not room):
+                return c.idle.pop()
+            elif c.busy() > 0 and room:
+                return None
+            elif c.sessions < self._max_sessions:
+                c.sessions += 1
+                return c
+            elif c.idle:
+                return c.idle.pop()
+            self._free.wait(self.o.timeout)
 
     def _open_session(self, c: _Conn) -> w.Session:
         paramiko = _paramiko()

@@ -220,17 +220,20 @@ def test_kind_changes_converge_over_ftps(tmp_path: Path, ftpserver: FTPServer) -
     s.mirror = ftpserver.root / tmp_path.name / "docs"
     s.write("was_dir/a.txt", b"A")
     s.write("was_dir/sub/b.txt", b"B")
+    s.write("was_dir2/c.txt", b"C")
     s.write("was_file", b"old")
-    for i in range(4):   # so that 3 removals stay under max_delete = 50%
+    for i in range(6):   # so that the removals stay under max_delete = 50%
         s.write(f"keep{i}", b"k")
     assert s.reconcile().code == 0
     shutil.rmtree(s.src / "was_dir")
+    shutil.rmtree(s.src / "was_dir2")
     s.write("was_dir", b"file now")
+    s.write("was_dir2", b"file too")
     (s.src / "was_file").unlink()
     s.write("was_file/in/c.txt", b"C")
     r = s.reconcile()
     assert r.code == 0 and r.summary["failed"] == [], r.err
     assert s.tree() == {"was_dir": b"file now", "was_file/in/c.txt": b"C",
-                        **{f"keep{i}": b"k" for i in range(4)}}
+                        "was_dir2": b"file too", **{f"keep{i}": b"k" for i in range(6)}}
     assert (s.mirror / "was_dir").is_file()
     assert s.reconcile().summary["uploaded"] == 0

@@ -338,22 +338,28 @@ def test_folder_replaced_by_a_file_and_file_replaced_by_a_folder(tmp_path: Path,
     s.write("keep.txt", b"k")
     s.write("was_dir/a.txt", b"A")
     s.write("was_dir/sub/b.txt", b"B")
+    s.write("was_dir2/c.txt", b"C2")   # two replacements: they share the last phase
     s.write("was_file", b"old file")
     assert s.reconcile().code == 0
     shutil.rmtree(s.src / "was_dir")
+    shutil.rmtree(s.src / "was_dir2")
     s.write("was_dir", b"now a file")
+    s.write("was_dir2", b"also a file")
     (s.src / "was_file").unlink()
     s.write("was_file/inner/c.txt", b"C")
     r = s.reconcile()
     assert r.code == 0, r.err
     assert r.summary["failed"] == []
+    removed = r.summary["trashed" if delete == "trash" else "deleted"]
+    assert removed == 4, r.summary          # a.txt, sub/b.txt, c.txt and the replaced file
     assert tree(s.mirror) == tree(s.src)
     assert (s.mirror / "was_dir").is_file() and (s.mirror / "was_file").is_dir()
     trash = s.mirror / ".syncd-trash"
     if delete == "trash":   # everything replaced is kept, under its old path
         kept = {p.relative_to(next(trash.iterdir())).as_posix(): p.read_bytes()
                 for p in trash.rglob("*") if p.is_file()}
-        assert kept == {"was_dir/a.txt": b"A", "was_dir/sub/b.txt": b"B", "was_file": b"old file"}
+        assert kept == {"was_dir/a.txt": b"A", "was_dir/sub/b.txt": b"B", "was_dir2/c.txt": b"C2",
+                        "was_file": b"old file"}
     else:
         assert not trash.exists()
     r2 = s.reconcile()
@@ -372,3 +378,24 @@ def test_kind_change_with_delete_keep_is_a_conflict_named_once(tmp_path: Path) -
     assert [f["path"] for f in r.summary["failed"]] == ["x"], r.summary["failed"]
     assert "delete = keep" in r.summary["failed"][0]["error"]
     assert (s.mirror / "x").read_bytes() == b"file"
+
+
+def test_file_becoming_a_folder_waits_for_a_clean_scan(setup: Setup) -> None:
+    """Replacing a remote file by a folder removes it before any upload, so, like every
+    delete, not in a run whose scan had an error; the rest of the run goes on."""
+    populate(setup)
+    setup.write("x", b"remote keeps me")
+    assert setup.reconcile().code == 0
+    (setup.src / "x").unlink()
+    setup.write("x/inner.txt", b"new")
+    setup.write("a.txt", b"alpha v2\n")
+    os.chmod(setup.src / "dir" / "sub", 0)
+    try:
+        r = setup.reconcile(prefix=without_dac_override())
+    finally:
+        os.chmod(setup.src / "dir" / "sub", 0o755)
+    assert r.code == 1 and [f["path"] for f in r.summary["failed"]] == ["dir/sub"]
+    assert (setup.mirror / "x").read_bytes() == b"remote keeps me"
+    assert (setup.mirror / "a.txt").read_bytes() == b"alpha v2\n"   # the rest went on
+    r = setup.reconcile()
+    assert r.code == 0 and (setup.mirror / "x" / "inner.txt").read_bytes() == b"new"

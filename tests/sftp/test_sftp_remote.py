@@ -475,14 +475,30 @@ def test_non_gcm_cipher_goes_through_paramiko(tmp_path: Path, sshd: SSHServer) -
         s.stop()
 
 
-def test_fast_sender_refuses_a_channel_without_the_internals() -> None:
-    """Another paramiko (internals renamed) gets no fast sender: sendall is used."""
+def test_fast_sender_refuses_a_channel_without_the_internals(srv: SSHServer, tmp_path: Path) -> None:
+    """Another paramiko (an internal renamed) gets no fast sender, and its uploads go
+    through sendall and stay exact."""
+    from syncd.remotes import ssh_send
     from syncd.remotes.ssh_send import DataSender
 
     class Bare:
         transport = None
 
     assert DataSender.for_channel(Bare()) is None
+    root = tmp_path / "root"
+    root.mkdir()
+    r = SFTPRemote("t", opts(srv, root))
+    r.check()
+    with r._session("") as ss:
+        assert DataSender.for_channel(ss.ch) is not None
+        pk = ss.ch.get_transport().packetizer
+        iv = getattr(pk, ssh_send._IV_OUT)
+        delattr(pk, ssh_send._IV_OUT)          # as if paramiko had renamed it
+        try:
+            assert DataSender.for_channel(ss.ch) is None
+        finally:
+            setattr(pk, ssh_send._IV_OUT, iv)
+    r.close()
 
 
 def test_connection_acknowledges_reads_at_once(srv: SSHServer, tmp_path: Path) -> None:
@@ -501,15 +517,19 @@ def test_connection_acknowledges_reads_at_once(srv: SSHServer, tmp_path: Path) -
     q = _QuickAckSocket.wrap(socket.create_connection(tcp.getsockname(), timeout=2.5))
     assert q.gettimeout() == 2.5
     peer, _ = tcp.accept()
-    for _ in range(3):   # request/reply turns: a plain socket leaves quick-ACK mode here
-        peer.sendall(b"ping")
-        assert q.recv(4) == b"ping"
-        q.sendall(b"pong")
-        peer.recv(4)
-    peer.sendall(b"ping")
-    assert q.recv(4) == b"ping"
+    plain = socket.create_connection(tcp.getsockname(), timeout=2.5)
+    peer2, _ = tcp.accept()
+    for a, b in ((q, peer), (plain, peer2)):
+        for _ in range(3):   # request/reply turns: a plain socket leaves quick-ACK mode
+            b.sendall(b"ping")
+            assert a.recv(4) == b"ping"
+            a.sendall(b"pong")
+            b.recv(4)
+        b.sendall(b"ping")
+        assert a.recv(4) == b"ping"
+    assert plain.getsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK) == 0   # the control
     assert q.getsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK) == 1
-    for s in (q, peer, tcp):
+    for s in (q, peer, plain, peer2, tcp):
         s.close()
 
 
@@ -579,6 +599,6 @@ def test_refused_extra_connection_caps_the_pool(srv: SSHServer, tmp_path: Path,
 
     monkeypatch.setattr(r, "_connect", connect_once)
     assert not _busy_puts(r, tmp_path)
-    assert len(r._conns) == 1 and r._max_conns == 1
+    assert len(r._conns) == 1 and r._capped == 1 and r._cap_until > 0
     assert len(calls) == 2   # tried once, then capped: no retry storm
     r.close()
