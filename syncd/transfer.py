@@ -34,19 +34,23 @@ FILE, DIR = int(Kind.FILE), int(Kind.DIR)
 COMMIT_EVERY = 256          # outcomes per SQLite transaction, at most
 COMMIT_INTERVAL = 0.25      # seconds an outcome may wait for its commit
 LEASE_BATCH = 1024          # jobs leased per transaction
-CHUNK_FILES = 64            # small jobs handed to a worker at once
-CHUNK_BYTES = 1 << 20       # ...as long as they add up to less than this
+# Small jobs are handed to a worker in chunks, as long as they add up to less than the
+# byte limit. A directory remote's chunk goes to a worker process and shares one syncfs
+# (a journal commit): 256 files a chunk took ~10% less time than 64 for 100k small files.
+CHUNK_FILES = 256
+CHUNK_BYTES = 4 << 20
 # A network remote pipelines a chunk's requests on one channel, so bigger chunks share
 # their round trips among more files: a mixed tree (1 KiB-8 MiB) over SFTP moved ~10%
-# faster with 16 MiB than with 1 MiB, for less CPU. A directory remote keeps 1 MiB: its
-# chunks go to worker processes and share one syncfs.
+# faster with 16 MiB than with 1 MiB, for less CPU.
+NET_CHUNK_FILES = 64
 NET_CHUNK_BYTES = 16 << 20
 
 
-def _take_chunk(q: deque[Job], max_bytes: int = CHUNK_BYTES) -> list[Job]:
+def _take_chunk(q: deque[Job], max_bytes: int = CHUNK_BYTES,
+                max_files: int = CHUNK_FILES) -> list[Job]:
     chunk = [q.popleft()]
     size = chunk[0].action.size
-    while q and len(chunk) < CHUNK_FILES and size + q[0].action.size <= max_bytes:
+    while q and len(chunk) < max_files and size + q[0].action.size <= max_bytes:
         j = q.popleft()
         size += j.action.size
         chunk.append(j)
@@ -268,8 +272,8 @@ class Runner:
         # small chunks, so per-file overhead is a few list operations, not a transaction and
         # a thread wake-up per file.
         ready: dict[str, deque[Job]] = {r: deque() for r in by_remote}
-        chunk_bytes = {r: CHUNK_BYTES if self.pairs[ps[0]].remote.caps.cpu_bound
-                       else NET_CHUNK_BYTES for r, ps in by_remote.items()}
+        limits = {r: (CHUNK_BYTES, CHUNK_FILES) if self.pairs[ps[0]].remote.caps.cpu_bound
+                  else (NET_CHUNK_BYTES, NET_CHUNK_FILES) for r, ps in by_remote.items()}
         inflight: dict[Future[list[Outcome]], tuple[str, list[Job]]] = {}
         buffered: dict[str, list[Outcome]] = {}
         count = 0
@@ -290,7 +294,7 @@ class Runner:
                         q.extend(self.queue.lease(LEASE_BATCH - len(q), ps))
                     busy = sum(1 for rr, _ in inflight.values() if rr == r)
                     while q and busy < 2 * transfers:
-                        chunk = _take_chunk(q, chunk_bytes[r])
+                        chunk = _take_chunk(q, *limits[r])
                         try:
                             fut = pools[r].submit(_execute_chunk, chunk, self.pairs)
                         except BrokenExecutor:
