@@ -216,7 +216,7 @@ def test_sftp_remote_parses_with_defaults(tmp_path: Path) -> None:
     assert o["root"] == "/srv/backup" and o["key_file"] == "/home/x/.ssh/id_ed25519"
     assert o["known_hosts"] == "/home/x/.ssh/known_hosts" and o["host_key_policy"] == "strict"
     assert o["timeout"] == 30 and o["use_agent"] is True and o["fsync"] is False
-    assert o["password_env"] == "" and o["passphrase_env"] == ""
+    assert o["password_env"] == "" and o["passphrase_env"] == "" and o["connections"] == 2
 
 
 @pytest.mark.parametrize(("add", "key", "words"), [
@@ -226,6 +226,8 @@ def test_sftp_remote_parses_with_defaults(tmp_path: Path) -> None:
     ('host_key_policy = "auto-add"', "remotes.nas.host_key_policy", "strict, accept-new"),
     ("port = 70000", "remotes.nas.port", "out of range"),
     ('timeout = "0s"', "remotes.nas.timeout", "more than 0"),
+    ("connections = 0", "remotes.nas.connections", "out of range"),
+    ('connections = "2"', "remotes.nas.connections", "integer"),
 ])
 def test_sftp_bad_keys_named(tmp_path: Path, add: str, key: str, words: str) -> None:
     e = load_err(tmp_path, SFTP.replace('user = "sync"', f'user = "sync"\n{add}'))
