@@ -20,7 +20,9 @@ from typing import Any
 _MSG_CHANNEL_DATA = 94
 _HDR = struct.Struct(">IBBII")   # packet length, padding length, message, channel, data length
 _ZEROS = bytes(64)
-BATCH = 8                        # packets per socket write
+# Packets per socket write: 8 (~256 KiB) measured best; 16 or 32 doubled the kernel time
+# of the sends (1 GiB to loopback sshd: 0.7 -> 1.6 sys-s), 4 was no better than 8.
+BATCH = 8
 # Private (name-mangled) Packetizer attributes this sender reads or writes.
 _WRITE_LOCK = "_Packetizer__write_lock"
 _BLOCK_ENGINE_OUT = "_Packetizer__block_engine_out"
