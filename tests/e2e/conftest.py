@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -37,6 +38,28 @@ def run_syncd(*args: str, env: dict[str, str] | None = None, prefix: tuple[str, 
     p = subprocess.run([*cmd, *args], capture_output=True, text=True, env=e, timeout=120,
                        cwd=cwd, stdin=subprocess.DEVNULL)
     return Run(p.returncode, p.stdout, p.stderr)
+
+
+# Before the kind changes of kind_change_run: two folders and a file that change kind.
+KIND_BEFORE = {"was_dir/a.txt": b"A", "was_dir/sub/b.txt": b"B", "was_dir2/c.txt": b"C2",
+               "was_file": b"old file"}
+
+
+def kind_change_run(s: Any, keepers: int = 0) -> Run:
+    """Sync KIND_BEFORE (plus `keepers` files that never change: head room under
+    max_delete), then replace both folders by files and the file by a folder; return the
+    second reconcile. `s` is a setup with .src, .write() and .reconcile()."""
+    for rel, data in {**KIND_BEFORE, **{f"keep{i}": b"k" for i in range(keepers)}}.items():
+        s.write(rel, data)
+    first = s.reconcile()
+    assert first.code == 0, first.err
+    shutil.rmtree(s.src / "was_dir")
+    shutil.rmtree(s.src / "was_dir2")   # two replacements: they share the last phase
+    s.write("was_dir", b"now a file")
+    s.write("was_dir2", b"also a file")
+    (s.src / "was_file").unlink()
+    s.write("was_file/inner/c.txt", b"C")
+    return s.reconcile()
 
 
 def write_file(root: Path, rel: str, data: bytes) -> Path:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.conftest import Run, run_syncd, write_file
+from tests.e2e.conftest import Run, kind_change_run, run_syncd, tree, write_file
 from tests.e2e.test_reconcile_cli import FILES
 from tests.servers import FTPServer
 
@@ -213,27 +213,11 @@ def test_server_stopped_mid_upload_then_resumed(tmp_path: Path, own_server: FTPS
 
 def test_kind_changes_converge_over_ftps(tmp_path: Path, ftpserver: FTPServer) -> None:
     """A folder replaced by a file and a file by a folder: one run, exact mirror."""
-    import shutil
-
     (ftpserver.root / tmp_path.name).mkdir()
     s = FTPSetup(tmp_path, ftpserver, root=f"/{tmp_path.name}")
     s.mirror = ftpserver.root / tmp_path.name / "docs"
-    s.write("was_dir/a.txt", b"A")
-    s.write("was_dir/sub/b.txt", b"B")
-    s.write("was_dir2/c.txt", b"C")
-    s.write("was_file", b"old")
-    for i in range(6):   # so that the removals stay under max_delete = 50%
-        s.write(f"keep{i}", b"k")
-    assert s.reconcile().code == 0
-    shutil.rmtree(s.src / "was_dir")
-    shutil.rmtree(s.src / "was_dir2")
-    s.write("was_dir", b"file now")
-    s.write("was_dir2", b"file too")
-    (s.src / "was_file").unlink()
-    s.write("was_file/in/c.txt", b"C")
-    r = s.reconcile()
+    r = kind_change_run(s, keepers=6)   # 4 removals <= max_delete = 50%
     assert r.code == 0 and r.summary["failed"] == [], r.err
-    assert s.tree() == {"was_dir": b"file now", "was_file/in/c.txt": b"C",
-                        "was_dir2": b"file too", **{f"keep{i}": b"k" for i in range(6)}}
+    assert s.tree() == tree(s.src)
     assert (s.mirror / "was_dir").is_file()
     assert s.reconcile().summary["uploaded"] == 0

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.conftest import Setup, make_setup, run_syncd, tree
+from tests.e2e.conftest import KIND_BEFORE, Setup, kind_change_run, make_setup, run_syncd, tree
 
 FILES = {
     "a.txt": b"alpha\n",
@@ -335,19 +335,7 @@ def test_folder_replaced_by_a_file_and_file_replaced_by_a_folder(tmp_path: Path,
     (trashed or deleted) before the file takes its name, and a remote file makes way for
     the folder before anything is written under it."""
     s = make_setup(tmp_path, delete=delete, max_delete="100%")
-    s.write("keep.txt", b"k")
-    s.write("was_dir/a.txt", b"A")
-    s.write("was_dir/sub/b.txt", b"B")
-    s.write("was_dir2/c.txt", b"C2")   # two replacements: they share the last phase
-    s.write("was_file", b"old file")
-    assert s.reconcile().code == 0
-    shutil.rmtree(s.src / "was_dir")
-    shutil.rmtree(s.src / "was_dir2")
-    s.write("was_dir", b"now a file")
-    s.write("was_dir2", b"also a file")
-    (s.src / "was_file").unlink()
-    s.write("was_file/inner/c.txt", b"C")
-    r = s.reconcile()
+    r = kind_change_run(s, keepers=1)
     assert r.code == 0, r.err
     assert r.summary["failed"] == []
     removed = r.summary["trashed" if delete == "trash" else "deleted"]
@@ -358,8 +346,7 @@ def test_folder_replaced_by_a_file_and_file_replaced_by_a_folder(tmp_path: Path,
     if delete == "trash":   # everything replaced is kept, under its old path
         kept = {p.relative_to(next(trash.iterdir())).as_posix(): p.read_bytes()
                 for p in trash.rglob("*") if p.is_file()}
-        assert kept == {"was_dir/a.txt": b"A", "was_dir/sub/b.txt": b"B", "was_dir2/c.txt": b"C2",
-                        "was_file": b"old file"}
+        assert kept == KIND_BEFORE
     else:
         assert not trash.exists()
     r2 = s.reconcile()

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.conftest import SYNCD, Run, run_syncd, tree, write_file
+from tests.e2e.conftest import SYNCD, Run, kind_change_run, run_syncd, tree, write_file
 from tests.e2e.test_reconcile_cli import FILES as BASE_FILES
 from tests.servers import SSHServer
 
@@ -240,22 +240,7 @@ def _syncd_cmd() -> list[str]:
 def test_kind_changes_converge_over_sftp(tmp_path: Path, sshd: SSHServer) -> None:
     """A folder replaced by a file and a file by a folder: one run, exact mirror."""
     s = SftpSetup(tmp_path, sshd)
-    s.write("was_dir/a.txt", b"A")
-    s.write("was_dir/sub/b.txt", b"B")
-    s.write("was_dir2/c.txt", b"C")
-    s.write("was_file", b"old")
-    for i in range(6):   # so that the removals stay under max_delete = 50%
-        s.write(f"keep{i}", b"k")
-    assert s.reconcile().code == 0
-    import shutil
-
-    shutil.rmtree(s.src / "was_dir")
-    shutil.rmtree(s.src / "was_dir2")
-    s.write("was_dir", b"file now")
-    s.write("was_dir2", b"file too")
-    (s.src / "was_file").unlink()
-    s.write("was_file/in/c.txt", b"C")
-    r = s.reconcile()
+    r = kind_change_run(s, keepers=6)   # 4 removals <= max_delete = 50%
     assert r.code == 0 and r.summary["failed"] == [], r.err
     assert tree(s.mirror) == tree(s.src)
     assert s.reconcile().summary["uploaded"] == 0
