@@ -55,7 +55,6 @@ DIR_WINDOW = 32                  # directories listed at once
 _PREFERRED_CIPHERS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com")
 
 
-
 class _QuickAckSocket(socket.socket):
     """A TCP socket that acknowledges what it reads at once (Linux TCP_QUICKACK, which the
     kernel forgets, so it is set again after each read).
@@ -113,13 +112,12 @@ def _fp(size: int, mtime_s: int) -> str:
 class _Conn:
     """One SSH connection of the pool and its SFTP channels."""
 
-    __slots__ = ("dead", "idle", "sessions", "transport")
+    __slots__ = ("idle", "sessions", "transport")
 
     def __init__(self, transport: Any):
         self.transport = transport
         self.sessions = 0                  # channels open (idle or in use)
         self.idle: list[w.Session] = []
-        self.dead = False
 
     def busy(self) -> int:
         return self.sessions - len(self.idle)
@@ -421,9 +419,7 @@ class SFTPRemote:
         self._pid = os.getpid()
         self._lock = threading.Lock()
         self._free = threading.Condition(self._lock)
-        for c in self._conns:
-            c.dead = True
-        self._conns = []
+        self._conns = []   # a session of theirs given back here is closed, not pooled
         self._connecting = 0
 
     @property
@@ -496,7 +492,7 @@ class SFTPRemote:
             ss = self._open_session(c)
         except BaseException:
             with self._lock:
-                if not c.dead:
+                if c in self._conns:
                     c.sessions -= 1
                     self._free.notify()
             raise
@@ -532,7 +528,7 @@ class SFTPRemote:
         paramiko = _paramiko()
         try:
             ch = c.transport.open_session(window_size=16 << 20, max_packet_size=256 << 10,
-                                timeout=self.o.timeout)
+                                          timeout=self.o.timeout)
             ch.settimeout(self.o.timeout)
             ch.invoke_subsystem("sftp")
         except paramiko.ChannelException as e:
@@ -557,20 +553,19 @@ class SFTPRemote:
     def _give(self, ss: w.Session, reusable: bool) -> None:
         with self._lock:
             c: _Conn | None = getattr(ss, "conn", None)
-            current = c is not None and not c.dead
-            if reusable and not ss.broken and current:
-                c.idle.append(ss)   # type: ignore[union-attr]
+            if c is None or c not in self._conns:   # its connection was dropped
+                ss.close_channel()
+            elif reusable and not ss.broken:
+                c.idle.append(ss)
             else:
                 ss.close_channel()
-                if current:
-                    c.sessions -= 1   # type: ignore[union-attr]
-                    # A broken channel usually means a dead connection.
-                    if ss.broken and not c.transport.is_active():   # type: ignore[union-attr]
-                        self._drop_conn(c)   # type: ignore[arg-type]
+                c.sessions -= 1
+                # A broken channel usually means a dead connection.
+                if ss.broken and not c.transport.is_active():
+                    self._drop_conn(c)
             self._free.notify()
 
     def _drop_conn(self, c: _Conn) -> None:
-        c.dead = True
         for ss in c.idle:
             ss.close_channel()
         c.idle.clear()
