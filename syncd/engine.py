@@ -310,8 +310,9 @@ class Engine:
             res.status, res.plan = "planned", [a for a in actions if a.op != Op.FORGET]
             return
 
-        first = [a for a in actions if phase(a) < 1]
-        later = [a for a in actions if phase(a) >= 1]
+        # The plan is in phase order: writes first, then (phase >= 1) what deletes.
+        cut = next((i for i, a in enumerate(actions) if phase(a) >= 1), len(actions))
+        first, later = actions[:cut], actions[cut:]
         if scan_errors and any(a.replaces for a in first):
             # Replacing a remote file by a directory removes it before any upload: like
             # every delete, not after a scan error. What would go under it waits too.
@@ -393,17 +394,17 @@ class Engine:
         if not actions or (self.stop is not None and self.stop.is_set()):
             return   # shutting down: the next start re-plans from a fresh scan
         n_jobs = len(actions)
-        # The plan goes to the queue in batches as the workers take jobs (phase order
-        # keeps a later phase from starting before an earlier one was written).
-        todo = sorted(actions, key=phase)
+        # The plan goes to the queue in batches as the workers take jobs. It is in phase
+        # order (plan_push), so no job of a later phase is leased before every job of an
+        # earlier one was written.
         pos = 0
 
         def feed() -> bool:
             nonlocal pos
-            self.queue.enqueue(pair.name, todo[pos:pos + ENQUEUE_BATCH])
+            self.queue.enqueue(pair.name, actions[pos:pos + ENQUEUE_BATCH])
             pos += ENQUEUE_BATCH
-            if pos >= len(todo):
-                todo.clear()
+            if pos >= n_jobs:
+                actions.clear()
                 return False
             return True
 
@@ -412,7 +413,6 @@ class Engine:
         if self.reporter_factory is not None and moving:
             reporter = self.reporter_factory(pair.name, n_jobs,
                                              sum(a.size for a in actions if a.op == Op.UPLOAD))
-        actions.clear()   # `todo` has them, and the queue gets them batch by batch
         # Worker processes pay a start-up cost (~0.1 s); worth it only for many jobs.
         from syncd.transfer import Runner
 

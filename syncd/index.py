@@ -207,11 +207,10 @@ class Index:
     def start_run_counters(self, pairs: Sequence[str], since: float) -> None:
         """Zero the since-start counters of these pairs (a daemon starting)."""
         with self.tx():
-            for pair in pairs:
-                self.db.execute(
-                    "INSERT INTO pairs (pair, root, run_since) VALUES (?, '', ?) ON CONFLICT(pair) "
-                    "DO UPDATE SET run_since = excluded.run_since, run_files = 0, run_bytes = 0",
-                    (pair, since))
+            self.db.executemany(
+                "INSERT INTO pairs (pair, root, run_since) VALUES (?, '', ?) ON CONFLICT(pair) "
+                "DO UPDATE SET run_since = excluded.run_since, run_files = 0, run_bytes = 0",
+                ((pair, since) for pair in pairs))
 
     def add_run_counters(self, pair: str, files: int, nbytes: int) -> None:
         if files or nbytes:
@@ -477,12 +476,9 @@ class Index:
     def requeue_failed(self, pairs: Sequence[str], now: float) -> int:
         """Failed (parked) jobs of these pairs become pending again, attempts reset."""
         with self.tx():
-            n = 0
-            for pair in pairs:
-                n += self.db.execute(
-                    "UPDATE jobs SET state='pending', attempts=0, not_before=?, updated=? "
-                    "WHERE pair=? AND state='failed'", (now, now, pair)).rowcount
-        return n
+            return self.db.executemany(
+                "UPDATE jobs SET state='pending', attempts=0, not_before=?, updated=? "
+                "WHERE pair=? AND state='failed'", ((now, now, pair) for pair in pairs)).rowcount
 
     def failed_jobs(self, pair: str) -> list[Job]:
         rows = self.db.execute("SELECT id, pair, path, args, attempts, not_before, last_error "

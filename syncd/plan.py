@@ -88,8 +88,7 @@ def plan_push(local: Mapping[str, LocalState], base: Mapping[str, Base],
                               dest=f"{TRASH_DIR}/{policy.trash_stamp}/{path}"))
     rmdirs.sort(key=lambda a: a.path.count("/"), reverse=True)  # children before parents
     out.extend(rmdirs)
-    if any(a.replaces for a in out):   # replacements go first or last (model.phase)
-        out.sort(key=phase)
+    out.sort(key=phase)   # stable; the queue runs a pair's jobs phase by phase in this order
     blocked = {a.path for a in out if a.op == Op.CONFLICT and local[a.path].kind == DIR}
     if blocked:   # nothing can be written under a remote file that must stay
         out = [a for a in out if a.op not in (Op.UPLOAD, Op.MKDIR) or not under(a.path, blocked)]
@@ -113,7 +112,7 @@ def _file(path: str, l: LocalState, b: Base | None, r: R | None, p: Policy) -> l
         if p.delete == "keep":
             return [Action(Op.CONFLICT, path, "the remote has a directory where the local tree "
                            "has a file, and delete = keep forbids removing it; remove or rename "
-                           "one of them")]
+                           "one of them, or set delete = \"trash\" for this pair")]
         # Its content is planned for deletion (not in the local tree); once emptied, the
         # directory makes way for the file.
         return [up._replace(reason="replaces a remote directory", replaces=DIR)]
@@ -139,7 +138,7 @@ def _dir(path: str, b: Base | None, r: R | None, p: Policy) -> list[Action]:
         if p.delete == "keep":
             return [Action(Op.CONFLICT, path, "the remote has a file where the local tree has a "
                            "directory, and delete = keep forbids removing it; remove or rename "
-                           "one of them")]
+                           "one of them, or set delete = \"trash\" for this pair")]
         dest = f"{TRASH_DIR}/{p.trash_stamp}/{path}" if p.delete == "trash" else ""
         return [Action(Op.MKDIR, path, "replaces a remote file", r.size, dest=dest,
                        replaces=FILE)]

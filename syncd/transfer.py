@@ -235,7 +235,7 @@ class RunStats:
         if a.replaces == FILE and not o.keep_base:   # the remote file it replaced is gone
             gone = Op.TRASH.value if a.dest else Op.DELETE.value
             self.done[gone] = self.done.get(gone, 0) + 1
-        if o.job.action.op == Op.UPLOAD:
+        if a.op == Op.UPLOAD:
             self.uploaded_bytes += o.bytes
 
 
