@@ -19,11 +19,9 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -81,11 +79,9 @@ def main() -> None:
     ap.add_argument("--idle-wait", type=float, default=20.0)
     args = ap.parse_args()
     bl.IDLE_WAIT = args.idle_wait
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    wd = Path(tempfile.mkdtemp(prefix="syncd-bench-ftp-", dir="/tmp"))
+    wd = bl.bench_workdir("ftp")
     logs = wd / "logs"
     logs.mkdir()
-    bl.become_subreaper()
     rclone = shutil.which("rclone")
     (wd / "rclone.conf").write_text("")
     obscured = ""

@@ -82,6 +82,15 @@ def log(msg: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
+def bench_workdir(name: str) -> Path:
+    """A fresh /tmp work dir for one benchmark; SIGTERM becomes an exit (so the caller's
+    `finally` still stops servers and cleans up), and this process adopts orphaned tool
+    processes so their CPU is counted and they are reaped."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    become_subreaper()
+    return Path(tempfile.mkdtemp(prefix=f"syncd-bench-{name}-", dir="/tmp"))
+
+
 def warm_cache(root: Path) -> None:
     """Read every file under `root` (untimed), so each tool's first sync starts from a warm
     page cache, as BASELINE.md measures: otherwise whichever tool runs first after the

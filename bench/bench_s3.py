@@ -21,11 +21,9 @@ import argparse
 import contextlib
 import json
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -150,13 +148,11 @@ def main() -> None:
     ap.add_argument("--idle-wait", type=float, default=20.0)
     args = ap.parse_args()
     bl.IDLE_WAIT = args.idle_wait
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    wd = Path(tempfile.mkdtemp(prefix="syncd-bench-s3-", dir="/tmp"))
+    wd = bl.bench_workdir("s3")
     logs = wd / "logs"
     logs.mkdir()
     moto, endpoint = start_moto(wd)
     bl.KEEP_PIDS.add(moto.pid)
-    bl.become_subreaper()
     (wd / "rclone.conf").write_text("")
     (wd / "aws.conf").write_text("[default]\ns3 =\n  addressing_style = path\n")
     # rclone's AWS SDK refuses a custom CA bundle on its HTTP transport ("unsupported

@@ -20,10 +20,8 @@ import math
 import os
 import random
 import shutil
-import signal
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -288,9 +286,7 @@ def main() -> None:
         ap.error(f"--only takes {', '.join(WORKLOADS)}")
     if not bl.SYNCD.exists():
         sys.exit(f"bench: {bl.SYNCD} not found; run with the venv's python (.venv/bin/python)")
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    bl.become_subreaper()
-    wd = Path(tempfile.mkdtemp(prefix="syncd-bench-sftp-", dir="/tmp"))
+    wd = bl.bench_workdir("sftp")
     # syncd, rclone and sftp talk to an SFTP-only account (ForceCommand internal-sftp, the
     # usual backup target; it also keeps rclone from running md5sum over ssh per file, which
     # it does by default when it finds a shell). rsync needs a shell: its own server.
