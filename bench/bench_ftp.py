@@ -69,6 +69,25 @@ def timed(argv: list[str], logs: Path, tag: str, env: dict[str, str | None],
     return p
 
 
+def obscure(rclone: str | None) -> str:
+    """The test password as rclone's config wants it ("" without rclone)."""
+    if not rclone:
+        return ""
+    return subprocess.run([rclone, "obscure", FTPServer.PASSWORD], capture_output=True,
+                          text=True, check=True).stdout.strip()
+
+
+def rclone_env(wd: Path, srv: FTPServer, obscured: str) -> dict[str, str]:
+    """rclone's remote `f:` for this server, from the environment (an empty config file
+    under `wd`): its ftp backend with defaults, explicit TLS when the server speaks it."""
+    (wd / "rclone.conf").touch()
+    return {"RCLONE_CONFIG": str(wd / "rclone.conf"), "RCLONE_CONFIG_F_TYPE": "ftp",
+            "RCLONE_CONFIG_F_HOST": "127.0.0.1", "RCLONE_CONFIG_F_PORT": str(srv.port),
+            "RCLONE_CONFIG_F_USER": FTPServer.USER, "RCLONE_CONFIG_F_PASS": obscured,
+            "RCLONE_CONFIG_F_EXPLICIT_TLS": "true" if srv.tls == "explicit" else "false",
+            "RCLONE_CONFIG_F_NO_CHECK_CERTIFICATE": "true"}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--runs", type=int, default=3)
@@ -83,11 +102,7 @@ def main() -> None:
     logs = wd / "logs"
     logs.mkdir()
     rclone = shutil.which("rclone")
-    (wd / "rclone.conf").write_text("")
-    obscured = ""
-    if rclone:
-        obscured = subprocess.run([rclone, "obscure", FTPServer.PASSWORD], capture_output=True,
-                                  text=True, check=True).stdout.strip()
+    obscured = obscure(rclone)
     results: dict[str, dict[str, list[float]]] = {}
     fails: dict[str, str] = {}
     servers: list[FTPServer] = []
@@ -104,12 +119,7 @@ def main() -> None:
                 assert srv.proc is not None
                 bl.KEEP_PIDS.add(srv.proc.pid)
                 senv: dict[str, str | None] = {FTPServer.PASSWORD_ENV: FTPServer.PASSWORD}
-                renv: dict[str, str | None] = {
-                    "RCLONE_CONFIG": str(wd / "rclone.conf"), "RCLONE_CONFIG_F_TYPE": "ftp",
-                    "RCLONE_CONFIG_F_HOST": "127.0.0.1", "RCLONE_CONFIG_F_PORT": str(srv.port),
-                    "RCLONE_CONFIG_F_USER": FTPServer.USER, "RCLONE_CONFIG_F_PASS": obscured,
-                    "RCLONE_CONFIG_F_EXPLICIT_TLS": "true" if tls == "explicit" else "false",
-                    "RCLONE_CONFIG_F_NO_CHECK_CERTIFICATE": "true"}
+                renv: dict[str, str | None] = {**rclone_env(wd, srv, obscured)}
                 key = f"{name} {'FTPS' if tls == 'explicit' else 'FTP'}"
                 res: dict[str, list[float]] = {}
                 results[key] = res

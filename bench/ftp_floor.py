@@ -25,6 +25,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
+import bench_ftp as bf  # noqa: E402
 import bench_local as bl  # noqa: E402
 import bench_sftp as bs  # noqa: E402
 
@@ -79,13 +80,7 @@ def main() -> None:
         dirs = ["/small", *sorted(f"/small/{p.name}" for p in (wd / "src" / "small").iterdir())]
         big = next((wd / "src" / "large").iterdir())
         py, user, pw = sys.executable, FTPServer.USER, FTPServer.PASSWORD
-        renv = dict(os.environ, RCLONE_CONFIG=str(wd / "rclone.conf"), RCLONE_CONFIG_F_TYPE="ftp",
-                    RCLONE_CONFIG_F_HOST="127.0.0.1", RCLONE_CONFIG_F_PORT=str(srv.port),
-                    RCLONE_CONFIG_F_USER=user)
-        (wd / "rclone.conf").write_text("")
-        if rclone:
-            renv["RCLONE_CONFIG_F_PASS"] = subprocess.run(
-                [rclone, "obscure", pw], capture_output=True, text=True, check=True).stdout.strip()
+        renv = {**os.environ, **bf.rclone_env(wd, srv, bf.obscure(rclone))}
         res: dict[str, list[float]] = {}
         for r in range(args.runs):
             bl.warm_cache(wd / "src")
