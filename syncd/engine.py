@@ -319,6 +319,7 @@ class Engine:
             held = {a.path for a in first if a.replaces}
             kept = [a for a in first if a.path not in held and not under(a.path, held)]
             log.warning("replacements_skipped", count=len(first) - len(kept),
+                        paths=sorted(held)[:20],
                         reason="a scan error in this run; they wait for a clean run")
             res.skipped += len(first) - len(kept)
             first = kept
