@@ -19,7 +19,7 @@ from syncd.errors import LockedError, RemoteError, SafetyError, UnavailableError
 from syncd.index import Index
 from syncd.listing import Listing, RemoteDiff, diff_listing
 from syncd.log import structlog
-from syncd.model import Action, Kind, LocalState, Op, RemoteEntry, phase
+from syncd.model import Action, Job, Kind, LocalState, Op, RemoteEntry, phase
 from syncd.plan import DRIFT_REASONS, Facts, Policy, check_safety, plan_push, under
 from syncd.queue import Queue
 from syncd.remotes import open_remote
@@ -400,14 +400,14 @@ class Engine:
         # earlier one was written.
         pos = 0
 
-        def feed() -> bool:
+        def feed() -> tuple[list[Job], bool]:
             nonlocal pos
-            self.queue.enqueue(pair.name, actions[pos:pos + ENQUEUE_BATCH])
+            jobs = self.queue.enqueue_leased(pair.name, actions[pos:pos + ENQUEUE_BATCH])
             pos += ENQUEUE_BATCH
             if pos >= n_jobs:
                 actions.clear()
-                return False
-            return True
+                return jobs, False
+            return jobs, True
 
         moving = any(a.op in (Op.UPLOAD, Op.DELETE, Op.TRASH) for a in actions)
         reporter = None

@@ -6,6 +6,7 @@ This is the only module that speaks SQL. One `Index` belongs to one thread.
 from __future__ import annotations
 
 import json
+import json.encoder
 import os
 import sqlite3
 import threading
@@ -112,12 +113,16 @@ class Done(NamedTuple):
     keep_base: bool = False       # the job changed nothing (e.g. the file vanished first)
 
 
+_q = json.encoder.encode_basestring_ascii   # in C: a JSON string literal, quotes included
+
+
 def action_to_json(a: Action) -> str:
-    row = [a.op.value, a.reason, a.size, a.hash.hex() if a.hash else None, a.mtime_ns, a.dest,
-           a.remote_fp, int(a.kind)]
-    if a.replaces:
-        row.append(int(a.replaces))
-    return json.dumps(row)
+    """The JSON array action_from_json reads; written by hand (3x faster than json.dumps,
+    which showed in enqueueing a 100k-file plan)."""
+    h = f'"{a.hash.hex()}"' if a.hash else "null"
+    tail = f",{int(a.replaces)}]" if a.replaces else "]"
+    return (f"[{_q(a.op.value)},{_q(a.reason)},{int(a.size)},{h},{int(a.mtime_ns)},"
+            f"{_q(a.dest)},{_q(a.remote_fp)},{int(a.kind)}{tail}")
 
 
 def action_from_json(path: str, s: str) -> Action:
@@ -142,6 +147,11 @@ class Index:
         # commits, which only makes base older (a re-upload), never wrong.
         db.execute("PRAGMA synchronous=NORMAL")
         db.execute("PRAGMA foreign_keys=ON")
+        # A first sync of 100k files writes ~30 MB of index pages: with SQLite's 2 MB
+        # default cache most upserts re-read their b-tree pages, and a checkpoint (two
+        # fsyncs) every 4 MB of WAL blocks the runner ten times a run.
+        db.execute("PRAGMA cache_size=-65536")
+        db.execute("PRAGMA wal_autocheckpoint=16384")
         return db
 
     def detached(self) -> _Detached:
@@ -369,13 +379,22 @@ class Index:
             return self.db.execute("DELETE FROM jobs WHERE pair = ?", (pair,)).rowcount
 
     def enqueue(self, pair: str, actions: Iterable[Action], phase_of: Callable[[Action], int],
-                now: float) -> None:
+                now: float, lease: tuple[str, float] | None = None) -> list[Job]:
         """Newest intent per (pair, path) wins; an in-flight job keeps running and the new
-        intent waits behind it in next_args."""
+        intent waits behind it in next_args.
+
+        With `lease` = (owner, until), a job new to the queue is written already leased to
+        that owner and returned, so the caller runs it without a lease round trip (reading
+        back and decoding each job). A path that already had a job takes the usual upsert
+        and is leased later, by lease()."""
+        state, owner, until = ("leased", lease[0], lease[1]) if lease else ("pending", None, None)
+        acts = actions if lease is None else list(actions)
         with self.tx():
+            first = self.db.execute("SELECT coalesce(max(id), 0) FROM jobs").fetchone()[0]
             self.db.executemany(
                 "INSERT INTO jobs (pair, path, phase, args, state, attempts, not_before, "
-                "created, updated) VALUES (?,?,?,?, 'pending', 0, ?, ?, ?) "
+                "lease_owner, lease_until, created, updated) "
+                "VALUES (?,?,?,?,?, 0, ?, ?, ?, ?, ?) "
                 "ON CONFLICT(pair, path) DO UPDATE SET "
                 "  next_args = CASE WHEN state = 'leased' THEN excluded.args ELSE NULL END, "
                 "  args = CASE WHEN state = 'leased' THEN args ELSE excluded.args END, "
@@ -386,8 +405,21 @@ class Index:
                 "  last_error = CASE WHEN state = 'leased' THEN last_error ELSE NULL END, "
                 "  state = CASE WHEN state = 'leased' THEN 'leased' ELSE 'pending' END, "
                 "  updated = excluded.updated",
-                ((pair, a.path, phase_of(a), action_to_json(a), now, now, now)
-                 for a in actions))
+                ((pair, a.path, phase_of(a), action_to_json(a), state, now, owner, until, now, now)
+                 for a in acts))
+            if lease is None:
+                return []
+            # Without AUTOINCREMENT a new row's id is above every id before the insert, and
+            # an upserted row keeps its old one: the rows above `first` are the new jobs.
+            by_path = {a.path: a for a in acts}
+            return [Job(i, pair, path, by_path[path], 0, now, None) for i, path in self.db.execute(
+                "SELECT id, path FROM jobs WHERE id > ? ORDER BY id", (first,))]
+
+    def min_open_phase(self, pair: str) -> int | None:
+        """The lowest phase of the pair's unfinished (pending or leased) jobs."""
+        phases = [self.db.execute("SELECT min(phase) FROM jobs WHERE pair = ? AND state = ?",
+                                  (pair, st)).fetchone()[0] for st in ("pending", "leased")]
+        return min((p for p in phases if p is not None), default=None)
 
     def lease(self, owner: str, now: float, until: float, limit: int,
               pairs: Sequence[str] | None = None) -> list[Job]:

@@ -57,6 +57,13 @@ class Queue:
     def enqueue(self, pair: str, actions: Iterable[Action]) -> None:
         self.index.enqueue(pair, actions, phase, self.clock())
 
+    def enqueue_leased(self, pair: str, actions: Iterable[Action]) -> list[Job]:
+        """Enqueue, and lease to this owner at once the jobs that are new to the queue: a
+        runner about to run them skips the lease round trip. Phase order is then the
+        runner's to keep (see transfer.Runner)."""
+        now = self.clock()
+        return self.index.enqueue(pair, actions, phase, now, (self.owner, now + self.lease_timeout))
+
     def reclaim(self, exclusive: bool = True) -> int:
         """Leases of crashed processes go back to pending. With the state-dir lock held
         (`exclusive`), every lease not ours is dead; otherwise only expired ones."""

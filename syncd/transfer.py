@@ -25,12 +25,13 @@ from typing import Any, Protocol
 
 from syncd import log as slog
 from syncd.errors import Conflict, NotFound, PermanentError, TransientError
-from syncd.model import Action, Base, Job, Kind, LocalState, Op, RemoteEntry
+from syncd.model import Action, Base, Job, Kind, LocalState, Op, RemoteEntry, phase
 from syncd.queue import Outcome, Queue
-from syncd.remotes.base import Remote, Source, join, move
+from syncd.remotes.base import Remote, Source, Staged, join, move
 from syncd.scan import is_racy
 
 FILE, DIR = int(Kind.FILE), int(Kind.DIR)
+PHASE_MIN = -(1 << 30)
 COMMIT_EVERY = 256          # outcomes per SQLite transaction, at most
 COMMIT_INTERVAL = 0.25      # seconds an outcome may wait for its commit
 LEASE_BATCH = 1024          # jobs leased per transaction
@@ -46,11 +47,15 @@ NET_CHUNK_FILES = 64
 NET_CHUNK_BYTES = 16 << 20
 
 
-def _take_chunk(q: deque[Job], max_bytes: int = CHUNK_BYTES,
-                max_files: int = CHUNK_FILES) -> list[Job]:
+def _take_chunk(q: deque[Job], max_bytes: int = CHUNK_BYTES, max_files: int = CHUNK_FILES,
+                pair: str | None = None, max_phase: int | None = None) -> list[Job]:
+    """Jobs from the head of `q` for one worker hand-off; with `pair`, only that pair's
+    jobs of phase <= max_phase (the chunk stops at the first other one)."""
     chunk = [q.popleft()]
     size = chunk[0].action.size
     while q and len(chunk) < max_files and size + q[0].action.size <= max_bytes:
+        if pair is not None and (q[0].pair != pair or phase(q[0].action) > max_phase):  # type: ignore[operator]
+            break
         j = q.popleft()
         size += j.action.size
         chunk.append(j)
@@ -77,6 +82,86 @@ def _execute_chunk(jobs: list[Job], pairs: dict[str, PairCtx]) -> list[Outcome]:
         batch = _upload_many(uploads, ctx)
         return [batch[j.id] if j.id in batch else execute(j, pairs[j.pair]) for j in jobs]
     return [execute(j, pairs[j.pair]) for j in jobs]
+
+
+def _stage_chunk(jobs: list[Job], pairs: dict[str, PairCtx]
+                 ) -> tuple[list[Outcome], list[tuple[Outcome, Staged]]]:
+    """For a remote that stages (see Runner): the chunk's plain uploads are written to temp
+    files and come back staged, to be made durable by the runner's next flush and then
+    published; every other job is carried out here, as _execute_chunk would."""
+    remote = pairs[jobs[0].pair].remote
+    done: list[Outcome] = []
+    opened: list[tuple[Outcome, Source, str]] = []
+    rest: list[Job] = []
+    started = time.time_ns()
+    t0 = time.perf_counter()
+    for j in jobs:
+        ctx = pairs[j.pair]
+        if j.action.op != Op.UPLOAD or j.action.replaces or ctx.remote is not remote:
+            rest.append(j)
+            continue
+        o = Outcome(j)
+        src = _open_source(o, ctx)
+        if src is None:
+            done.append(o)
+        else:
+            opened.append((o, src, join(ctx.remote_path, j.path)))
+    staged: list[tuple[Outcome, Staged]] = []
+    try:
+        results = remote.stage_many([(rp, src) for _, src, rp in opened])  # type: ignore[attr-defined]
+    finally:
+        for _, src, _ in opened:
+            src.close()
+    ms = int((time.perf_counter() - t0) * 1000)
+    for (o, src, _), r in zip(opened, results, strict=True):
+        o.duration_ms = ms
+        if isinstance(r, Exception):
+            o.error = r
+            done.append(o)
+        else:   # the remote fingerprint is filled in once published
+            _uploaded(o, src, RemoteEntry(r.path, FILE, 0, 0, ""), started)
+            staged.append((o, r))
+    done += [execute(j, pairs[j.pair]) for j in rest]
+    return done, staged
+
+
+# What crosses the process boundary is kept small: a worker gets its chunk of jobs and
+# sends back, per job, its position in the chunk and the Outcome's fields with the base and
+# local state as plain tuples (the runner has the Job already). Pickling whole Outcomes
+# (a Job, an Action, a Base and a LocalState each) cost the runner's process more CPU than
+# the SQLite work for the same file.
+Packed = tuple[int, Any, Any, bool, BaseException | None, int, int, str, bool]
+
+
+def _pack(jobs: list[Job], outcomes: list[Outcome]) -> list[Packed]:
+    pos = {j.id: i for i, j in enumerate(jobs)}
+    return [(pos[o.job.id], o.base and tuple(o.base), o.local and tuple(o.local), o.racy,
+             o.error, o.bytes, o.duration_ms, o.note, o.keep_base) for o in outcomes]
+
+
+def _unpack(jobs: list[Job], packed: list[Packed]) -> list[Outcome]:
+    new = tuple.__new__
+    return [Outcome(jobs[i], b and new(Base, b), loc and new(LocalState, loc), racy, err, n, ms,
+                    note, keep) for i, b, loc, racy, err, n, ms, note, keep in packed]
+
+
+def _run_packed(jobs: list[Job], pairs: dict[str, PairCtx]) -> list[Packed]:
+    return _pack(jobs, _execute_chunk(jobs, pairs))
+
+
+def _stage_packed(jobs: list[Job], pairs: dict[str, PairCtx]
+                  ) -> tuple[list[Packed], list[tuple[Packed, tuple[Any, ...]]]]:
+    done, staged = _stage_chunk(jobs, pairs)
+    packed = _pack(jobs, [o for o, _ in staged])
+    return _pack(jobs, done), [(p, tuple(st)) for p, (_, st) in zip(packed, staged, strict=True)]
+
+
+def _publish_chunk(pair: str, staged: list[tuple[Any, ...]], pairs: dict[str, PairCtx]
+                   ) -> list[str | Exception]:
+    """Publish flushed uploads; per item the remote fingerprint, or the error."""
+    new = tuple.__new__
+    res = pairs[pair].remote.publish_many([new(Staged, s) for s in staged])  # type: ignore[attr-defined]
+    return [r if isinstance(r, Exception) else r.fp for r in res]
 
 
 @dataclass(frozen=True, slots=True)
@@ -256,27 +341,89 @@ class Runner:
         self.reporter = reporter
         self.log = log or slog.get()
 
-    def run(self, names: Sequence[str], feed: Callable[[], bool] | None = None) -> RunStats:
+    def run(self, names: Sequence[str],
+            feed: Callable[[], tuple[list[Job], bool]] | None = None) -> RunStats:
         """Run until the queue of `names` is drained. `feed`, if given, enqueues the next
-        batch of a plan and returns False once there is no more: workers start on the first
-        batch while the rest is still being written (a 100k-job plan took ~0.8 s to enqueue,
-        all of it before the first transfer)."""
+        batch of a plan and returns the jobs it leased to us (Queue.enqueue_leased) and
+        whether more is to come: workers start on the first batch while the rest is still
+        being written (a 100k-job plan took ~0.8 s to enqueue, all of it before the first
+        transfer).
+
+        Fed jobs skip lease(), which keeps phase order for the jobs it hands out, so the
+        runner keeps it for them: a fed job of phase p starts only once no unfinished job
+        of the pair (pending, retrying or running) has a lower phase."""
         stats = RunStats()
         feeding = feed is not None
+        fed: dict[str, deque[Job]] = {}
+        gate: dict[str, int] = {}   # pair -> highest phase its fed jobs may start in
+
+        def refill(r: str, ps: list[str]) -> None:
+            nonlocal feeding
+            jobs, feeding = feed()   # type: ignore[misc]
+            for j in jobs:
+                rr = self.pairs[j.pair].remote.name
+                fed.setdefault(rr, deque()).append(j)
+
+        def take_fed(r: str) -> list[Job] | None:
+            """The next chunk of fed jobs that may start now, or None."""
+            q = fed.get(r)
+            if not q:
+                return None
+            head = q[0]
+            p = phase(head.action)
+            if p > gate.get(head.pair, PHASE_MIN):
+                low = self.queue.index.min_open_phase(head.pair)
+                if low is not None and low < p:
+                    return None   # an earlier phase is unfinished
+                gate[head.pair] = p
+            return _take_chunk(q, *limits[r], pair=head.pair, max_phase=gate[head.pair])
         names = list(names)
         by_remote: dict[str, list[str]] = {}
         for n in names:
             by_remote.setdefault(self.pairs[n].remote.name, []).append(n)
+        remotes = {r: self.pairs[ps[0]].remote for r, ps in by_remote.items()}
         pools = {r: self._pool(self.pairs[ps[0]], self.processes) for r, ps in by_remote.items()}
         # Jobs are leased in batches (one SQLite transaction each) and handed to workers in
         # small chunks, so per-file overhead is a few list operations, not a transaction and
         # a thread wake-up per file.
         ready: dict[str, deque[Job]] = {r: deque() for r in by_remote}
-        limits = {r: (CHUNK_BYTES, CHUNK_FILES) if self.pairs[ps[0]].remote.caps.cpu_bound
-                  else (NET_CHUNK_BYTES, NET_CHUNK_FILES) for r, ps in by_remote.items()}
-        inflight: dict[Future[list[Outcome]], tuple[str, list[Job]]] = {}
+        limits = {r: (CHUNK_BYTES, CHUNK_FILES) if remotes[r].caps.cpu_bound
+                  else (NET_CHUNK_BYTES, NET_CHUNK_FILES) for r in by_remote}
+        # A remote that stages (a directory with fsync on) takes uploads in three steps:
+        # workers write temp files ("stage"), one flush thread per remote makes everything
+        # staged so far durable with one syncfs ("flush") while the workers go on writing,
+        # then workers rename the flushed files into place ("publish"). Waiting for the disk
+        # no longer stops the writers, and one flush serves as many files as were written
+        # while the previous one ran (a group commit).
+        flushers = {r: ThreadPoolExecutor(1, thread_name_prefix=f"flush-{r}")
+                    for r, rem in remotes.items() if _stages(rem)}
+        unflushed: dict[str, list[tuple[Outcome, Staged]]] = {r: [] for r in flushers}
+        flushing: set[str] = set()
+        # future -> (remote, kind, payload): "run"/"stage" a chunk of jobs, "flush" and
+        # "publish" a list of (outcome, staged upload).
+        inflight: dict[Future[Any], tuple[str, str, Any]] = {}
         buffered: dict[str, list[Outcome]] = {}
         count = 0
+
+        def add(o: Outcome) -> None:
+            nonlocal count
+            buffered.setdefault(o.job.pair, []).append(o)
+            count += 1
+
+        def start_flush(r: str) -> None:
+            # Stopping: what is flushed already gets published; the rest is discarded.
+            if r in flushing or not unflushed[r] or (self.stop is not None and self.stop.is_set()):
+                return
+            batch, unflushed[r] = unflushed[r], []
+            inflight[flushers[r].submit(remotes[r].flush, [s for _, s in batch])] = (
+                r, "flush", batch)
+            flushing.add(r)
+
+        def failed_staged(batch: list[tuple[Outcome, Staged]], err: BaseException) -> None:
+            for o, _ in batch:
+                o.error, o.base, o.local = err, None, None
+                add(o)
+
         last_commit = time.monotonic()
         try:
             while True:
@@ -288,19 +435,26 @@ class Runner:
                         break
                     transfers = self.pairs[ps[0]].transfers
                     q = ready[r]
+                    if feeding and len(fed.get(r, ())) < LEASE_BATCH // 2:
+                        refill(r, ps)
                     if len(q) < LEASE_BATCH // 2:
-                        if feeding:
-                            feeding = feed()   # type: ignore[misc]
                         q.extend(self.queue.lease(LEASE_BATCH - len(q), ps))
-                    busy = sum(1 for rr, _ in inflight.values() if rr == r)
-                    while q and busy < 2 * transfers:
-                        chunk = _take_chunk(q, *limits[r])
+                    busy = sum(1 for rr, kind, _ in inflight.values()
+                               if rr == r and kind != "flush")
+                    kind = "stage" if r in flushers else "run"
+                    fn: Callable[..., Any] = _stage_packed if r in flushers else _run_packed
+                    while busy < 2 * transfers:
+                        # Jobs lease() handed out first: they may be of an earlier phase
+                        # that fed jobs wait for (a retry).
+                        chunk = _take_chunk(q, *limits[r]) if q else take_fed(r)
+                        if chunk is None:
+                            break
                         try:
-                            fut = pools[r].submit(_execute_chunk, chunk, self.pairs)
+                            fut = pools[r].submit(fn, chunk, self.pairs)
                         except BrokenExecutor:
                             pools[r] = self._replace_broken(pools[r], self.pairs[ps[0]])
-                            fut = pools[r].submit(_execute_chunk, chunk, self.pairs)
-                        inflight[fut] = (r, chunk)
+                            fut = pools[r].submit(fn, chunk, self.pairs)
+                        inflight[fut] = (r, kind, chunk)
                         busy += 1
                 if not inflight:
                     if count:
@@ -308,7 +462,7 @@ class Runner:
                         count, last_commit = 0, time.monotonic()
                         continue
                     if feeding and not stopping:
-                        feeding = feed()   # type: ignore[misc]
+                        refill("", [])
                         continue
                     nxt = self.queue.index.next_ready_time(names)
                     if nxt is None:
@@ -318,17 +472,47 @@ class Runner:
                 finished, _ = wait(list(inflight), timeout=COMMIT_INTERVAL,
                                    return_when=FIRST_COMPLETED)
                 for f in finished:
-                    r, chunk = inflight.pop(f)
-                    try:
-                        outcomes = f.result()
-                    except Exception as e:  # a worker process died (OOM kill, ...)
-                        if isinstance(e, BrokenExecutor):
-                            pools[r] = self._replace_broken(pools[r], self.pairs[chunk[0].pair])
-                        err = TransientError(f"worker died: {type(e).__name__}: {e}")
-                        outcomes = [Outcome(j, error=err) for j in chunk]
+                    r, kind, payload = inflight.pop(f)
+                    err = f.exception()
+                    if kind == "flush":
+                        flushing.discard(r)
+                        if err is not None:
+                            remotes[r].discard([s for _, s in payload])  # type: ignore[attr-defined]
+                            failed_staged(payload, _as_transient(err, "flush"))
+                        else:
+                            for i in range(0, len(payload), CHUNK_FILES):
+                                group = payload[i:i + CHUNK_FILES]
+                                fut = self._submit(pools, r, by_remote[r][0], _publish_chunk,
+                                                   [tuple(s) for _, s in group])
+                                inflight[fut] = (r, "publish", group)
+                        start_flush(r)
+                        continue
+                    if isinstance(err, BrokenExecutor):   # a worker process died (OOM kill, ...)
+                        pools[r] = self._replace_broken(pools[r], self.pairs[by_remote[r][0]])
+                    if kind == "publish":
+                        if err is not None:
+                            remotes[r].discard([s for _, s in payload])  # type: ignore[attr-defined]
+                            failed_staged(payload, _as_transient(err, "publish"))
+                            continue
+                        for (o, _), fp in zip(payload, f.result(), strict=True):
+                            if isinstance(fp, Exception):
+                                o.error, o.base, o.local = fp, None, None
+                            else:
+                                assert o.base is not None
+                                o.base = o.base._replace(remote_fp=fp)
+                            add(o)
+                        continue
+                    if err is not None:
+                        e2 = _as_transient(err, "transfer")
+                        outcomes = [Outcome(j, error=e2) for j in payload]
+                    elif kind == "stage":
+                        outcomes, staged = _unpack_staged(payload, f.result())
+                        unflushed[r] += staged
+                        start_flush(r)
+                    else:
+                        outcomes = _unpack(payload, f.result())
                     for o in outcomes:
-                        buffered.setdefault(o.job.pair, []).append(o)
-                        count += 1
+                        add(o)
                 if count >= COMMIT_EVERY or (
                         count and time.monotonic() - last_commit >= COMMIT_INTERVAL):
                     self._commit(buffered, stats)
@@ -338,19 +522,53 @@ class Runner:
                 f.cancel()
             for p in pools.values():
                 p.shutdown(wait=True, cancel_futures=True)
+            for fl in flushers.values():
+                fl.shutdown(wait=True, cancel_futures=True)
             unfinished: list[int] = []
-            for f, (_, chunk) in inflight.items():   # chunks that finished while we stopped
-                if f.done() and not f.cancelled() and f.exception() is None:
-                    for o in f.result():
-                        buffered.setdefault(o.job.pair, []).append(o)
-                        count += 1
+            leftover: dict[str, list[Staged]] = {r: [s for _, s in b] for r, b in unflushed.items()}
+            for b in unflushed.values():
+                unfinished += [o.job.id for o, _ in b]
+            for f, (r, kind, payload) in inflight.items():   # what finished while we stopped
+                ok = f.done() and not f.cancelled() and f.exception() is None
+                if kind == "publish" and ok:
+                    for (o, _), fp in zip(payload, f.result(), strict=True):
+                        if isinstance(fp, Exception):
+                            unfinished.append(o.job.id)
+                        else:
+                            assert o.base is not None
+                            o.base = o.base._replace(remote_fp=fp)
+                            add(o)
+                elif kind in ("flush", "publish"):   # durable or not, never published
+                    unfinished += [o.job.id for o, _ in payload]
+                    leftover.setdefault(r, []).extend(s for _, s in payload)
+                elif ok:
+                    if kind == "stage":
+                        outcomes, staged = _unpack_staged(payload, f.result())
+                        unfinished += [o.job.id for o, _ in staged]
+                        leftover.setdefault(r, []).extend(s for _, s in staged)
+                    else:
+                        outcomes = _unpack(payload, f.result())
+                    for o in outcomes:
+                        add(o)
                 else:
-                    unfinished += [j.id for j in chunk]
+                    unfinished += [j.id for j in payload]
+            for r, staged_left in leftover.items():
+                if staged_left:   # a temp left behind is cleaned up by the next reconcile
+                    remotes[r].discard(staged_left)  # type: ignore[attr-defined]
             if count:
                 self._commit(buffered, stats)
             # Jobs leased but never finished go back to the queue at once.
-            self.queue.release(unfinished + [j.id for q in ready.values() for j in q])
+            self.queue.release(unfinished + [j.id for q in (*ready.values(), *fed.values())
+                                             for j in q])
         return stats
+
+    def _submit(self, pools: dict[str, Executor], r: str, pair: str, fn: Callable[..., Any],
+                *args: Any) -> Future[Any]:
+        try:
+            return pools[r].submit(fn, pair, *args, self.pairs)
+        except BrokenExecutor:
+            pools[r] = self._replace_broken(pools[r], self.pairs[pair])
+            return pools[r].submit(fn, pair, *args, self.pairs)
 
     def _replace_broken(self, pool: Executor, ctx: PairCtx) -> Executor:
         self.log.warning("worker_processes_lost", pair=ctx.name, fallback="threads")
@@ -415,6 +633,28 @@ class Runner:
         if o.note:
             fields["note"] = o.note
         getattr(self.log, self.done_level)(f"{a.op.value}_done", **fields)
+
+
+def _unpack_staged(jobs: list[Job], res: tuple[list[Packed], list[tuple[Packed, Any]]]
+                   ) -> tuple[list[Outcome], list[tuple[Outcome, Staged]]]:
+    done, staged = res
+    outs = _unpack(jobs, [p for p, _ in staged])
+    new = tuple.__new__
+    return _unpack(jobs, done), [(o, new(Staged, st)) for o, (_, st) in
+                                 zip(outs, staged, strict=True)]
+
+
+def _stages(remote: Remote) -> bool:
+    return getattr(remote, "stage_many", None) is not None and bool(getattr(remote, "stages", False))
+
+
+def _as_transient(e: BaseException, step: str) -> BaseException:
+    """A syncd error as it is; anything else (a worker process that died, ...) retried."""
+    from syncd.errors import SyncdError
+
+    if isinstance(e, SyncdError):
+        return e
+    return TransientError(f"{step} failed: {type(e).__name__}: {e}")
 
 
 def _internal(e: BaseException | None) -> BaseException | bool:

@@ -10,7 +10,7 @@ import os
 import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import xxhash
 
@@ -26,6 +26,16 @@ class Capabilities:
     atomic_put: bool = True         # readers never see a partial object
     cpu_bound: bool = False         # work is local syscalls, not network waits: list in a
                                     # forked child and transfer in worker processes
+
+
+class Staged(NamedTuple):
+    """An upload written to a temp file beside its target, not yet durable nor published
+    (the optional stage_many / flush / publish_many capability of a directory remote)."""
+
+    path: str       # the target, relative to the remote's root
+    tmp: str        # the temp file's name in the target's directory
+    sent: int       # bytes written (and hashed)
+    dev: int        # st_dev of the target's directory: what flush() must sync
 
 
 class Source:

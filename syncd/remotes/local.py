@@ -25,7 +25,7 @@ from syncd.errors import (
 )
 from syncd.listing import DIR_FP, RemoteDiff, diff_listing
 from syncd.model import TMP_PREFIX, TRASH_DIR, Kind, RemoteEntry
-from syncd.remotes.base import Capabilities, Source, check_rel_path, temp_name
+from syncd.remotes.base import Capabilities, Source, Staged, check_rel_path, temp_name
 
 _TRANSIENT = {errno.EIO, errno.ENOSPC, errno.EDQUOT, errno.ETIMEDOUT, errno.ESTALE,
               errno.EAGAIN, errno.EBUSY, errno.EINTR, errno.ENOENT, errno.ENOTCONN,
@@ -239,13 +239,19 @@ class LocalRemote:
         finally:
             os.close(dfd)
 
+    @property
+    def stages(self) -> bool:
+        """Whether uploads go through stage_many/flush/publish_many (fsync on, syncfs there):
+        the runner then writes new files while earlier ones are being made durable."""
+        return self.fsync and _syncfs is not None
+
     def put_many(self, items: Sequence[tuple[str, Source]]) -> list[RemoteEntry | Exception]:
         """Publish several files with one flush of the filesystem instead of one per file:
         every temp file is written and verified, the filesystem is synced once (syncfs),
         and only then is each renamed into place. Same guarantees as put() one by one:
         readers never see a partial file, and no file is renamed before its bytes are
         durable. Returns, per item, its RemoteEntry or the error it raised."""
-        if not self.fsync or _syncfs is None or len(items) < 2:
+        if not self.stages or len(items) < 2:
             out: list[RemoteEntry | Exception] = []
             for path, src in items:
                 try:
@@ -253,46 +259,84 @@ class LocalRemote:
                 except Exception as e:
                     out.append(e)
             return out
-        results: list[RemoteEntry | Exception | None] = [None] * len(items)
-        staged: list[tuple[int, int, str, str, str, int]] = []   # i, dfd, tmp, name, path, sent
-        dirs: dict[str, int] = {}   # parent -> fd, for this call only (files of a chunk share dirs)
+        staged = self.stage_many(items)
+        ok = [s for s in staged if isinstance(s, Staged)]
         try:
-            for i, (path, src) in enumerate(items):
+            self.flush(ok)
+        except TransientError as e:
+            self.discard(ok)
+            return [e if isinstance(s, Staged) else s for s in staged]
+        published = iter(self.publish_many(ok))
+        return [next(published) if isinstance(s, Staged) else s for s in staged]
+
+    def stage_many(self, items: Sequence[tuple[str, Source]]) -> list[Staged | Exception]:
+        """Write and verify each source into a temp file beside its target, without making
+        it durable and without publishing it: flush() then publish_many() (or discard())
+        finish the job. Per item, its Staged record or the error it raised."""
+        out: list[Staged | Exception] = []
+        dirs: dict[str, tuple[int, int]] = {}   # parent -> (fd, st_dev), for this call only
+        try:
+            for path, src in items:
                 try:
                     check_rel_path(self.name, path)
                     parent, _, name = path.rpartition("/")
+                    d = dirs.get(parent)
+                    if d is None:
+                        dfd = self._parent_fd(path, create=True)[0]
+                        d = dirs[parent] = (dfd, os.fstat(dfd).st_dev)
+                    tmp = self._write_temp(d[0], name, path, src, fsync=False)
+                    out.append(Staged(path, tmp, src.sent, d[1]))
+                except Exception as e:
+                    out.append(e)
+        finally:
+            for dfd, _ in dirs.values():
+                os.close(dfd)
+        return out
+
+    def flush(self, staged: Sequence[Staged]) -> None:
+        """Make the staged files durable: one syncfs per filesystem they are on (a
+        subdirectory may be another mount). TransientError if the system says it failed."""
+        devs: dict[int, str] = {}
+        for s in staged:
+            devs.setdefault(s.dev, s.path)
+        for path in devs.values():
+            dfd = self._parent_fd(path, create=False)[0]
+            try:
+                if _syncfs(dfd) != 0:
+                    err = ctypes.get_errno()
+                    raise TransientError(f"syncfs failed: {os.strerror(err)}", remote=self.name)
+            finally:
+                os.close(dfd)
+
+    def publish_many(self, staged: Sequence[Staged]) -> list[RemoteEntry | Exception]:
+        """Rename flushed temp files over their targets; per item its RemoteEntry or error."""
+        out: list[RemoteEntry | Exception] = []
+        dirs: dict[str, int] = {}
+        try:
+            for s in staged:
+                try:
+                    parent, _, name = s.path.rpartition("/")
                     dfd = dirs.get(parent, -1)
                     if dfd < 0:
-                        dfd, name = self._parent_fd(path, create=True)
-                        dirs[parent] = dfd
-                    tmp = self._write_temp(dfd, name, path, src, fsync=False)
+                        dfd = dirs[parent] = self._parent_fd(s.path, create=False)[0]
+                    out.append(self._publish(dfd, s.tmp, name, s.path, s.sent))
                 except Exception as e:
-                    results[i] = e
-                    continue
-                staged.append((i, dfd, tmp, name, path, src.sent))
-            flush_error: Exception | None = None
-            # One syncfs per filesystem involved (a subdirectory may be another mount).
-            per_dev = {os.fstat(fd).st_dev: fd for fd in {st[1] for st in staged}}
-            for fd in per_dev.values():
-                if _syncfs(fd) != 0:
-                    err = ctypes.get_errno()
-                    flush_error = TransientError(f"syncfs failed: {os.strerror(err)}",
-                                                 remote=self.name)
-            for i, dfd, tmp, name, path, sent in staged:
-                if flush_error is not None:
-                    with contextlib.suppress(OSError):
-                        os.unlink(tmp, dir_fd=dfd)
-                    results[i] = flush_error
-                    continue
-                try:
-                    results[i] = self._publish(dfd, tmp, name, path, sent)
-                except Exception as e:
-                    results[i] = e
+                    out.append(e)
         finally:
             for dfd in dirs.values():
                 os.close(dfd)
-        return [r if r is not None else PermanentError("not attempted", remote=self.name)
-                for r in results]
+        return out
+
+    def discard(self, staged: Sequence[Staged]) -> None:
+        """Remove staged temp files that will not be published (best effort: a temp left
+        behind is removed by the next reconcile, which plans cleanup of its own temps)."""
+        for s in staged:
+            with contextlib.suppress(Exception):
+                dfd = self._parent_fd(s.path, create=False)[0]
+                try:
+                    os.unlink(s.tmp, dir_fd=dfd)
+                finally:
+                    os.close(dfd)
 
     def _write_temp(self, dfd: int, name: str, path: str, source: Source, fsync: bool) -> str:
         """Stream the source into this target's temp file and verify it; returns the temp

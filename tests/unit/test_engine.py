@@ -35,6 +35,7 @@ class Faulty(LocalRemote):
 
     caps = Capabilities(dirs=True, move=True, mtime_precision_ns=1, cpu_bound=False)
     put_many = None   # every upload goes through put(), where the faults are
+    stage_many = None
 
     def __init__(self, root: Path, transient: int = 0, permanent: frozenset[str] = frozenset(),
                  mutate: dict[str, bytes] | None = None):

@@ -140,6 +140,29 @@ def test_replacement_survives_the_queue_round_trip() -> None:
     assert "replaces" not in action_to_json(plain) and action_from_json("y", action_to_json(plain)) == plain
 
 
+@settings(max_examples=300, deadline=None)
+@given(op=st.sampled_from(list(Op)), reason=st.text(), size=st.integers(0, 1 << 62),
+       h=st.none() | st.binary(min_size=16, max_size=16), mtime=st.integers(0, 1 << 62),
+       dest=st.text(), fp=st.text(), kind=st.sampled_from([F, D]),
+       replaces=st.sampled_from([0, F, D]))
+def test_job_args_encoding_round_trips(op: Op, reason: str, size: int, h: bytes | None,
+                                       mtime: int, dest: str, fp: str, kind: int,
+                                       replaces: int) -> None:
+    """The hand-written JSON of a job's args reads back exactly, quotes, control
+    characters and lone surrogates (non-UTF-8 names) included, and is what json.dumps
+    would have written."""
+    import json
+
+    from syncd.index import action_from_json, action_to_json
+
+    a = Action(op, "p", reason, size, h, mtime, dest, fp, kind, replaces)
+    s = action_to_json(a)
+    assert action_from_json("p", s) == a
+    assert json.loads(s) == json.loads(json.dumps(
+        [op.value, reason, size, h.hex() if h else None, mtime, dest, fp, kind]
+        + ([replaces] if replaces else [])))
+
+
 def test_trash_destination_is_dated_under_pair() -> None:
     (a,) = plan_push({}, {"x/y.txt": base("A")}, {"x/y.txt": rem("x/y.txt", "A")},
                      Policy(delete="trash", trash_stamp="2026-11-25T081000Z"))

@@ -1,0 +1,183 @@
+"""The staged upload path of a directory remote (fsync on): workers write temp files, one
+flush (syncfs) makes everything written so far durable while they go on, then the files
+are renamed into place. What must hold: nothing is published before a flush that started
+after its bytes were written; flushes are shared by many chunks; a failed flush publishes
+nothing and retries; a stop mid-flight leaves no temp file and no job lost."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import syncd.engine as eng
+import syncd.remotes.local as local_mod
+import syncd.transfer as transfer
+from syncd.engine import Options
+from syncd.model import TMP_PREFIX
+from syncd.remotes.local import LocalRemote
+from tests.unit.test_engine import Clock, Recording, engine, setup, tree
+
+FILES = {f"d{i % 7}/f{i:03d}": f"content {i}".encode() * (i % 5 + 1) for i in range(200)}
+
+
+class Flushes:
+    """Wraps syncfs, the temp-file writer and the rename of the local remote (threads, so
+    they run in this process) and records their order on one counter."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, delay: float = 0.0,
+                 fail_first: int = 0, on_flush: Any = None):
+        self.lock = threading.Lock()
+        self.seq = 0
+        self.written: dict[str, int] = {}            # temp name -> seq when written
+        self.flushes: list[tuple[int, int]] = []      # (seq at start, seq at end)
+        self.published: list[tuple[str, int]] = []    # (temp name, seq)
+        self.fail_first = fail_first
+        self.delay = delay
+        self.on_flush = on_flush
+        real_write, real_publish = LocalRemote._write_temp, LocalRemote._publish
+        outer = self
+
+        def write_temp(self: LocalRemote, dfd: int, name: str, path: str, source: Any,
+                       fsync: bool) -> str:
+            tmp = real_write(self, dfd, name, path, source, fsync)
+            outer.written[tmp] = outer.tick()
+            return tmp
+
+        def publish(self: LocalRemote, dfd: int, tmp: str, name: str, path: str,
+                    sent: int) -> Any:
+            outer.published.append((tmp, outer.tick()))
+            return real_publish(self, dfd, tmp, name, path, sent)
+
+        def syncfs(fd: int) -> int:
+            start = self.tick()
+            if self.on_flush is not None:
+                self.on_flush()
+            if self.delay:
+                threading.Event().wait(self.delay)
+            if self.fail_first > 0:
+                self.fail_first -= 1
+                self.flushes.append((start, -1))
+                return -1
+            self.flushes.append((start, self.tick()))
+            return 0
+
+        monkeypatch.setattr(LocalRemote, "_write_temp", write_temp)
+        monkeypatch.setattr(LocalRemote, "_publish", publish)
+        monkeypatch.setattr(local_mod, "_syncfs", syncfs)
+        monkeypatch.setattr(eng, "PROCESS_POOL_MIN_JOBS", 1 << 30)   # threads: we see it all
+        monkeypatch.setattr(transfer, "CHUNK_FILES", 8)
+
+    def tick(self) -> int:
+        with self.lock:
+            self.seq += 1
+            return self.seq
+
+
+def temps(root: Path) -> list[Path]:
+    return [p for p in root.rglob(f"{TMP_PREFIX}*")]
+
+
+def test_nothing_is_published_before_a_flush_that_began_after_its_write(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    fl = Flushes(monkeypatch, delay=0.002)
+    cfg, src, dst = setup(tmp_path, FILES)
+    res = engine(cfg, None, Clock()).reconcile(cfg.pairs[0], Options())
+    assert res.status == "ok" and res.uploaded == len(FILES)
+    assert tree(dst / "docs") == FILES and not temps(dst)
+    assert len(fl.published) == len(FILES)
+    ok = [f for f in fl.flushes if f[1] > 0]
+    for tmp, at in fl.published:
+        w = fl.written[tmp]
+        assert any(start > w and end < at for start, end in ok), f"{tmp} published unflushed"
+
+
+def test_one_flush_serves_many_chunks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With a slow disk (50 ms a flush) the workers keep writing meanwhile, and each flush
+    covers what was written during the previous one: far fewer flushes than chunks (25)."""
+    fl = Flushes(monkeypatch, delay=0.05)
+    cfg, src, dst = setup(tmp_path, FILES)
+    res = engine(cfg, None, Clock()).reconcile(cfg.pairs[0], Options())
+    assert res.status == "ok" and tree(dst / "docs") == FILES
+    chunks = len(FILES) // 8
+    assert 1 <= len(fl.flushes) <= chunks // 3, (len(fl.flushes), chunks)
+
+
+def test_a_failed_flush_publishes_nothing_and_the_retry_converges(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    fl = Flushes(monkeypatch, fail_first=1)
+    cfg, src, dst = setup(tmp_path, FILES)
+    clock = Clock()
+    res = engine(cfg, None, clock).reconcile(cfg.pairs[0], Options())
+    assert res.status == "ok" and res.retries >= 1 and not res.failures
+    assert tree(dst / "docs") == FILES and not temps(dst)
+    # What the failed flush covered was never renamed into place: each retried file was
+    # written again, and every file was published exactly once.
+    assert fl.flushes[0][1] == -1
+    assert len(fl.written) == len(FILES) + res.retries
+    assert len(fl.published) == len({t for t, _ in fl.published}) == len(FILES)
+    assert clock.t > 1_800_000_000.0     # the retry waited for its backoff (fake clock)
+
+
+def test_a_stop_while_flushing_leaves_no_temp_and_loses_no_job(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    stop = threading.Event()
+    fl = Flushes(monkeypatch, delay=0.05, on_flush=stop.set)
+    cfg, src, dst = setup(tmp_path, FILES)
+    e = engine(cfg, None, Clock())
+    e.stop = stop
+    res = e.reconcile(cfg.pairs[0], Options())
+    assert not temps(dst)
+    published = tree(dst / "docs") if (dst / "docs").exists() else {}
+    assert len(fl.flushes) == 1 and 0 < len(published) < len(FILES)
+    assert len(fl.written) > len(published)   # staged meanwhile, then discarded
+    assert all(FILES[k] == v for k, v in published.items())
+    counts = e.index.job_counts("p")
+    assert counts.get("leased", 0) == 0
+    assert counts.get("pending", 0) + len(published) == len(FILES), counts
+    # The next run (no stop) finishes the job.
+    stop.clear()
+    e2 = engine(cfg, None, Clock())
+    res = e2.reconcile(cfg.pairs[0], Options())
+    assert res.status == "ok" and tree(dst / "docs") == FILES and not temps(dst)
+
+
+class FirstMoveFails(Recording):
+    def __init__(self, root: Path):
+        super().__init__(root)
+        self.move_failures = 1
+
+    def move(self, src: str, dst: str) -> None:
+        if self.move_failures:
+            self.move_failures -= 1
+            from syncd.errors import TransientError
+
+            self.ops.append(("move-failed", src))
+            raise TransientError("busy", remote=self.name, path=src)
+        super().move(src, dst)
+
+
+def test_fed_jobs_wait_for_a_retry_of_an_earlier_phase(tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """A folder replacing a remote file (phase -1: the file is trashed first) whose trash
+    move fails once: nothing is written under the folder before the retried move is done,
+    though those jobs were enqueued already leased to the runner."""
+    monkeypatch.setattr(eng, "ENQUEUE_BATCH", 2)
+    cfg, src, dst = setup(tmp_path, {"was_file": b"w", "other": b"o"})
+    clock = Clock()
+    assert engine(cfg, Recording(dst), clock).reconcile(cfg.pairs[0], Options()).status == "ok"
+    (src / "was_file").unlink()
+    for i in range(5):
+        (src / "was_file").mkdir(exist_ok=True)
+        (src / "was_file" / f"n{i}").write_bytes(b"n")
+    remote = FirstMoveFails(dst)
+    res = engine(cfg, remote, clock).reconcile(cfg.pairs[0], Options())
+    assert res.status == "ok" and res.retries == 1, res.failures
+    ops = remote.ops
+    assert ops[0] == ("move-failed", "docs/was_file")
+    moved = ops.index(("move", "docs/was_file"))
+    assert all(i > moved for i, (op, p) in enumerate(ops) if p.startswith("docs/was_file/"))
+    mirror = {k: v for k, v in tree(dst / "docs").items() if not k.startswith(".syncd-trash")}
+    assert mirror == tree(src)
