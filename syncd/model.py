@@ -108,6 +108,8 @@ def phase(a: Action) -> int:
     directories (once those are emptied). Phase >= 1 is the deleting part of a plan."""
     if a.replaces:
         return PHASE_REPLACE_FILE if a.op == Op.MKDIR else PHASE_REPLACE_DIR
+    if a.op is Op.UPLOAD:   # most jobs: skip the comparisons below (runs once per job per step)
+        return 0
     if a.op in (Op.DELETE, Op.TRASH, Op.CLEANUP):
         return 1   # CLEANUP too: a temp name may belong to an upload of this same run
     if a.op == Op.RMDIR:

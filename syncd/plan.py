@@ -105,9 +105,10 @@ def under(path: str, dirs: set[str]) -> bool:
 
 
 def _file(path: str, l: LocalState, b: Base | None, r: R | None, p: Policy) -> list[Action]:
+    if r is None:   # the common case of a first sync: built directly, not via _replace
+        return [Action(Op.UPLOAD, path, "new" if b is None else "missing on remote", l.size,
+                       l.hash, l.mtime_ns)]
     up = Action(Op.UPLOAD, path, "", l.size, l.hash, l.mtime_ns)
-    if r is None:
-        return [up._replace(reason="new" if b is None else "missing on remote")]
     if r.kind != FILE:
         if p.delete == "keep":
             return [Action(Op.CONFLICT, path, "the remote has a directory where the local tree "

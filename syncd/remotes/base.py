@@ -10,7 +10,7 @@ import os
 import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import xxhash
 
@@ -68,8 +68,14 @@ class Source:
         # before reading (S3 multipart metadata) checks the bytes it sent against it.
         self.expected: bytes | None = None
         self.after: os.stat_result | None = None
+        self.eof = False
 
     def readinto(self, buf: bytearray | memoryview) -> int:
+        """Read into buf; 0 at the end. A short read of a regular file means its end was
+        reached: `eof` is set, and the caller can stop without one more read (for a small
+        file, a buffer of size + 1 takes it in one call)."""
+        if self.eof:
+            return 0
         try:
             n = os.readv(self.fd, [buf])
         except OSError as e:  # a local read error is not the remote's fault
@@ -77,6 +83,10 @@ class Source:
         if n:
             self._h.update(memoryview(buf)[:n])
             self.sent += n
+        if n < len(buf):
+            # Growth after this read shows in verify()'s fstat (size, mtime, ctime); a
+            # short read before the end (a network file system) leaves sent < size there.
+            self.eof = True
         return n
 
     def read(self, size: int = 1 << 20) -> bytes:
@@ -107,7 +117,7 @@ class Source:
     def verify(self) -> bytes:
         """Digest of the bytes read; raises SourceChanged on a torn or short read."""
         try:
-            if os.read(self.fd, 1):
+            if not self.eof and os.read(self.fd, 1):
                 raise SourceChanged(self.rel, "grew while being read")
             after = os.fstat(self.fd)
         except OSError as e:   # a local read error is not the remote's fault
@@ -203,11 +213,25 @@ def temp_name(name: str, owner: str = "") -> str:
     orphaned by a killed syncd, a second syncd on another machine) then never write into
     the same temp file and rename it half-done. `owner` (the state dir's tag) lets the
     next reconcile of the same state dir remove temps of interrupted uploads at once."""
-    import secrets
-
     from syncd.model import TMP_PREFIX
 
-    return f"{TMP_PREFIX}{owner or 'x'}-{secrets.token_hex(6)}"
+    n = (_tmp[0] + next(_tmp[1])) & 0xFFFFFFFFFFFF   # next() of a count is atomic (GIL)
+    return f"{TMP_PREFIX}{owner or 'x'}-{n:012x}"
+
+
+def _tmp_reseed() -> None:
+    """48 random bits per process and a counter: a name as unique as a fresh random token
+    per file, without a getrandom() call each. Re-drawn in a forked child."""
+    import itertools
+    import secrets
+
+    global _tmp
+    _tmp = (secrets.randbits(48), itertools.count(1))
+
+
+_tmp: tuple[int, Any] = (0, None)
+_tmp_reseed()
+os.register_at_fork(after_in_child=_tmp_reseed)
 
 
 def owner_tag(state_dir: str) -> str:

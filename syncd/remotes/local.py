@@ -45,6 +45,23 @@ def _load_syncfs() -> Any:
 
 
 _syncfs = _load_syncfs()
+_TMP_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def _read_umask() -> int:
+    """This process's umask, without setting it (os.umask would, for every thread);
+    all bits (= always chmod) where /proc does not say."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    return 0o777
+
+
+_UMASK = _read_umask()
 _FILE, _DIR = int(Kind.FILE), int(Kind.DIR)
 
 
@@ -343,17 +360,22 @@ class LocalRemote:
         name. Nothing is left behind on failure."""
         tmp = temp_name(name, self.tmp_owner)
         fd = -1
+        mode = source.mode & 0o777
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
-                         0o600, dir_fd=dfd)
-            buf = bytearray(min(_BUF, max(source.size, 1)))
+            try:   # O_EXCL: a name clash (never seen) fails instead of sharing a file
+                fd = os.open(tmp, _TMP_FLAGS, mode, dir_fd=dfd)
+            except FileExistsError:
+                raise TransientError("temp name in use", remote=self.name, path=path) from None
+            # One read takes a small file whole: a short read marks its end.
+            buf = bytearray(min(_BUF, source.size + 1))
             mv = memoryview(buf)
             while n := source.readinto(buf):
                 off = 0
                 while off < n:
                     off += os.write(fd, mv[off:n])
             source.verify()
-            os.fchmod(fd, source.mode & 0o777)
+            if mode & _UMASK:   # bits the umask took away at creation
+                os.fchmod(fd, mode)
             os.utime(fd, ns=(source.mtime_ns, source.mtime_ns))
             if fsync:
                 os.fsync(fd)

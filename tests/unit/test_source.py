@@ -1,0 +1,96 @@
+"""Reading a local file for upload with as few system calls as safety allows: a small file
+in one read (a short read marks the end), temp names without a random draw per file, the
+mode set at creation where the umask allows. None of it may weaken a guarantee."""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+import pytest
+
+import syncd.remotes.local as local_mod
+from syncd.errors import SourceChanged
+from syncd.remotes.base import Source, temp_name
+from syncd.remotes.local import LocalRemote
+
+
+def test_small_file_is_read_in_one_call_and_growth_after_it_is_caught(tmp_path: Path) -> None:
+    f = tmp_path / "f"
+    f.write_bytes(b"x" * 100)
+    with Source(str(f), "f") as s:
+        buf = bytearray(101)
+        assert s.readinto(buf) == 100 and s.eof
+        assert s.readinto(buf) == 0
+        with open(f, "ab") as g:   # grows after the read that saw its end
+            g.write(b"more")
+        with pytest.raises(SourceChanged):
+            s.verify()
+    with Source(str(f), "f") as s:
+        assert s.readinto(bytearray(s.size + 1)) == s.size and s.verify()
+
+
+def test_a_short_read_before_the_end_never_publishes(tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """A file system that returns less than asked mid-file (a network mount): the upload
+    stops short, and verify() refuses it (fewer bytes sent than the file has)."""
+    f = tmp_path / "f"
+    f.write_bytes(b"y" * 5000)
+    dst = tmp_path / "dst"
+    dst.mkdir()
+    real = os.readv
+
+    def short(fd: int, bufs: list[bytearray]) -> int:
+        return real(fd, [memoryview(bufs[0])[:1000]])
+
+    monkeypatch.setattr(os, "readv", short)
+    r = LocalRemote("nas", dst)
+    with Source(str(f), "f") as s, pytest.raises(SourceChanged):
+        r.put("f", s)
+    assert list(dst.iterdir()) == []
+
+
+def test_temp_names_are_unique_across_threads_and_forks() -> None:
+    names: list[str] = []
+    lock = threading.Lock()
+
+    def draw() -> None:
+        mine = [temp_name("t", "o") for _ in range(5000)]
+        with lock:
+            names.extend(mine)
+
+    threads = [threading.Thread(target=draw) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(set(names)) == len(names) == 40_000
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:   # the child's next name must not be the parent's next name
+        os.write(w, temp_name("t", "o").encode())
+        os._exit(0)
+    os.waitpid(pid, 0)
+    child = os.read(r, 100).decode()
+    os.close(r)
+    os.close(w)
+    assert child != temp_name("t", "o") and child not in names
+
+
+@pytest.mark.parametrize("mode", [0o666, 0o644, 0o600, 0o750, 0o777, 0o444, 0o400])
+def test_modes_survive_the_umask(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                 mode: int) -> None:
+    monkeypatch.setattr(local_mod, "_UMASK", 0o022)
+    old = os.umask(0o022)
+    try:
+        f = tmp_path / "f"
+        f.write_bytes(b"z" * 10)
+        os.chmod(f, mode)
+        dst = tmp_path / "dst"
+        dst.mkdir()
+        with Source(str(f), "f") as s:
+            LocalRemote("nas", dst).put("f", s)
+        assert (dst / "f").stat().st_mode & 0o777 == mode
+    finally:
+        os.umask(old)
