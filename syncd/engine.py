@@ -223,6 +223,10 @@ class Engine:
             prepare = getattr(remote, "prepare", None)
             if w.states and prepare is not None:
                 prepare()   # local changes: uploads are likely, connect while the child lists
+            if len(w.states) >= PROCESS_POOL_MIN_JOBS and remote.caps.cpu_bound and not opts.dry_run:
+                from syncd.transfer import prewarm_processes
+
+                prewarm_processes()   # the worker processes' server starts while we plan
             for rel, why in w.skipped:
                 log.debug("entry_skipped", path=rel, reason=why)
             if w.skipped:   # one line at info, however many symlinks a tree holds

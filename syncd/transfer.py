@@ -8,6 +8,7 @@ import contextlib
 import multiprocessing
 import os
 import signal
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -44,6 +45,9 @@ CHUNK_BYTES = 4 << 20
 # their round trips among more files: a mixed tree (1 KiB-8 MiB) over SFTP moved ~10%
 # faster with 16 MiB than with 1 MiB, for less CPU.
 NET_CHUNK_FILES = 64
+# Files staged (written, not yet published) per worker, at most: about two flushes' worth
+# at full speed; the rest of the plan waits in the queue, not in temp files.
+STAGED_MAX = 4 * CHUNK_FILES
 NET_CHUNK_BYTES = 16 << 20
 
 
@@ -162,6 +166,24 @@ def _publish_chunk(pair: str, staged: list[tuple[Any, ...]], pairs: dict[str, Pa
     new = tuple.__new__
     res = pairs[pair].remote.publish_many([new(Staged, s) for s in staged])  # type: ignore[attr-defined]
     return [r if isinstance(r, Exception) else r.fp for r in res]
+
+
+def prewarm_processes() -> None:
+    """Start the fork server that worker processes come from, in the background: it imports
+    syncd.transfer (~0.1 s) on the other core while the caller plans, instead of after, when
+    the first jobs wait for it. Harmless if no pool follows: the server idles and exits with
+    this process."""
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return
+
+    def start() -> None:
+        from multiprocessing import forkserver
+
+        with contextlib.suppress(Exception):   # _pool() finds out and falls back to threads
+            multiprocessing.get_context("forkserver").set_forkserver_preload(["syncd.transfer"])
+            forkserver.ensure_running()
+
+    threading.Thread(target=start, name="forkserver-start", daemon=True).start()
 
 
 @dataclass(frozen=True, slots=True)
@@ -398,6 +420,7 @@ class Runner:
         flushers = {r: ThreadPoolExecutor(1, thread_name_prefix=f"flush-{r}")
                     for r, rem in remotes.items() if _stages(rem)}
         unflushed: dict[str, list[tuple[Outcome, Staged]]] = {r: [] for r in flushers}
+        unpublished: dict[str, int] = dict.fromkeys(flushers, 0)   # staged, not yet settled
         flushing: set[str] = set()
         # future -> (remote, kind, payload): "run"/"stage" a chunk of jobs, "flush" and
         # "publish" a list of (outcome, staged upload).
@@ -439,11 +462,17 @@ class Runner:
                         refill(r, ps)
                     if len(q) < LEASE_BATCH // 2:
                         q.extend(self.queue.lease(LEASE_BATCH - len(q), ps))
-                    busy = sum(1 for rr, kind, _ in inflight.values()
-                               if rr == r and kind != "flush")
-                    kind = "stage" if r in flushers else "run"
-                    fn: Callable[..., Any] = _stage_packed if r in flushers else _run_packed
-                    while busy < 2 * transfers:
+                    if r in flushers:
+                        # Enough stage tasks to keep every worker busy, no more: a publish
+                        # (after each flush) then waits behind one stage task at most, and
+                        # files staged but not yet published stay few (STAGED_MAX).
+                        kind, fn = "stage", _stage_packed
+                        cap = 0 if unpublished[r] >= STAGED_MAX * _width(pools[r], transfers) \
+                            else _width(pools[r], transfers) + 1
+                    else:
+                        kind, fn, cap = "run", _run_packed, 2 * transfers
+                    busy = sum(1 for rr, k, _ in inflight.values() if rr == r and k == kind)
+                    while busy < cap:
                         # Jobs lease() handed out first: they may be of an earlier phase
                         # that fed jobs wait for (a retry).
                         chunk = _take_chunk(q, *limits[r]) if q else take_fed(r)
@@ -478,6 +507,7 @@ class Runner:
                         flushing.discard(r)
                         if err is not None:
                             remotes[r].discard([s for _, s in payload])  # type: ignore[attr-defined]
+                            unpublished[r] -= len(payload)
                             failed_staged(payload, _as_transient(err, "flush"))
                         else:
                             for i in range(0, len(payload), CHUNK_FILES):
@@ -490,6 +520,7 @@ class Runner:
                     if isinstance(err, BrokenExecutor):   # a worker process died (OOM kill, ...)
                         pools[r] = self._replace_broken(pools[r], self.pairs[by_remote[r][0]])
                     if kind == "publish":
+                        unpublished[r] -= len(payload)
                         if err is not None:
                             remotes[r].discard([s for _, s in payload])  # type: ignore[attr-defined]
                             failed_staged(payload, _as_transient(err, "publish"))
@@ -508,6 +539,7 @@ class Runner:
                     elif kind == "stage":
                         outcomes, staged = _unpack_staged(payload, f.result())
                         unflushed[r] += staged
+                        unpublished[r] += len(staged)
                         start_flush(r)
                     else:
                         outcomes = _unpack(payload, f.result())
@@ -646,6 +678,13 @@ def _unpack_staged(jobs: list[Job], res: tuple[list[Packed], list[tuple[Packed, 
 
 def _with_fp(b: Base, fp: str) -> Base:
     return tuple.__new__(Base, (b[0], b[1], b[2], b[3], fp))   # _replace costs ~5x more
+
+
+def _width(pool: Executor, transfers: int) -> int:
+    """How many jobs a pool runs at once (see Runner._pool)."""
+    if isinstance(pool, ProcessPoolExecutor):
+        return max(1, min(transfers, os.cpu_count() or 1))
+    return transfers
 
 
 def _stages(remote: Remote) -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import sqlite3
+import sys
 from pathlib import Path
 
 import pytest
@@ -312,6 +313,40 @@ def test_many_files_go_through_worker_processes(setup: Setup) -> None:
     (setup.src / "d2" / "f2.bin").unlink()
     r = setup.reconcile()
     assert r.code == 0 and r.summary["uploaded"] == 1 and r.summary["trashed"] == 1
+
+
+def test_killed_first_reconcile_publishes_only_whole_files_and_the_rerun_finishes(
+        setup: Setup) -> None:
+    """`kill -9` in the middle of a first sync through worker processes (files staged,
+    flushed in groups, then renamed): what is under a final name is whole, the rerun
+    completes the mirror and removes every temp file the killed run left."""
+    import signal
+    import subprocess
+    import time
+
+    files = {f"d{i % 13}/f{i}.bin": os.urandom(200 + i % 5000) for i in range(4000)}
+    populate(setup, files)
+    cmd = [sys.executable, "-m", "syncd", "reconcile", "--config", str(setup.config)]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SYNCD_")}
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
+                         start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and p.poll() is None:
+            if setup.mirror.exists() and sum(1 for _ in setup.mirror.rglob("f*.bin")) >= 200:
+                break
+            time.sleep(0.005)
+        os.killpg(p.pid, signal.SIGKILL)   # syncd, its fork server and its workers
+    finally:
+        p.wait(timeout=30)
+    published = tree(setup.mirror)
+    assert published, "the run was killed before anything was published"
+    assert all(files[k] == v for k, v in published.items())   # whole files only
+    assert p.returncode == -signal.SIGKILL and len(published) < len(files)
+    r = setup.reconcile()
+    assert r.code == 0, r.err
+    assert tree(setup.mirror) == files
+    assert not list(setup.mirror.rglob(".syncd-tmp-*"))
 
 
 def test_unreadable_local_root_stops_the_pair_and_keeps_the_index(setup: Setup) -> None:
