@@ -71,9 +71,9 @@ class Source:
         self.eof = False
 
     def readinto(self, buf: bytearray | memoryview) -> int:
-        """Read into buf; 0 at the end. A short read of a regular file means its end was
-        reached: `eof` is set, and the caller can stop without one more read (for a small
-        file, a buffer of size + 1 takes it in one call)."""
+        """Read into buf; 0 at the end. A short read that reaches the size fstat gave
+        sets `eof`: the caller can stop without one more read (a small file then takes
+        one call with a buffer of size + 1), and verify() skips its check read."""
         if self.eof:
             return 0
         try:
@@ -83,13 +83,17 @@ class Source:
         if n:
             self._h.update(memoryview(buf)[:n])
             self.sent += n
-        if n < len(buf):
-            # Growth after this read shows in verify()'s fstat (size, mtime, ctime); a
-            # short read before the end (a network file system) leaves sent < size there.
+        if n < len(buf) and self.sent == self.size:
+            # The end, where fstat put it: growth after this read shows in verify()'s
+            # fstat (size, mtime, ctime). A short read before that (a FUSE or network
+            # mount may cap each read) is not the end: reading goes on.
             self.eof = True
         return n
 
     def read(self, size: int = 1 << 20) -> bytes:
+        """Up to `size` bytes; b"" at the end. A short read sets `eof`, as in readinto()."""
+        if self.eof:
+            return b""
         try:
             b = os.read(self.fd, size)
         except OSError as e:
@@ -97,6 +101,8 @@ class Source:
         if b:
             self._h.update(b)
             self.sent += len(b)
+        if len(b) < size and self.sent == self.size:
+            self.eof = True
         return b
 
     def prehash(self) -> bytes:
