@@ -67,6 +67,7 @@ class Flushes:
         monkeypatch.setattr(LocalRemote, "_write_temp", write_temp)
         monkeypatch.setattr(LocalRemote, "_publish", publish)
         monkeypatch.setattr(local_mod, "_syncfs", syncfs)
+        monkeypatch.setattr(local_mod, "FSYNC_EACH_MAX", 0)   # every flush a syncfs
         monkeypatch.setattr(eng, "PROCESS_POOL_MIN_JOBS", 1 << 30)   # threads: we see it all
         monkeypatch.setattr(transfer, "CHUNK_FILES", 8)
 
@@ -181,3 +182,72 @@ def test_fed_jobs_wait_for_a_retry_of_an_earlier_phase(tmp_path: Path,
     assert all(i > moved for i, (op, p) in enumerate(ops) if p.startswith("docs/was_file/"))
     mirror = {k: v for k, v in tree(dst / "docs").items() if not k.startswith(".syncd-trash")}
     assert mirror == tree(src)
+
+
+def test_a_few_staged_files_are_fsynced_one_by_one_many_share_a_syncfs(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """syncfs writes out the whole filesystem, other programs' dirty data included: the
+    daemon's usual handful of files is fsynced file by file instead."""
+    import os
+
+    from syncd.remotes.base import Source
+
+    calls = {"fsync": 0, "syncfs": 0}
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        calls["fsync"] += 1
+        real_fsync(fd)
+
+    def syncfs(fd: int) -> int:
+        calls["syncfs"] += 1
+        return 0
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(local_mod, "_syncfs", syncfs)
+    src = tmp_path / "src"
+    src.mkdir()
+    dst = tmp_path / "dst"
+    dst.mkdir()
+    r = LocalRemote("nas", dst)
+    for n, expect in ((local_mod.FSYNC_EACH_MAX, {"fsync": local_mod.FSYNC_EACH_MAX,
+                                                  "syncfs": 0}),
+                      (local_mod.FSYNC_EACH_MAX + 1, {"fsync": 0, "syncfs": 1})):
+        calls.update(fsync=0, syncfs=0)
+        sources = []
+        for i in range(n):
+            (src / f"{n}-{i}").write_bytes(b"x" * i)
+            sources.append(Source(str(src / f"{n}-{i}"), f"{n}-{i}"))
+        staged = r.stage_many([(f"d{n}/f{i}", so) for i, so in enumerate(sources)])
+        for so in sources:
+            so.close()
+        assert calls == {"fsync": 0, "syncfs": 0}   # staging alone makes nothing durable
+        r.flush(staged)   # type: ignore[arg-type]
+        assert calls == expect
+        assert all(not isinstance(e, Exception) for e in r.publish_many(staged))  # type: ignore[arg-type]
+        assert sorted(p.name for p in (dst / f"d{n}").iterdir()) == sorted(f"f{i}" for i in range(n))
+
+
+def test_a_failed_fsync_of_a_staged_file_is_transient(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+    import os
+
+    from syncd.errors import TransientError
+    from syncd.remotes.base import Source
+
+    (tmp_path / "f").write_bytes(b"data")
+    dst = tmp_path / "dst"
+    dst.mkdir()
+    r = LocalRemote("nas", dst)
+    with Source(str(tmp_path / "f"), "f") as so:
+        staged = r.stage_many([("f", so)])
+
+    def eio(fd: int) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(os, "fsync", eio)
+    with pytest.raises(TransientError, match="fsync failed"):
+        r.flush(staged)   # type: ignore[arg-type]
+    r.discard(staged)   # type: ignore[arg-type]
+    assert list(dst.iterdir()) == []
