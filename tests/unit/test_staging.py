@@ -17,6 +17,7 @@ import syncd.remotes.local as local_mod
 import syncd.transfer as transfer
 from syncd.engine import Options
 from syncd.model import TMP_PREFIX
+from syncd.remotes.base import owner_tag
 from syncd.remotes.local import LocalRemote
 from tests.unit.test_engine import Clock, Recording, engine, setup, tree
 
@@ -251,3 +252,42 @@ def test_a_failed_fsync_of_a_staged_file_is_transient(tmp_path: Path,
         r.flush(staged)   # type: ignore[arg-type]
     r.discard(staged)   # type: ignore[arg-type]
     assert list(dst.iterdir()) == []
+
+
+class DyingRemote(LocalRemote):
+    """Kills the worker process that stages while `marker` exists (the first to claim it:
+    rename is atomic), as an OOM kill would. Importable, so worker processes can load it."""
+
+    def __init__(self, root: Path, marker: Path):
+        super().__init__("nas", root)
+        self.marker = str(marker)
+
+    def stage_many(self, items: Any) -> Any:
+        import os
+
+        try:
+            os.rename(self.marker, self.marker + ".taken")
+        except FileNotFoundError:
+            return super().stage_many(items)
+        os._exit(1)
+
+
+def test_a_worker_process_killed_while_staging_loses_nothing(tmp_path: Path) -> None:
+    """A worker process dies mid-run (the pool breaks under every chunk in flight): those
+    jobs are retried on threads, the mirror is exact, and no temp file outlives the next
+    run."""
+    files = {f"d{i % 9}/f{i}": f"v{i}".encode() * (i % 50 + 1) for i in range(eng.PROCESS_POOL_MIN_JOBS * 4)}
+    cfg, src, dst = setup(tmp_path, files)
+    marker = tmp_path / "die"
+    marker.touch()
+    clock = Clock()
+    dying = DyingRemote(dst, marker)
+    dying.tmp_owner = owner_tag(str(cfg.daemon.state_dir))   # as open_remote sets it
+    res = engine(cfg, dying, clock).reconcile(cfg.pairs[0], Options())
+    assert (tmp_path / "die.taken").exists(), "no worker process ran a stage"
+    assert res.status == "ok" and res.retries >= 1 and not res.failures, res.failures
+    assert tree(dst / "docs") == files
+    # A chunk staged by a worker killed with the pool may leave temps: the next run's
+    # listing removes temps of this state dir.
+    res = engine(cfg, None, clock).reconcile(cfg.pairs[0], Options())
+    assert res.status == "ok" and res.uploaded == 0 and not temps(dst)

@@ -1,0 +1,89 @@
+"""A/B of syncd versions (and rclone) on one local → local first sync, side by side.
+
+    git archive 625cf69 syncd | tar -x -C /tmp/old     # a version to compare with
+    .venv/bin/python bench/ab_local.py SRC_TREE --runs 3 new=. old=/tmp/old rclone
+    .venv/bin/python bench/ab_local.py SRC_TREE nofsync=.:false rclone
+
+Each variant is NAME=DIR[:fsync], DIR being what goes first on PYTHONPATH (a tree holding
+a `syncd/` package; `.` is this checkout), fsync true (default) or false; `rclone` runs
+`rclone sync` with defaults. Every run gets a fresh destination and state dir and nothing
+is deleted until the end (creating files right after deleting many is slow on some
+filesystems, and would land on the next variant); the page cache is warmed and the disks
+synced before each run; the order rotates from round to round, so no variant always runs
+after the same one (rclone evicts the source from the page cache with fadvise). Prints
+each run and the medians: wall, CPU of the whole process tree, and other processes' CPU
+(kernel writeback among it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import compileall
+import shutil
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_local as bl
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("src", type=Path, help="source tree (e.g. one bench_local.py --keep made)")
+    ap.add_argument("variants", nargs="+", help="NAME=DIR[:fsync] or rclone")
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--idle-wait", type=float, default=20.0, metavar="SECONDS")
+    a = ap.parse_args()
+    bl.IDLE_WAIT = a.idle_wait
+    bl.become_subreaper()
+    rclone = shutil.which("rclone")
+    if "rclone" in a.variants and rclone is None:
+        sys.exit("rclone is not installed (apt-get install rclone)")
+    wd = Path(tempfile.mkdtemp(prefix="syncd-ab-"))
+    res: dict[str, list[bl.Proc]] = {}
+    k = 0
+    try:
+        for r in range(a.runs):
+            shift = r % len(a.variants)
+            for v in a.variants[shift:] + a.variants[:shift]:
+                k += 1
+                name, _, spec = v.partition("=")
+                dst, state = wd / f"dst-{k}", wd / f"state-{k}"
+                dst.mkdir()
+                bl.warm_cache(a.src)
+                out, err = wd / f"{k}.out", wd / f"{k}.err"
+                if name == "rclone":
+                    p = bl.run_timed([str(rclone), "sync", str(a.src), str(dst)], out, err)
+                else:
+                    path, _, fsync = spec.partition(":")
+                    cfg = wd / f"{k}.toml"
+                    cfg.write_text(
+                        f'[daemon]\nstate_dir = "{state}"\nlog_format = "json"\n'
+                        f'[remotes.d]\ntype = "local"\npath = "{dst}"\nfsync = {fsync or "true"}\n'
+                        f'[[sync]]\nname = "s"\nlocal = "{a.src}"\nremote = "d"\n')
+                    pp = str((REPO if path in ("", ".") else Path(path)).resolve())
+                    # Compiled ahead, like the install: no variant pays its compile.
+                    compileall.compile_dir(str(Path(pp) / "syncd"), quiet=1)
+                    p = bl.run_timed_env([sys.executable, "-m", "syncd", "reconcile", "--config",
+                                          str(cfg)], out, err, {"PYTHONPATH": pp})
+                    if p.rc != 0:
+                        sys.exit(f"{name}: exit {p.rc}\n{err.read_text()[-2000:]}")
+                res.setdefault(name, []).append(p)
+                print(f"round {r + 1} {name:12s} wall {p.wall_s:6.2f} s  cpu {p.user_s + p.sys_s:6.2f}"
+                      f"  other {p.other_cpu_s:5.2f}", flush=True)
+    finally:
+        shutil.rmtree(wd, ignore_errors=True)
+    print("\nmedians:")
+    for name, ps in res.items():
+        print(f"  {name:12s} wall {statistics.median(p.wall_s for p in ps):6.2f} s"
+              f"  cpu {statistics.median(p.user_s + p.sys_s for p in ps):6.2f}"
+              f"  other {statistics.median(p.other_cpu_s for p in ps):5.2f}"
+              f"  walls {[round(p.wall_s, 2) for p in ps]}")
+
+
+if __name__ == "__main__":
+    main()
