@@ -387,8 +387,11 @@ class Index:
         that owner and returned, so the caller runs it without a lease round trip (reading
         back and decoding each job). A path that already had a job takes the usual upsert
         and is leased later, by lease()."""
-        state, owner, until = ("leased", lease[0], lease[1]) if lease else ("pending", None, None)
         acts = actions if lease is None else list(actions)
+        by_path = {a.path: a for a in acts} if lease is not None else {}
+        if lease is not None and len(by_path) < len(acts):   # type: ignore[arg-type]
+            lease = None   # one path twice (a plan never has that): lease() sorts it out
+        state, owner, until = ("leased", lease[0], lease[1]) if lease else ("pending", None, None)
         with self.tx():
             first = self.db.execute("SELECT coalesce(max(id), 0) FROM jobs").fetchone()[0]
             self.db.executemany(
@@ -411,7 +414,6 @@ class Index:
                 return []
             # Without AUTOINCREMENT a new row's id is above every id before the insert, and
             # an upserted row keeps its old one: the rows above `first` are the new jobs.
-            by_path = {a.path: a for a in acts}
             return [Job(i, pair, path, by_path[path], 0, now, None) for i, path in self.db.execute(
                 "SELECT id, path FROM jobs WHERE id > ? ORDER BY id", (first,))]
 

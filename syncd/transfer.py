@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import (
     FIRST_COMPLETED,
     BrokenExecutor,
+    CancelledError,
     Executor,
     Future,
     ProcessPoolExecutor,
@@ -442,6 +443,17 @@ class Runner:
                 r, "flush", batch)
             flushing.add(r)
 
+        origin: dict[Future[Any], Executor] = {}   # the pool each future was given to
+
+        def submit(r: str, fn: Callable[..., Any], *args: Any) -> Future[Any]:
+            try:
+                fut = pools[r].submit(fn, *args, self.pairs)
+            except BrokenExecutor:
+                pools[r] = self._replace_broken(pools[r], self.pairs[by_remote[r][0]])
+                fut = pools[r].submit(fn, *args, self.pairs)
+            origin[fut] = pools[r]
+            return fut
+
         def failed_staged(batch: list[tuple[Outcome, Staged]], err: BaseException) -> None:
             for o, _ in batch:
                 o.error, o.base, o.local = err, None, None
@@ -478,12 +490,7 @@ class Runner:
                         chunk = _take_chunk(q, *limits[r]) if q else take_fed(r)
                         if chunk is None:
                             break
-                        try:
-                            fut = pools[r].submit(fn, chunk, self.pairs)
-                        except BrokenExecutor:
-                            pools[r] = self._replace_broken(pools[r], self.pairs[ps[0]])
-                            fut = pools[r].submit(fn, chunk, self.pairs)
-                        inflight[fut] = (r, kind, chunk)
+                        inflight[submit(r, fn, chunk)] = (r, kind, chunk)
                         busy += 1
                 if not inflight:
                     if count:
@@ -500,9 +507,11 @@ class Runner:
                     continue
                 finished, _ = wait(list(inflight), timeout=COMMIT_INTERVAL,
                                    return_when=FIRST_COMPLETED)
-                for f in finished:
+                # A future cancelled by a pool's shutdown never shows up in wait().
+                for f in {*finished, *(f for f in inflight if f.cancelled())}:
                     r, kind, payload = inflight.pop(f)
-                    err = f.exception()
+                    pool = origin.pop(f, None)
+                    err = CancelledError("cancelled") if f.cancelled() else f.exception()
                     if kind == "flush":
                         flushing.discard(r)
                         if err is not None:
@@ -512,12 +521,14 @@ class Runner:
                         else:
                             for i in range(0, len(payload), CHUNK_FILES):
                                 group = payload[i:i + CHUNK_FILES]
-                                fut = self._submit(pools, r, by_remote[r][0], _publish_chunk,
-                                                   [tuple(s) for _, s in group])
+                                fut = submit(r, _publish_chunk, by_remote[r][0],
+                                             [tuple(s) for _, s in group])
                                 inflight[fut] = (r, "publish", group)
                         start_flush(r)
                         continue
-                    if isinstance(err, BrokenExecutor):   # a worker process died (OOM kill, ...)
+                    # A worker process died (OOM kill, ...): replace the pool once, not
+                    # again for each of its other futures (that would shut down the new one).
+                    if isinstance(err, BrokenExecutor) and pool is pools[r]:
                         pools[r] = self._replace_broken(pools[r], self.pairs[by_remote[r][0]])
                     if kind == "publish":
                         unpublished[r] -= len(payload)
@@ -593,14 +604,6 @@ class Runner:
             self.queue.release(unfinished + [j.id for q in (*ready.values(), *fed.values())
                                              for j in q])
         return stats
-
-    def _submit(self, pools: dict[str, Executor], r: str, pair: str, fn: Callable[..., Any],
-                *args: Any) -> Future[Any]:
-        try:
-            return pools[r].submit(fn, pair, *args, self.pairs)
-        except BrokenExecutor:
-            pools[r] = self._replace_broken(pools[r], self.pairs[pair])
-            return pools[r].submit(fn, pair, *args, self.pairs)
 
     def _replace_broken(self, pool: Executor, ctx: PairCtx) -> Executor:
         self.log.warning("worker_processes_lost", pair=ctx.name, fallback="threads")

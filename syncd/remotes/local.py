@@ -64,6 +64,16 @@ def _read_umask() -> int:
 
 
 _UMASK = _read_umask()
+
+
+def _default_acl(dfd: int) -> bool:
+    """Whether a directory has a default ACL: new files then take their mode from it, not
+    from the umask, so a file's mode must always be set explicitly there."""
+    try:
+        os.getxattr(dfd, "system.posix_acl_default")
+    except OSError as e:
+        return e.errno not in (errno.ENODATA, errno.ENOTSUP, errno.EOPNOTSUPP)
+    return True
 _FILE, _DIR = int(Kind.FILE), int(Kind.DIR)
 
 
@@ -282,7 +292,7 @@ class LocalRemote:
         ok = [s for s in staged if isinstance(s, Staged)]
         try:
             self.flush(ok)
-        except TransientError as e:
+        except Exception as e:
             self.discard(ok)
             return [e if isinstance(s, Staged) else s for s in staged]
         published = iter(self.publish_many(ok))
@@ -293,7 +303,7 @@ class LocalRemote:
         it durable and without publishing it: flush() then publish_many() (or discard())
         finish the job. Per item, its Staged record or the error it raised."""
         out: list[Staged | Exception] = []
-        dirs: dict[str, tuple[int, int]] = {}   # parent -> (fd, st_dev), for this call only
+        dirs: dict[str, tuple[int, int, bool]] = {}   # parent -> (fd, st_dev, default ACL)
         try:
             for path, src in items:
                 try:
@@ -302,13 +312,13 @@ class LocalRemote:
                     d = dirs.get(parent)
                     if d is None:
                         dfd = self._parent_fd(path, create=True)[0]
-                        d = dirs[parent] = (dfd, os.fstat(dfd).st_dev)
-                    tmp = self._write_temp(d[0], name, path, src, fsync=False)
+                        d = dirs[parent] = (dfd, os.fstat(dfd).st_dev, _default_acl(dfd))
+                    tmp = self._write_temp(d[0], name, path, src, fsync=False, chmod=d[2])
                     out.append(Staged(path, tmp, src.sent, d[1]))
                 except Exception as e:
                     out.append(e)
         finally:
-            for dfd, _ in dirs.values():
+            for dfd, _, _ in dirs.values():
                 os.close(dfd)
         return out
 
@@ -318,33 +328,65 @@ class LocalRemote:
         TransientError if the system says it failed.
 
         syncfs writes out everything dirty on the filesystem, other programs' data too:
-        for the daemon's usual handful of files on a busy disk, one fsync each is cheaper."""
-        if len(staged) <= FSYNC_EACH_MAX:
-            for s in staged:
-                dfd = self._parent_fd(s.path, create=False)[0]
-                try:
-                    fd = os.open(s.tmp, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
-                    try:
-                        os.fsync(fd)
-                    finally:
-                        os.close(fd)
-                except OSError as e:
-                    raise TransientError(f"fsync failed: {e.strerror}", remote=self.name,
-                                         path=s.path) from None
-                finally:
-                    os.close(dfd)
+        for the daemon's usual handful of files on a busy disk, one fsync each is cheaper.
+        A staged file whose directory or temp is gone is left to publish_many, which
+        reports it (its rename fails): nothing else in the batch fails with it."""
+        if len(staged) <= FSYNC_EACH_MAX and self._fsync_each(staged):
             return
-        devs: dict[int, str] = {}
+        devs: dict[int, list[str]] = {}
         for s in staged:
-            devs.setdefault(s.dev, s.path)
-        for path in devs.values():
-            dfd = self._parent_fd(path, create=False)[0]
+            devs.setdefault(s.dev, []).append(s.path)
+        for dev, paths in devs.items():
+            dfd = self._dev_fd(dev, paths)
+            if dfd < 0:
+                continue   # every directory of these files is gone: none can be published
             try:
                 if _syncfs(dfd) != 0:
                     err = ctypes.get_errno()
                     raise TransientError(f"syncfs failed: {os.strerror(err)}", remote=self.name)
             finally:
                 os.close(dfd)
+
+    def _fsync_each(self, staged: Sequence[Staged]) -> bool:
+        """fsync each staged file; False if one cannot be opened for it (its owner may not
+        read it: the caller then syncs the whole filesystem instead)."""
+        for s in staged:
+            try:
+                dfd = self._parent_fd(s.path, create=False)[0]
+            except NotFound:
+                continue   # gone: its publish fails and says so
+            except RemoteError:
+                return False   # a symlink or a file in the way: syncfs still covers the rest
+            try:
+                fd = os.open(s.tmp, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
+            except FileNotFoundError:
+                continue
+            except OSError:
+                return False
+            finally:
+                os.close(dfd)
+            try:
+                os.fsync(fd)
+            except OSError as e:
+                raise TransientError(f"fsync failed: {e.strerror}", remote=self.name,
+                                     path=s.path) from None
+            finally:
+                os.close(fd)
+        return True
+
+    def _dev_fd(self, dev: int, paths: list[str]) -> int:
+        """A directory fd on filesystem `dev`: the root, or the first openable parent of
+        `paths`; -1 if none can be opened."""
+        fd = os.open(self.root, _DIR_FLAGS)
+        if os.fstat(fd).st_dev == dev:
+            return fd
+        os.close(fd)
+        for path in paths:
+            try:
+                return self._parent_fd(path, create=False)[0]
+            except RemoteError:
+                continue
+        return -1
 
     def publish_many(self, staged: Sequence[Staged]) -> list[RemoteEntry | Exception]:
         """Rename flushed temp files over their targets; per item its RemoteEntry or error."""
@@ -376,17 +418,21 @@ class LocalRemote:
                 finally:
                     os.close(dfd)
 
-    def _write_temp(self, dfd: int, name: str, path: str, source: Source, fsync: bool) -> str:
+    def _write_temp(self, dfd: int, name: str, path: str, source: Source, fsync: bool,
+                    chmod: bool = True) -> str:
         """Stream the source into this target's temp file and verify it; returns the temp
-        name. Nothing is left behind on failure."""
+        name. Nothing is left behind on failure. `chmod` False: the mode given at creation
+        is trusted where the umask kept its bits (the caller checked that the directory
+        has no default ACL, which would replace the umask)."""
         tmp = temp_name(name, self.tmp_owner)
-        fd = -1
         mode = source.mode & 0o777
+        try:   # O_EXCL: a name clash (never seen) fails instead of sharing a file
+            fd = os.open(tmp, _TMP_FLAGS, mode, dir_fd=dfd)
+        except FileExistsError:   # someone else's temp: not ours to remove
+            raise TransientError("temp name in use", remote=self.name, path=path) from None
+        except OSError as e:
+            raise self._err(e, path) from None
         try:
-            try:   # O_EXCL: a name clash (never seen) fails instead of sharing a file
-                fd = os.open(tmp, _TMP_FLAGS, mode, dir_fd=dfd)
-            except FileExistsError:
-                raise TransientError("temp name in use", remote=self.name, path=path) from None
             # One read takes a small file whole: a short read marks its end.
             buf = bytearray(min(_BUF, source.size + 1))
             mv = memoryview(buf)
@@ -395,7 +441,7 @@ class LocalRemote:
                 while off < n:
                     off += os.write(fd, mv[off:n])
             source.verify()
-            if mode & _UMASK:   # bits the umask took away at creation
+            if chmod or mode & _UMASK:   # bits the umask (or a default ACL) took away
                 os.fchmod(fd, mode)
             os.utime(fd, ns=(source.mtime_ns, source.mtime_ns))
             if fsync:

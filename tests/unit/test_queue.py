@@ -59,6 +59,24 @@ def test_enqueue_is_idempotent_newest_intent_wins(idx: Index) -> None:
     assert [(j.path, j.action.op, j.action.reason) for j in jobs] == [("f", Op.TRASH, "third")]
 
 
+def test_enqueue_leased_hands_back_new_jobs_leased_to_us(idx: Index) -> None:
+    """The runner's path: new paths come back as jobs already leased to this owner (a
+    crash leaves them to reclaim); a path with a job already is upserted and left to
+    lease(); a batch naming one path twice leases nothing."""
+    c = Clock()
+    qu = q(idx, c)
+    qu.enqueue("p", [up("old", "v1")])
+    jobs = qu.enqueue_leased("p", [up("a"), up("old", "v2"), up("b")])
+    assert [(j.path, j.action.reason) for j in jobs] == [("a", "new"), ("b", "new")]
+    rows = dict(idx.db.execute("SELECT path, state || ':' || coalesce(lease_owner, '') "
+                               "FROM jobs").fetchall())
+    assert rows == {"old": "pending:", "a": "leased:me", "b": "leased:me"}
+    assert [(j.path, j.action.reason) for j in qu.lease(10)] == [("old", "v2")]
+    assert q(idx, c, owner="other").reclaim() == 3   # a new process: every lease is stale
+    assert qu.enqueue_leased("p", [up("x"), up("x", "again")]) == []
+    assert {j.path for j in qu.lease(10)} >= {"x"}
+
+
 def test_new_intent_waits_behind_an_inflight_job(idx: Index) -> None:
     c = Clock()
     qu = q(idx, c)

@@ -42,8 +42,8 @@ class Flushes:
         outer = self
 
         def write_temp(self: LocalRemote, dfd: int, name: str, path: str, source: Any,
-                       fsync: bool) -> str:
-            tmp = real_write(self, dfd, name, path, source, fsync)
+                       fsync: bool, chmod: bool = True) -> str:
+            tmp = real_write(self, dfd, name, path, source, fsync, chmod)
             outer.written[tmp] = outer.tick()
             return tmp
 
@@ -293,3 +293,120 @@ def test_a_worker_process_killed_while_staging_loses_nothing(tmp_path: Path) -> 
     res = engine(cfg, None, clock).reconcile(cfg.pairs[0], Options())
     assert res.status == "ok" and res.uploaded == 0 and not temps(dst)
     assert tree(dst / "docs") == files
+
+
+def test_a_broken_pool_is_replaced_once_and_the_run_ends(tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every future of a broken process pool fails, one after another. Only the first may
+    replace the pool: replacing it again for the others would shut down the new pool under
+    the chunks already given to it, whose cancelled futures never finish (the run hung)."""
+    from concurrent.futures import Future, ThreadPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
+
+    class BrokenPool:
+        """Accepts work, then fails each future 30 ms after the previous one."""
+
+        def __init__(self) -> None:
+            self.n = 0
+
+        def submit(self, fn: Any, *a: Any) -> Future[Any]:
+            f: Future[Any] = Future()
+            self.n += 1
+            threading.Timer(0.03 * self.n, f.set_exception,
+                            [BrokenProcessPool("a worker died")]).start()
+            return f
+
+        def shutdown(self, wait: bool = True, cancel_futures: bool = False) -> None:
+            pass
+
+    made: list[Any] = []
+
+    def pool(ctx: Any, processes: bool) -> Any:
+        made.append(BrokenPool() if not made else ThreadPoolExecutor(ctx.transfers))
+        return made[-1]
+
+    Flushes(monkeypatch)   # threads, chunks of 8
+    monkeypatch.setattr(transfer.Runner, "_pool", staticmethod(pool))
+    cfg, src, dst = setup(tmp_path, FILES)
+    out: dict[str, Any] = {}
+    t = threading.Thread(target=lambda: out.update(
+        res=engine(cfg, None, Clock()).reconcile(cfg.pairs[0], Options())), daemon=True)
+    t.start()
+    t.join(60)
+    assert not t.is_alive(), "the run hung"
+    res = out["res"]
+    assert res.status == "ok" and res.retries >= 2 and not res.failures, res.failures
+    assert len(made) == 2 and tree(dst / "docs") == FILES
+
+
+def _stage(r: LocalRemote, src: Path, paths: list[str]) -> list[Any]:
+    from syncd.remotes.base import Source
+
+    sources = []
+    for p in paths:
+        f = src / p.replace("/", "_")
+        f.write_bytes(p.encode())
+        sources.append(Source(str(f), p))
+    try:
+        return r.stage_many(list(zip(paths, sources, strict=True)))
+    finally:
+        for so in sources:
+            so.close()
+
+
+def test_flush_survives_what_only_one_file_suffers(tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """A temp its owner may not read (mode 0o044) cannot be fsynced by name: the flush
+    falls back to syncfs. A staged file whose directory vanished fails alone, at its
+    publish; the batch's other files are flushed and published."""
+    import os
+    import shutil
+
+    calls = {"syncfs": 0}
+
+    def syncfs(fd: int) -> int:
+        calls["syncfs"] += 1
+        return 0
+
+    monkeypatch.setattr(local_mod, "_syncfs", syncfs)
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    dst.mkdir()
+    r = LocalRemote("nas", dst)
+    staged = _stage(r, src, ["a/1", "b/2"])
+    real_open = os.open
+
+    def no_read(path: Any, flags: int, *a: Any, **kw: Any) -> int:
+        if str(path).startswith(TMP_PREFIX) and not flags & (os.O_WRONLY | os.O_RDWR):
+            raise PermissionError(13, "Permission denied")
+        return real_open(path, flags, *a, **kw)
+
+    monkeypatch.setattr(os, "open", no_read)
+    r.flush(staged)
+    assert calls["syncfs"] == 1
+    monkeypatch.setattr(os, "open", real_open)
+    assert all(not isinstance(e, Exception) for e in r.publish_many(staged))
+
+    monkeypatch.setattr(local_mod, "FSYNC_EACH_MAX", 0)
+    staged = _stage(r, src, ["c/3", "d/4"])
+    shutil.rmtree(dst / "c")
+    r.flush(staged)
+    res = r.publish_many(staged)
+    assert isinstance(res[0], Exception) and not isinstance(res[1], Exception)
+    assert (dst / "d" / "4").read_bytes() == b"d/4"
+
+
+def test_a_temp_name_clash_fails_and_leaves_the_other_file(tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    from syncd.errors import TransientError
+
+    dst = tmp_path / "dst"
+    dst.mkdir()
+    theirs = dst / f"{TMP_PREFIX}x-000000000001"
+    theirs.write_bytes(b"another writer's upload")
+    monkeypatch.setattr(local_mod, "temp_name", lambda name, owner="": theirs.name)
+    src = tmp_path / "src"
+    src.mkdir()
+    (res,) = _stage(LocalRemote("nas", dst), src, ["f"])
+    assert isinstance(res, TransientError) and "temp name in use" in str(res)
+    assert theirs.read_bytes() == b"another writer's upload"
