@@ -380,7 +380,7 @@ class Runner:
         fed: dict[str, deque[Job]] = {}
         gate: dict[str, int] = {}   # pair -> highest phase its fed jobs may start in
 
-        def refill(r: str, ps: list[str]) -> None:
+        def refill() -> None:
             nonlocal feeding
             jobs, feeding = feed()   # type: ignore[misc]
             for j in jobs:
@@ -400,6 +400,7 @@ class Runner:
                     return None   # an earlier phase is unfinished
                 gate[head.pair] = p
             return _take_chunk(q, *limits[r], pair=head.pair, max_phase=gate[head.pair])
+
         names = list(names)
         by_remote: dict[str, list[str]] = {}
         for n in names:
@@ -471,7 +472,7 @@ class Runner:
                     transfers = self.pairs[ps[0]].transfers
                     q = ready[r]
                     if feeding and len(fed.get(r, ())) < LEASE_BATCH // 2:
-                        refill(r, ps)
+                        refill()
                     if len(q) < LEASE_BATCH // 2:
                         q.extend(self.queue.lease(LEASE_BATCH - len(q), ps))
                     if r in flushers:
@@ -498,7 +499,7 @@ class Runner:
                         count, last_commit = 0, time.monotonic()
                         continue
                     if feeding and not stopping:
-                        refill("", [])
+                        refill()
                         continue
                     nxt = self.queue.index.next_ready_time(names)
                     if nxt is None:
