@@ -387,9 +387,8 @@ class Index:
         that owner and returned, so the caller runs it without a lease round trip (reading
         back and decoding each job). A path that already had a job takes the usual upsert
         and is leased later, by lease()."""
-        acts = actions if lease is None else list(actions)
-        by_path = {a.path: a for a in acts} if lease is not None else {}
-        if lease is not None and len(by_path) < len(acts):   # type: ignore[arg-type]
+        acts = list(actions)
+        if lease is not None and len({a.path for a in acts}) < len(acts):
             lease = None   # one path twice (a plan never has that): lease() sorts it out
         state, owner, until = ("leased", lease[0], lease[1]) if lease else ("pending", None, None)
         with self.tx():
@@ -414,14 +413,20 @@ class Index:
                 return []
             # Without AUTOINCREMENT a new row's id is above every id before the insert, and
             # an upserted row keeps its old one: the rows above `first` are the new jobs.
+            by_path = {a.path: a for a in acts}
             return [Job(i, pair, path, by_path[path], 0, now, None) for i, path in self.db.execute(
                 "SELECT id, path FROM jobs WHERE id > ? ORDER BY id", (first,))]
 
     def min_open_phase(self, pair: str) -> int | None:
         """The lowest phase of the pair's unfinished (pending or leased) jobs."""
-        phases = [self.db.execute("SELECT min(phase) FROM jobs WHERE pair = ? AND state = ?",
-                                  (pair, st)).fetchone()[0] for st in ("pending", "leased")]
-        return min((p for p in phases if p is not None), default=None)
+        phases = [p for p in self._min_phases(pair) if p is not None]
+        return min(phases, default=None)
+
+    def _min_phases(self, pair: str) -> tuple[int | None, int | None]:
+        """(lowest pending phase, lowest leased phase) of the pair: two index seeks."""
+        q = "SELECT min(phase) FROM jobs WHERE pair = ? AND state = ?"
+        return (self.db.execute(q, (pair, "pending")).fetchone()[0],
+                self.db.execute(q, (pair, "leased")).fetchone()[0])
 
     def lease(self, owner: str, now: float, until: float, limit: int,
               pairs: Sequence[str] | None = None) -> list[Job]:
@@ -438,9 +443,7 @@ class Index:
             for pair in pairs:
                 if len(out) >= limit:
                     break
-                phases = [db.execute("SELECT min(phase) FROM jobs WHERE pair = ? AND state = ?",
-                                     (pair, st)).fetchone()[0] for st in ("pending", "leased")]
-                pending_phase, leased_phase = phases
+                pending_phase, leased_phase = self._min_phases(pair)
                 if pending_phase is None or (leased_phase is not None and leased_phase < pending_phase):
                     continue   # a later phase waits until the earlier one is finished
                 rows = db.execute(

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from syncd import log as slog
-from syncd.errors import Conflict, NotFound, PermanentError, TransientError
+from syncd.errors import Conflict, NotFound, PermanentError, SyncdError, TransientError
 from syncd.model import Action, Base, Job, Kind, LocalState, Op, RemoteEntry, phase
 from syncd.queue import Outcome, Queue
 from syncd.remotes.base import Remote, Source, Staged, join, move
@@ -46,20 +46,20 @@ CHUNK_BYTES = 4 << 20
 # their round trips among more files: a mixed tree (1 KiB-8 MiB) over SFTP moved ~10%
 # faster with 16 MiB than with 1 MiB, for less CPU.
 NET_CHUNK_FILES = 64
+NET_CHUNK_BYTES = 16 << 20
 # Files staged (written, not yet published) per worker, at most: about two flushes' worth
 # at full speed; the rest of the plan waits in the queue, not in temp files.
 STAGED_MAX = 4 * CHUNK_FILES
-NET_CHUNK_BYTES = 16 << 20
 
 
 def _take_chunk(q: deque[Job], max_bytes: int = CHUNK_BYTES, max_files: int = CHUNK_FILES,
-                pair: str | None = None, max_phase: int | None = None) -> list[Job]:
+                pair: str | None = None, max_phase: int = 0) -> list[Job]:
     """Jobs from the head of `q` for one worker hand-off; with `pair`, only that pair's
     jobs of phase <= max_phase (the chunk stops at the first other one)."""
     chunk = [q.popleft()]
     size = chunk[0].action.size
     while q and len(chunk) < max_files and size + q[0].action.size <= max_bytes:
-        if pair is not None and (q[0].pair != pair or phase(q[0].action) > max_phase):  # type: ignore[operator]
+        if pair is not None and (q[0].pair != pair or phase(q[0].action) > max_phase):
             break
         j = q.popleft()
         size += j.action.size
@@ -82,11 +82,16 @@ def _execute_chunk(jobs: list[Job], pairs: dict[str, PairCtx]) -> list[Outcome]:
     # An upload that replaces a remote directory removes it first (execute): never batched.
     uploads = [j for j in jobs if j.action.op == Op.UPLOAD and not j.action.replaces]
     ctx = pairs[jobs[0].pair]
-    if (len(uploads) >= 2 and getattr(ctx.remote, "put_many", None) is not None
-            and all(j.pair == ctx.name for j in uploads)):
-        batch = _upload_many(uploads, ctx)
-        return [batch[j.id] if j.id in batch else execute(j, pairs[j.pair]) for j in jobs]
-    return [execute(j, pairs[j.pair]) for j in jobs]
+    put_many = getattr(ctx.remote, "put_many", None)
+    if len(uploads) < 2 or put_many is None or any(j.pair != ctx.name for j in uploads):
+        return [execute(j, pairs[j.pair]) for j in jobs]
+    started, sent = _send_batch(uploads, pairs, put_many)
+    batch: dict[int, Outcome] = {}
+    for o, src, r in sent:
+        if src is not None:
+            _uploaded(o, src, r, started)
+        batch[o.job.id] = o
+    return [batch[j.id] if j.id in batch else execute(j, pairs[j.pair]) for j in jobs]
 
 
 def _stage_chunk(jobs: list[Job], pairs: dict[str, PairCtx]
@@ -95,25 +100,45 @@ def _stage_chunk(jobs: list[Job], pairs: dict[str, PairCtx]
     files and come back staged, to be made durable by the runner's next flush and then
     published; every other job is carried out here, as _execute_chunk would."""
     remote = pairs[jobs[0].pair].remote
+    uploads, rest = [], []
+    for j in jobs:
+        plain = j.action.op == Op.UPLOAD and not j.action.replaces
+        (uploads if plain and pairs[j.pair].remote is remote else rest).append(j)
+    started, sent = _send_batch(uploads, pairs, remote.stage_many)  # type: ignore[attr-defined]
     done: list[Outcome] = []
-    opened: list[tuple[Outcome, Source, str]] = []
-    rest: list[Job] = []
+    staged: list[tuple[Outcome, Staged]] = []
+    for o, src, r in sent:
+        if src is None:
+            done.append(o)
+        else:   # the remote fingerprint is filled in once published
+            _uploaded(o, src, RemoteEntry(r.path, FILE, 0, 0, ""), started)
+            staged.append((o, r))
+    done += [execute(j, pairs[j.pair]) for j in rest]
+    return done, staged
+
+
+def _send_batch(jobs: list[Job], pairs: dict[str, PairCtx],
+                send: Callable[[list[tuple[str, Source]]], list[Any]],
+                ) -> tuple[int, list[tuple[Outcome, Source | None, Any]]]:
+    """Open the uploads' local files and hand them to `send` (a remote's put_many or
+    stage_many) in one call. Returns the start time (for racy mtimes) and per job its
+    outcome, its source and what `send` returned for it; the source is None where the
+    job is over (the file could not be opened, or `send` failed it): the outcome says
+    why."""
     started = time.time_ns()
     t0 = time.perf_counter()
+    out: list[tuple[Outcome, Source | None, Any]] = []
+    opened: list[tuple[Outcome, Source, str]] = []
     for j in jobs:
         ctx = pairs[j.pair]
-        if j.action.op != Op.UPLOAD or j.action.replaces or ctx.remote is not remote:
-            rest.append(j)
-            continue
         o = Outcome(j)
         src = _open_source(o, ctx)
         if src is None:
-            done.append(o)
+            out.append((o, None, None))
         else:
             opened.append((o, src, join(ctx.remote_path, j.path)))
-    staged: list[tuple[Outcome, Staged]] = []
     try:
-        results = remote.stage_many([(rp, src) for _, src, rp in opened])  # type: ignore[attr-defined]
+        results = send([(rp, src) for _, src, rp in opened])
     finally:
         for _, src, _ in opened:
             src.close()
@@ -122,12 +147,10 @@ def _stage_chunk(jobs: list[Job], pairs: dict[str, PairCtx]
         o.duration_ms = ms
         if isinstance(r, Exception):
             o.error = r
-            done.append(o)
-        else:   # the remote fingerprint is filled in once published
-            _uploaded(o, src, RemoteEntry(r.path, FILE, 0, 0, ""), started)
-            staged.append((o, r))
-    done += [execute(j, pairs[j.pair]) for j in rest]
-    return done, staged
+            out.append((o, None, None))
+        else:
+            out.append((o, src, r))
+    return started, out
 
 
 # What crosses the process boundary is kept small: a worker gets its chunk of jobs and
@@ -138,8 +161,8 @@ def _stage_chunk(jobs: list[Job], pairs: dict[str, PairCtx]
 Packed = tuple[int, Any, Any, bool, BaseException | None, int, int, str, bool]
 
 
-def _pack(jobs: list[Job], outcomes: list[Outcome]) -> list[Packed]:
-    pos = {j.id: i for i, j in enumerate(jobs)}
+def _pack(pos: dict[int, int], outcomes: list[Outcome]) -> list[Packed]:
+    """`pos`: job id -> its position in the chunk."""
     return [(pos[o.job.id], o.base and tuple(o.base), o.local and tuple(o.local), o.racy,
              o.error, o.bytes, o.duration_ms, o.note, o.keep_base) for o in outcomes]
 
@@ -151,14 +174,15 @@ def _unpack(jobs: list[Job], packed: list[Packed]) -> list[Outcome]:
 
 
 def _run_packed(jobs: list[Job], pairs: dict[str, PairCtx]) -> list[Packed]:
-    return _pack(jobs, _execute_chunk(jobs, pairs))
+    return _pack({j.id: i for i, j in enumerate(jobs)}, _execute_chunk(jobs, pairs))
 
 
 def _stage_packed(jobs: list[Job], pairs: dict[str, PairCtx]
                   ) -> tuple[list[Packed], list[tuple[Packed, tuple[Any, ...]]]]:
     done, staged = _stage_chunk(jobs, pairs)
-    packed = _pack(jobs, [o for o, _ in staged])
-    return _pack(jobs, done), [(p, tuple(st)) for p, (_, st) in zip(packed, staged, strict=True)]
+    pos = {j.id: i for i, j in enumerate(jobs)}
+    packed = _pack(pos, [o for o, _ in staged])
+    return _pack(pos, done), [(p, tuple(st)) for p, (_, st) in zip(packed, staged, strict=True)]
 
 
 def _publish_chunk(pair: str, staged: list[tuple[Any, ...]], pairs: dict[str, PairCtx]
@@ -167,6 +191,13 @@ def _publish_chunk(pair: str, staged: list[tuple[Any, ...]], pairs: dict[str, Pa
     new = tuple.__new__
     res = pairs[pair].remote.publish_many([new(Staged, s) for s in staged])  # type: ignore[attr-defined]
     return [r if isinstance(r, Exception) else r.fp for r in res]
+
+
+def _forkserver() -> Any:
+    """The fork-server context worker processes come from, with syncd.transfer preloaded."""
+    mp = multiprocessing.get_context("forkserver")
+    mp.set_forkserver_preload(["syncd.transfer"])
+    return mp
 
 
 def prewarm_processes() -> None:
@@ -181,7 +212,7 @@ def prewarm_processes() -> None:
         from multiprocessing import forkserver
 
         with contextlib.suppress(Exception):   # _pool() finds out and falls back to threads
-            multiprocessing.get_context("forkserver").set_forkserver_preload(["syncd.transfer"])
+            _forkserver()
             forkserver.ensure_running()
 
     threading.Thread(target=start, name="forkserver-start", daemon=True).start()
@@ -292,37 +323,6 @@ def _upload(o: Outcome, ctx: PairCtx, rp: str, now_ns: Callable[[], int]) -> Non
     _uploaded(o, src, entry, started)
 
 
-def _upload_many(jobs: list[Job], ctx: PairCtx, now_ns: Callable[[], int] = time.time_ns,
-                 ) -> dict[int, Outcome]:
-    """Several uploads through the remote's put_many (one durability flush for all)."""
-    t0 = time.perf_counter()
-    started = now_ns()
-    done: dict[int, Outcome] = {}
-    opened: list[tuple[Outcome, Source]] = []
-    for j in jobs:
-        o = Outcome(j)
-        src = _open_source(o, ctx)
-        if src is None:
-            done[j.id] = o
-        else:
-            opened.append((o, src))
-    try:
-        results = ctx.remote.put_many(  # type: ignore[attr-defined]
-            [(join(ctx.remote_path, o.job.path), src) for o, src in opened])
-    finally:
-        for _, src in opened:
-            src.close()
-    ms = int((time.perf_counter() - t0) * 1000)
-    for (o, src), r in zip(opened, results, strict=True):
-        if isinstance(r, Exception):
-            o.error = r
-        else:
-            _uploaded(o, src, r, started)
-        o.duration_ms = ms
-        done[o.job.id] = o
-    return done
-
-
 class Reporter(Protocol):
     def advance(self, files: int, nbytes: int) -> None: ...
 
@@ -422,11 +422,12 @@ class Runner:
         flushers = {r: ThreadPoolExecutor(1, thread_name_prefix=f"flush-{r}")
                     for r, rem in remotes.items() if _stages(rem)}
         unflushed: dict[str, list[tuple[Outcome, Staged]]] = {r: [] for r in flushers}
-        unpublished: dict[str, int] = dict.fromkeys(flushers, 0)   # staged, not yet settled
-        flushing: set[str] = set()
         # future -> (remote, kind, payload): "run"/"stage" a chunk of jobs, "flush" and
         # "publish" a list of (outcome, staged upload).
         inflight: dict[Future[Any], tuple[str, str, Any]] = {}
+
+        def in_flight(r: str, *kinds: str) -> list[Any]:
+            return [p for rr, k, p in inflight.values() if rr == r and k in kinds]
         buffered: dict[str, list[Outcome]] = {}
         count = 0
 
@@ -437,12 +438,12 @@ class Runner:
 
         def start_flush(r: str) -> None:
             # Stopping: what is flushed already gets published; the rest is discarded.
-            if r in flushing or not unflushed[r] or (self.stop is not None and self.stop.is_set()):
+            if (not unflushed[r] or in_flight(r, "flush")
+                    or (self.stop is not None and self.stop.is_set())):
                 return
             batch, unflushed[r] = unflushed[r], []
             inflight[flushers[r].submit(remotes[r].flush, [s for _, s in batch])] = (
                 r, "flush", batch)
-            flushing.add(r)
 
         origin: dict[Future[Any], Executor] = {}   # the pool each future was given to
 
@@ -455,9 +456,22 @@ class Runner:
             origin[fut] = pools[r]
             return fut
 
-        def failed_staged(batch: list[tuple[Outcome, Staged]], err: BaseException) -> None:
+        def failed_staged(r: str, batch: list[tuple[Outcome, Staged]], err: BaseException,
+                          step: str) -> None:
+            """Staged uploads that will not be published: temps removed, jobs retried."""
+            remotes[r].discard([s for _, s in batch])  # type: ignore[attr-defined]
+            err = _as_transient(err, step)
             for o, _ in batch:
                 o.error, o.base, o.local = err, None, None
+                add(o)
+
+        def published(batch: list[tuple[Outcome, Staged]], fps: list[str | Exception]) -> None:
+            for (o, _), fp in zip(batch, fps, strict=True):
+                if isinstance(fp, Exception):
+                    o.error, o.base, o.local = fp, None, None
+                else:
+                    assert o.base is not None
+                    o.base = _with_fp(o.base, fp)
                 add(o)
 
         last_commit = time.monotonic()
@@ -480,11 +494,13 @@ class Runner:
                         # (after each flush) then waits behind one stage task at most, and
                         # files staged but not yet published stay few (STAGED_MAX).
                         kind, fn = "stage", _stage_packed
-                        cap = 0 if unpublished[r] >= STAGED_MAX * _width(pools[r], transfers) \
-                            else _width(pools[r], transfers) + 1
+                        width = _workers(transfers, isinstance(pools[r], ProcessPoolExecutor))
+                        unpublished = len(unflushed[r]) + sum(
+                            len(b) for b in in_flight(r, "flush", "publish"))
+                        cap = 0 if unpublished >= STAGED_MAX * width else width + 1
                     else:
                         kind, fn, cap = "run", _run_packed, 2 * transfers
-                    busy = sum(1 for rr, k, _ in inflight.values() if rr == r and k == kind)
+                    busy = len(in_flight(r, kind))
                     while busy < cap:
                         # Jobs lease() handed out first: they may be of an earlier phase
                         # that fed jobs wait for (a retry).
@@ -514,11 +530,8 @@ class Runner:
                     pool = origin.pop(f, None)
                     err = CancelledError("cancelled") if f.cancelled() else f.exception()
                     if kind == "flush":
-                        flushing.discard(r)
                         if err is not None:
-                            remotes[r].discard([s for _, s in payload])  # type: ignore[attr-defined]
-                            unpublished[r] -= len(payload)
-                            failed_staged(payload, _as_transient(err, "flush"))
+                            failed_staged(r, payload, err, "flush")
                         else:
                             for i in range(0, len(payload), CHUNK_FILES):
                                 group = payload[i:i + CHUNK_FILES]
@@ -532,18 +545,10 @@ class Runner:
                     if isinstance(err, BrokenExecutor) and pool is pools[r]:
                         pools[r] = self._replace_broken(pools[r], self.pairs[by_remote[r][0]])
                     if kind == "publish":
-                        unpublished[r] -= len(payload)
                         if err is not None:
-                            remotes[r].discard([s for _, s in payload])  # type: ignore[attr-defined]
-                            failed_staged(payload, _as_transient(err, "publish"))
-                            continue
-                        for (o, _), fp in zip(payload, f.result(), strict=True):
-                            if isinstance(fp, Exception):
-                                o.error, o.base, o.local = fp, None, None
-                            else:
-                                assert o.base is not None
-                                o.base = _with_fp(o.base, fp)
-                            add(o)
+                            failed_staged(r, payload, err, "publish")
+                        else:
+                            published(payload, f.result())
                         continue
                     if err is not None:
                         e2 = _as_transient(err, "transfer")
@@ -551,7 +556,6 @@ class Runner:
                     elif kind == "stage":
                         outcomes, staged = _unpack_staged(payload, f.result())
                         unflushed[r] += staged
-                        unpublished[r] += len(staged)
                         start_flush(r)
                     else:
                         outcomes = _unpack(payload, f.result())
@@ -575,13 +579,7 @@ class Runner:
             for f, (r, kind, payload) in inflight.items():   # what finished while we stopped
                 ok = f.done() and not f.cancelled() and f.exception() is None
                 if kind == "publish" and ok:
-                    for (o, _), fp in zip(payload, f.result(), strict=True):
-                        if isinstance(fp, Exception):
-                            unfinished.append(o.job.id)
-                        else:
-                            assert o.base is not None
-                            o.base = _with_fp(o.base, fp)
-                            add(o)
+                    published(payload, f.result())
                 elif kind in ("flush", "publish"):   # durable or not, never published
                     unfinished += [o.job.id for o, _ in payload]
                     leftover.setdefault(r, []).extend(s for _, s in payload)
@@ -619,10 +617,8 @@ class Runner:
         lock of ours is ever carried across fork()."""
         can_fork_server = "forkserver" in multiprocessing.get_all_start_methods()
         if processes and ctx.remote.caps.cpu_bound and can_fork_server:
-            mp = multiprocessing.get_context("forkserver")
-            mp.set_forkserver_preload(["syncd.transfer"])
-            n = max(1, min(ctx.transfers, os.cpu_count() or 1))
-            pool = ProcessPoolExecutor(max_workers=n, mp_context=mp, initializer=_worker_init)
+            pool = ProcessPoolExecutor(max_workers=_workers(ctx.transfers, processes=True),
+                                       mp_context=_forkserver(), initializer=_worker_init)
             try:   # a sandbox may forbid what multiprocessing needs: find out now, not mid-run
                 pool.submit(int).result(timeout=30)
                 return pool
@@ -684,11 +680,10 @@ def _with_fp(b: Base, fp: str) -> Base:
     return tuple.__new__(Base, (b[0], b[1], b[2], b[3], fp))   # _replace costs ~5x more
 
 
-def _width(pool: Executor, transfers: int) -> int:
-    """How many jobs a pool runs at once (see Runner._pool)."""
-    if isinstance(pool, ProcessPoolExecutor):
-        return max(1, min(transfers, os.cpu_count() or 1))
-    return transfers
+def _workers(transfers: int, processes: bool) -> int:
+    """How many jobs a pool runs at once: as many processes as cores (at most
+    `transfers`: more only contend for them), or `transfers` threads."""
+    return max(1, min(transfers, os.cpu_count() or 1)) if processes else transfers
 
 
 def _stages(remote: Remote) -> bool:
@@ -697,17 +692,16 @@ def _stages(remote: Remote) -> bool:
 
 def _as_transient(e: BaseException, step: str) -> BaseException:
     """A syncd error as it is; anything else (a worker process that died, ...) retried."""
-    from syncd.errors import SyncdError
-
     if isinstance(e, SyncdError):
         return e
+    if isinstance(e, BrokenExecutor):
+        return TransientError(f"a worker process died during the {step} (killed, or out of "
+                              "memory?); the job is retried on threads")
     return TransientError(f"{step} failed: {type(e).__name__}: {e}")
 
 
 def _internal(e: BaseException | None) -> BaseException | bool:
     """Attach a traceback only to errors that are bugs, not to expected syncd errors."""
-    from syncd.errors import SyncdError
-
     if e is None or isinstance(e, SyncdError):
         return False
     return e

@@ -91,7 +91,8 @@ class Source:
         return n
 
     def read(self, size: int = 1 << 20) -> bytes:
-        """Up to `size` bytes; b"" at the end. A short read sets `eof`, as in readinto()."""
+        """Up to `size` bytes; b"" at the end. A short read that reaches the size fstat
+        gave sets `eof`, as in readinto()."""
         if self.eof:
             return b""
         try:

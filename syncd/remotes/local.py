@@ -74,6 +74,8 @@ def _default_acl(dfd: int) -> bool:
     except OSError as e:
         return e.errno not in (errno.ENODATA, errno.ENOTSUP, errno.EOPNOTSUPP)
     return True
+
+
 _FILE, _DIR = int(Kind.FILE), int(Kind.DIR)
 
 
@@ -275,11 +277,10 @@ class LocalRemote:
         return self.fsync and _syncfs is not None
 
     def put_many(self, items: Sequence[tuple[str, Source]]) -> list[RemoteEntry | Exception]:
-        """Publish several files with one flush of the filesystem instead of one per file:
-        every temp file is written and verified, the filesystem is synced once (syncfs),
-        and only then is each renamed into place. Same guarantees as put() one by one:
-        readers never see a partial file, and no file is renamed before its bytes are
-        durable. Returns, per item, its RemoteEntry or the error it raised."""
+        """Publish several files with one flush for all of them: stage_many, flush,
+        publish_many. Same guarantees as put() one by one: readers never see a partial
+        file, and no file is renamed before its bytes are durable. Returns, per item, its
+        RemoteEntry or the error it raised."""
         if not self.stages or len(items) < 2:
             out: list[RemoteEntry | Exception] = []
             for path, src in items:
@@ -343,7 +344,10 @@ class LocalRemote:
             try:
                 if _syncfs(dfd) != 0:
                     err = ctypes.get_errno()
-                    raise TransientError(f"syncfs failed: {os.strerror(err)}", remote=self.name)
+                    raise TransientError(
+                        f"syncfs failed: {os.strerror(err)} (making {len(paths)} written "
+                        f"file(s) durable); check the disk under {self.root} (dmesg)",
+                        remote=self.name, path=paths[0] if len(paths) == 1 else "")
             finally:
                 os.close(dfd)
 
@@ -368,7 +372,8 @@ class LocalRemote:
             try:
                 os.fsync(fd)
             except OSError as e:
-                raise TransientError(f"fsync failed: {e.strerror}", remote=self.name,
+                raise TransientError(f"fsync failed: {e.strerror}; check the disk under "
+                                     f"{self.root} (dmesg)", remote=self.name,
                                      path=s.path) from None
             finally:
                 os.close(fd)
@@ -429,7 +434,8 @@ class LocalRemote:
         try:   # O_EXCL: a name clash (never seen) fails instead of sharing a file
             fd = os.open(tmp, _TMP_FLAGS, mode, dir_fd=dfd)
         except FileExistsError:   # someone else's temp: not ours to remove
-            raise TransientError("temp name in use", remote=self.name, path=path) from None
+            raise TransientError(f"temp name in use by another writer ({tmp}); retried "
+                                 "with another name", remote=self.name, path=path) from None
         except OSError as e:
             raise self._err(e, path) from None
         try:
