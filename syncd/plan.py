@@ -65,23 +65,13 @@ def plan_push(local: Mapping[str, LocalState], base: Mapping[str, Base],
     for path, r in remote.items():
         if path in local:
             continue
-        if TMP_PREFIX in path:
-            parent, _, name = path.rpartition("/")
-            if TMP_PREFIX in parent and any(c.startswith(TMP_PREFIX) for c in parent.split("/")):
-                continue   # inside a temp directory (a new directory being written)
-            if name.startswith(TMP_PREFIX):
-                ours = policy.tmp_owner and name.startswith(f"{TMP_PREFIX}{policy.tmp_owner}-")
-                if r.kind == DIR:
-                    # Only ours: a directory's listing has no mtime to tell a stale one.
-                    if ours:
-                        out.append(Action(Op.CLEANUP, path, "temp directory of an "
-                                          "interrupted upload", kind=DIR))
-                    continue
-                if ours:
-                    out.append(Action(Op.CLEANUP, path, "temp file of an interrupted upload"))
-                elif r.mtime_ns < policy.now_ns - STALE_TMP_NS:
-                    out.append(Action(Op.CLEANUP, path, "stale temp file of syncd"))
-                continue
+        if r.kind == FILE and path.rpartition("/")[2].startswith(TMP_PREFIX):
+            name = path.rpartition("/")[2]
+            if policy.tmp_owner and name.startswith(f"{TMP_PREFIX}{policy.tmp_owner}-"):
+                out.append(Action(Op.CLEANUP, path, "temp file of an interrupted upload"))
+            elif r.mtime_ns < policy.now_ns - STALE_TMP_NS:
+                out.append(Action(Op.CLEANUP, path, "stale temp file of syncd"))
+            continue
         b = bget(path)
         if policy.delete == "keep":
             if b is not None:

@@ -108,15 +108,10 @@ def walk(root: str, clean: dict[str, int], prior: dict[str, PriorRow], ignore: M
     seen_prior = 0
     FILE, DIR = int(Kind.FILE), int(Kind.DIR)
     seen_dirs = {(root_st.st_dev, root_st.st_ino)}
-    # A directory's own state goes in when it is listed, not when its parent is: the plan
-    # (in this order) then has each directory's mkdir right before its files, which lets a
-    # remote create a new directory with its content in one step (see LocalRemote).
-    stack: list[tuple[str, LocalState | None]] = [("", None)]
+    stack: list[str] = [""]
     no_ignore = ignore.empty
     while stack:
-        prefix, dir_state = stack.pop()
-        if dir_state is not None:
-            states[prefix[:-1]] = dir_state
+        prefix = stack.pop()
         top = os.path.join(root, prefix) if prefix else root
         try:
             it = os.scandir(top)
@@ -191,16 +186,16 @@ def walk(root: str, clean: dict[str, int], prior: dict[str, PriorRow], ignore: M
                                 continue
                             seen_dirs.add(key)
                         seen_add(rel)
+                        stack.append(rel + "/")
                         p = get_prior(rel)
                         if p is not None:
                             seen_prior += 1
                             if p[1] == DIR:
-                                stack.append((rel + "/", None if p[8] else
-                                              LocalState(DIR, 0, 0, p[4], p[5], None)))
+                                if not p[8]:
+                                    states[rel] = LocalState(DIR, 0, 0, p[4], p[5], None)
                                 continue
-                        stack.append((rel + "/", LocalState(
-                            DIR, 0, 0, entry.inode(), 0o755 if s is None else s.st_mode & 0o7777,
-                            None)))
+                        states[rel] = LocalState(DIR, 0, 0, entry.inode(), 0o755 if s is None
+                                                 else s.st_mode & 0o7777, None)
                     else:
                         w.skipped.append((rel, _special_kind(s.st_mode)))
         except OSError as e:  # a directory that vanished or failed mid-listing

@@ -64,22 +64,7 @@ def _take_chunk(q: deque[Job], max_bytes: int = CHUNK_BYTES, max_files: int = CH
         j = q.popleft()
         size += j.action.size
         chunk.append(j)
-    # Full: end the chunk where a directory's jobs end (a plan has each directory's mkdir
-    # and files together), so that a new directory is staged whole by one worker (see
-    # LocalRemote.stage_many); the rest of it goes back for the next chunk.
-    if q and len(chunk) > 1 and _dir_key(q[0]) == (last := _dir_key(chunk[-1])):
-        i = len(chunk) - 1
-        while i > 0 and _dir_key(chunk[i - 1]) == last:
-            i -= 1
-        if i >= len(chunk) // 2:
-            q.extendleft(reversed(chunk[i:]))
-            del chunk[i:]
     return chunk
-
-
-def _dir_key(j: Job) -> tuple[str, str]:
-    """The directory a job belongs with: its own for a mkdir, else its parent."""
-    return j.pair, j.path if j.action.op == Op.MKDIR else j.path.rpartition("/")[0]
 
 
 def _worker_init() -> None:
@@ -115,28 +100,11 @@ def _stage_chunk(jobs: list[Job], pairs: dict[str, PairCtx]
     files and come back staged, to be made durable by the runner's next flush and then
     published; every other job is carried out here, as _execute_chunk would."""
     remote = pairs[jobs[0].pair].remote
-    uploads, mkdirs, rest = [], [], []
-    with_dirs = bool(getattr(remote, "stages_dirs", False))
+    uploads, rest = [], []
     for j in jobs:
-        if pairs[j.pair].remote is not remote or j.action.replaces:
-            rest.append(j)
-        elif j.action.op == Op.UPLOAD:
-            uploads.append(j)
-        elif j.action.op == Op.MKDIR and with_dirs:
-            mkdirs.append(j)   # a new directory may come into being with its files
-        else:
-            rest.append(j)
-    dir_paths = [join(pairs[j.pair].remote_path, j.path) for j in mkdirs]
-    base = pairs[jobs[0].pair].remote_path
-    for_dirs: list[Any] = []
-
-    def stage(items: list[tuple[str, Source]]) -> list[Any]:
-        res = (remote.stage_many(items, dir_paths, base)  # type: ignore[attr-defined]
-               if with_dirs else remote.stage_many(items))  # type: ignore[attr-defined]
-        for_dirs[:] = res[len(items):]
-        return res[:len(items)]
-
-    started, sent = _send_batch(uploads, pairs, stage)   # calls stage() even with none
+        plain = j.action.op == Op.UPLOAD and not j.action.replaces
+        (uploads if plain and pairs[j.pair].remote is remote else rest).append(j)
+    started, sent = _send_batch(uploads, pairs, remote.stage_many)  # type: ignore[attr-defined]
     done: list[Outcome] = []
     staged: list[tuple[Outcome, Staged]] = []
     for o, src, r in sent:
@@ -145,13 +113,6 @@ def _stage_chunk(jobs: list[Job], pairs: dict[str, PairCtx]
         else:   # the remote fingerprint is filled in once published
             _uploaded(o, src, RemoteEntry(r.path, FILE, 0, 0, ""), started)
             staged.append((o, r))
-    for j, r in zip(mkdirs, for_dirs or [None] * len(mkdirs), strict=True):
-        if isinstance(r, Staged):
-            staged.append((Outcome(j, base=Base(DIR, 0, 0, None, "")), r))
-        elif isinstance(r, Exception):
-            done.append(Outcome(j, error=r))
-        else:
-            rest.append(j)
     done += [execute(j, pairs[j.pair]) for j in rest]
     return done, staged
 
@@ -224,26 +185,6 @@ def _stage_packed(jobs: list[Job], pairs: dict[str, PairCtx]
     return _pack(pos, done), [(p, tuple(st)) for p, (_, st) in zip(packed, staged, strict=True)]
 
 
-def _publish_batches(items: list[tuple[Outcome, Staged]], size: int
-                     ) -> list[list[tuple[Outcome, Staged]]]:
-    """Flushed uploads in batches of about `size` for the workers; the members of one
-    group (a new directory, published by one rename) always in the same batch."""
-    groups: dict[str, list[tuple[Outcome, Staged]]] = {}
-    out: list[list[tuple[Outcome, Staged]]] = [[]]
-    for it in items:
-        if it[1].group:
-            groups.setdefault(it[1].gtmp, []).append(it)
-        else:
-            if len(out[-1]) >= size:
-                out.append([])
-            out[-1].append(it)
-    for g in groups.values():
-        if out[-1] and len(out[-1]) + len(g) > size:
-            out.append([])
-        out[-1] += g
-    return [b for b in out if b]
-
-
 def _publish_chunk(pair: str, staged: list[tuple[Any, ...]], pairs: dict[str, PairCtx]
                    ) -> list[str | Exception]:
     """Publish flushed uploads; per item the remote fingerprint, or the error."""
@@ -303,12 +244,6 @@ def execute(job: Job, ctx: PairCtx, now_ns: Callable[[], int] = time.time_ns) ->
             o.base = Base(DIR, 0, 0, None, e.fp)
         elif a.op == Op.ADOPT:
             o.base = Base(a.kind, a.size, a.mtime_ns, a.hash, a.remote_fp)
-        elif a.op == Op.CLEANUP and a.kind == DIR:
-            delete_tree = getattr(ctx.remote, "delete_tree", None)
-            if delete_tree is None:
-                o.note = "a temp directory; this remote cannot remove one: kept"
-            else:
-                delete_tree(rp)
         elif a.op in (Op.DELETE, Op.CLEANUP):
             ctx.remote.delete([rp])
         elif a.op == Op.TRASH:
@@ -598,7 +533,8 @@ class Runner:
                         if err is not None:
                             failed_staged(r, payload, err, "flush")
                         else:
-                            for group in _publish_batches(payload, CHUNK_FILES):
+                            for i in range(0, len(payload), CHUNK_FILES):
+                                group = payload[i:i + CHUNK_FILES]
                                 fut = submit(r, _publish_chunk, by_remote[r][0],
                                              [tuple(s) for _, s in group])
                                 inflight[fut] = (r, "publish", group)

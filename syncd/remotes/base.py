@@ -33,14 +33,9 @@ class Staged(NamedTuple):
     (the optional stage_many / flush / publish_many capability of a directory remote)."""
 
     path: str       # the target, relative to the remote's root
-    tmp: str        # the temp file's name in the target's directory; in a group, its path
-    sent: int       # bytes written (and hashed); -1: a directory of a group
+    tmp: str        # the temp file's name in the target's directory
+    sent: int       # bytes written (and hashed)
     dev: int        # st_dev of the target's directory: what flush() must sync
-    # A target whose directory did not exist yet is written under its final name into a
-    # temp directory (`gtmp`, relative to the root) that becomes the new directory
-    # `group` (the highest one missing) in one rename: a group. Empty for a plain one.
-    group: str = ""
-    gtmp: str = ""
 
 
 class Source:

@@ -1,9 +1,7 @@
 """The `local` remote: a directory (a NAS mount, a second disk) written atomically.
 
 Every write goes to a temp name in the target directory, is fsynced, then renamed over the
-target; a directory that does not exist yet is written whole into a temp directory and
-renamed into place. No path may leave the root: '..', absolute paths and symlinked parents
-are refused.
+target. No path may leave the root: '..', absolute paths and symlinked parents are refused.
 """
 
 from __future__ import annotations
@@ -12,7 +10,6 @@ import contextlib
 import ctypes
 import errno
 import os
-import shutil
 import stat
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -48,20 +45,6 @@ def _load_syncfs() -> Any:
 
 
 _syncfs = _load_syncfs()
-
-
-def _load_renameat2() -> Any:
-    """renameat2(2) from libc (glibc >= 2.28), or None."""
-    try:
-        fn = ctypes.CDLL(None, use_errno=True).renameat2
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-    return fn
-
-
-_renameat2 = _load_renameat2()
-_RENAME_NOREPLACE = 1
 # Up to this many staged files are made durable by one fsync each, not by a syncfs.
 FSYNC_EACH_MAX = 8
 _TMP_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -94,13 +77,6 @@ def _default_acl(dfd: int) -> bool:
 
 
 _FILE, _DIR = int(Kind.FILE), int(Kind.DIR)
-
-
-def _group_of(d: str, groups: dict[str, str]) -> str:
-    """The group (a new directory's final path) that directory `d` is in or tops."""
-    while d not in groups:
-        d = d.rpartition("/")[0]
-    return d
 
 
 def _fp(st: os.stat_result) -> str:
@@ -161,31 +137,6 @@ class LocalRemote:
             os.close(fd)
             raise
         return fd
-
-    def _open_existing(self, parts: list[str]) -> tuple[int, int]:
-        """(fd of the deepest existing directory on the way to root/parts, how many
-        components exist); the same refusals as _open_dir."""
-        fd = os.open(self.root, _DIR_FLAGS)
-        try:
-            for i, comp in enumerate(parts):
-                try:
-                    nfd = os.open(comp, _DIR_FLAGS | os.O_NOFOLLOW, dir_fd=fd)
-                except FileNotFoundError:
-                    return fd, i
-                except NotADirectoryError:
-                    rel_dir = "/".join(parts[:i + 1])
-                    st = os.stat(comp, dir_fd=fd, follow_symlinks=False)
-                    if stat.S_ISLNK(st.st_mode):
-                        raise PathEscape("a parent directory is a symlink; refusing to follow it",
-                                         remote=self.name, path=rel_dir) from None
-                    raise Conflict("a parent path exists and is not a directory",
-                                   remote=self.name, path=rel_dir) from None
-                os.close(fd)
-                fd = nfd
-        except BaseException:
-            os.close(fd)
-            raise
-        return fd, len(parts)
 
     def _parent_fd(self, path: str, create: bool) -> tuple[int, str]:
         """(fd of the parent directory, final name) of a checked relative path."""
@@ -348,120 +299,28 @@ class LocalRemote:
         published = iter(self.publish_many(ok))
         return [next(published) if isinstance(s, Staged) else s for s in staged]
 
-    @property
-    def stages_dirs(self) -> bool:
-        """Whether stage_many also takes the directories a plan creates (see there)."""
-        return self.stages and _renameat2 is not None
-
-    def stage_many(self, items: Sequence[tuple[str, Source]], dirs: Sequence[str] = (),
-                   base: str = "") -> list[Staged | Exception | None]:
+    def stage_many(self, items: Sequence[tuple[str, Source]]) -> list[Staged | Exception]:
         """Write and verify each source into a temp file beside its target, without making
         it durable and without publishing it: flush() then publish_many() (or discard())
-        finish the job. Per item, its Staged record or the error it raised; then per
-        directory of `dirs`, its Staged record, or None where it exists already.
-
-        A target whose directory does not exist yet is written under its final name into
-        a new temp directory beside the highest missing one, which publish_many renames
-        into place: every file of a new directory appears at once, complete, with one
-        rename instead of one per file (a first sync creates mostly new directories).
-        `dirs` (new directories of the same plan) join those groups, so that making them
-        does not come first and defeat it. `base` (the pair's directory, which its listing
-        covers: a temp directory left by a crash must be found there) is made directly."""
-        out: list[Staged | Exception | None] = []
-        plain: dict[str, tuple[int, int, bool]] = {}   # parent -> (fd, st_dev, default ACL)
-        # A directory inside a group (final path) -> (fd of its temp twin, st_dev, ACL);
-        # a group (final path of its top) -> its temp directory, relative to the root.
-        inside: dict[str, tuple[int, int, bool]] = {}
-        groups: dict[str, str] = {}
-        grouping = _renameat2 is not None
-        floor = len(base.split("/")) if base else 0
-
-        def where(d: str) -> tuple[tuple[int, int, bool], str]:
-            """The directory to write into for targets in `d`, and their group ("": none)."""
-            if d in plain:
-                return plain[d], ""
-            if d in inside:
-                return inside[d], _group_of(d, groups)
-            parts = d.split("/") if d else []
-            fd, have = self._open_existing(parts)
-            if have < min(floor, len(parts)):   # every path here is under base
-                os.close(fd)
-                os.close(self._open_dir(base, create=True))
-                fd, have = self._open_existing(parts)
-            if have == len(parts) or not grouping:
-                if have < len(parts):   # no renameat2: make the directories now
-                    os.close(fd)
-                    fd = self._open_dir(d, create=True)
-                plain[d] = (fd, os.fstat(fd).st_dev, _default_acl(fd))
-                return plain[d], ""
-            top = "/".join(parts[:have + 1])
-            try:
-                if top in groups:
-                    cur = os.dup(inside[top][0])
-                else:
-                    name = temp_name("", self.tmp_owner)
-                    os.mkdir(name, 0o755, dir_fd=fd)
-                    cur = os.open(name, _DIR_FLAGS | os.O_NOFOLLOW, dir_fd=fd)
-                    groups[top] = "/".join([*parts[:have], name])
-                    inside[top] = (cur, os.fstat(cur).st_dev, _default_acl(cur))
-                    cur = os.dup(cur)
-            finally:
-                os.close(fd)
-            for i in range(have + 1, len(parts)):   # the rest of the chain, inside it
-                sub = "/".join(parts[:i + 1])
-                known = inside.get(sub)
-                if known is not None:
-                    os.close(cur)
-                    cur = os.dup(known[0])
-                    continue
-                with contextlib.suppress(FileExistsError):
-                    os.mkdir(parts[i], 0o755, dir_fd=cur)
-                nfd = os.open(parts[i], _DIR_FLAGS | os.O_NOFOLLOW, dir_fd=cur)
-                os.close(cur)
-                cur = nfd
-                inside[sub] = (nfd, os.fstat(nfd).st_dev, _default_acl(nfd))
-                cur = os.dup(nfd)
-            os.close(cur)
-            return inside[d], top
-
+        finish the job. Per item, its Staged record or the error it raised."""
+        out: list[Staged | Exception] = []
+        dirs: dict[str, tuple[int, int, bool]] = {}   # parent -> (fd, st_dev, default ACL)
         try:
             for path, src in items:
                 try:
                     check_rel_path(self.name, path)
                     parent, _, name = path.rpartition("/")
-                    d, group = where(parent)
-                    if group:
-                        gtmp = groups[group]
-                        self._write_temp(d[0], name, path, src, fsync=False, chmod=d[2],
-                                         tmp=name)
-                        out.append(Staged(path, gtmp + path[len(group):], src.sent, d[1],
-                                          group, gtmp))
-                    else:
-                        tmp = self._write_temp(d[0], name, path, src, fsync=False, chmod=d[2])
-                        out.append(Staged(path, tmp, src.sent, d[1]))
-                except Exception as e:
-                    out.append(e)
-            for path in dirs:
-                try:
-                    check_rel_path(self.name, path)
-                    if path in inside:
-                        d, group = inside[path], _group_of(path, groups)
-                    elif grouping:
-                        d, group = where(path)
-                    else:
-                        group = ""
-                    if not group:
-                        out.append(None)   # exists (or no groups here): a plain mkdir
-                        continue
-                    gtmp = groups[group]
-                    out.append(Staged(path, gtmp + path[len(group):], -1, d[1], group, gtmp))
-                except OSError as e:
-                    out.append(self._err(e, path))
+                    d = dirs.get(parent)
+                    if d is None:
+                        dfd = self._parent_fd(path, create=True)[0]
+                        d = dirs[parent] = (dfd, os.fstat(dfd).st_dev, _default_acl(dfd))
+                    tmp = self._write_temp(d[0], name, path, src, fsync=False, chmod=d[2])
+                    out.append(Staged(path, tmp, src.sent, d[1]))
                 except Exception as e:
                     out.append(e)
         finally:
-            for fd, _, _ in (*plain.values(), *inside.values()):
-                os.close(fd)
+            for dfd, _, _ in dirs.values():
+                os.close(dfd)
         return out
 
     def flush(self, staged: Sequence[Staged]) -> None:
@@ -477,7 +336,7 @@ class LocalRemote:
             return
         devs: dict[int, list[str]] = {}
         for s in staged:
-            devs.setdefault(s.dev, []).append(s.tmp if s.group else s.path)
+            devs.setdefault(s.dev, []).append(s.path)
         for dev, paths in devs.items():
             dfd = self._dev_fd(dev, paths)
             if dfd < 0:
@@ -493,30 +352,17 @@ class LocalRemote:
                 os.close(dfd)
 
     def _fsync_each(self, staged: Sequence[Staged]) -> bool:
-        """fsync each staged file (and, in a group, the temp directories holding them);
-        False if one cannot be opened for it (its owner may not read it: the caller then
-        syncs the whole filesystem instead)."""
-        targets: list[tuple[str, str]] = []   # (a path whose parent holds it, its name)
-        holders: set[str] = set()
+        """fsync each staged file; False if one cannot be opened for it (its owner may not
+        read it: the caller then syncs the whole filesystem instead)."""
         for s in staged:
-            if s.group:
-                targets.append((s.tmp, s.tmp.rpartition("/")[2]))
-                d = s.tmp.rpartition("/")[0]
-                while len(d) >= len(s.gtmp):   # every entry on the way must be durable
-                    holders.add(d)
-                    d = d.rpartition("/")[0]
-            else:
-                targets.append((s.path, s.tmp))
-        targets += [(d, d.rpartition("/")[2]) for d in sorted(holders, reverse=True)]
-        for path, name in targets:
             try:
-                dfd = self._parent_fd(path, create=False)[0]
+                dfd = self._parent_fd(s.path, create=False)[0]
             except NotFound:
                 continue   # gone: its publish fails and says so
             except RemoteError:
                 return False   # a symlink or a file in the way: syncfs still covers the rest
             try:
-                fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
+                fd = os.open(s.tmp, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
             except FileNotFoundError:
                 continue
             except OSError:
@@ -528,7 +374,7 @@ class LocalRemote:
             except OSError as e:
                 raise TransientError(f"fsync failed: {e.strerror}; check the disk under "
                                      f"{self.root} (dmesg)", remote=self.name,
-                                     path=path) from None
+                                     path=s.path) from None
             finally:
                 os.close(fd)
         return True
@@ -548,138 +394,28 @@ class LocalRemote:
         return -1
 
     def publish_many(self, staged: Sequence[Staged]) -> list[RemoteEntry | Exception]:
-        """Rename flushed temp files over their targets, and groups into place; per item
-        its RemoteEntry or error."""
-        out: list[RemoteEntry | Exception | None] = [None] * len(staged)
+        """Rename flushed temp files over their targets; per item its RemoteEntry or error."""
+        out: list[RemoteEntry | Exception] = []
         dirs: dict[str, int] = {}
-        groups: dict[str, list[int]] = {}
         try:
-            for i, s in enumerate(staged):
-                if s.group:
-                    groups.setdefault(s.gtmp, []).append(i)
-                    continue
+            for s in staged:
                 try:
-                    out[i] = self._publish(self._dir_fd(s.path, dirs), s.tmp,
-                                           s.path.rpartition("/")[2], s.path, s.sent)
+                    parent, _, name = s.path.rpartition("/")
+                    dfd = dirs.get(parent, -1)
+                    if dfd < 0:
+                        dfd = dirs[parent] = self._parent_fd(s.path, create=False)[0]
+                    out.append(self._publish(dfd, s.tmp, name, s.path, s.sent))
                 except Exception as e:
-                    out[i] = e
-            for gtmp, idx in groups.items():
-                self._publish_group(gtmp, [staged[i] for i in idx], dirs,
-                                    lambda k, r, idx=idx: out.__setitem__(idx[k], r))
+                    out.append(e)
         finally:
             for dfd in dirs.values():
                 os.close(dfd)
-        return out  # type: ignore[return-value]
-
-    def _dir_fd(self, path: str, dirs: dict[str, int]) -> int:
-        """The fd of `path`'s (existing) parent, opened once per publish batch."""
-        parent = path.rpartition("/")[0]
-        dfd = dirs.get(parent, -1)
-        if dfd < 0:
-            dfd = dirs[parent] = self._parent_fd(path, create=False)[0]
-        return dfd
-
-    def _publish_group(self, gtmp: str, items: list[Staged], dirs: dict[str, int],
-                       put: Callable[[int, RemoteEntry | Exception], None]) -> None:
-        """Rename the temp directory `gtmp` to its group's path if nothing is there
-        (RENAME_NOREPLACE); if something is (another batch's part of the same new
-        directory, a directory made meanwhile), move each target into it instead."""
-        top = items[0].group
-        try:
-            pfd, top_name = self._parent_fd(top, create=False)
-        except Exception as e:
-            for k in range(len(items)):
-                put(k, e)
-            self._remove_tmp(gtmp)
-            return
-        try:
-            rc = _renameat2(pfd, os.fsencode(gtmp.rpartition("/")[2]), pfd,
-                            os.fsencode(top_name), _RENAME_NOREPLACE)
-            err = ctypes.get_errno() if rc != 0 else 0
-        finally:
-            os.close(pfd)
-        if rc == 0:
-            for k, s in enumerate(items):
-                try:
-                    put(k, self._entry(s, dirs))
-                except Exception as e:
-                    put(k, e)
-            return
-        if err not in (errno.EEXIST, errno.ENOTEMPTY, errno.EINVAL, errno.ENOSYS,
-                       errno.EOPNOTSUPP, errno.ENOTDIR):
-            e = self._err(OSError(err, os.strerror(err)), top)
-            for k in range(len(items)):
-                put(k, e)
-            self._remove_tmp(gtmp)
-            return
-        # Directories first (parents before children), then the files, each moved in.
-        order = sorted(range(len(items)), key=lambda k: (items[k].sent >= 0,
-                                                           items[k].path.count("/")))
-        for k in order:
-            s = items[k]
-            try:
-                if s.sent < 0:
-                    put(k, self.mkdir(s.path))
-                    continue
-                sfd, sname = self._parent_fd(s.tmp, create=False)
-                try:
-                    dfd, name = self._parent_fd(s.path, create=True)
-                    try:
-                        os.replace(sname, name, src_dir_fd=sfd, dst_dir_fd=dfd)
-                    except OSError as e:
-                        raise self._err(e, s.path) from None
-                    finally:
-                        os.close(dfd)
-                finally:
-                    os.close(sfd)
-                put(k, self._entry(s, dirs))
-            except Exception as e:
-                put(k, e)
-        self._remove_tmp(gtmp)   # what is left: temps of files that failed
-
-    def _entry(self, s: Staged, dirs: dict[str, int]) -> RemoteEntry:
-        """The published target as it now is."""
-        if s.sent < 0:
-            return RemoteEntry(s.path, _DIR, 0, 0, DIR_FP)
-        try:
-            st = os.stat(s.path.rpartition("/")[2], dir_fd=self._dir_fd(s.path, dirs),
-                         follow_symlinks=False)
-        except OSError as e:
-            raise self._err(e, s.path) from None
-        if st.st_size != s.sent:
-            raise TransientError(f"size after publish is {st.st_size}, sent {s.sent}",
-                                 remote=self.name, path=s.path)
-        return RemoteEntry(s.path, _FILE, st.st_size, st.st_mtime_ns, _fp(st))
-
-    def _remove_tmp(self, gtmp: str) -> None:
-        """Remove a temp directory of ours with what is in it (best effort: a leftover is
-        removed by the next reconcile)."""
-        with contextlib.suppress(Exception):
-            self.delete_tree(gtmp)
-
-    def delete_tree(self, path: str) -> None:
-        """Remove a temp directory of syncd's and everything in it; refuses any other name."""
-        dfd, name = self._parent_fd(path, create=False)
-        try:
-            if not name.startswith(TMP_PREFIX):
-                raise PermanentError("not a temp directory of syncd; refusing to remove it",
-                                     remote=self.name, path=path)
-            shutil.rmtree(name, dir_fd=dfd)
-        except FileNotFoundError:
-            pass
-        except OSError as e:
-            raise self._err(e, path) from None
-        finally:
-            os.close(dfd)
+        return out
 
     def discard(self, staged: Sequence[Staged]) -> None:
         """Remove staged temp files that will not be published (best effort: a temp left
         behind is removed by the next reconcile, which plans cleanup of its own temps)."""
-        for gtmp in {s.gtmp for s in staged if s.group}:
-            self._remove_tmp(gtmp)
         for s in staged:
-            if s.group:
-                continue
             with contextlib.suppress(Exception):
                 dfd = self._parent_fd(s.path, create=False)[0]
                 try:
@@ -688,13 +424,12 @@ class LocalRemote:
                     os.close(dfd)
 
     def _write_temp(self, dfd: int, name: str, path: str, source: Source, fsync: bool,
-                    chmod: bool = True, tmp: str = "") -> str:
-        """Stream the source into this target's temp file (or into `tmp`, a name in a temp
-        directory of ours) and verify it; returns the name written. Nothing is left
-        behind on failure. `chmod` False: the mode given at creation is trusted where the
-        umask kept its bits (the caller checked that the directory has no default ACL,
-        which would replace the umask)."""
-        tmp = tmp or temp_name(name, self.tmp_owner)
+                    chmod: bool = True) -> str:
+        """Stream the source into this target's temp file and verify it; returns the temp
+        name. Nothing is left behind on failure. `chmod` False: the mode given at creation
+        is trusted where the umask kept its bits (the caller checked that the directory
+        has no default ACL, which would replace the umask)."""
+        tmp = temp_name(name, self.tmp_owner)
         mode = source.mode & 0o777
         try:   # O_EXCL: a name clash (never seen) fails instead of sharing a file
             fd = os.open(tmp, _TMP_FLAGS, mode, dir_fd=dfd)

@@ -129,17 +129,10 @@ def setup(tmp_path: Path) -> Setup:
 def tree(root: Path) -> dict[str, bytes]:
     """Files under root (syncd's trash and temp files left out). Safe to call while syncd
     writes there: a file that vanishes between listing and reading (a temp being renamed)
-    is skipped, and a listing cut by a temp directory renamed into place is taken again."""
-    for _ in range(100):
-        try:
-            paths = sorted(root.rglob("*"))
-            break
-        except FileNotFoundError:
-            continue
+    is skipped."""
     out = {}
-    for p in paths:
-        rel = p.relative_to(root).parts
-        if any(c.startswith(".syncd-tmp-") for c in rel) or ".syncd-trash" in rel:
+    for p in sorted(root.rglob("*")):
+        if p.name.startswith(".syncd-tmp-") or ".syncd-trash" in p.parts:
             continue
         try:
             if p.is_file():

@@ -114,14 +114,10 @@ max_delete = "100%"
 
     def monitor() -> None:   # every complete file seen under a final name must be a version
         while not stop.is_set():
-            try:   # a temp directory renamed into place mid-walk cuts a listing short
-                found = list(mirror.rglob("*")) if mirror.exists() else []
-            except FileNotFoundError:
-                continue
-            for p in found:
-                rel = p.relative_to(mirror).as_posix()
-                if not p.is_file() or ".syncd-tmp-" in rel:   # a temp, or in a temp dir
+            for p in mirror.rglob("*") if mirror.exists() else ():
+                if not p.is_file() or p.name.startswith(".syncd-tmp-"):
                     continue
+                rel = p.relative_to(mirror).as_posix()
                 try:
                     data = p.read_bytes()
                 except OSError:
@@ -195,15 +191,9 @@ def _tree(root: Path) -> dict[str, bytes]:
     out = {}
     if not root.exists():
         return out
-    for _ in range(100):
-        try:
-            found = list(root.rglob("*"))
-            break
-        except FileNotFoundError:   # a temp directory renamed into place mid-walk
-            continue
-    for p in found:
-        if p.is_file() and not p.name.startswith(".tmp-") and ".syncd-trash" not in p.parts \
-                and not any(c.startswith(".syncd-tmp-") for c in p.relative_to(root).parts):
+    for p in root.rglob("*"):
+        if p.is_file() and not p.name.startswith((".syncd-tmp-", ".tmp-")) \
+                and ".syncd-trash" not in p.parts:
             out[p.relative_to(root).as_posix()] = p.read_bytes()
     return out
 

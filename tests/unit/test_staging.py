@@ -32,33 +32,25 @@ class Flushes:
                  fail_first: int = 0, on_flush: Any = None):
         self.lock = threading.Lock()
         self.seq = 0
-        self.written: list[tuple[str, int]] = []      # (target path, seq when written)
+        self.written: dict[str, int] = {}            # temp name -> seq when written
         self.flushes: list[tuple[int, int]] = []      # (seq at start, seq at end)
-        self.published: list[tuple[str, int]] = []    # (target path, seq)
-        self.groups = 0                               # new directories renamed into place
+        self.published: list[tuple[str, int]] = []    # (temp name, seq)
         self.fail_first = fail_first
         self.delay = delay
         self.on_flush = on_flush
         real_write, real_publish = LocalRemote._write_temp, LocalRemote._publish
-        real_group = LocalRemote._publish_group
         outer = self
 
         def write_temp(self: LocalRemote, dfd: int, name: str, path: str, source: Any,
-                       fsync: bool, chmod: bool = True, tmp: str = "") -> str:
-            out = real_write(self, dfd, name, path, source, fsync, chmod, tmp)
-            outer.written.append((path, outer.tick()))
-            return out
+                       fsync: bool, chmod: bool = True) -> str:
+            tmp = real_write(self, dfd, name, path, source, fsync, chmod)
+            outer.written[tmp] = outer.tick()
+            return tmp
 
         def publish(self: LocalRemote, dfd: int, tmp: str, name: str, path: str,
                     sent: int) -> Any:
-            outer.published.append((path, outer.tick()))
+            outer.published.append((tmp, outer.tick()))
             return real_publish(self, dfd, tmp, name, path, sent)
-
-        def publish_group(self: LocalRemote, gtmp: str, items: Any, dirs: Any, put: Any) -> None:
-            at = outer.tick()   # before the rename that publishes them all
-            outer.groups += 1
-            outer.published.extend((s.path, at) for s in items if s.sent >= 0)
-            real_group(self, gtmp, items, dirs, put)
 
         def syncfs(fd: int) -> int:
             start = self.tick()
@@ -75,7 +67,6 @@ class Flushes:
 
         monkeypatch.setattr(LocalRemote, "_write_temp", write_temp)
         monkeypatch.setattr(LocalRemote, "_publish", publish)
-        monkeypatch.setattr(LocalRemote, "_publish_group", publish_group)
         monkeypatch.setattr(local_mod, "_syncfs", syncfs)
         monkeypatch.setattr(local_mod, "FSYNC_EACH_MAX", 0)   # every flush a syncfs
         monkeypatch.setattr(eng, "PROCESS_POOL_MIN_JOBS", 1 << 30)   # threads: we see it all
@@ -100,10 +91,9 @@ def test_nothing_is_published_before_a_flush_that_began_after_its_write(
     assert tree(dst / "docs") == FILES and not temps(dst)
     assert len(fl.published) == len(FILES)
     ok = [f for f in fl.flushes if f[1] > 0]
-    for path, at in fl.published:
-        w = max(seq for p, seq in fl.written if p == path and seq < at)
-        assert any(start > w and end < at for start, end in ok), f"{path} published unflushed"
-    assert fl.groups > 0   # new directories went in whole (the path this must cover too)
+    for tmp, at in fl.published:
+        w = fl.written[tmp]
+        assert any(start > w and end < at for start, end in ok), f"{tmp} published unflushed"
 
 
 def test_one_flush_serves_many_chunks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -128,8 +118,7 @@ def test_a_failed_flush_publishes_nothing_and_the_retry_converges(
     # What the failed flush covered was never renamed into place: each retried file was
     # written again, and every file was published exactly once.
     assert fl.flushes[0][1] == -1
-    # (retries count the mkdirs that failed flush covered too)
-    assert 0 < len(fl.written) - len(FILES) <= res.retries
+    assert len(fl.written) == len(FILES) + res.retries
     assert len(fl.published) == len({t for t, _ in fl.published}) == len(FILES)
     assert clock.t > 1_800_000_000.0     # the retry waited for its backoff (fake clock)
 
@@ -149,13 +138,7 @@ def test_a_stop_while_flushing_leaves_no_temp_and_loses_no_job(
     assert all(FILES[k] == v for k, v in published.items())
     counts = e.index.job_counts("p")
     assert counts.get("leased", 0) == 0
-    # Every file not published is still a pending job (and so is a directory whose
-    # mkdir was discarded, even if another batch's files made it meanwhile).
-    pending = {p for p, state, *_ in e.index.all_jobs("p") if state == "pending"}
-    dirs = {k.rpartition("/")[0] for k in FILES}
-    assert pending & set(FILES) == set(FILES) - set(published), counts
-    assert pending - set(FILES) <= dirs
-    assert {d for d in dirs if not (dst / "docs" / d).is_dir()} <= pending
+    assert counts.get("pending", 0) + len(published) == len(FILES), counts
     # The next run (no stop) finishes the job.
     stop.clear()
     e2 = engine(cfg, None, Clock())
@@ -228,9 +211,7 @@ def test_a_few_staged_files_are_fsynced_one_by_one_many_share_a_syncfs(
     dst = tmp_path / "dst"
     dst.mkdir()
     r = LocalRemote("nas", dst)
-    # d{n} is new: its files are written into a temp directory, which is fsynced too
-    # (its entries must be durable before it is renamed into place).
-    for n, expect in ((local_mod.FSYNC_EACH_MAX, {"fsync": local_mod.FSYNC_EACH_MAX + 1,
+    for n, expect in ((local_mod.FSYNC_EACH_MAX, {"fsync": local_mod.FSYNC_EACH_MAX,
                                                   "syncfs": 0}),
                       (local_mod.FSYNC_EACH_MAX + 1, {"fsync": 0, "syncfs": 1})):
         calls.update(fsync=0, syncfs=0)
@@ -281,13 +262,13 @@ class DyingRemote(LocalRemote):
         super().__init__("nas", root)
         self.marker = str(marker)
 
-    def stage_many(self, items: Any, dirs: Any = (), base: str = "") -> Any:
+    def stage_many(self, items: Any) -> Any:
         import os
 
         try:
             os.rename(self.marker, self.marker + ".taken")
         except FileNotFoundError:
-            return super().stage_many(items, dirs, base)
+            return super().stage_many(items)
         os._exit(1)
 
 
@@ -308,7 +289,7 @@ def test_a_worker_process_killed_while_staging_loses_nothing(tmp_path: Path) -> 
     # A chunk staged by a worker killed with the pool may leave temps: the next run's
     # listing removes temps of this state dir.
     assert {k: v for k, v in tree(dst / "docs").items()
-            if not any(c.startswith(TMP_PREFIX) for c in k.split("/"))} == files
+            if not k.rpartition("/")[2].startswith(TMP_PREFIX)} == files
     res = engine(cfg, None, clock).reconcile(cfg.pairs[0], Options())
     assert res.status == "ok" and res.uploaded == 0 and not temps(dst)
     assert tree(dst / "docs") == files
@@ -392,10 +373,7 @@ def test_flush_survives_what_only_one_file_suffers(tmp_path: Path,
     src.mkdir()
     dst.mkdir()
     r = LocalRemote("nas", dst)
-    (dst / "a").mkdir()   # existing directories: plain temp files beside the targets
-    (dst / "b").mkdir()
     staged = _stage(r, src, ["a/1", "b/2"])
-    assert not any(s.group for s in staged)
     real_open = os.open
 
     def no_read(path: Any, flags: int, *a: Any, **kw: Any) -> int:
@@ -410,9 +388,8 @@ def test_flush_survives_what_only_one_file_suffers(tmp_path: Path,
     assert all(not isinstance(e, Exception) for e in r.publish_many(staged))
 
     monkeypatch.setattr(local_mod, "FSYNC_EACH_MAX", 0)
-    staged = _stage(r, src, ["c/3", "d/4"])   # new directories: written as groups
-    assert all(s.group for s in staged)
-    shutil.rmtree(dst / staged[0].gtmp)
+    staged = _stage(r, src, ["c/3", "d/4"])
+    shutil.rmtree(dst / "c")
     r.flush(staged)
     res = r.publish_many(staged)
     assert isinstance(res[0], Exception) and not isinstance(res[1], Exception)
