@@ -37,13 +37,17 @@ def main() -> None:
     ap.add_argument("variants", nargs="+", help="NAME=DIR[:fsync] or rclone")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--idle-wait", type=float, default=20.0, metavar="SECONDS")
+    ap.add_argument("--workdir", type=Path, default=None,
+                    help="where destinations go (default: a new dir under $TMPDIR); e.g. a "
+                    "freshly made filesystem, where no tool meets the slow inode allocation "
+                    "that follows mass deletes on ext4 without a journal")
     a = ap.parse_args()
     bl.IDLE_WAIT = a.idle_wait
     bl.become_subreaper()
     rclone = shutil.which("rclone")
     if "rclone" in a.variants and rclone is None:
         sys.exit("rclone is not installed (apt-get install rclone)")
-    wd = Path(tempfile.mkdtemp(prefix="syncd-ab-"))
+    wd = Path(tempfile.mkdtemp(prefix="syncd-ab-", dir=a.workdir))
     res: dict[str, list[bl.Proc]] = {}
     k = 0
     try:

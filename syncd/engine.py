@@ -7,7 +7,9 @@ import fcntl
 import os
 import socket
 import sqlite3
+import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +26,7 @@ from syncd.plan import DRIFT_REASONS, Facts, Policy, check_safety, plan_push, un
 from syncd.queue import Queue
 from syncd.remotes import open_remote
 from syncd.remotes.base import Remote
-from syncd.scan import Matcher, hash_paths, walk
+from syncd.scan import Matcher, Walk, hash_paths, walk
 
 if TYPE_CHECKING:   # imported when there is something to transfer: an idle run skips it
     from syncd.transfer import PairCtx, Reporter
@@ -215,15 +217,26 @@ class Engine:
         else:
             listing = Listing(lambda: RemoteDiff(files=self.index.count_base(pair.name)),
                               fork=False)
+        streamed: set[str] = set()
+        listed: RemoteDiff | BaseException | None = None
         try:
             clean, prior = self.index.load_prior(pair.name)
             t.append(time.perf_counter())
-            w = walk(root, clean, prior, matcher, pair.follow_symlinks)
+            if (opts.list_remote and not opts.dry_run and not clean and not prior
+                    and self.index.count_base(pair.name) == 0):
+                walked, listed = self._walk_streaming(pair, remote, root, matcher, listing,
+                                                      res, streamed)
+                if walked is None:
+                    return   # shutting down: the next start re-plans from a fresh scan
+                w = walked
+            else:
+                w = walk(root, clean, prior, matcher, pair.follow_symlinks)
             t.append(time.perf_counter())
             prepare = getattr(remote, "prepare", None)
-            if w.states and prepare is not None:
+            if w.states and prepare is not None and not streamed:
                 prepare()   # local changes: uploads are likely, connect while the child lists
-            if len(w.states) >= PROCESS_POOL_MIN_JOBS and remote.caps.cpu_bound and not opts.dry_run:
+            if (len(w.states) - len(streamed) >= PROCESS_POOL_MIN_JOBS and remote.caps.cpu_bound
+                    and not opts.dry_run):
                 from syncd.transfer import prewarm_processes
 
                 prewarm_processes()   # the worker processes' server starts while we plan
@@ -247,7 +260,9 @@ class Engine:
                                   "make it readable by this user (permissions, mount)",
                                   self._where(pair))
             try:
-                diff = listing.result()
+                if isinstance(listed, BaseException):
+                    raise listed
+                diff = listed if listed is not None else listing.result()
             except UnavailableError as e:
                 self.unavailable[pair.remote] = e
                 raise
@@ -258,6 +273,17 @@ class Engine:
 
         # Clean entries (unchanged locally, synced, remote as recorded) need no planning;
         # everything else is planned with its base and remote state.
+        if streamed:
+            # Everything the walk found went to the queue and has run (a failure is
+            # parked, reported and retried by the next reconcile, as any other): what is
+            # left is to record the scan. Not a plan: the directories made have bases but
+            # no local states yet, and would look deleted locally.
+            res.scanned = len(w.seen)
+            dirs = [(p, s, False) for p, s in w.states.items() if s.kind == DIR]
+            if dirs:
+                self.index.save_scan(pair.name, dirs, [])
+            self.index.set_pair_meta(pair.name, root, w.root_dev)
+            return
         states = w.states
         flagged = [p for p in (*diff.changed, *diff.gone) if p not in states and p in w.seen]
         states.update(self.index.load_local(pair.name, flagged))
@@ -418,12 +444,86 @@ class Engine:
         if self.reporter_factory is not None and moving:
             reporter = self.reporter_factory(pair.name, n_jobs,
                                              sum(a.size for a in actions if a.op == Op.UPLOAD))
+        self._drain(pair, ctx, feed, reporter, n_jobs >= PROCESS_POOL_MIN_JOBS, res)
+
+    def _walk_streaming(self, pair: PairConfig, remote: Remote, root: str, matcher: Matcher,
+                        listing: Listing, res: PairResult, streamed: set[str]
+                        ) -> tuple[Walk | None, RemoteDiff | BaseException]:
+        """A first sync (no bases, no local states recorded): the walk runs in a thread
+        and, once the listing shows nothing on the remote, what it finds is uploaded
+        directory by directory while it goes on, instead of after it: the first files
+        land within a second, and walking overlaps transferring, as in rclone. Nothing on
+        the remote means nothing to delete, adopt or compare, so no safety guard can
+        stop this plan: every entry is a plain upload or mkdir. With anything on the
+        remote, the walk just completes and the plan is made after it, as usual.
+
+        Returns the walk (None if a stop ended it early) and the listing (or its error);
+        `streamed` gets the paths handed to the queue."""
+        st = _Streamer()
+        th = threading.Thread(target=st.run, name="walk", daemon=True,
+                              args=(root, matcher, pair.follow_symlinks))
+        th.start()
+        listed: RemoteDiff | BaseException
+        try:
+            try:
+                listed = listing.result()
+            except Exception as e:   # raised where it always is, after the walk
+                listed = e
+            if isinstance(listed, RemoteDiff) and not listed.changed and not listed.gone:
+                self._stream(pair, remote, root, st, res, streamed)
+        finally:
+            if self.stop is not None and self.stop.is_set():
+                st.cancel()
+            st.stop_feeding()   # the walk goes on to its end without handing anything out
+            th.join()
+        if st.error is not None:
+            raise st.error
+        return st.result, listed
+
+    def _stream(self, pair: PairConfig, remote: Remote, root: str, st: _Streamer,
+                res: PairResult, streamed: set[str]) -> None:
+        # Enough found (or a slow walk, or a small tree): decide threads or processes.
+        found = st.wait_for(PROCESS_POOL_MIN_JOBS, timeout=0.25)
+        if not found or (self.stop is not None and self.stop.is_set()):
+            return
+        from syncd.transfer import PairCtx, prewarm_processes
+
+        processes = found >= PROCESS_POOL_MIN_JOBS and remote.caps.cpu_bound
+        if processes:
+            prewarm_processes()
+        prepare = getattr(remote, "prepare", None)
+        if prepare is not None:
+            prepare()
+        policy = Policy(dirs=remote.caps.dirs, tmp_owner=getattr(remote, "tmp_owner", ""))
+        reporter = None
+        if self.reporter_factory is not None:
+            reporter = self.reporter_factory(pair.name, *st.totals())
+        set_totals = getattr(reporter, "set_totals", None)
+        self.index.clear_jobs(pair.name)
+
+        def feed() -> tuple[list[Job], bool]:
+            batch, more = st.take(ENQUEUE_BATCH, timeout=0.05)
+            if not batch:
+                return [], more
+            states = dict(batch)
+            streamed.update(states)
+            if set_totals is not None:
+                set_totals(*st.totals())
+            return self.queue.enqueue_leased(pair.name, plan_push(states, {}, {}, policy)), more
+
+        ctx = PairCtx(pair.name, root, pair.path, remote, self.cfg.remotes[pair.remote].transfers,
+                      pair.follow_symlinks)
+        self._drain(pair, ctx, feed, reporter, processes, res)
+
+    def _drain(self, pair: PairConfig, ctx: PairCtx, feed: Callable[[], tuple[list[Job], bool]],
+               reporter: Reporter | None, processes: bool, res: PairResult) -> None:
+        """Run what `feed` hands out (and anything else queued for the pair) to the end."""
         # Worker processes pay a start-up cost (~0.1 s); worth it only for many jobs.
         from syncd.transfer import Runner
 
         runner = Runner(self.queue, {pair.name: ctx}, sleep=self.sleep, reporter=reporter,
                         log=self.log, done_level=self.transfer_log_level,
-                        processes=n_jobs >= PROCESS_POOL_MIN_JOBS, stop=self.stop)
+                        processes=processes, stop=self.stop)
         try:
             stats = runner.run([pair.name], feed)
         finally:
@@ -439,6 +539,76 @@ class Engine:
         res.adopted += d.get(Op.ADOPT.value, 0)
         res.mkdirs += d.get(Op.MKDIR.value, 0)
         res.failures += stats.failed
+
+
+class _Cancelled(Exception):
+    pass
+
+
+class _Streamer:
+    """The local walk in a thread, handing out what each directory's listing added."""
+
+    def __init__(self) -> None:
+        self.cv = threading.Condition()
+        self.items: deque[tuple[str, LocalState]] = deque()
+        self.found = 0
+        self.found_bytes = 0
+        self.done = False
+        self.feeding = True
+        self.cancelled = False
+        self.result: Walk | None = None
+        self.error: BaseException | None = None
+
+    def run(self, root: str, matcher: Matcher, follow_symlinks: bool) -> None:
+        try:
+            self.result = walk(root, {}, {}, matcher, follow_symlinks, sink=self._sink)
+        except _Cancelled:
+            pass
+        except BaseException as e:   # re-raised by the engine's thread
+            self.error = e
+        finally:
+            with self.cv:
+                self.done = True
+                self.cv.notify_all()
+
+    def _sink(self, entries: list[tuple[str, LocalState]]) -> None:
+        if self.cancelled:
+            raise _Cancelled
+        if not self.feeding:
+            return
+        nbytes = sum(st.size for _, st in entries)
+        with self.cv:
+            self.items.extend(entries)
+            self.found += len(entries)
+            self.found_bytes += nbytes
+            self.cv.notify_all()
+
+    def totals(self) -> tuple[int, int]:
+        """Entries and bytes found so far."""
+        return self.found, self.found_bytes
+
+    def wait_for(self, n: int, timeout: float) -> int:
+        """Wait until `n` entries were found, the walk ended or `timeout` passed (and at
+        least one was found); how many were found."""
+        with self.cv:
+            if not self.cv.wait_for(lambda: self.done or self.found >= n, timeout):
+                self.cv.wait_for(lambda: self.done or self.found > 0)
+            return self.found
+
+    def take(self, n: int, timeout: float) -> tuple[list[tuple[str, LocalState]], bool]:
+        """Up to `n` entries (waiting up to `timeout` for one), and whether more may come."""
+        with self.cv:
+            self.cv.wait_for(lambda: self.items or self.done, timeout)
+            out = [self.items.popleft() for _ in range(min(n, len(self.items)))]
+            return out, not (self.done and not self.items)
+
+    def stop_feeding(self) -> None:
+        with self.cv:
+            self.feeding = False
+            self.items.clear()
+
+    def cancel(self) -> None:
+        self.cancelled = True
 
 
 def _ms(a: float, b: float) -> int:

@@ -35,5 +35,11 @@ class RichReporter:
         self.progress.update(self.task, advance=nbytes if self.by_bytes else files,
                              files=self.files_done)
 
+    def set_totals(self, files: int, nbytes: int) -> None:
+        """Raise the totals while a first sync's walk is still finding files."""
+        self.total_files = files
+        self.progress.update(self.task, total=nbytes if self.by_bytes else files,
+                             total_files=files)
+
     def close(self) -> None:
         self.progress.stop()

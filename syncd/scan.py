@@ -5,6 +5,7 @@ A file whose (size, mtime_ns, inode) matches the index and is not racy is never 
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import stat as st_mod
@@ -94,9 +95,13 @@ class Walk:
 
 
 def walk(root: str, clean: dict[str, int], prior: dict[str, PriorRow], ignore: Matcher,
-         follow_symlinks: bool = False) -> Walk:
+         follow_symlinks: bool = False,
+         sink: Callable[[list[tuple[str, LocalState]]], None] | None = None) -> Walk:
     """Stat every entry under `root`; a file whose (size, mtime_ns, inode) matches its
-    prior row and is not racy is not opened, and if it is also synced, not planned."""
+    prior row and is not racy is not opened, and if it is also synced, not planned.
+
+    `sink`, if given, gets the states each directory's listing added, as it goes (a first
+    sync starts uploading before the walk ends); an exception it raises ends the walk."""
     root_st = os.stat(root)
     w = Walk(root_dev=root_st.st_dev)
     states = w.states
@@ -120,6 +125,7 @@ def walk(root: str, clean: dict[str, int], prior: dict[str, PriorRow], ignore: M
             w.errors.append((rel_dir or ".", _oserr(e)))
             w.error_prefixes.append(rel_dir)
             continue
+        mark = len(states)
         try:
             with it:
                 for entry in it:
@@ -202,6 +208,9 @@ def walk(root: str, clean: dict[str, int], prior: dict[str, PriorRow], ignore: M
             rel_dir = prefix.rstrip("/")
             w.errors.append((rel_dir or ".", _oserr(e)))
             w.error_prefixes.append(rel_dir)
+        if sink is not None and len(states) > mark:
+            # The newest insertions of a dict, without walking the older ones.
+            sink(list(itertools.islice(reversed(states.items()), len(states) - mark))[::-1])
     w.seen_prior = seen_prior
     return w
 

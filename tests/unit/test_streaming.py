@@ -1,0 +1,133 @@
+"""A first sync into an empty remote uploads what the walk finds while the walk goes on
+(Engine._walk_streaming). What must hold: uploads start before the walk ends; a remote
+with anything on it is planned after the walk, as before; a stop mid-walk loses no job
+and the next run completes the mirror; the run records the scan, so the next one is
+idle; a failure is parked and reported like any other."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import syncd.engine as eng
+import syncd.transfer as transfer
+from syncd.engine import Options
+from syncd.model import Kind
+from syncd.remotes.base import Source
+from tests.unit.test_engine import Clock, Faulty, engine, setup, tree
+
+FILES = {f"d{i % 20:02d}/f{i:03d}": f"content {i}".encode() for i in range(400)}
+
+
+class Watching(Faulty):
+    """Sets `uploaded` at the first put (threads: the event lives in this process)."""
+
+    def __init__(self, root: Path):
+        super().__init__(root)
+        self.uploaded = threading.Event()
+
+    def put(self, path: str, source: Source) -> Any:
+        self.uploaded.set()
+        return super().put(path, source)
+
+
+def pausing_walk(monkeypatch: pytest.MonkeyPatch, until: threading.Event,
+                 hold: float = 10.0) -> dict[str, Any]:
+    """The engine's walk, holding back after its first directory with files until `until`
+    is set (at most `hold` s); reports whether it was set in time."""
+    seen: dict[str, Any] = {"in_time": None, "walk_done": threading.Event()}
+    real = eng.walk
+
+    def walk(*a: Any, **kw: Any) -> Any:
+        sink = kw.get("sink")
+        if sink is not None:
+            def slow_sink(entries: Any) -> None:
+                sink(entries)
+                if seen["in_time"] is None and any(s.kind == Kind.FILE for _, s in entries):
+                    seen["in_time"] = until.wait(hold)
+            kw["sink"] = slow_sink
+        else:
+            # Not streaming: nothing can upload until this returns.
+            seen["in_time"] = until.is_set()
+        try:
+            return real(*a, **kw)
+        finally:
+            seen["walk_done"].set()
+
+    monkeypatch.setattr(eng, "walk", walk)
+    return seen
+
+
+def test_a_first_sync_uploads_while_the_walk_goes_on(tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg, src, dst = setup(tmp_path, FILES)
+    remote = Watching(dst)
+    seen = pausing_walk(monkeypatch, remote.uploaded)
+    res = engine(cfg, remote, Clock()).reconcile(cfg.pairs[0], Options())
+    assert seen["in_time"] is True, "no upload while the walk was held after one directory"
+    assert res.status == "ok" and res.uploaded == len(FILES)
+    assert tree(dst / "docs") == FILES
+    # The scan is recorded: the next run finds nothing to do and uploads nothing.
+    res = engine(cfg, None, Clock()).reconcile(cfg.pairs[0], Options())
+    assert res.status == "ok" and res.uploaded == 0 and res.mkdirs == 0
+
+
+def test_a_remote_with_content_is_planned_after_the_walk(tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Something on the remote may have to be adopted, compared or deleted (and a safety
+    guard may stop the pair): then nothing moves before the whole plan is made."""
+    cfg, src, dst = setup(tmp_path, FILES)
+    (dst / "docs").mkdir()
+    (dst / "docs" / "stray").write_bytes(b"not in the local tree")
+    remote = Watching(dst)
+    seen = pausing_walk(monkeypatch, remote.uploaded, hold=0.5)   # streamed uploads take ms
+    res = engine(cfg, remote, Clock()).reconcile(cfg.pairs[0], Options())
+    assert seen["in_time"] is False
+    assert res.status == "ok" and res.uploaded == len(FILES) and res.trashed == 1
+
+
+def test_a_dry_run_streams_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg, src, dst = setup(tmp_path, FILES)
+    remote = Watching(dst)
+    pausing_walk(monkeypatch, remote.uploaded)
+    res = engine(cfg, remote, Clock()).reconcile(cfg.pairs[0], Options(dry_run=True))
+    assert res.status == "planned" and not remote.uploaded.is_set()
+    assert len([a for a in res.plan if a.op.value == "upload"]) == len(FILES)
+    assert not (dst / "docs").exists()
+
+
+def test_a_stop_mid_walk_loses_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The daemon shutting down during its first reconcile: the run ends early, every job
+    it leased goes back to the queue, and the next start completes the mirror."""
+    cfg, src, dst = setup(tmp_path, FILES)
+    stop = threading.Event()
+    monkeypatch.setattr(transfer, "NET_CHUNK_FILES", 4)   # little in flight when it stops
+
+    class Stopping(Watching):
+        def put(self, path: str, source: Source) -> Any:
+            if len(self.puts) == 10:
+                stop.set()
+            return super().put(path, source)
+
+    e = engine(cfg, Stopping(dst), Clock())
+    e.stop = stop
+    res = e.reconcile(cfg.pairs[0], Options())
+    published = tree(dst / "docs")
+    assert 0 < len(published) < len(FILES) and res.uploaded == len(published)
+    assert all(FILES[k] == v for k, v in published.items())
+    assert e.index.job_counts("p").get("leased", 0) == 0
+    res = engine(cfg, None, Clock()).reconcile(cfg.pairs[0], Options())
+    assert res.status == "ok" and tree(dst / "docs") == FILES
+
+
+def test_a_failure_while_streaming_is_parked_and_retried_next_run(tmp_path: Path) -> None:
+    cfg, src, dst = setup(tmp_path, FILES)
+    e = engine(cfg, Faulty(dst, permanent=frozenset({"docs/d03/f003"})), Clock())
+    res = e.reconcile(cfg.pairs[0], Options())
+    assert res.status == "failed" and [p for p, _ in res.failures] == ["d03/f003"]
+    assert [j.path for j in e.index.failed_jobs("p")] == ["d03/f003"]
+    res = engine(cfg, None, Clock()).reconcile(cfg.pairs[0], Options())
+    assert res.status == "ok" and res.uploaded == 1 and tree(dst / "docs") == FILES
