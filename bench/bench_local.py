@@ -437,8 +437,8 @@ def bench_sync(wd: Path, name: str, runs: int, rclone: str | None) -> dict[str, 
             "runs, which slows the next run's file creation on some filesystems")
     logs = wd / "logs"
     logs.mkdir(exist_ok=True)
-    res: dict[str, list[Proc]] = {k: [] for k in ("syncd_first", "syncd_noop",
-                                                  "rclone_first", "rclone_noop")}
+    res: dict[str, list[Proc]] = {k: [] for k in ("syncd_first", "syncd_noop", "rclone_first",
+                                                  "rclone_noop", "rclone_durable_first")}
 
     def first_then_noop(tool: str, r: int, run: Any, dst: Path) -> None:
         """One timed first sync into a fresh `dst`, then the no-op right after it."""
@@ -466,6 +466,21 @@ def bench_sync(wd: Path, name: str, runs: int, rclone: str | None) -> dict[str, 
         fresh_dir(rdst)
         first_then_noop("rclone", r, lambda _phase, tag, rdst=rdst: run_rclone(
             rclone, src, rdst, logs, tag), rdst)
+        # rclone with syncd's durability: its sync, then syncfs of the destination's
+        # filesystem (`sync -f`), timed together: what it costs rclone to have every file
+        # on disk when it says done.
+        ddst = wd / "dst" / name / f"rclone-durable-{r}"
+        fresh_dir(ddst)
+        warm_cache(src)
+        tag = f"rclone-durable-{name}-{r}"
+        p = run_timed(["sh", "-c", 'rclone="$1"; shift; "$rclone" sync "$1" "$2" && sync -f "$2"',
+                       "sh", rclone, str(src), str(ddst)], logs / f"{tag}.out", logs / f"{tag}.err")
+        if p.rc != 0:
+            raise SystemExit(f"rclone sync + sync -f failed (exit {p.rc}); see {logs}/{tag}.err")
+        res["rclone_durable_first"].append(p)
+        note(name, r, runs, "rclone + sync -f first", p)
+        if not keep:
+            shutil.rmtree(ddst)
     shutil.rmtree(wd / "dst" / name)  # untimed; the next workload creates only a few files
     return res
 
@@ -571,6 +586,10 @@ def summarize(name: str, kind: str, res: dict[str, list[Proc]], files: int, nbyt
         return f"{nbytes / sec / MB:,.0f} MB/s"
 
     row["throughput"] = f"syncd {tput(s_med)}" + (f"; rclone {tput(r_med)}" if r_med else "")
+    d = res.get(f"rclone_durable_{kind}") or []
+    row["rclone_durable_median_s"] = statistics.median(p.wall_s for p in d) if d else None
+    row["ratio_durable"] = s_med / row["rclone_durable_median_s"] if d else None
+    row["rclone_durable_runs"] = [asdict(p) for p in d]
     return row
 
 
@@ -594,6 +613,16 @@ def render(report: dict[str, Any]) -> str:
         ratio = "—" if w["ratio"] is None else f"{w['ratio']:.2f}×"
         lines.append(f"| {w['workload']} | {fmt_s(w['syncd_median_s'])} | {fmt_s(w['rclone_median_s'])} "
                      f"| {ratio} | {w['throughput']} |")
+    durable = [w for w in report["workloads"] if w.get("rclone_durable_median_s")]
+    if durable:
+        lines += ["", "With the same durability (rclone's sync, then `sync -f` of the destination's "
+                  "filesystem, timed together; syncd makes each file durable before it renames it "
+                  "into place, rclone never syncs):", "",
+                  "| workload | syncd median (s) | rclone + sync -f median (s) | ratio |",
+                  "|---|---|---|---|"]
+        lines += [f"| {w['workload']} | {fmt_s(w['syncd_median_s'])} | "
+                  f"{fmt_s(w['rclone_durable_median_s'])} | {w['ratio_durable']:.2f}× |"
+                  for w in durable]
     lines += ["", "| workload | syncd peak RSS: largest process / whole tree (processes) | rclone peak RSS "
               "| syncd CPU (user+sys, median s) | rclone CPU (median s) | other processes' CPU (max, s) |",
               "|---|---|---|---|---|---|"]

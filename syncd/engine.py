@@ -465,6 +465,9 @@ class Engine:
         th.start()
         listed: RemoteDiff | BaseException
         try:
+            prepare = getattr(remote, "prepare", None)
+            if prepare is not None and st.wait_for(1, timeout=0.0):
+                prepare()   # uploads are likely: connect while the child lists
             try:
                 listed = listing.result()
             except Exception as e:   # raised where it always is, after the walk
@@ -491,9 +494,6 @@ class Engine:
         processes = found >= PROCESS_POOL_MIN_JOBS and remote.caps.cpu_bound
         if processes:
             prewarm_processes()
-        prepare = getattr(remote, "prepare", None)
-        if prepare is not None:
-            prepare()
         policy = Policy(dirs=remote.caps.dirs, tmp_owner=getattr(remote, "tmp_owner", ""))
         reporter = None
         if self.reporter_factory is not None:
