@@ -6,6 +6,7 @@ idle; a failure is parked and reported like any other."""
 
 from __future__ import annotations
 
+import itertools
 import threading
 from pathlib import Path
 from typing import Any
@@ -131,3 +132,50 @@ def test_a_failure_while_streaming_is_parked_and_retried_next_run(tmp_path: Path
     assert [j.path for j in e.index.failed_jobs("p")] == ["d03/f003"]
     res = engine(cfg, None, Clock()).reconcile(cfg.pairs[0], Options())
     assert res.status == "ok" and res.uploaded == 1 and tree(dst / "docs") == FILES
+
+
+def test_progress_totals_grow_as_the_walk_finds_files(tmp_path: Path) -> None:
+    """The bar of a streamed first sync starts from what the walk found so far and ends
+    at everything, with every job advanced once."""
+    calls: list[tuple[str, int, int]] = []
+
+    class Rec:
+        def advance(self, files: int, nbytes: int) -> None:
+            calls.append(("advance", files, nbytes))
+
+        def set_totals(self, files: int, nbytes: int) -> None:
+            calls.append(("totals", files, nbytes))
+
+        def close(self) -> None:
+            calls.append(("close", 0, 0))
+
+    cfg, src, dst = setup(tmp_path, FILES)
+    e = engine(cfg, None, Clock())
+    made: list[tuple[int, int]] = []
+
+    def factory(pair: str, files: int, nbytes: int) -> Rec:
+        made.append((files, nbytes))
+        return Rec()
+
+    e.reporter_factory = factory
+    res = e.reconcile(cfg.pairs[0], Options())
+    assert res.status == "ok" and len(made) == 1
+    entries = len(FILES) + len({k.rpartition("/")[0] for k in FILES})   # files + dirs
+    nbytes = sum(len(v) for v in FILES.values())
+    totals = [(f, b) for k, f, b in calls if k == "totals"]
+    assert totals and totals[-1] == (entries, nbytes)
+    assert all(a <= b for a, b in itertools.pairwise(totals))
+    assert sum(f for k, f, _ in calls if k == "advance") == entries
+    assert sum(b for k, _, b in calls if k == "advance") == nbytes
+    assert calls[-1][0] == "close"
+
+
+def test_rich_reporter_takes_new_totals() -> None:
+    from syncd.progress import RichReporter
+
+    r = RichReporter("p", 10, 0)
+    r.advance(4, 0)
+    r.set_totals(25, 0)
+    task = r.progress.tasks[0]
+    assert task.total == 25 and task.completed == 4 and task.fields["total_files"] == 25
+    r.close()
