@@ -217,15 +217,20 @@ class Engine:
         else:
             listing = Listing(lambda: RemoteDiff(files=self.index.count_base(pair.name)),
                               fork=False)
-        streamed: set[str] = set()
+        streamed = 0
+        prepared = False
         listed: RemoteDiff | BaseException | None = None
         try:
             clean, prior = self.index.load_prior(pair.name)
             t.append(time.perf_counter())
+            # A first sync may stream (see _walk_streaming); not where the root moved to
+            # another device since a run recorded it: that is the device guard's to judge.
             if (opts.list_remote and not opts.dry_run and not clean and not prior
-                    and self.index.count_base(pair.name) == 0):
-                walked, listed = self._walk_streaming(pair, remote, root, matcher, listing,
-                                                      res, streamed)
+                    and self.index.count_base(pair.name) == 0
+                    and (meta is None or meta.st_dev is None or opts.allow_device_change
+                         or meta.st_dev == os.stat(root).st_dev)):
+                walked, listed, streamed, prepared = self._walk_streaming(
+                    pair, remote, root, matcher, listing, res)
                 if walked is None:
                     return   # shutting down: the next start re-plans from a fresh scan
                 w = walked
@@ -233,9 +238,9 @@ class Engine:
                 w = walk(root, clean, prior, matcher, pair.follow_symlinks)
             t.append(time.perf_counter())
             prepare = getattr(remote, "prepare", None)
-            if w.states and prepare is not None and not streamed:
+            if w.states and prepare is not None and not prepared:
                 prepare()   # local changes: uploads are likely, connect while the child lists
-            if (len(w.states) - len(streamed) >= PROCESS_POOL_MIN_JOBS and remote.caps.cpu_bound
+            if (len(w.states) >= PROCESS_POOL_MIN_JOBS and remote.caps.cpu_bound and not streamed
                     and not opts.dry_run):
                 from syncd.transfer import prewarm_processes
 
@@ -447,46 +452,51 @@ class Engine:
         self._drain(pair, ctx, feed, reporter, n_jobs >= PROCESS_POOL_MIN_JOBS, res)
 
     def _walk_streaming(self, pair: PairConfig, remote: Remote, root: str, matcher: Matcher,
-                        listing: Listing, res: PairResult, streamed: set[str]
-                        ) -> tuple[Walk | None, RemoteDiff | BaseException]:
+                        listing: Listing, res: PairResult
+                        ) -> tuple[Walk | None, RemoteDiff | BaseException, int, bool]:
         """A first sync (no bases, no local states recorded): the walk runs in a thread
         and, once the listing shows nothing on the remote, what it finds is uploaded
         directory by directory while it goes on, instead of after it: the first files
         land within a second, and walking overlaps transferring, as in rclone. Nothing on
-        the remote means nothing to delete, adopt or compare, so no safety guard can
-        stop this plan: every entry is a plain upload or mkdir. With anything on the
-        remote, the walk just completes and the plan is made after it, as usual.
+        the remote means nothing to delete, adopt or compare: every entry is a plain
+        upload or mkdir, which none of the delete guards concerns (the device guard was
+        checked by the caller). With anything on the remote, the walk just completes and
+        the plan is made after it, as usual.
 
-        Returns the walk (None if a stop ended it early) and the listing (or its error);
-        `streamed` gets the paths handed to the queue."""
+        Returns the walk (None if a stop ended it early), the listing (or its error), how
+        many entries went to the queue, and whether the remote's prepare() ran."""
         st = _Streamer()
         th = threading.Thread(target=st.run, name="walk", daemon=True,
                               args=(root, matcher, pair.follow_symlinks))
         th.start()
         listed: RemoteDiff | BaseException
+        prepared = done = False
         try:
             prepare = getattr(remote, "prepare", None)
-            if prepare is not None and st.wait_for(1, timeout=0.0):
+            if prepare is not None and st.wait_for(1, timeout=0.05, stop=self.stop):
                 prepare()   # uploads are likely: connect while the child lists
+                prepared = True
             try:
                 listed = listing.result()
             except Exception as e:   # raised where it always is, after the walk
                 listed = e
             if isinstance(listed, RemoteDiff) and not listed.changed and not listed.gone:
-                self._stream(pair, remote, root, st, res, streamed)
+                self._stream(pair, remote, root, st, res)
+            done = self.stop is None or not self.stop.is_set()
         finally:
-            if self.stop is not None and self.stop.is_set():
+            if not done:   # stopping, Ctrl-C or an error: the rest of the walk is not needed
                 st.cancel()
             st.stop_feeding()   # the walk goes on to its end without handing anything out
             th.join()
         if st.error is not None:
             raise st.error
-        return st.result, listed
+        return st.result, listed, st.handed, prepared
 
     def _stream(self, pair: PairConfig, remote: Remote, root: str, st: _Streamer,
-                res: PairResult, streamed: set[str]) -> None:
-        # Enough found (or a slow walk, or a small tree): decide threads or processes.
-        found = st.wait_for(PROCESS_POOL_MIN_JOBS, timeout=0.25)
+                res: PairResult) -> None:
+        # Enough found (or a small tree): decide threads or processes. A slow first
+        # directory (a network mount) is waited for, a stop is not.
+        found = st.wait_for(PROCESS_POOL_MIN_JOBS, timeout=0.25, stop=self.stop)
         if not found or (self.stop is not None and self.stop.is_set()):
             return
         from syncd.transfer import PairCtx, prewarm_processes
@@ -494,10 +504,11 @@ class Engine:
         processes = found >= PROCESS_POOL_MIN_JOBS and remote.caps.cpu_bound
         if processes:
             prewarm_processes()
-        policy = Policy(dirs=remote.caps.dirs, tmp_owner=getattr(remote, "tmp_owner", ""))
+        dirs = remote.caps.dirs
+        policy = Policy(dirs=dirs, tmp_owner=getattr(remote, "tmp_owner", ""))
         reporter = None
         if self.reporter_factory is not None:
-            reporter = self.reporter_factory(pair.name, *st.totals())
+            reporter = self.reporter_factory(pair.name, *st.totals(dirs))
         set_totals = getattr(reporter, "set_totals", None)
         self.index.clear_jobs(pair.name)
 
@@ -505,11 +516,9 @@ class Engine:
             batch, more = st.take(ENQUEUE_BATCH, timeout=0.05)
             if not batch:
                 return [], more
-            states = dict(batch)
-            streamed.update(states)
             if set_totals is not None:
-                set_totals(*st.totals())
-            return self.queue.enqueue_leased(pair.name, plan_push(states, {}, {}, policy)), more
+                set_totals(*st.totals(dirs))
+            return self.queue.enqueue_leased(pair.name, plan_push(dict(batch), {}, {}, policy)), more
 
         ctx = PairCtx(pair.name, root, pair.path, remote, self.cfg.remotes[pair.remote].transfers,
                       pair.follow_symlinks)
@@ -551,8 +560,7 @@ class _Streamer:
     def __init__(self) -> None:
         self.cv = threading.Condition()
         self.items: deque[tuple[str, LocalState]] = deque()
-        self.found = 0
-        self.found_bytes = 0
+        self.found = self.found_dirs = self.found_bytes = self.handed = 0
         self.done = False
         self.feeding = True
         self.cancelled = False
@@ -574,25 +582,30 @@ class _Streamer:
     def _sink(self, entries: list[tuple[str, LocalState]]) -> None:
         if self.cancelled:
             raise _Cancelled
-        if not self.feeding:
-            return
         nbytes = sum(st.size for _, st in entries)
+        ndirs = sum(1 for _, st in entries if st.kind == DIR)
         with self.cv:
+            if not self.feeding:
+                return
             self.items.extend(entries)
             self.found += len(entries)
+            self.found_dirs += ndirs
             self.found_bytes += nbytes
             self.cv.notify_all()
 
-    def totals(self) -> tuple[int, int]:
-        """Entries and bytes found so far."""
-        return self.found, self.found_bytes
+    def totals(self, dirs: bool) -> tuple[int, int]:
+        """Jobs (directories too where the remote has them) and bytes found so far."""
+        with self.cv:
+            return self.found - (0 if dirs else self.found_dirs), self.found_bytes
 
-    def wait_for(self, n: int, timeout: float) -> int:
-        """Wait until `n` entries were found, the walk ended or `timeout` passed (and at
-        least one was found); how many were found."""
+    def wait_for(self, n: int, timeout: float, stop: Any = None) -> int:
+        """Wait until `n` entries were found or the walk ended; after `timeout`, settle
+        for at least one (unless `stop`, a threading.Event, is set). How many were found."""
         with self.cv:
             if not self.cv.wait_for(lambda: self.done or self.found >= n, timeout):
-                self.cv.wait_for(lambda: self.done or self.found > 0)
+                while not self.cv.wait_for(lambda: self.done or self.found > 0, 0.25):
+                    if stop is not None and stop.is_set():
+                        break
             return self.found
 
     def take(self, n: int, timeout: float) -> tuple[list[tuple[str, LocalState]], bool]:
@@ -600,6 +613,7 @@ class _Streamer:
         with self.cv:
             self.cv.wait_for(lambda: self.items or self.done, timeout)
             out = [self.items.popleft() for _ in range(min(n, len(self.items)))]
+            self.handed += len(out)
             return out, not (self.done and not self.items)
 
     def stop_feeding(self) -> None:

@@ -179,3 +179,51 @@ def test_rich_reporter_takes_new_totals() -> None:
     task = r.progress.tasks[0]
     assert task.total == 25 and task.completed == 4 and task.fields["total_files"] == 25
     r.close()
+
+
+def test_an_error_while_streaming_ends_the_walk_too(tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """A failure in the transfer half (here: the queue's database) stops the walk at its
+    next directory instead of letting it run to the end of a large tree first."""
+    files = {f"d{i:02d}/f": b"x" for i in range(50)}
+    cfg, src, dst = setup(tmp_path, files)
+    listed: list[int] = []
+    real = eng.walk
+
+    def walk(*a: Any, **kw: Any) -> Any:
+        sink = kw["sink"]
+
+        def slow_sink(entries: Any) -> None:
+            listed.append(len(entries))
+            threading.Event().wait(0.02)   # a slow disk: ~1 s for the whole tree
+            sink(entries)
+        kw["sink"] = slow_sink
+        return real(*a, **kw)
+
+    monkeypatch.setattr(eng, "walk", walk)
+    e = engine(cfg, None, Clock())
+    calls = {"n": 0}
+    real_enqueue = e.queue.enqueue_leased
+
+    def enqueue_leased(pair: str, actions: Any) -> Any:
+        calls["n"] += 1
+        if calls["n"] == 2:
+            import sqlite3
+
+            raise sqlite3.OperationalError("database is locked")
+        return real_enqueue(pair, actions)
+
+    monkeypatch.setattr(e.queue, "enqueue_leased", enqueue_leased)
+    res = e.reconcile(cfg.pairs[0], Options())
+    assert res.status == "failed" and "database is locked" in res.message
+    assert len(listed) < 51, "the walk went on to the end after the failure"
+
+
+def test_a_root_on_another_device_than_recorded_is_not_streamed(tmp_path: Path) -> None:
+    """A pair whose root was recorded on another device (a disk that was mounted there)
+    goes through the device guard, which stops it, instead of streaming."""
+    cfg, src, dst = setup(tmp_path, FILES)
+    e = engine(cfg, None, Clock())
+    e.index.set_pair_meta("p", str(src), src.stat().st_dev + 1)
+    res = e.reconcile(cfg.pairs[0], Options())
+    assert res.status == "stopped" and res.uploaded == 0 and not (dst / "docs").exists()
