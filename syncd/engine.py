@@ -1,5 +1,6 @@
 """Wiring for one reconcile of a pair, shared by `syncd reconcile` and the daemon:
-scan → list → hash what must be compared → plan → safety → enqueue → run → summary."""
+scan → list → hash what must be compared → plan → safety → enqueue → run → summary
+(a first sync into an empty destination streams: scan, plan and run interleave)."""
 
 from __future__ import annotations
 
