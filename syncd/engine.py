@@ -365,10 +365,7 @@ class Engine:
         self.index.clear_jobs(pair.name)
         if not first and not later:
             return
-        from syncd.transfer import PairCtx
-
-        ctx = PairCtx(pair.name, root, pair.path, remote, self.cfg.remotes[pair.remote].transfers,
-                      pair.follow_symlinks)
+        ctx = self._ctx(pair, remote, root)
         self._run(pair, ctx, first, res)
         if later:
             if res.failures or scan_errors:
@@ -428,7 +425,7 @@ class Engine:
         return f"local {pair.local} -> remote '{pair.remote}' path '{pair.path or '/'}'"
 
     def _run(self, pair: PairConfig, ctx: PairCtx, actions: list[Action], res: PairResult) -> None:
-        if not actions or (self.stop is not None and self.stop.is_set()):
+        if not actions or self._stopping():
             return   # shutting down: the next start re-plans from a fresh scan
         n_jobs = len(actions)
         # The plan goes to the queue in batches as the workers take jobs. It is in phase
@@ -483,7 +480,7 @@ class Engine:
                 listed = e
             if isinstance(listed, RemoteDiff) and not listed.changed and not listed.gone:
                 self._stream(pair, remote, root, st, res)
-            done = self.stop is None or not self.stop.is_set()
+            done = not self._stopping()
         finally:
             if not done:   # stopping, Ctrl-C or an error: the rest of the walk is not needed
                 st.cancel()
@@ -498,9 +495,9 @@ class Engine:
         # Enough found (or a small tree): decide threads or processes. A slow first
         # directory (a network mount) is waited for, a stop is not.
         found = st.wait_for(PROCESS_POOL_MIN_JOBS, timeout=0.25, stop=self.stop)
-        if not found or (self.stop is not None and self.stop.is_set()):
+        if not found or self._stopping():
             return
-        from syncd.transfer import PairCtx, prewarm_processes
+        from syncd.transfer import prewarm_processes
 
         processes = found >= PROCESS_POOL_MIN_JOBS and remote.caps.cpu_bound
         if processes:
@@ -521,9 +518,16 @@ class Engine:
                 set_totals(*st.totals(dirs))
             return self.queue.enqueue_leased(pair.name, plan_push(dict(batch), {}, {}, policy)), more
 
-        ctx = PairCtx(pair.name, root, pair.path, remote, self.cfg.remotes[pair.remote].transfers,
-                      pair.follow_symlinks)
-        self._drain(pair, ctx, feed, reporter, processes, res)
+        self._drain(pair, self._ctx(pair, remote, root), feed, reporter, processes, res)
+
+    def _ctx(self, pair: PairConfig, remote: Remote, root: str) -> PairCtx:
+        from syncd.transfer import PairCtx
+
+        return PairCtx(pair.name, root, pair.path, remote,
+                       self.cfg.remotes[pair.remote].transfers, pair.follow_symlinks)
+
+    def _stopping(self) -> bool:
+        return self.stop is not None and self.stop.is_set()
 
     def _drain(self, pair: PairConfig, ctx: PairCtx, feed: Callable[[], tuple[list[Job], bool]],
                reporter: Reporter | None, processes: bool, res: PairResult) -> None:
