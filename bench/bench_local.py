@@ -400,9 +400,15 @@ def run_syncd(cfg: Path, logs: Path, tag: str, expect_uploads: int) -> Proc:
     return p
 
 
-def run_rclone(rclone: str, src: Path, dst: Path, logs: Path, tag: str) -> Proc:
+def run_rclone(rclone: str, src: Path, dst: Path, logs: Path, tag: str,
+               durable: bool = False) -> Proc:
+    """`rclone sync`; `durable`: then `sync -f` of dst's filesystem, timed together (what
+    it costs rclone to have every file on disk when it says done, as syncd does)."""
     out, err = logs / f"{tag}.out", logs / f"{tag}.err"
-    p = run_timed([rclone, "sync", str(src), str(dst)], out, err)
+    argv = [rclone, "sync", str(src), str(dst)]
+    if durable:
+        argv = ["sh", "-c", '"$0" sync "$1" "$2" && sync -f "$2"', *argv[:1], *argv[2:]]
+    p = run_timed(argv, out, err)
     if p.rc != 0:
         raise SystemExit(f"bench: rclone {tag} exited {p.rc}; see {err}")
     return p
@@ -466,17 +472,10 @@ def bench_sync(wd: Path, name: str, runs: int, rclone: str | None) -> dict[str, 
         fresh_dir(rdst)
         first_then_noop("rclone", r, lambda _phase, tag, rdst=rdst: run_rclone(
             rclone, src, rdst, logs, tag), rdst)
-        # rclone with syncd's durability: its sync, then syncfs of the destination's
-        # filesystem (`sync -f`), timed together: what it costs rclone to have every file
-        # on disk when it says done.
         ddst = wd / "dst" / name / f"rclone-durable-{r}"
         fresh_dir(ddst)
         warm_cache(src)
-        tag = f"rclone-durable-{name}-{r}"
-        p = run_timed(["sh", "-c", 'rclone="$1"; shift; "$rclone" sync "$1" "$2" && sync -f "$2"',
-                       "sh", rclone, str(src), str(ddst)], logs / f"{tag}.out", logs / f"{tag}.err")
-        if p.rc != 0:
-            raise SystemExit(f"rclone sync + sync -f failed (exit {p.rc}); see {logs}/{tag}.err")
+        p = run_rclone(rclone, src, ddst, logs, f"rclone-durable-{name}-{r}", durable=True)
         res["rclone_durable_first"].append(p)
         note(name, r, runs, "rclone + sync -f first", p)
         if not keep:
