@@ -78,16 +78,9 @@ class Source:
             return 0
         try:
             n = os.readv(self.fd, [buf])
-        except OSError as e:  # a local read error is not the remote's fault
-            raise SourceChanged(self.rel, f"read failed: {e.strerror}") from None
-        if n:
-            self._h.update(memoryview(buf)[:n])
-            self.sent += n
-        if n < len(buf) and self.sent == self.size:
-            # The end, where fstat put it: growth after this read shows in verify()'s
-            # fstat (size, mtime, ctime). A short read before that (a FUSE or network
-            # mount may cap each read) is not the end: reading goes on.
-            self.eof = True
+        except OSError as e:
+            raise self._read_failed(e) from None
+        self._took(memoryview(buf)[:n], len(buf))
         return n
 
     def read(self, size: int = 1 << 20) -> bytes:
@@ -98,13 +91,25 @@ class Source:
         try:
             b = os.read(self.fd, size)
         except OSError as e:
-            raise SourceChanged(self.rel, f"read failed: {e.strerror}") from None
-        if b:
-            self._h.update(b)
-            self.sent += len(b)
-        if len(b) < size and self.sent == self.size:
-            self.eof = True
+            raise self._read_failed(e) from None
+        self._took(b, size)
         return b
+
+    def _took(self, data: bytes | memoryview, asked: int) -> None:
+        """Hash and count what a read returned."""
+        if data:
+            self._h.update(data)
+            self.sent += len(data)
+        if len(data) < asked and self.sent == self.size:
+            # The end, where fstat put it: growth after this read shows in verify()'s
+            # fstat (size, mtime, ctime). A short read before that (a FUSE or network
+            # mount may cap each read) is not the end: reading goes on.
+            self.eof = True
+
+    def _read_failed(self, e: OSError) -> SourceChanged:
+        # A local read error is not the remote's fault: the job is retried, and the
+        # message names the local file.
+        return SourceChanged(self.rel, f"reading the local file failed: {e.strerror} (retried)")
 
     def prehash(self) -> bytes:
         """Hash the whole file without moving the read position, for a backend that must
@@ -118,7 +123,7 @@ class Source:
                 h.update(view[:n])
                 off += n
         except OSError as e:
-            raise SourceChanged(self.rel, f"read failed: {e.strerror}") from None
+            raise self._read_failed(e) from None
         return h.digest()
 
     def verify(self) -> bytes:
@@ -128,7 +133,7 @@ class Source:
                 raise SourceChanged(self.rel, "grew while being read")
             after = os.fstat(self.fd)
         except OSError as e:   # a local read error is not the remote's fault
-            raise SourceChanged(self.rel, f"read failed: {e.strerror}") from None
+            raise self._read_failed(e) from None
         b = self.before
         if (after.st_size != b.st_size or after.st_mtime_ns != b.st_mtime_ns
                 or after.st_ctime_ns != b.st_ctime_ns or self.sent != b.st_size):
