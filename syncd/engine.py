@@ -224,12 +224,14 @@ class Engine:
         try:
             clean, prior = self.index.load_prior(pair.name)
             t.append(time.perf_counter())
-            # A first sync may stream (see _walk_streaming); not where the root moved to
-            # another device since a run recorded it: that is the device guard's to judge.
+            # A first sync may stream (see _walk_streaming).
             if (opts.list_remote and not opts.dry_run and not clean and not prior
-                    and self.index.count_base(pair.name) == 0
-                    and (meta is None or meta.st_dev is None or opts.allow_device_change
-                         or meta.st_dev == os.stat(root).st_dev)):
+                    and self.index.count_base(pair.name) == 0):
+                # The guards a plan of uploads and mkdirs can meet (the local root moved
+                # to another device), before anything moves rather than after the walk.
+                self._trip(pair, Facts(True, 0, 0, 0, os.stat(root).st_dev,
+                                       meta.st_dev if meta else None, 0, str(pair.max_delete)),
+                           opts)
                 walked, listed, streamed, prepared = self._walk_streaming(
                     pair, remote, root, matcher, listing, res)
                 if walked is None:
@@ -458,7 +460,7 @@ class Engine:
         land within a second, and walking overlaps transferring, as in rclone. Nothing on
         the remote means nothing to delete, adopt or compare: every entry is a plain
         upload or mkdir, which none of the delete guards concerns (the device guard was
-        checked by the caller). With anything on the remote, the walk just completes and
+        checked before). With anything on the remote, the walk just completes and
         the plan is made after it, as usual.
 
         Returns the walk (None if a stop ended it early), the listing (or its error), how

@@ -219,9 +219,9 @@ def test_an_error_while_streaming_ends_the_walk_too(tmp_path: Path,
     assert len(listed) < 51, "the walk went on to the end after the failure"
 
 
-def test_a_root_on_another_device_than_recorded_is_not_streamed(tmp_path: Path) -> None:
+def test_a_root_on_another_device_than_recorded_trips_the_guard_first(tmp_path: Path) -> None:
     """A pair whose root was recorded on another device (a disk that was mounted there)
-    goes through the device guard, which stops it, instead of streaming."""
+    is stopped by the device guard before anything moves."""
     cfg, src, dst = setup(tmp_path, FILES)
     e = engine(cfg, None, Clock())
     e.index.set_pair_meta("p", str(src), src.stat().st_dev + 1)
