@@ -41,6 +41,9 @@ def main() -> None:
                     help="where destinations go (default: a new dir under $TMPDIR); e.g. a "
                     "freshly made filesystem, where no tool meets the slow inode allocation "
                     "that follows mass deletes on ext4 without a journal")
+    ap.add_argument("--keep", action="store_true",
+                    help="leave the destinations in place (delete them later, when no "
+                    "benchmark follows for a few minutes)")
     a = ap.parse_args()
     bl.IDLE_WAIT = a.idle_wait
     bl.become_subreaper()
@@ -80,7 +83,10 @@ def main() -> None:
                 print(f"round {r + 1} {name:12s} wall {p.wall_s:6.2f} s  cpu {p.user_s + p.sys_s:6.2f}"
                       f"  other {p.other_cpu_s:5.2f}", flush=True)
     finally:
-        shutil.rmtree(wd, ignore_errors=True)
+        if a.keep:
+            print(f"kept {wd}")
+        else:
+            shutil.rmtree(wd, ignore_errors=True)
     print("\nmedians:")
     for name, ps in res.items():
         print(f"  {name:12s} wall {statistics.median(p.wall_s for p in ps):6.2f} s"

@@ -182,8 +182,19 @@ def drop(name: str, dst: Path) -> None:
 
 def bench_workload(t: Tools, name: str, runs: int) -> dict[str, list[float]]:
     src = t.wd / "src" / name
-    files = bl.tree_totals(src)[0]
+    files, nbytes = bl.tree_totals(src)
     res: dict[str, list[float]] = {}
+    # Copies are kept until the whole bench is done (the work dir goes at the end): on this
+    # VM's ext4 (no journal) creating files soon after deleting many is much slower (inode
+    # allocation re-checks recently freed inodes, with the directory locked: a second sftp
+    # server spins on that lock), and that cost would land on whichever tool runs next.
+    # Only without the disk space for every copy are they deleted between runs.
+    need = 4 * runs * (files * 4096 + nbytes) * 1.1 + (1 << 30)
+    keep = name == "large" or shutil.disk_usage(t.wd).free > need
+    if not keep:
+        bl.log(f"{name}: not enough free disk to keep every copy ({bl.fmt_bytes(need)}); "
+               "deleting between runs, which slows the next run's file creation on some "
+               "filesystems")
 
     def add(key: str, p: bl.Proc) -> None:
         res.setdefault(key, []).append(p.wall_s)
@@ -229,11 +240,10 @@ def bench_workload(t: Tools, name: str, runs: int) -> dict[str, list[float]]:
                 add("rclone_ten", t.rclone_sync(src, dsts["rclone"], f"rclone-{name}-ten-{r}"))
             if name == "small" and t.rsync:
                 add("rsync_ten", t.rsync_run(src, dsts["rsync"], f"rsync-{name}-ten-{r}"))
-        if name == "mixed":   # 2 GB per copy: the same reason as drop()
+        if not keep:
             for d in dsts.values():
                 shutil.rmtree(d, ignore_errors=True)
             bl.sync_disks()
-    shutil.rmtree(t.wd / "dst" / name, ignore_errors=True)
     return res
 
 
