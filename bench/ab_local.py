@@ -13,22 +13,70 @@ synced before each run; the order rotates from round to round, so no variant alw
 after the same one (rclone evicts the source from the page cache with fadvise). Prints
 each run and the medians: wall, CPU of the whole process tree, and other processes' CPU
 (kernel writeback among it).
+
+`--fresh-fs` (root, e2fsprogs) puts each run's destination on a new ext4 filesystem,
+made in a sparse image file and loop-mounted for that run only: no run meets the files
+of an earlier one, or the slow inode allocation that follows mass deletes.
 """
 
 from __future__ import annotations
 
 import argparse
 import compileall
+import contextlib
+import os
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_local as bl
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+@contextlib.contextmanager
+def fresh_fs(where: Path, size: str) -> Iterator[Path]:
+    """A new ext4 filesystem (no journal, like this VM's root) mounted for one run."""
+    img, mnt = where.with_suffix(".img"), where.with_suffix(".mnt")
+    mnt.mkdir()
+    subprocess.run(["truncate", "-s", size, str(img)], check=True)
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-O", "^has_journal", str(img)], check=True)
+    subprocess.run(["mount", "-o", "loop", str(img), str(mnt)], check=True)
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
+        img.unlink()
+        mnt.rmdir()
+
+
+def one_run(a: argparse.Namespace, name: str, spec: str, wd: Path, k: int, dst: Path,
+            state: Path, rclone: str | None) -> bl.Proc:
+    dst.mkdir()
+    bl.warm_cache(a.src)
+    out, err = wd / f"{k}.out", wd / f"{k}.err"
+    if name == "rclone":
+        p = bl.run_timed([str(rclone), "sync", str(a.src), str(dst)], out, err)
+    else:
+        path, _, fsync = spec.partition(":")
+        cfg = wd / f"{k}.toml"
+        cfg.write_text(
+            f'[daemon]\nstate_dir = "{state}"\nlog_format = "json"\n'
+            f'[remotes.d]\ntype = "local"\npath = "{dst}"\nfsync = {fsync or "true"}\n'
+            f'[[sync]]\nname = "s"\nlocal = "{a.src}"\nremote = "d"\n')
+        pp = str((REPO if path in ("", ".") else Path(path)).resolve())
+        # Compiled ahead, like the install: no variant pays its compile.
+        compileall.compile_dir(str(Path(pp) / "syncd"), quiet=1)
+        p = bl.run_timed_env([sys.executable, "-m", "syncd", "reconcile", "--config",
+                              str(cfg)], out, err, {"PYTHONPATH": pp})
+        if p.rc != 0:
+            sys.exit(f"{name}: exit {p.rc}\n{err.read_text()[-2000:]}")
+    return p
 
 
 def main() -> None:
@@ -44,12 +92,19 @@ def main() -> None:
     ap.add_argument("--keep", action="store_true",
                     help="leave the destinations in place (delete them later, when no "
                     "benchmark follows for a few minutes)")
+    ap.add_argument("--fresh-fs", metavar="SIZE", default=None,
+                    help="each run's destination on a new ext4 of this size (e.g. 16G, "
+                    "sparse), loop-mounted for that run and removed after it (root)")
     a = ap.parse_args()
+    if a.fresh_fs and (os.geteuid() != 0 or not shutil.which("mkfs.ext4")):
+        sys.exit("--fresh-fs needs root and mkfs.ext4 (apt-get install e2fsprogs)")
     bl.IDLE_WAIT = a.idle_wait
     bl.become_subreaper()
     rclone = shutil.which("rclone")
     if "rclone" in a.variants and rclone is None:
         sys.exit("rclone is not installed (apt-get install rclone)")
+    if a.workdir:
+        Path(a.workdir).mkdir(parents=True, exist_ok=True)
     wd = Path(tempfile.mkdtemp(prefix="syncd-ab-", dir=a.workdir))
     res: dict[str, list[bl.Proc]] = {}
     k = 0
@@ -59,26 +114,11 @@ def main() -> None:
             for v in a.variants[shift:] + a.variants[:shift]:
                 k += 1
                 name, _, spec = v.partition("=")
-                dst, state = wd / f"dst-{k}", wd / f"state-{k}"
-                dst.mkdir()
-                bl.warm_cache(a.src)
-                out, err = wd / f"{k}.out", wd / f"{k}.err"
-                if name == "rclone":
-                    p = bl.run_timed([str(rclone), "sync", str(a.src), str(dst)], out, err)
-                else:
-                    path, _, fsync = spec.partition(":")
-                    cfg = wd / f"{k}.toml"
-                    cfg.write_text(
-                        f'[daemon]\nstate_dir = "{state}"\nlog_format = "json"\n'
-                        f'[remotes.d]\ntype = "local"\npath = "{dst}"\nfsync = {fsync or "true"}\n'
-                        f'[[sync]]\nname = "s"\nlocal = "{a.src}"\nremote = "d"\n')
-                    pp = str((REPO if path in ("", ".") else Path(path)).resolve())
-                    # Compiled ahead, like the install: no variant pays its compile.
-                    compileall.compile_dir(str(Path(pp) / "syncd"), quiet=1)
-                    p = bl.run_timed_env([sys.executable, "-m", "syncd", "reconcile", "--config",
-                                          str(cfg)], out, err, {"PYTHONPATH": pp})
-                    if p.rc != 0:
-                        sys.exit(f"{name}: exit {p.rc}\n{err.read_text()[-2000:]}")
+                state = wd / f"state-{k}"
+                with contextlib.ExitStack() as fs:
+                    base = fs.enter_context(fresh_fs(wd / f"fs-{k}", a.fresh_fs)) \
+                        if a.fresh_fs else wd
+                    p = one_run(a, name, spec, wd, k, base / f"dst-{k}", state, rclone)
                 res.setdefault(name, []).append(p)
                 print(f"round {r + 1} {name:12s} wall {p.wall_s:6.2f} s  cpu {p.user_s + p.sys_s:6.2f}"
                       f"  other {p.other_cpu_s:5.2f}", flush=True)

@@ -648,6 +648,11 @@ class SFTPRemote:
 
     def _status_error(self, e: w.StatusError, path: str) -> RemoteError:
         msg = f"{e} ({self.where})"
+        if e.code == w.FAILURE and (not e.message or e.message.lower() == "failure"):
+            # SFTP v3 has no finer status: OpenSSH's server answers a bare "Failure" for
+            # every errno it does not map, so say which ones those usually are.
+            msg += (": the server gave no reason; usually its disk or quota is full, its "
+                    "file system is read-only, or it hit an I/O error; check the server")
         if e.code == w.NO_SUCH_FILE:
             return NotFound(msg, remote=self.name, path=path)
         if e.code in (w.NO_CONNECTION, w.CONNECTION_LOST):

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from syncd.errors import AuthError, HostKeyError, SourceChanged, TransientError, UnavailableError
+from syncd.errors import (AuthError, HostKeyError, PermanentError, SourceChanged, TransientError,
+                          UnavailableError)
 from syncd.remotes import sftp as sftp_mod
 from syncd.remotes import sftp_wire
 from syncd.remotes.base import Source
@@ -286,6 +287,19 @@ def test_wire_status_error_text() -> None:
     assert str(e) == "permission denied"
     e = sftp_wire.StatusError(sftp_wire.FAILURE, "No space left on device")
     assert str(e) == "failure (No space left on device)"
+
+
+def test_bare_failure_status_names_the_usual_causes() -> None:
+    """OpenSSH's sftp-server answers a full disk (ENOSPC, EDQUOT, EROFS, EIO...) with a
+    bare "Failure": the error must say what that usually means, and where."""
+    r = SFTPRemote("t", SFTPOptions(host="127.0.0.1", port=2222, user="sync"))
+    err = r._status_error(sftp_wire.StatusError(sftp_wire.FAILURE, "Failure"), "a/b.bin")
+    assert isinstance(err, PermanentError) and err.path == "a/b.bin"
+    assert "disk or quota is full" in str(err) and "sync@127.0.0.1:2222" in str(err)
+    err = r._status_error(sftp_wire.StatusError(sftp_wire.FAILURE, "No space left on device"), "x")
+    assert "disk or quota" not in str(err)   # a server that gives a reason is quoted as is
+    err = r._status_error(sftp_wire.StatusError(sftp_wire.PERMISSION_DENIED, "Permission denied"), "x")
+    assert "disk or quota" not in str(err)
 
 
 # --- password authentication ------------------------------------------------------------------
