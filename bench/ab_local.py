@@ -45,7 +45,8 @@ def fresh_fs(where: Path, size: str) -> Iterator[Path]:
     img, mnt = where.with_suffix(".img"), where.with_suffix(".mnt")
     mnt.mkdir()
     subprocess.run(["truncate", "-s", size, str(img)], check=True)
-    subprocess.run(["mkfs.ext4", "-q", "-F", "-O", "^has_journal", str(img)], check=True)
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-O", "^has_journal", "-E",
+                    "lazy_itable_init=0", str(img)], check=True)
     subprocess.run(["mount", "-o", "loop", str(img), str(mnt)], check=True)
     try:
         yield mnt
