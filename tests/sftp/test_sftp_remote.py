@@ -15,18 +15,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from syncd.errors import (
-    AuthError,
-    HostKeyError,
-    PermanentError,
-    SourceChanged,
-    TransientError,
-    UnavailableError,
-)
+from syncd.errors import (AuthError, HostKeyError, PermanentError, SourceChanged, TransientError,
+                          UnavailableError)
 from syncd.remotes import sftp as sftp_mod
-from syncd.remotes import sftp_wire, ssh_send
+from syncd.remotes import sftp_wire
 from syncd.remotes.base import Source
 from syncd.remotes.sftp import SFTPOptions, SFTPRemote, fingerprint
 from syncd.remotes.ssh_send import _BLOCK_ENGINE_OUT
@@ -440,20 +433,11 @@ def _put_file(r: SFTPRemote, src: Path, rel: str) -> None:
         so.close()
 
 
-@pytest.mark.parametrize("into", [True, False], ids=["encrypt_into", "encrypt"])
-def test_fast_data_sender_is_used_and_exact_across_rekeys(srv: SSHServer, tmp_path: Path,
-                                                          monkeypatch: pytest.MonkeyPatch,
-                                                          into: bool) -> None:
+def test_fast_data_sender_is_used_and_exact_across_rekeys(srv: SSHServer, tmp_path: Path) -> None:
     """The AES-GCM fast path (ssh_send.DataSender) carries uploads on the pinned paramiko,
     and its packets stay valid through key re-exchanges: the rekey threshold is lowered
     to 1 MiB so a 9 MiB upload rekeys several times mid-stream (a wrong nonce, sequence
-    number or length would make sshd drop the connection or corrupt the file). Both
-    ways of encrypting: into one reused buffer, and (older cryptography) per packet."""
-    if into:
-        assert ssh_send._encrypt_into(AESGCM(bytes(16))) is not None, \
-            "this cryptography has no encrypt_into: the buffer path is untested"
-    else:
-        monkeypatch.setattr(ssh_send, "_encrypt_into", lambda engine: None)
+    number or length would make sshd drop the connection or corrupt the file)."""
     root = tmp_path / "root"
     root.mkdir()
     src = tmp_path / "big.bin"
