@@ -12,7 +12,6 @@ import base64
 import contextlib
 import hashlib
 import os
-import queue
 import socket
 import struct
 import threading
@@ -50,12 +49,6 @@ CONNECTION_RETRY_S = 300         # after a refused extra connection, try another
 # flow control ~30% of the time on loopback; 64 does not (spreading one file over four
 # channels was tried too: no faster than one channel with this window).
 WRITE_WINDOW = 64
-# A file this large is sent over two connections at once (_stream_striped): 1 GiB to
-# loopback sshd took ~14% less time than on one. Smaller files gain less than the ~0.1 s
-# of a new connection; a busy sync already has both connections busy with other files.
-STRIPE_MIN = 64 << 20
-STRIPE_UNIT = 1 << 20            # bytes per piece a sender takes
-STRIPE_QUEUE = 4                 # pieces read ahead
 MAX_CHANNELS = 8                 # per SSH connection; OpenSSH's default MaxSessions is 10
 READ_WINDOW = 32
 DIR_WINDOW = 32                  # directories listed at once
@@ -128,23 +121,6 @@ class _Conn:
 
     def busy(self) -> int:
         return self.sessions - len(self.idle)
-
-
-class _Stripes:
-    """What the reader and the senders of one striped upload share."""
-
-    def __init__(self) -> None:
-        self.units: queue.Queue[list[tuple[int, bytes]]] = queue.Queue(maxsize=STRIPE_QUEUE)
-        self.done = threading.Event()      # the reader has queued everything
-        self.stop = threading.Event()      # a sender failed: everyone stops
-        self.lock = threading.Lock()
-        self.finished = False              # the reader is done: no spare may join now
-        self.spare_in = False
-        self.errors: list[BaseException] = []
-
-    def fail(self, e: BaseException) -> None:
-        self.errors.append(e)
-        self.stop.set()
 
 
 class SFTPRemote:
@@ -488,42 +464,30 @@ class SFTPRemote:
                 if c is not None:
                     break
                 self._connecting += 1
-            c = self._add_conn()
-            if c is not None:
-                break
-        return self._session_on(c)
-
-    def _add_conn(self) -> _Conn | None:
-        """Make the connection the caller reserved (self._connecting); the new _Conn, with
-        one channel reserved on it. None if refused while others are up: the pool then
-        stays at its size for a while. Raises if there is no other connection."""
-        try:
-            t = self._connect()
-        except RemoteError as e:
+            try:
+                t = self._connect()
+            except RemoteError as e:
+                with self._lock:
+                    self._connecting -= 1
+                    self._free.notify_all()
+                    if not self._conns:
+                        raise
+                    # Refused while others are up (MaxStartups, a per-user login limit, a
+                    # timeout): go on with the ones we have for a while, then try again.
+                    self._capped = len(self._conns)
+                    self._cap_until = time.monotonic() + CONNECTION_RETRY_S
+                    level = "warning" if isinstance(e, (HostKeyError, AuthError)) else "info"
+                    getattr(self.log, level)("sftp_connections_capped", remote=self.name,
+                                             connections=len(self._conns), error=e.reason,
+                                             retry_in_s=CONNECTION_RETRY_S)
+                continue
             with self._lock:
                 self._connecting -= 1
+                c = _Conn(t)
+                c.sessions = 1
+                self._conns.append(c)
                 self._free.notify_all()
-                if not self._conns:
-                    raise
-                # Refused while others are up (MaxStartups, a per-user login limit, a
-                # timeout): go on with the ones we have for a while, then try again.
-                self._capped = len(self._conns)
-                self._cap_until = time.monotonic() + CONNECTION_RETRY_S
-                level = "warning" if isinstance(e, (HostKeyError, AuthError)) else "info"
-                getattr(self.log, level)("sftp_connections_capped", remote=self.name,
-                                         connections=len(self._conns), error=e.reason,
-                                         retry_in_s=CONNECTION_RETRY_S)
-            return None
-        with self._lock:
-            self._connecting -= 1
-            c = _Conn(t)
-            c.sessions = 1
-            self._conns.append(c)
-            self._free.notify_all()
-        return c
-
-    def _session_on(self, c: _Conn) -> w.Session:
-        """Open the channel reserved on `c`."""
+            break
         try:
             ss = self._open_session(c)
         except BaseException:
@@ -534,35 +498,6 @@ class SFTPRemote:
             raise
         ss.conn = c   # type: ignore[attr-defined]
         return ss
-
-    def _take_spare(self, busy: _Conn | None) -> w.Session | None:
-        """For one large upload: without waiting, a channel on a connection other than
-        `busy` that nobody is using (an idle channel, a new one, or a new connection if
-        the pool has room). None when there is no such thing to be had."""
-        if self._pid != os.getpid():
-            return None
-        with self._lock:
-            cap = self._max_conns if time.monotonic() >= self._cap_until else self._capped
-            free = [c for c in self._conns
-                    if c is not busy and c.busy() == 0 and c.transport.is_active()]
-            if free and free[0].idle:
-                return free[0].idle.pop()
-            if free and free[0].sessions < self._max_sessions:
-                c: _Conn | None = free[0]
-                c.sessions += 1
-            elif not free and len(self._conns) + self._connecting < cap:
-                self._connecting += 1
-                c = None
-            else:
-                return None
-        try:
-            if c is None:
-                c = self._add_conn()
-                if c is None:
-                    return None
-            return self._session_on(c)
-        except RemoteError:
-            return None
 
     def _pick(self) -> w.Session | _Conn | None:
         """With the lock held: an idle session; or a connection with a channel reserved
@@ -977,10 +912,7 @@ class SFTPRemote:
             path, src = items[i]
             h = handles[i]
             try:
-                if src.size >= STRIPE_MIN and self._max_conns > 1:
-                    writes = self._stream_striped(ss, h, src, tmps[i])
-                else:
-                    writes = self._stream(ss, h, src)
+                writes = self._stream(ss, h, src)
                 src.verify()
             except (SourceChanged, RemoteError) as e:
                 results[i] = e
@@ -1064,112 +996,6 @@ class SFTPRemote:
             while len(pending) >= WRITE_WINDOW:
                 ss.status(pending.popleft())
         return list(pending)
-
-    def _stream_striped(self, ss: w.Session, h: bytes, src: Source, tmp: bytes) -> list[int]:
-        """Send a large file over two connections at once (two server processes: on
-        loopback the server's CPU is the bottleneck of one stream). This thread reads and
-        hashes the source in order and queues it in STRIPE_UNIT pieces; a sender on `ss`
-        and one on a spare connection each write whichever piece is next, at its offset.
-        The spare joins once its channel is open, or never: nothing waits for it. Raises
-        what a sender met (the upload then fails as a whole and is retried); returns no
-        unconfirmed ids: every write is confirmed when it returns."""
-        st = _Stripes()
-        conn = getattr(ss, "conn", None)
-        main = threading.Thread(target=self._stripe_sender, args=(ss, h, st),
-                                name="stripe", daemon=True)
-        spare = threading.Thread(target=self._stripe_spare, args=(conn, tmp, st),
-                                 name="stripe-spare", daemon=True)
-        main.start()
-        spare.start()
-        n = ss.max_write
-        off = 0
-        try:
-            while not st.stop.is_set():
-                piece: list[tuple[int, bytes]] = []
-                size = 0
-                while size < STRIPE_UNIT:
-                    data = src.read(n)
-                    if not data:
-                        break
-                    piece.append((off, data))
-                    off += len(data)
-                    size += len(data)
-                if not piece:
-                    break
-                while not st.stop.is_set():
-                    with contextlib.suppress(queue.Full):
-                        st.units.put(piece, timeout=0.05)
-                        break
-        except BaseException:
-            st.stop.set()
-            raise
-        finally:
-            with st.lock:
-                st.finished = True   # from now on, a late spare stays out
-                joined = st.spare_in
-            st.done.set()
-            main.join()
-            if joined:
-                spare.join()
-        if st.errors:
-            raise st.errors[0]
-        return []
-
-    def _stripe_sender(self, ss: w.Session, h: bytes, st: _Stripes, spare: bool = False) -> None:
-        """Write queued pieces on `ss` until the queue is empty and the reader done; every
-        write confirmed before it returns. An error stops the whole upload; the spare's
-        lost connection is a transient error of this upload, not of the main session."""
-        pending: deque[int] = deque()
-        try:
-            while not st.stop.is_set():
-                try:
-                    piece = st.units.get(timeout=0.05)
-                except queue.Empty:
-                    if st.done.is_set() and st.units.empty():
-                        break
-                    continue
-                for off, data in piece:
-                    pending.append(ss.write(h, off, data))
-                    while len(pending) >= WRITE_WINDOW:
-                        ss.status(pending.popleft())
-            while pending:
-                ss.status(pending.popleft())
-        except BaseException as e:
-            if spare and isinstance(e, (w.WireError, struct.error)):
-                ss.broken = True
-                e = TransientError(f"{e} ({self.where}, second connection)", remote=self.name)
-            st.fail(e)
-            if not ss.broken:
-                with contextlib.suppress(Exception):
-                    ss.discard(list(pending))
-
-    def _stripe_spare(self, busy: _Conn | None, tmp: bytes, st: _Stripes) -> None:
-        ss = self._take_spare(busy)
-        if ss is None:
-            return
-        reusable = False
-        try:
-            with st.lock:
-                if st.finished:
-                    reusable = True
-                    return
-                st.spare_in = True
-            try:
-                h = ss.handle(ss.open(tmp, w.O_WRITE))
-            except w.StatusError:
-                reusable = True   # the upload goes on without it
-                return
-            self._stripe_sender(ss, h, st, spare=True)
-            if not ss.broken:
-                ss.status(ss.close(h))
-                reusable = True
-        except w.StatusError as e:
-            st.fail(e)
-        except (w.WireError, struct.error) as e:   # the spare connection went
-            ss.broken = True
-            st.fail(TransientError(f"{e} ({self.where})", remote=self.name))
-        finally:
-            self._give(ss, reusable and not ss.broken and ss.idle)
 
     def _tmp(self, path: str) -> bytes:
         parent, _, name = path.rpartition("/")

@@ -16,9 +16,13 @@ from pathlib import Path
 
 import pytest
 
-from syncd.errors import (AuthError, HostKeyError, PermanentError, SourceChanged, TransientError,
-                          UnavailableError)
-from syncd.remotes import sftp as sftp_mod
+from syncd.errors import (
+    AuthError,
+    HostKeyError,
+    PermanentError,
+    TransientError,
+    UnavailableError,
+)
 from syncd.remotes import sftp_wire
 from syncd.remotes.base import Source
 from syncd.remotes.sftp import SFTPOptions, SFTPRemote, fingerprint
@@ -616,142 +620,4 @@ def test_refused_extra_connection_caps_the_pool(srv: SSHServer, tmp_path: Path,
     assert not _busy_puts(r, tmp_path)
     assert len(r._conns) == 1 and r._capped == 1 and r._cap_until > 0
     assert len(calls) == 2   # tried once, then capped: no retry storm
-    r.close()
-
-
-# --- one large file over two connections ------------------------------------------------
-
-def _striped(monkeypatch: pytest.MonkeyPatch) -> list[object]:
-    """Stripe files of 1 MiB and more, in 64 KiB pieces; returns the sessions that wrote."""
-    monkeypatch.setattr(sftp_mod, "STRIPE_MIN", 1 << 20)
-    monkeypatch.setattr(sftp_mod, "STRIPE_UNIT", 64 << 10)
-    writers: list[object] = []
-    real = SFTPRemote._stripe_sender
-
-    def spy(self: SFTPRemote, ss: sftp_wire.Session, h: bytes, st: object,
-            spare: bool = False) -> None:
-        writes = ss.write
-
-        def write(handle: bytes, off: int, data: bytes) -> int:
-            writers.append(ss)
-            return writes(handle, off, data)
-
-        ss.write = write  # type: ignore[method-assign]
-        try:
-            real(self, ss, h, st, spare)  # type: ignore[arg-type]
-        finally:
-            del ss.write
-
-    monkeypatch.setattr(SFTPRemote, "_stripe_sender", spy)
-    return writers
-
-
-def test_large_file_is_striped_over_two_connections(srv: SSHServer, tmp_path: Path,
-                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    writers = _striped(monkeypatch)
-    root = tmp_path / "root"
-    root.mkdir()
-    data = os.urandom(8 << 20)
-    f = tmp_path / "big"
-    f.write_bytes(data)
-    r = SFTPRemote("t", opts(srv, root, connections=2))
-    for i in range(2):
-        src = Source(str(f), "big")
-        e = r.put(f"d/big{i}", src)
-        src.close()
-        assert e.size == len(data) and (root / f"d/big{i}").read_bytes() == data
-        assert src.sent == len(data)
-    conns = {id(getattr(ss, "conn", None)) for ss in writers}
-    assert len(conns) == 2, "both connections wrote pieces"
-    assert len(r._conns) == 2 and all(c.busy() == 0 for c in r._conns)
-    assert not [p for p in root.rglob("*") if ".syncd-tmp" in p.name]
-    r.close()
-
-
-def test_one_connection_sends_large_files_alone(srv: SSHServer, tmp_path: Path,
-                                                monkeypatch: pytest.MonkeyPatch) -> None:
-    writers = _striped(monkeypatch)
-    root = tmp_path / "root"
-    root.mkdir()
-    f = tmp_path / "big"
-    f.write_bytes(os.urandom(3 << 20))
-    r = SFTPRemote("t", opts(srv, root, connections=1))
-    src = Source(str(f), "big")
-    r.put("big", src)
-    src.close()
-    assert (root / "big").read_bytes() == f.read_bytes()
-    assert len(r._conns) == 1 and not writers   # the plain path: no stripe senders
-    r.close()
-
-
-def test_spare_connection_lost_mid_file_fails_the_upload_cleanly(
-        srv: SSHServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The second connection dies after a few pieces: the upload fails as a transient
-    error (retried), nothing appears under the final name, no temp is left, and the
-    next upload works."""
-    _striped(monkeypatch)
-    root = tmp_path / "root"
-    root.mkdir()
-    data = os.urandom(8 << 20)
-    f = tmp_path / "big"
-    f.write_bytes(data)
-    r = SFTPRemote("t", opts(srv, root, connections=2))
-    r.check()   # the first connection exists: the spare is the second
-    real_take = r._take_spare
-
-    def doomed(busy: object) -> sftp_wire.Session | None:
-        ss = real_take(busy)  # type: ignore[arg-type]
-        assert ss is not None
-        writes, n = ss.write, [0]
-
-        def write(handle: bytes, off: int, data: bytes) -> int:
-            n[0] += 1
-            if n[0] > 3:
-                ss.broken = True
-                raise sftp_wire.ConnectionLost("connection reset (test)")
-            return writes(handle, off, data)
-
-        ss.write = write  # type: ignore[method-assign]
-        return ss
-
-    monkeypatch.setattr(r, "_take_spare", doomed)
-    src = Source(str(f), "big")
-    with pytest.raises(TransientError, match="connection reset"):
-        r.put("big", src)
-    src.close()
-    assert not (root / "big").exists()
-    assert not list(root.iterdir()), "the temp file was removed"
-    monkeypatch.setattr(r, "_take_spare", real_take)
-    src = Source(str(f), "big")
-    r.put("big", src)
-    src.close()
-    assert (root / "big").read_bytes() == data
-    r.close()
-
-
-def test_source_changing_during_a_striped_upload_publishes_nothing(
-        srv: SSHServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    _striped(monkeypatch)
-    root = tmp_path / "root"
-    root.mkdir()
-    f = tmp_path / "big"
-    f.write_bytes(os.urandom(8 << 20))
-    r = SFTPRemote("t", opts(srv, root, connections=2))
-    src = Source(str(f), "big")
-    reads = src.read
-
-    def read(size: int = 1 << 20) -> bytes:
-        b = reads(size)
-        if src.sent > (2 << 20) and src.sent - len(b) <= (2 << 20):
-            with open(f, "r+b") as g:   # a writer appends while we read
-                g.seek(0, 2)
-                g.write(b"more")
-        return b
-
-    src.read = read  # type: ignore[method-assign]
-    with pytest.raises(SourceChanged):
-        r.put("big", src)
-    src.close()
-    assert not list(root.iterdir())
-    assert all(c.busy() == 0 for c in r._conns)
     r.close()
