@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -244,3 +246,45 @@ def test_kind_changes_converge_over_sftp(tmp_path: Path, sshd: SSHServer) -> Non
     assert r.code == 0 and r.summary["failed"] == [], r.err
     assert tree(s.mirror) == tree(s.src)
     assert s.reconcile().summary["uploaded"] == 0
+
+
+@pytest.fixture
+def tiny_fs(tmp_path: Path) -> Iterator[Path]:
+    """An 8 MiB ext4 mounted as the remote root: a server disk that fills up. Needs root
+    and loop devices (CI runs as root); elsewhere the test says so and skips."""
+    if os.geteuid() != 0 or not shutil.which("mkfs.ext4"):
+        pytest.skip("making a full filesystem needs root and mkfs.ext4 (e2fsprogs)")
+    img, mnt = tmp_path / "disk.img", tmp_path / "remote-root"
+    mnt.mkdir()
+    subprocess.run(["truncate", "-s", "8M", str(img)], check=True)
+    subprocess.run(["mkfs.ext4", "-q", "-F", str(img)], check=True)
+    r = subprocess.run(["mount", "-o", "loop", str(img), str(mnt)], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot loop-mount a test filesystem here: {r.stderr.strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", str(mnt)], check=False)
+
+
+def test_full_disk_on_server_fails_that_file_clearly(tmp_path: Path, sshd: SSHServer,
+                                                     tiny_fs: Path) -> None:
+    """The server's disk is full: OpenSSH answers a bare "failure". That file fails with
+    an error that says what it usually means (exit 1), the others are synced, no temp file
+    is left on the full disk, and once the file fits the next run completes."""
+    s = SftpSetup(tmp_path, sshd, attempts=2)
+    assert s.root == tiny_fs
+    s.write("big.bin", os.urandom(16 << 20))
+    s.write("small.txt", b"small")
+    r = s.reconcile()
+    assert r.code == 1, r.err
+    assert [f["path"] for f in r.summary["failed"]] == ["big.bin"]
+    assert "disk or quota is full" in r.summary["failed"][0]["error"]
+    assert "Traceback" not in r.err
+    assert (s.mirror / "small.txt").read_bytes() == b"small"
+    assert not (s.mirror / "big.bin").exists()
+    assert not list(s.mirror.glob(".syncd-tmp-*"))
+    s.write("big.bin", b"now it fits\n" * 1000)
+    r = s.reconcile()
+    assert r.code == 0, r.err
+    assert (s.mirror / "big.bin").read_bytes() == b"now it fits\n" * 1000
