@@ -30,6 +30,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -41,19 +42,33 @@ REPO = Path(__file__).resolve().parent.parent
 
 @contextlib.contextmanager
 def fresh_fs(where: Path, size: str) -> Iterator[Path]:
-    """A new ext4 filesystem (no journal, like this VM's root) mounted for one run."""
+    """A new ext4 filesystem (no journal, like this VM's root) mounted for one run. Never
+    raises while cleaning up (that would hide the run's own error): a mount that stays
+    busy is detached lazily, and the image goes only once nothing has it mounted."""
     img, mnt = where.with_suffix(".img"), where.with_suffix(".mnt")
     mnt.mkdir()
-    subprocess.run(["truncate", "-s", size, str(img)], check=True)
-    subprocess.run(["mkfs.ext4", "-q", "-F", "-O", "^has_journal", "-E",
-                    "lazy_itable_init=0", str(img)], check=True)
-    subprocess.run(["mount", "-o", "loop", str(img), str(mnt)], check=True)
+    mounted = False
     try:
+        subprocess.run(["truncate", "-s", size, str(img)], check=True)
+        subprocess.run(["mkfs.ext4", "-q", "-F", "-O", "^has_journal", "-E",
+                        "lazy_itable_init=0", str(img)], check=True)
+        subprocess.run(["mount", "-o", "loop", str(img), str(mnt)], check=True)
+        mounted = True
         yield mnt
     finally:
-        subprocess.run(["umount", str(mnt)], check=True)
-        img.unlink()
-        mnt.rmdir()
+        for _ in range(10):   # a tool's last processes may still be exiting
+            if not mounted or subprocess.run(["umount", str(mnt)]).returncode == 0:
+                mounted = False
+                break
+            time.sleep(0.5)
+        if mounted and subprocess.run(["umount", "-l", str(mnt)]).returncode == 0:
+            mounted = False
+        if mounted:
+            print(f"ab_local: could not unmount {mnt}; left it and {img}", file=sys.stderr)
+        else:
+            img.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                mnt.rmdir()
 
 
 def one_run(a: argparse.Namespace, name: str, spec: str, wd: Path, k: int, dst: Path,
@@ -99,6 +114,9 @@ def main() -> None:
     a = ap.parse_args()
     if a.fresh_fs and (os.geteuid() != 0 or not shutil.which("mkfs.ext4")):
         sys.exit("--fresh-fs needs root and mkfs.ext4 (apt-get install e2fsprogs)")
+    if a.fresh_fs and a.keep:
+        ap.error("--keep cannot keep destinations made with --fresh-fs (each filesystem is "
+                 "removed after its run)")
     bl.IDLE_WAIT = a.idle_wait
     bl.become_subreaper()
     rclone = shutil.which("rclone")

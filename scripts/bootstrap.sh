@@ -25,11 +25,13 @@ fi
 .venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip 2>&1 | grep -v '^WARNING: Location' >&2 || true
 # Recent setuptools warns on every editable install that a folder named like the package
 # in the working directory could shadow it (that folder is the package here): drop that
-# block, keep every other message.
+# block (up to its second "!!" and the source line after it), keep every other message.
 .venv/bin/python -m pip install -q --disable-pip-version-check -e ".${extras}" 2>&1 \
     | grep -v '^WARNING: Location' \
-    | awk '/BuildBackendWarning: Editable installation/ {skip = 1; next}
-           skip && /^ / {if (/with strategy, WheelFile/) skip = 0; next}
+    | awk '/BuildBackendWarning: Editable installation/ {skip = 1; bangs = 0; next}
+           skip && /^ *!!$/ {bangs++; next}
+           skip && bangs < 2 && /^ / {next}
+           skip && bangs == 2 && /with strategy, WheelFile/ {skip = 0; next}
            {skip = 0; print}' >&2 || true
 .venv/bin/python -c 'import syncd' || { echo "bootstrap: installation failed" >&2; exit 1; }
 # Byte-compile syncd now: the install is editable, and where __pycache__ is never written

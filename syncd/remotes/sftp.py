@@ -581,13 +581,19 @@ class SFTPRemote:
 
     # --- errors and paths ------------------------------------------------------------------
 
-    def _status_error(self, e: w.StatusError, path: str) -> RemoteError:
+    def _status_error(self, e: w.StatusError, path: str, writing: bool = False) -> RemoteError:
+        """`writing`: the failed request created or wrote something (open for writing,
+        write, setstat, close, mkdir), where a bare failure is most often a full disk."""
         msg = f"{e} ({self.where})"
         if e.code == w.FAILURE and (not e.message or e.message.lower() == "failure"):
             # SFTP v3 has no finer status: OpenSSH's server answers a bare "Failure" for
             # every errno it does not map, so say which ones those usually are.
             msg += (": the server gave no reason; usually its disk or quota is full, its "
-                    "file system is read-only, or it hit an I/O error; check the server")
+                    "file system is read-only, or it hit an I/O error; check the server"
+                    if writing else
+                    ": the server gave no reason (OpenSSH's server says this when the "
+                    "target exists or is a non-empty directory, when its file system is "
+                    "full or read-only, or on an I/O error)")
         if e.code == w.NO_SUCH_FILE:
             return NotFound(msg, remote=self.name, path=path)
         if e.code in (w.NO_CONNECTION, w.CONNECTION_LOST):
@@ -671,7 +677,7 @@ class SFTPRemote:
                 try:
                     a = ss.attrs(ss.lstat(self._abs(sub)))
                 except w.StatusError:
-                    raise self._status_error(e, sub) from None
+                    raise self._status_error(e, sub, writing=True) from None
                 if a.kind == w.S_IFLNK:
                     raise PathEscape("a directory on the way is a symlink; refusing to follow it",
                                      remote=self.name, path=sub) from None
@@ -895,7 +901,7 @@ class SFTPRemote:
                 if e.code == w.FAILURE:      # exists: a temp left by a crash
                     retry.append(i)
                 else:
-                    results[i] = self._status_error(e, items[i][0])
+                    results[i] = self._status_error(e, items[i][0], writing=True)
         if retry:
             removes = [ss.remove(tmps[i]) for i in retry]
             rids = [(i, ss.open(tmps[i], flags, attrs)) for i in retry]
@@ -904,7 +910,7 @@ class SFTPRemote:
                 try:
                     handles[i] = ss.handle(rid)
                 except w.StatusError as e:
-                    results[i] = self._status_error(e, items[i][0])
+                    results[i] = self._status_error(e, items[i][0], writing=True)
 
         # 2. stream, verify the source, stamp, confirm size and close.
         done: dict[int, tuple[list[int], int, int]] = {}   # i -> (status rids, fstat rid, close)
@@ -919,7 +925,7 @@ class SFTPRemote:
                 ss.discard([ss.close(h), ss.remove(tmps[i])])
                 continue
             except w.StatusError as e:
-                results[i] = self._status_error(e, path)
+                results[i] = self._status_error(e, path, writing=True)
                 ss.discard([ss.close(h), ss.remove(tmps[i])])
                 continue
             stamp = w.encode_attrs(perms=src.mode & 0o777, mtime=src.mtime_ns // _SEC)
@@ -937,7 +943,7 @@ class SFTPRemote:
                 ss.status(close_rid)
             except w.StatusError as e:
                 ss.discard([*status_rids, fstat_rid, close_rid])
-                results[i] = self._status_error(e, path)
+                results[i] = self._status_error(e, path, writing=True)
                 ss.discard([ss.remove(tmps[i])])
                 continue
             if a.size != src.sent:

@@ -274,6 +274,10 @@ def test_full_disk_on_server_fails_that_file_clearly(tmp_path: Path, sshd: SSHSe
     is left on the full disk, and once the file fits the next run completes."""
     s = SftpSetup(tmp_path, sshd, attempts=2)
     assert s.root == tiny_fs
+    # One upload at a time: small.txt must not be sent while big.bin fills the disk.
+    s.config.write_text(s.config.read_text().replace('timeout = "5s"\n',
+                                                     'timeout = "5s"\ntransfers = 1\n'))
+    assert "transfers = 1" in s.config.read_text()
     s.write("big.bin", os.urandom(16 << 20))
     s.write("small.txt", b"small")
     r = s.reconcile()

@@ -297,13 +297,21 @@ def test_bare_failure_status_names_the_usual_causes() -> None:
     """OpenSSH's sftp-server answers a full disk (ENOSPC, EDQUOT, EROFS, EIO...) with a
     bare "Failure": the error must say what that usually means, and where."""
     r = SFTPRemote("t", SFTPOptions(host="127.0.0.1", port=2222, user="sync"))
+    for message in ("Failure", ""):
+        err = r._status_error(sftp_wire.StatusError(sftp_wire.FAILURE, message), "a/b.bin",
+                              writing=True)
+        assert isinstance(err, PermanentError) and err.path == "a/b.bin"
+        assert "disk or quota is full" in str(err) and "sync@127.0.0.1:2222" in str(err)
+    # Not a write (a rename, a remove, a read): a full disk is one cause among others.
     err = r._status_error(sftp_wire.StatusError(sftp_wire.FAILURE, "Failure"), "a/b.bin")
-    assert isinstance(err, PermanentError) and err.path == "a/b.bin"
-    assert "disk or quota is full" in str(err) and "sync@127.0.0.1:2222" in str(err)
-    err = r._status_error(sftp_wire.StatusError(sftp_wire.FAILURE, "No space left on device"), "x")
-    assert "disk or quota" not in str(err)   # a server that gives a reason is quoted as is
-    err = r._status_error(sftp_wire.StatusError(sftp_wire.PERMISSION_DENIED, "Permission denied"), "x")
-    assert "disk or quota" not in str(err)
+    assert "gave no reason" in str(err) and "non-empty directory" in str(err)
+    assert "usually its disk" not in str(err)
+    err = r._status_error(sftp_wire.StatusError(sftp_wire.FAILURE, "No space left on device"), "x",
+                          writing=True)
+    assert "gave no reason" not in str(err)   # a server that gives a reason is quoted as is
+    err = r._status_error(sftp_wire.StatusError(sftp_wire.PERMISSION_DENIED, "Permission denied"),
+                          "x", writing=True)
+    assert "gave no reason" not in str(err)
 
 
 # --- password authentication ------------------------------------------------------------------
