@@ -171,12 +171,12 @@ class Daemon:
             self.index.close()
 
     def _start_watching(self) -> None:
-        from syncd.scan import Matcher
+        from syncd.scan import pair_matcher
         from syncd.watch import Watcher
 
         roots = {}
         for p in self.cfg.pairs:
-            m = Matcher(p.ignore)
+            m = pair_matcher(p.ignore)
             roots[p.name] = (str(p.local), lambda rel, m=m: m(rel) or m(rel + "/"))
         self.watcher = Watcher(self.debouncer, self.log)
         self.unwatched = set(self.watcher.start(

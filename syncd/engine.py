@@ -27,7 +27,7 @@ from syncd.plan import DRIFT_REASONS, Facts, Policy, check_safety, plan_push, un
 from syncd.queue import Queue
 from syncd.remotes import open_remote
 from syncd.remotes.base import Remote
-from syncd.scan import Matcher, Walk, hash_paths, walk
+from syncd.scan import Matcher, Walk, hash_paths, pair_matcher, walk
 
 if TYPE_CHECKING:   # imported when there is something to transfer: an idle run skips it
     from syncd.transfer import PairCtx, Reporter
@@ -199,7 +199,7 @@ class Engine:
         log = self.log
         root = str(pair.local)
         meta = self.index.pair_meta(pair.name)
-        matcher = Matcher(pair.ignore)
+        matcher = pair_matcher(pair.ignore)
         if not os.path.isdir(root):
             self._trip(pair, Facts(False, 0, self.index.count_base(pair.name), 0, None, None, 0, ""),
                        opts)

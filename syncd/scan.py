@@ -53,6 +53,18 @@ class Matcher:
         return self.spec.match_file(rel)
 
 
+# Outside every pair, on both sides, unless a pattern re-includes it ("!/lost+found/"): a
+# filesystem's top-level lost+found belongs to fsck. A pair rooted at a mount point would
+# otherwise delete from the remote the files fsck recovered there, or upload the local ones.
+BUILTIN_IGNORE = ("/lost+found/",)
+
+
+def pair_matcher(patterns: Iterable[str]) -> Matcher:
+    """A pair's matcher: the built-in rules first, so the pair's own patterns can override
+    them."""
+    return Matcher((*BUILTIN_IGNORE, *patterns))
+
+
 # A prior row, as Index.load_prior returns it:
 # (path, kind, size, mtime_ns, inode, mode, hash, racy, synced)
 PriorRow = tuple[Any, ...]

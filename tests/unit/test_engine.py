@@ -248,3 +248,33 @@ def test_plan_fed_to_the_queue_in_batches_keeps_phase_order(tmp_path: Path,
     assert ops.index(("move", "docs/gone_dir/k")) < len(ops) - 1
     puts = [p for op, p in ops if op == "put"]
     assert len(puts) == len(set(puts)) == 8
+
+
+def test_lost_and_found_at_the_pair_root_is_never_touched(tmp_path: Path) -> None:
+    """A pair rooted at a mount point: the remote's lost+found holds what fsck recovered and
+    is neither deleted nor trashed; the local one is not uploaded. A pattern can re-include
+    it; a lost+found deeper in the tree is ordinary data."""
+    cfg, src, dst = setup(tmp_path, FILES)
+    pair = cfg.pairs[0]
+    cfg = cfg.__class__(cfg.source, cfg.daemon, cfg.remotes, (pair.__class__(
+        **{**{f: getattr(pair, f) for f in pair.__slots__}, "delete": "propagate"}),))
+    recovered = dst / "docs" / "lost+found" / "#1234"
+    recovered.parent.mkdir(parents=True)
+    recovered.write_bytes(b"recovered by fsck")
+    (src / "lost+found").mkdir()
+    (src / "lost+found" / "#99").write_bytes(b"local fsck leftovers")
+    (src / "sub" / "lost+found").mkdir(parents=True)
+    (src / "sub" / "lost+found" / "note.txt").write_bytes(b"just a folder name here")
+    res = engine(cfg, None, Clock()).reconcile(cfg.pairs[0], Options())
+    assert res.status == "ok" and res.deleted == 0 and res.trashed == 0
+    assert recovered.read_bytes() == b"recovered by fsck"
+    assert not (dst / "docs" / "lost+found" / "#99").exists()
+    assert (dst / "docs" / "sub" / "lost+found" / "note.txt").read_bytes() == b"just a folder name here"
+
+    pair = cfg.pairs[0]
+    cfg = cfg.__class__(cfg.source, cfg.daemon, cfg.remotes, (pair.__class__(
+        **{**{f: getattr(pair, f) for f in pair.__slots__}, "ignore": ("!/lost+found/",)}),))
+    res = engine(cfg, None, Clock()).reconcile(cfg.pairs[0], Options())
+    assert res.status == "ok"
+    assert (dst / "docs" / "lost+found" / "#99").read_bytes() == b"local fsck leftovers"
+    assert not recovered.exists()   # re-included: mirrored, so the remote-only file goes
