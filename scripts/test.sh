@@ -28,4 +28,7 @@ fi
 # A missing server is a failure here, never a silent skip.
 export SYNCD_TEST_REQUIRE_SERVERS=1
 .venv/bin/ruff check syncd tests bench
-exec .venv/bin/python -m pytest "$@"
+# A hung test (or a thread left running at exit) must fail the run, not hold CI until its
+# own limit: pytest dumps every thread's stack after 5 minutes in one test, and the whole
+# suite (about 3 minutes here) is stopped after 30.
+exec timeout --kill-after=30s 30m .venv/bin/python -m pytest -o faulthandler_timeout=300 "$@"

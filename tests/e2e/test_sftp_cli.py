@@ -191,7 +191,8 @@ def test_sshd_killed_mid_transfer_then_next_run_completes(tmp_path: Path, sshd: 
                     seen_partial.append(n)
                 time.sleep(0.005)
 
-        t = threading.Thread(target=watch)
+        # A daemon: a failing assertion below must not leave it keeping pytest alive.
+        t = threading.Thread(target=watch, daemon=True)
         t.start()
         proc = subprocess.Popen(
             [*_syncd_cmd(), "reconcile", "--config", str(s.config), "--json"],
@@ -200,7 +201,7 @@ def test_sshd_killed_mid_transfer_then_next_run_completes(tmp_path: Path, sshd: 
             deadline = time.monotonic() + 60
             while time.monotonic() < deadline:   # wait until the upload is under way
                 tmps = list(s.mirror.glob(".syncd-tmp-*")) if s.mirror.exists() else []
-                if any(p.stat().st_size > (8 << 20) for p in tmps):
+                if any(_size(p) > (8 << 20) for p in tmps):
                     break
                 time.sleep(0.01)
             else:
@@ -233,6 +234,14 @@ def test_sshd_killed_mid_transfer_then_next_run_completes(tmp_path: Path, sshd: 
         os.utime(foreign, (old, old))
         assert s.reconcile().code == 0 and not foreign.exists()
         assert final.read_bytes() == big
+
+
+def _size(p: Path) -> int:
+    """A temp file's size; 0 once it is gone (renamed into place between glob and stat)."""
+    try:
+        return p.stat().st_size
+    except FileNotFoundError:
+        return 0
 
 
 def _syncd_cmd() -> list[str]:
