@@ -20,7 +20,7 @@ from syncd import log as slog
 from syncd.config import Config, PairConfig
 from syncd.errors import LockedError, RemoteError, SafetyError, UnavailableError
 from syncd.index import Index
-from syncd.listing import Listing, RemoteDiff, diff_listing
+from syncd.listing import Listing, RemoteDiff, diff_listing, drop_top_dirs
 from syncd.log import structlog
 from syncd.model import Action, Job, Kind, LocalState, Op, RemoteEntry, phase
 from syncd.plan import DRIFT_REASONS, Facts, Policy, check_safety, plan_push, under
@@ -409,11 +409,13 @@ class Engine:
                 expected = idx.base_fps(pair.name)
             finally:
                 idx.close()
-            keep_fn = None if matcher.empty else keep
+            keep_fn = None if matcher.empty or matcher.top_only else keep
             fast = getattr(remote, "diff", None)
             if fast is not None:
-                return fast(pair.path, expected, keep_fn)
-            return diff_listing(remote.list(pair.path), expected, keep_fn)
+                d = fast(pair.path, expected, keep_fn)
+            else:
+                d = diff_listing(remote.list(pair.path), expected, keep_fn)
+            return drop_top_dirs(d, expected, matcher.ignored_tops)
 
         return run
 

@@ -64,6 +64,34 @@ def diff_listing(entries: Iterable[RemoteEntry], expected: dict[str, str],
     return d
 
 
+def drop_top_dirs(d: RemoteDiff, expected: dict[str, str], names: frozenset[str]) -> RemoteDiff:
+    """`d` as if the listing had skipped these top-level directories and everything under
+    them (what diff_listing's `keep` does), without a call per listed entry: on an idle
+    reconcile only the few changed entries and the bases are looked at."""
+    if not names:
+        return d
+    below = tuple(n + "/" for n in names)
+    dropped = [p for p, e in d.changed.items()
+               if p.startswith(below) or (p in names and e.kind != FILE)]
+    for p in dropped:
+        e = d.changed.pop(p)
+        d.entries -= 1
+        d.files -= e.kind == FILE
+    # A base in there that was listed (matched, or changed and dropped above) would have
+    # been hidden by keep(), so it is gone. At the top only a listed directory is hidden:
+    # a base there matched as one if its fingerprint is a directory's.
+    gone, was_changed = set(d.gone), set(dropped)
+    for p in [p for p in expected if p.startswith(below) or p in names]:
+        if p in gone or (p in names and p not in was_changed
+                         and (p in d.changed or expected[p] != DIR_FP)):
+            continue
+        d.gone.append(p)
+        if p not in was_changed:
+            d.entries -= 1
+            d.files -= expected[p] != DIR_FP
+    return d
+
+
 class Listing:
     """A listing under way: `result()` returns the RemoteDiff or raises its error."""
 

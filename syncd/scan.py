@@ -37,9 +37,17 @@ class Matcher:
     """
 
     def __init__(self, patterns: Iterable[str]):
-        self.spec = pathspec.GitIgnoreSpec.from_lines(list(patterns))
+        lines = list(patterns)
+        self.spec = pathspec.GitIgnoreSpec.from_lines(lines)
         active = [p for p in self.spec.patterns if p.include is not None]
         self.empty = not active
+        # Every rule names one directory at the top ("/lost+found/", "!/build/"): nothing
+        # below the top level needs a check, and the listing can skip whole subtrees
+        # after the fact (engine: listing.drop_top_dirs) instead of filtering each entry.
+        tops = [_top_dir(x) for x in lines if x.strip() and not x.startswith("#")]
+        self.top_only = bool(active) and all(tops)
+        self.ignored_tops = frozenset(
+            t for t in tops if t and self.spec.match_file(t + "/")) if self.top_only else frozenset()
         self._fused: re.Pattern[str] | None = None
         if active and all(p.include for p in active):
             parts = [re.sub(r"\(\?P<\w+>", "(?:", p.regex.pattern) for p in active]  # type: ignore[attr-defined]
@@ -51,6 +59,13 @@ class Matcher:
         if self._fused is not None:
             return self._fused.match(rel) is not None
         return self.spec.match_file(rel)
+
+
+def _top_dir(line: str) -> str | None:
+    """The directory name of a "/name/" or "!/name/" rule with no wildcard, else None."""
+    body = line.strip().removeprefix("!")
+    name = body[1:-1] if body.startswith("/") and body.endswith("/") else ""
+    return name if name and not any(c in name for c in "/*?[\\") else None
 
 
 # Outside every pair, on both sides, unless a pattern re-includes it ("!/lost+found/"): a
@@ -126,9 +141,10 @@ def walk(root: str, clean: dict[str, int], prior: dict[str, PriorRow], ignore: M
     FILE, DIR = int(Kind.FILE), int(Kind.DIR)
     seen_dirs = {(root_st.st_dev, root_st.st_ino)}
     stack: list[str] = [""]
-    no_ignore = ignore.empty
     while stack:
         prefix = stack.pop()
+        # No per-entry rule check where no rule can match (below the top for top_only).
+        no_ignore = ignore.empty or (ignore.top_only and bool(prefix))
         top = os.path.join(root, prefix) if prefix else root
         try:
             it = os.scandir(top)

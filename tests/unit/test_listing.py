@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from syncd.errors import NotFound
-from syncd.listing import Listing, RemoteDiff, diff_listing
+from syncd.listing import DIR_FP, Listing, RemoteDiff, diff_listing, drop_top_dirs
 from syncd.model import Kind, RemoteEntry
 from syncd.remotes.local import LocalRemote
 
@@ -67,6 +67,41 @@ def test_keep_filter_drops_entries_before_comparing() -> None:
     es = [RemoteEntry("a", F, 1, 1, "x"), RemoteEntry("b.tmp", F, 1, 1, "y")]
     d = diff_listing(iter(es), {"b.tmp": "y"}, keep=lambda e: not e.path.endswith(".tmp"))
     assert list(d.changed) == ["a"] and d.gone == ["b.tmp"] and d.files == 1
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_dropping_top_dirs_after_the_diff_equals_filtering_each_entry(seed: int) -> None:
+    """drop_top_dirs (what the engine does for rules that only name top-level directories)
+    gives exactly what diff_listing with a per-entry keep gives: the same changes, gone
+    paths and counts, bases that were synced before the rule included."""
+    rnd = random.Random(seed)
+    names = frozenset({"lost+found", "build"})
+    entries = []
+    for top in ("lost+found", "build", "docs", "keep"):
+        if top == "keep" or rnd.random() < 0.8:
+            # Sometimes a top-level *file* with an ignored directory's name: kept.
+            as_file = top != "docs" and rnd.random() < 0.2
+            entries.append(RemoteEntry(top, F, 1, 1, "1:1") if as_file
+                           else RemoteEntry(top, D, 0, 0, DIR_FP))
+            if not as_file:
+                for i in range(rnd.randint(0, 6)):
+                    sub = f"{top}/s{i % 2}" if i % 3 else top
+                    if sub != top:
+                        entries.append(RemoteEntry(sub, D, 0, 0, DIR_FP))
+                    entries.append(RemoteEntry(f"{sub}/f{i}", F, i, i, f"{i}:{i}"))
+    entries = list({e.path: e for e in entries}.values())
+    exp = expected_from(entries, seed)
+    exp["build/old-base"] = "3:3"
+    exp.setdefault("lost+found", DIR_FP)
+
+    def keep(e: RemoteEntry) -> bool:
+        top, _, rest = e.path.partition("/")
+        return not (top in names and (rest or e.kind == D))
+
+    want = diff_listing(iter(entries), exp, keep)
+    got = drop_top_dirs(diff_listing(iter(entries), exp), exp, names)
+    assert got.changed == want.changed and sorted(got.gone) == sorted(want.gone)
+    assert (got.files, got.entries) == (want.files, want.entries)
 
 
 def test_forked_listing_returns_the_childs_result() -> None:
