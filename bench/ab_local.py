@@ -134,9 +134,9 @@ def main() -> None:
                 k += 1
                 name, _, spec = v.partition("=")
                 state = wd / f"state-{k}"
-                with contextlib.ExitStack() as fs:
-                    base = fs.enter_context(fresh_fs(wd / f"fs-{k}", a.fresh_fs)) \
-                        if a.fresh_fs else wd
+                where = fresh_fs(wd / f"fs-{k}", a.fresh_fs) if a.fresh_fs else \
+                    contextlib.nullcontext(wd)
+                with where as base:
                     p = one_run(a, name, spec, wd, k, base / f"dst-{k}", state, rclone)
                 res.setdefault(name, []).append(p)
                 print(f"round {r + 1} {name:12s} wall {p.wall_s:6.2f} s  cpu {p.user_s + p.sys_s:6.2f}"

@@ -593,7 +593,7 @@ class SFTPRemote:
                     if writing else
                     ": the server gave no reason (OpenSSH's server says this when the "
                     "target exists or is a non-empty directory, when its file system is "
-                    "full or read-only, or on an I/O error)")
+                    "full or read-only, or on an I/O error); look at that path on the server")
         if e.code == w.NO_SUCH_FILE:
             return NotFound(msg, remote=self.name, path=path)
         if e.code in (w.NO_CONNECTION, w.CONNECTION_LOST):

@@ -41,6 +41,7 @@ known_hosts = "{known_hosts}"
 host_key_policy = "{policy}"
 use_agent = false
 timeout = "5s"
+transfers = {transfers}
 
 [[sync]]
 name = "docs"
@@ -54,7 +55,8 @@ ignore = ["*.tmp"]
 
 class SftpSetup:
     def __init__(self, tmp: Path, srv: SSHServer, *, policy: str = "strict",
-                 known_hosts: Path | None = None, key: Path | None = None, attempts: int = 3):
+                 known_hosts: Path | None = None, key: Path | None = None, attempts: int = 3,
+                 transfers: int = 4):
         self.tmp, self.srv = tmp, srv
         self.src, self.root, self.state = tmp / "src", tmp / "remote-root", tmp / "state"
         self.src.mkdir(exist_ok=True)
@@ -63,7 +65,7 @@ class SftpSetup:
         self.config.write_text(CONFIG.format(
             state=self.state, port=srv.port, user=srv.user, root=self.root,
             key=key or srv.client_key, known_hosts=known_hosts or srv.known_hosts,
-            policy=policy, src=self.src, attempts=attempts))
+            policy=policy, src=self.src, attempts=attempts, transfers=transfers))
 
     @property
     def mirror(self) -> Path:
@@ -281,12 +283,9 @@ def test_full_disk_on_server_fails_that_file_clearly(tmp_path: Path, sshd: SSHSe
     """The server's disk is full: OpenSSH answers a bare "failure". That file fails with
     an error that says what it usually means (exit 1), the others are synced, no temp file
     is left on the full disk, and once the file fits the next run completes."""
-    s = SftpSetup(tmp_path, sshd, attempts=2)
-    assert s.root == tiny_fs
     # One upload at a time: small.txt must not be sent while big.bin fills the disk.
-    s.config.write_text(s.config.read_text().replace('timeout = "5s"\n',
-                                                     'timeout = "5s"\ntransfers = 1\n'))
-    assert "transfers = 1" in s.config.read_text()
+    s = SftpSetup(tmp_path, sshd, attempts=2, transfers=1)
+    assert s.root == tiny_fs
     s.write("big.bin", os.urandom(16 << 20))
     s.write("small.txt", b"small")
     r = s.reconcile()
