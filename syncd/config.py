@@ -54,6 +54,10 @@ class RemoteConfig:
     options: dict[str, Any] = field(default_factory=dict)
 
 
+# S3 storage classes whose objects cannot be copied (so not trashed) before a restore.
+ARCHIVE_CLASSES = ("GLACIER", "DEEP_ARCHIVE")
+
+
 @dataclass(frozen=True, slots=True)
 class MaxDelete:
     """Either an absolute count or a percentage of the entries the pair tracks."""
@@ -436,8 +440,14 @@ def _parse_s3(v: _V, r: dict[str, Any], key: str) -> dict[str, Any]:
         raise v.fail(f"{key}.endpoint_url", "must start with http:// or https://")
     if o["multipart_chunksize"] < 5 << 20:
         raise v.fail(f"{key}.multipart_chunksize", "S3 parts are at least 5MiB")
+    if o["multipart_chunksize"] > 512 << 20:
+        raise v.fail(f"{key}.multipart_chunksize", "at most 512MiB: each upload holds 8 parts "
+                     "in memory at once")
     if o["multipart_threshold"] < o["multipart_chunksize"]:
         raise v.fail(f"{key}.multipart_threshold", "must be at least multipart_chunksize")
+    if o["multipart_threshold"] > 1 << 30:
+        raise v.fail(f"{key}.multipart_threshold", "at most 1GiB: a file below it is sent in "
+                     "one PUT, read into memory whole")
     if o["sse_kms_key_id"] and o["sse"] != "aws:kms":
         raise v.fail(f"{key}.sse_kms_key_id", "only with sse = \"aws:kms\"")
     return o
@@ -468,13 +478,22 @@ def _parse_pair(v: _V, t: dict[str, Any], key: str, remotes: dict[str, RemoteCon
         pathspec.GitIgnoreSpec.from_lines(ignore_raw)
     except Exception as e:  # pathspec raises several types for bad patterns
         raise v.fail(f"{key}.ignore", f"invalid pattern: {e}") from None
+    delete = v.choice(t, "delete", key, DELETE_POLICIES, "trash")
+    rc = remotes[remote]
+    archive = str(rc.options.get("storage_class", "")).upper() if rc.type == "s3" else ""
+    if delete == "trash" and archive in ARCHIVE_CLASSES:
+        # Trashing copies the object; S3 refuses to copy an archived one until restored.
+        raise v.fail(f"{key}.delete", f"\"trash\" (the default) cannot work with remote "
+                     f"'{remote}': S3 refuses to copy objects stored as {archive}; set "
+                     "delete = \"keep\" or \"propagate\" for this pair (or a bucket "
+                     "versioning / lifecycle rule to keep old versions)")
     return PairConfig(
         name=name,
         local=v.path(t, "local", key),
         remote=remote,
         path=rpath,
         mode=mode,
-        delete=v.choice(t, "delete", key, DELETE_POLICIES, "trash"),
+        delete=delete,
         max_delete=_parse_max_delete(v, t.get("max_delete", "50%"), f"{key}.max_delete"),
         ignore=tuple(ignore_raw),
         follow_symlinks=v.boolean(t, "follow_symlinks", key, False),

@@ -69,7 +69,7 @@ def plan_push(local: Mapping[str, LocalState], base: Mapping[str, Base],
             name = path.rpartition("/")[2]
             if policy.tmp_owner and name.startswith(f"{TMP_PREFIX}{policy.tmp_owner}-"):
                 out.append(Action(Op.CLEANUP, path, "temp file of an interrupted upload"))
-            elif r.mtime_ns < policy.now_ns - STALE_TMP_NS:
+            elif 0 < r.mtime_ns < policy.now_ns - STALE_TMP_NS:   # 0: the remote gives no time
                 out.append(Action(Op.CLEANUP, path, "stale temp file of syncd"))
             continue
         b = bget(path)

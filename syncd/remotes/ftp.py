@@ -426,6 +426,10 @@ class FTPRemote:
     def _abs(self, rel: str, root_ok: bool = False) -> str:
         if not (root_ok and not rel):
             check_rel_path(self.name, rel)
+            if "\n" in rel or "\r" in rel:
+                raise PermanentError("FTP commands cannot carry a name with a line break; "
+                                     "rename the file or add it to the pair's ignore",
+                                     remote=self.name, path=rel)
         if not self.root:   # learned at the first login
             with self._conn(rel):
                 pass
@@ -443,7 +447,7 @@ class FTPRemote:
                 if str(e).startswith(("550", "501")):
                     return None
                 raise
-            for line in resp.splitlines()[1:]:
+            for line in resp.split("\n")[1:]:   # not splitlines(): see _lines
                 if line.startswith(" "):
                     return self._kind_of(_facts(line.strip().partition(" ")[0]))
             return None
@@ -483,8 +487,8 @@ class FTPRemote:
                 continue
             k = m["kind"]
             kind = _FILE if k == "-" else _DIR if k == "d" else -1
-            # LIST dates are coarse (minutes, or a year): not an mtime, but a change still
-            # changes them, so they serve in the fingerprint.
+            # LIST dates are not an mtime (minutes or a year, maybe local time): their
+            # month and day serve in the fingerprint with the size (see _date_key).
             out.append((m["name"], kind, int(m["size"]), _date_key(m["date"])))
         return out
 
@@ -678,6 +682,10 @@ class FTPRemote:
             source.verify()   # before the rename: torn content never gets the final name
             size = ftp.size(tmp)
             if size != source.sent:
+                # Never resume from this temp: if it vanished before an APPE (a server that
+                # deletes aborted uploads, say), APPE made a new file of the tail only, and
+                # resuming that would publish a file of the right size, wrong content.
+                self._discard(ftp, tmp, rec_id)
                 raise TransientError(f"server holds {size} of {source.sent} bytes after the "
                                      f"upload ({self.where})", remote=self.name, path=path)
             mtime_s = source.mtime_ns // _SEC
@@ -744,9 +752,14 @@ class FTPRemote:
         if self.uploads is None or source.size < RESUME_MIN:
             return 0
         st = source.before
-        rid = self.uploads.begin(self.name, ap, source.abspath, source.size, source.mtime_ns,
-                                 st.st_ctime_ns, st.st_ino, source.expected, 0, time.time())
-        self.uploads.started(rid, tmp)
+        try:
+            rid = self.uploads.begin(self.name, ap, source.abspath, source.size,
+                                     source.mtime_ns, st.st_ctime_ns, st.st_ino, source.expected,
+                                     0, time.time())
+            self.uploads.started(rid, tmp)
+        except Exception as e:   # the state dir's SQLite (busy, disk full): try again later
+            raise TransientError(f"cannot record the upload in the state dir: {e}",
+                                 remote=self.name, path=ap) from None
         return rid
 
     def _resume(self, ftp: ftplib.FTP, ap: str, pdir: str, source: Source,
@@ -851,7 +864,10 @@ def _lines(ftp: ftplib.FTP, cmd: str) -> list[str]:
     finally:
         conn.close()
     ftp.voidresp()
-    return b"".join(chunks).decode("utf-8", "surrogateescape").splitlines()
+    # Lines end at LF (CRLF on the wire) only: str.splitlines() would also split a name
+    # at \x0b, \x0c, \x1c-\x1e, \x85, U+2028 or U+2029, and lose that file.
+    text = b"".join(chunks).decode("utf-8", "surrogateescape")
+    return [line.removesuffix("\r") for line in text.split("\n") if line not in ("", "\r")]
 
 
 _MONTHS = {m: i for i, m in enumerate(
@@ -859,13 +875,13 @@ _MONTHS = {m: i for i, m in enumerate(
 
 
 def _date_key(date: str) -> int:
-    """A LIST date ('Nov 25 13:24' or 'Nov 25  2025') as a comparable number (not a time:
-    the year of recent files and the time of old ones are not given)."""
-    mon, day, rest = date.split()
-    hh, _, mm = rest.partition(":")
-    if mm:
-        return ((_MONTHS.get(mon.lower(), 0) * 32 + int(day)) * 24 + int(hh)) * 60 + int(mm)
-    return -(int(rest) * 1000 + _MONTHS.get(mon.lower(), 0) * 32 + int(day))
+    """A LIST date ('Nov 25 13:24' or 'Nov 25  2025') as a number for the fingerprint: its
+    month and day only. `ls` shows the time for files of the last 6 months and the year
+    for older ones, so a file's date changes form by itself once it is 6 months old, and
+    servers that list in local time shift the time at DST changes; either would make every
+    file look changed behind syncd's back (and be uploaded again)."""
+    mon, day, _ = date.split()
+    return _MONTHS.get(mon.lower(), 0) * 32 + int(day)
 
 
 __all__ = ["TLS_MODES", "FTPOptions", "FTPRemote"]

@@ -14,9 +14,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from syncd import log as slog
 from syncd.errors import (
     AuthError,
     NotFound,
+    PathEscape,
     PermanentError,
     RemoteError,
     SourceChanged,
@@ -91,6 +93,15 @@ def _part_dict(n: int, etag: str, checksum: str | None) -> dict[str, Any]:
     return d
 
 
+def _syncable(rel: str) -> bool:
+    """Whether a key (relative to the pair's prefix) is a path a file can have."""
+    try:
+        check_rel_path("", rel)
+    except PathEscape:
+        return False
+    return True
+
+
 def _fp(size: int, etag: str) -> str:
     return f"{size}:" + etag.strip('"')
 
@@ -110,6 +121,7 @@ class S3Remote:
         self._pid = os.getpid()
         self.tmp_owner = ""
         self.uploads: UploadLog | None = None   # set by open_remote: resumable multipart
+        self.log = slog.get()
 
     # --- client and errors -----------------------------------------------------------------
 
@@ -170,7 +182,10 @@ class S3Remote:
             text = f"{code}: {msg} ({where})"
             if code in ("NoSuchKey", "404", "NotFound"):
                 return NotFound(text, remote=self.name, path=key)
-            if code in _TRANSIENT_CODES:
+            status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
+            # By status too: S3-compatible servers throttle with codes of their own
+            # (MinIO's SlowDownWrite, a proxy's 502 BadGateway, 429 TooManyRequests).
+            if code in _TRANSIENT_CODES or status >= 500 or status == 429:
                 return TransientError(text, remote=self.name, path=key)
             if code in ("NoSuchBucket",):
                 return UnavailableError(text, remote=self.name, path=key)
@@ -213,8 +228,11 @@ class S3Remote:
             except Exception as e:
                 err = self._err(e)
                 # Throttled or a passing 5xx: worth a few more tries before the pair is
-                # declared unreachable (botocore already retried each call 3 times).
-                if isinstance(err, TransientError) and i < attempts - 1:
+                # declared unreachable (botocore already retried each call 3 times). Not
+                # a timeout or a refused connection: botocore's retries were all spent on
+                # it already, and 6 more rounds of them would take ~24 timeouts.
+                answered = hasattr(e, "response")
+                if isinstance(err, TransientError) and answered and i < attempts - 1:
                     sleep(min(2.0, 0.2 * 2 ** i))
                     continue
                 self._check_failed(err)
@@ -233,6 +251,7 @@ class S3Remote:
         top = "/".join(x for x in (self.base, prefix) if x)
         start = top + "/" if top else ""
         out: list[RemoteEntry] = []
+        unsyncable: list[str] = []
         try:
             pages = self.client.get_paginator("list_objects_v2").paginate(
                 Bucket=self.o.bucket, Prefix=start)
@@ -241,10 +260,20 @@ class S3Remote:
                     rel = obj["Key"][len(start):]
                     if not rel or rel.endswith("/") or rel.split("/", 1)[0] == TRASH_DIR:
                         continue
+                    if not _syncable(rel):
+                        unsyncable.append(rel)
+                        continue
                     out.append(RemoteEntry(rel, _FILE, obj["Size"], 0,
                                            _fp(obj["Size"], obj["ETag"])))
         except Exception as e:
             raise self._err(e, start) from None
+        if unsyncable:
+            # Keys no file path can map to ('a//b', 'd/../e'): never a sync's to delete or
+            # overwrite, so they are left out of the listing (and out of max_delete).
+            self.log.warning("s3_keys_skipped", remote=self.name, count=len(unsyncable),
+                             keys=[start + k for k in unsyncable[:10]],
+                             error="key with an empty, '.' or '..' component: no file "
+                                   "path maps to it, so syncd leaves it alone")
         self._clean_uploads(start)
         return iter(out)
 

@@ -1,16 +1,22 @@
 """FTP remote behaviour against a real pyftpdlib server: keepalive, transparent reconnect,
-fewer connections after "421 too many", secrets out of errors."""
+fewer connections after "421 too many", secrets out of errors, odd names in listings, a
+resume whose temp vanished."""
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import xxhash
 
-from syncd.errors import AuthError, UnavailableError
+from syncd.errors import AuthError, PermanentError, TransientError, UnavailableError
+from syncd.index import DB_NAME, Index, UploadLog
+from syncd.model import Kind
 from syncd.remotes import ftp as ftpmod
+from syncd.remotes.base import Source
 from syncd.remotes.ftp import FTPOptions, FTPRemote
 from tests.servers import FTPServer
 
@@ -104,3 +110,77 @@ def test_explicit_tls_refused_by_a_plain_server_never_falls_back(ftpserver_plain
     r = make(ftpserver_plain, tls="explicit")
     with pytest.raises(UnavailableError, match="refused TLS"):
         r.check()
+
+
+@pytest.mark.parametrize("mlsd", [True, False], ids=["MLSD", "LIST"])
+def test_names_with_unicode_line_separators_are_listed_and_line_breaks_refused(
+        tmp_path: Path, mlsd: bool) -> None:
+    # str.splitlines() splits at \x0b, \x0c, \x1c-\x1e, \x85, U+2028, U+2029 too: such a
+    # file vanished from the listing (uploaded again every run, never deleted).
+    srv = FTPServer(tmp_path / "srv", tls="none", extra=() if mlsd else ("--no-mlsd",)).start()
+    try:
+        r = make(srv)
+        names = ["a\u2028b", "c\x85d", "e\x1cf", "g\x0bh", "i\x0cj", "plain"]
+        for n in names:
+            p = tmp_path / "f.bin"
+            p.write_bytes(n.encode())
+            with Source(str(p), f"d/{n}") as s:
+                r.put(f"d/{n}", s)
+        assert sorted(e.path for e in r.list("d") if e.kind == Kind.FILE) == sorted(names)
+        (tmp_path / "nl").write_bytes(b"x")
+        with Source(str(tmp_path / "nl"), "d/x\ny") as s, \
+                pytest.raises(PermanentError, match="line break"):
+            r.put("d/x\ny", s)
+        r.close()
+    finally:
+        srv.stop()
+
+
+def test_resume_whose_temp_vanished_starts_over_and_never_publishes_a_torn_file(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The recorded temp vanishes between the resume's SIZE and its APPE (a server deleting
+    # aborted uploads): APPE makes a new file holding only the tail. That attempt fails;
+    # the next one must not resume from that file (it would have the right size).
+    srv = FTPServer(tmp_path / "srv", tls="none").start()
+    try:
+        state = tmp_path / "state"
+        Index.open(state).close()
+        r = make(srv)
+        r.uploads = UploadLog(state / DB_NAME)
+        r.tmp_owner = "abcd"
+        data = os.urandom(ftpmod.RESUME_MIN + (1 << 20))
+        src = tmp_path / "big.bin"
+        src.write_bytes(data)
+        digest = xxhash.xxh3_128(data).digest()
+        (srv.root / "d").mkdir()
+        tmp_rel = "/d/.syncd-tmp-abcd-000000000001"   # a first attempt cut after 3 MiB
+        (srv.root / tmp_rel[1:]).write_bytes(data[:3 << 20])
+        st = os.stat(src)
+        rid = r.uploads.begin("partner", "/d/big.bin", str(src), st.st_size, st.st_mtime_ns,
+                              st.st_ctime_ns, st.st_ino, digest, 0, time.time())
+        r.uploads.started(rid, tmp_rel)
+        real = FTPRemote._resume
+
+        def resume_then_vanish(self: FTPRemote, *a: object, **k: object) -> object:
+            got = real(self, *a, **k)  # type: ignore[arg-type]
+            if got[0]:
+                os.unlink(srv.root / got[0][1:])
+            return got
+
+        monkeypatch.setattr(FTPRemote, "_resume", resume_then_vanish)
+
+        def put() -> object:
+            with Source(str(src), "d/big.bin") as s:
+                s.expected = digest
+                return r.put("d/big.bin", s)
+
+        with pytest.raises(TransientError, match="server holds"):
+            put()
+        assert not (srv.root / "d/big.bin").exists()
+        assert [n for n in os.listdir(srv.root / "d") if n.startswith(".syncd-tmp")] == []
+        monkeypatch.setattr(FTPRemote, "_resume", real)
+        put()
+        assert (srv.root / "d/big.bin").read_bytes() == data
+        r.close()
+    finally:
+        srv.stop()

@@ -202,3 +202,54 @@ def test_parts_are_whole_even_when_reads_come_back_short() -> None:
         parts.append(part)
     assert [len(p) for p in parts] == [10_000, 10_000, 5_600]
     assert b"".join(parts) == bytes(range(256)) * 100
+
+
+def test_keys_no_path_can_have_are_left_out_of_the_listing(rig: Rig) -> None:
+    # 'a//b' or 'd/../e' cannot be a local file: listed, they would be planned for trash
+    # (refused as path escapes on every run, counted against max_delete).
+    for k in ("p/ok", "p/a//b", "p/d/../e", "p/./c", "p/d/x"):
+        rig.c.put_object(Bucket=rig.bucket, Key=k, Body=b"1")
+    assert sorted(e.path for e in rig.remote().list("")) == ["d/x", "ok"]
+
+
+def test_throttling_by_any_code_is_transient_and_a_dead_endpoint_is_not_retried_by_check(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from botocore.exceptions import ClientError, ConnectTimeoutError
+
+    from syncd.errors import PermanentError, UnavailableError
+
+    r = S3Remote("arch", S3Options(bucket="b", endpoint_url="http://127.0.0.1:9",
+                                   region="us-east-1"))
+
+    def client_error(code: str, status: int) -> ClientError:
+        return ClientError({"Error": {"Code": code, "Message": code},
+                            "ResponseMetadata": {"HTTPStatusCode": status}}, "PutObject")
+
+    # S3-compatible servers throttle with codes of their own: the status decides.
+    assert isinstance(r._err(client_error("SlowDownWrite", 503)), TransientError)
+    assert isinstance(r._err(client_error("TooManyRequests", 429)), TransientError)
+    assert isinstance(r._err(client_error("BadGateway", 502)), TransientError)
+    assert type(r._err(client_error("InvalidStorageClass", 400))) is PermanentError
+
+    calls: list[int] = []
+
+    class Dead:
+        def head_bucket(self, **kw: Any) -> None:
+            calls.append(1)
+            raise ConnectTimeoutError(endpoint_url="http://127.0.0.1:9")
+
+    class Busy:
+        def head_bucket(self, **kw: Any) -> None:
+            calls.append(1)
+            raise client_error("SlowDown", 503)
+
+    # botocore already retried a timeout: check() gives up at once (before: 6 rounds).
+    monkeypatch.setattr(r, "_client", Dead())
+    with pytest.raises(UnavailableError):
+        r.check(sleep=lambda s: None)
+    assert len(calls) == 1
+    calls.clear()
+    monkeypatch.setattr(r, "_client", Busy())
+    with pytest.raises(UnavailableError):
+        r.check(sleep=lambda s: None)
+    assert len(calls) == 6

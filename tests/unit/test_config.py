@@ -259,6 +259,22 @@ def test_s3_remote_defaults_and_bad_keys(tmp_path: Path) -> None:
     assert e.key == "remotes.nas.bucket"
     e = load_err(tmp_path, S3.replace('prefix = "hosts/web1"', 'multipart_chunksize = "1MiB"'))
     assert e.key == "remotes.nas.multipart_chunksize" and "5MiB" in str(e)
+    e = load_err(tmp_path, S3.replace('prefix = "hosts/web1"', 'multipart_chunksize = "1GiB"\n'
+                                      'multipart_threshold = "1GiB"'))
+    assert e.key == "remotes.nas.multipart_chunksize" and "512MiB" in str(e)
+    e = load_err(tmp_path, S3.replace('prefix = "hosts/web1"', 'multipart_threshold = "2GiB"'))
+    assert e.key == "remotes.nas.multipart_threshold" and "memory" in str(e)
+
+
+def test_archive_storage_class_cannot_trash(tmp_path: Path) -> None:
+    # Trash is a server-side copy, which S3 refuses for archived objects: every delete
+    # would fail on every run. Refused up front, with what to do.
+    glacier = S3.replace('prefix = "hosts/web1"', 'storage_class = "deep_archive"')
+    e = load_err(tmp_path, glacier)
+    assert e.key == "sync[0].delete" and "DEEP_ARCHIVE" in str(e) and '"keep"' in str(e)
+    cfg = load_config(write(tmp_path, glacier.replace("max_delete = 10", 'delete = "keep"')),
+                      env={"HOME": "/h"})
+    assert cfg.pairs[0].delete == "keep"
 
 
 FTP = GOOD.replace('''type = "local"

@@ -35,6 +35,9 @@ def test_list_lines_that_are_not_entries_do_not_match() -> None:
     assert _LIST_RE.match("") is None
 
 
-def test_list_dates_order_and_differ() -> None:
-    assert _date_key("Nov 25 13:24") != _date_key("Nov 25 13:25")
-    assert _date_key("Jan  3  2024".replace("  ", " ")) != _date_key("Jan 3 2025")
+def test_list_date_key_is_month_and_day_so_it_survives_the_six_month_switch() -> None:
+    # `ls` prints 'Nov 25 13:24' for a recent file and 'Nov 25  2025' once it is six months
+    # old: the same file must keep its fingerprint, or every file would be uploaded again.
+    assert _date_key("Nov 25 13:24") == _date_key("Nov 25  2025") == _date_key("nov 25 01:00")
+    assert _date_key("Nov 25 13:24") != _date_key("Nov 26 13:24")
+    assert _date_key("Nov 25 13:24") != _date_key("Dec 25 13:24")

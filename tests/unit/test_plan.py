@@ -359,3 +359,13 @@ def test_own_temps_cleaned_at_once_foreign_only_when_stale() -> None:
               f"d/{TMP_PREFIX}zz99-2": RemoteEntry(f"d/{TMP_PREFIX}zz99-2", int(Kind.FILE), 1, young, "1:y")}
     acts = plan_push({}, {}, remote, Policy(now_ns=now, tmp_owner="ab12", delete="propagate"))
     assert [(a.op, a.path) for a in acts] == [(Op.CLEANUP, f"d/{TMP_PREFIX}ab12-1")]
+
+
+def test_foreign_temps_on_a_remote_without_times_are_never_judged_stale() -> None:
+    # An FTP server with LIST only gives no mtime (0): another syncd's temp, being written
+    # right now, must not be deleted under it.
+    from syncd.model import TMP_PREFIX
+
+    path = f"d/{TMP_PREFIX}zz99-2"
+    remote = {path: RemoteEntry(path, int(Kind.FILE), 1, 0, "1:y")}
+    assert plan_push({}, {}, remote, Policy(now_ns=10**18, tmp_owner="ab12")) == []
