@@ -20,7 +20,7 @@ from syncd import log as slog
 from syncd.config import Config, PairConfig
 from syncd.errors import LockedError, RemoteError, SafetyError, UnavailableError
 from syncd.index import Index
-from syncd.listing import Listing, RemoteDiff, diff_listing, drop_top_dirs
+from syncd.listing import Listing, RemoteDiff, diff_listing, drop_top_dirs, drop_unnamed
 from syncd.log import structlog
 from syncd.model import Action, Job, Kind, LocalState, Op, RemoteEntry, phase
 from syncd.plan import DRIFT_REASONS, Facts, Policy, check_safety, plan_push, under
@@ -271,6 +271,11 @@ class Engine:
                 if isinstance(listed, BaseException):
                     raise listed
                 diff = listed if listed is not None else listing.result()
+                if diff.unnamed:
+                    log.warning("remote_entries_skipped", count=len(diff.unnamed),
+                                paths=[ascii(p) for p in diff.unnamed[:10]],
+                                error="name is not valid UTF-8: never synced, never deleted; "
+                                      "rename it on the remote to have it handled")
             except UnavailableError as e:
                 self.unavailable[pair.remote] = e
                 raise
@@ -415,7 +420,7 @@ class Engine:
                 d = fast(pair.path, expected, keep_fn)
             else:
                 d = diff_listing(remote.list(pair.path), expected, keep_fn)
-            return drop_top_dirs(d, expected, matcher.ignored_tops)
+            return drop_unnamed(drop_top_dirs(d, expected, matcher.ignored_tops))
 
         return run
 

@@ -36,6 +36,7 @@ class RemoteDiff:
     gone: list[str] = field(default_factory=list)
     files: int = 0          # files on the remote (for max_delete percentages)
     entries: int = 0
+    unnamed: list[str] = field(default_factory=list)   # left out: see drop_unnamed
 
 
 def diff_listing(entries: Iterable[RemoteEntry], expected: dict[str, str],
@@ -90,6 +91,28 @@ def drop_top_dirs(d: RemoteDiff, expected: dict[str, str], names: frozenset[str]
             d.entries -= 1
             d.files -= expected[p] != DIR_FP
     return d
+
+
+def drop_unnamed(d: RemoteDiff) -> RemoteDiff:
+    """`d` without entries whose name is not valid UTF-8 (listed with surrogate escapes):
+    no file syncd syncs can have that name (the scanner refuses them), the index cannot
+    store it, so they are the remote's own and never touched. Their paths go to
+    `d.unnamed`, for the caller to report. They are never bases, so only `changed` holds
+    them."""
+    for p in [p for p in d.changed if not _utf8(p)]:
+        e = d.changed.pop(p)
+        d.entries -= 1
+        d.files -= e.kind == FILE
+        d.unnamed.append(p)
+    return d
+
+
+def _utf8(p: str) -> bool:
+    try:
+        p.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 class Listing:

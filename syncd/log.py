@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 from typing import Any, TextIO
@@ -103,6 +104,21 @@ def setup(fmt: str = "auto", level: str = "info") -> None:
         logger_factory=structlog.WriteLoggerFactory(file=_StderrFile()),  # type: ignore[arg-type]
         cache_logger_on_first_use=True,
     )
+    # Libraries' own log records (paramiko's "Socket exception: ..." on a dropped
+    # connection, say) would reach stderr as plain text through logging's last-resort
+    # handler, between the JSON lines. They become debug events instead: what matters of
+    # them syncd reports itself, as an error with remote, path and cause.
+    logging.root.handlers = [h for h in logging.root.handlers if not isinstance(h, _Forward)]
+    logging.root.addHandler(_Forward())
+    logging.root.setLevel(logging.DEBUG if _min_level <= logging.DEBUG else logging.WARNING)
+    logging.getLogger("paramiko").setLevel(logging.INFO)   # its DEBUG is every packet
+
+
+class _Forward(logging.Handler):
+    def emit(self, record: logging.LogRecord) -> None:
+        with contextlib.suppress(Exception):   # logging must never break a transfer
+            get().debug("library_log", logger=record.name, level_name=record.levelname.lower(),
+                        message=record.getMessage())
 
 
 def get(name: str | None = None) -> Any:

@@ -52,6 +52,11 @@ WRITE_WINDOW = 64
 MAX_CHANNELS = 8                 # per SSH connection; OpenSSH's default MaxSessions is 10
 READ_WINDOW = 32
 DIR_WINDOW = 32                  # directories listed at once
+# In a forked child: the parent's connections, kept referenced until the child exits.
+# Freed, paramiko's Channel.__del__ would send CLOSE on the socket the child shares with
+# the parent, under the parent's keys and sequence numbers: the server then hangs up on
+# the parent (and a GCM nonce would be used twice).
+_INHERITED: list[Any] = []
 _PREFERRED_CIPHERS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com")
 
 
@@ -419,7 +424,8 @@ class SFTPRemote:
         self._pid = os.getpid()
         self._lock = threading.Lock()
         self._free = threading.Condition(self._lock)
-        self._conns = []   # a session of theirs given back here is closed, not pooled
+        _INHERITED.append(self._conns)   # never freed here: see _INHERITED
+        self._conns = []   # a session of theirs given back here is dropped, not pooled
         self._connecting = 0
 
     @property
@@ -553,15 +559,20 @@ class SFTPRemote:
     def _give(self, ss: w.Session, reusable: bool) -> None:
         with self._lock:
             c: _Conn | None = getattr(ss, "conn", None)
-            if c is None or c not in self._conns:   # its connection was dropped
+            if c is not None and any(c in conns for conns in _INHERITED):
+                _INHERITED.append(ss)   # the parent's: not a word on its connection
+            elif c is None or c not in self._conns:   # its connection was dropped
                 ss.close_channel()
             elif reusable and not ss.broken:
                 c.idle.append(ss)
             else:
                 ss.close_channel()
                 c.sessions -= 1
-                # A broken channel usually means a dead connection.
-                if ss.broken and not c.transport.is_active():
+                # A broken channel usually means a dead connection. One that timed out
+                # may sit on a hung server process or a black-holed path that paramiko
+                # cannot see (keepalives expect no reply): every later call on it would
+                # time out too, so it goes as well, and the next call connects anew.
+                if ss.broken and (ss.timed_out or not c.transport.is_active()):
                     self._drop_conn(c)
             self._free.notify()
 

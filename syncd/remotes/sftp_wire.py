@@ -136,6 +136,7 @@ class Session:
         self.extensions: dict[str, bytes] = {}
         self.version = 0
         self.broken = False
+        self.timed_out = False   # the server stopped answering: its connection is suspect
         self.max_write = MIN_WRITE
         self.max_read = MIN_WRITE
         self._chunk = max(1024, int(getattr(channel, "out_max_packet_size", 32768)) - 64)
@@ -214,6 +215,7 @@ class Session:
                     self.ch.sendall(bytes(mv[i:i + n]))
         except (OSError, EOFError) as e:   # socket.timeout is an OSError
             self.broken = True
+            self.timed_out = isinstance(e, socket.timeout)
             raise ConnectionLost(_why(e, "sending")) from None
         except Exception as e:   # paramiko raises its own SSHException on a dead transport
             self.broken = True
@@ -224,6 +226,7 @@ class Session:
             data = self.ch.recv(1 << 20)
         except Exception as e:
             self.broken = True
+            self.timed_out = isinstance(e, socket.timeout)
             raise ConnectionLost(_why(e, "waiting for a reply")) from None
         if not data:
             self.broken = True

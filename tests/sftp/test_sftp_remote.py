@@ -233,6 +233,11 @@ def test_stalled_server_times_out_as_transient(tmp_path: Path, sshd: SSHServer) 
         try:   # the reply never comes: the session's own timeout (1 s) must end the wait
             with pytest.raises(TransientError, match="timed out"):
                 r.stat("anything")
+            # That connection is dropped (paramiko still thinks it alive: keepalives wait
+            # for no reply), so the next call connects anew (a new server process, not
+            # stopped) instead of timing out again and again.
+            (root / "there").write_bytes(b"x")
+            assert r.stat("there").size == 1
         finally:
             for pid in kids:
                 os.kill(int(pid), signal.SIGKILL)
@@ -628,4 +633,39 @@ def test_refused_extra_connection_caps_the_pool(srv: SSHServer, tmp_path: Path,
     assert not _busy_puts(r, tmp_path)
     assert len(r._conns) == 1 and r._capped == 1 and r._cap_until > 0
     assert len(calls) == 2   # tried once, then capped: no retry storm
+    r.close()
+
+
+def test_forked_child_never_speaks_on_the_parents_connection(srv: SSHServer, tmp_path: Path) -> None:
+    # The listing runs in a forked child. The parent's channels, closed or freed there,
+    # used to send CLOSE under the parent's keys and sequence numbers: sshd hung up on the
+    # parent (uploads on it failed and were retried).
+    import gc
+
+    for i in range(3):
+        (tmp_path / f"d{i}").mkdir()
+        (tmp_path / f"d{i}" / "f").write_bytes(b"x")
+    r = SFTPRemote("t", opts(srv, tmp_path, connections=1))
+    r.check()
+    held = r._take()   # a session in use at the fork: the child gives it back
+    before = id(r._transport)   # not a reference: the child must be free to drop it all
+    pid = os.fork()
+    if pid == 0:   # the child: list, give back, free everything, leave as Listing's does
+        code = 1
+        try:
+            n = sum(1 for _ in r.list(""))
+            r._give(held, False)
+            r._conns.clear()
+            gc.collect()
+            code = 0 if n == 6 else 2
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    time.sleep(0.3)
+    r._give(held, True)
+    assert sorted(e.path for e in r.list("")) == ["d0", "d0/f", "d1", "d1/f", "d2", "d2/f"]
+    # The same connection, alive: a CLOSE sent by the child would have made sshd hang up
+    # at the parent's next packet, and the listing would have reconnected.
+    assert id(r._transport) == before and r._transport.is_active()
     r.close()

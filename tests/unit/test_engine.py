@@ -278,3 +278,24 @@ def test_lost_and_found_at_the_pair_root_is_never_touched(tmp_path: Path) -> Non
     assert res.status == "ok"
     assert (dst / "docs" / "lost+found" / "#99").read_bytes() == b"local fsck leftovers"
     assert not recovered.exists()   # re-included: mirrored, so the remote-only file goes
+
+
+def test_remote_names_that_are_not_utf8_are_left_alone(tmp_path: Path) -> None:
+    """A remote file (or directory) whose name is not valid UTF-8 cannot be a synced file
+    nor stored in the index: it used to crash every reconcile of the remote (exit 70).
+    Now it is reported and never touched, even with delete = propagate."""
+    cfg, src, dst = setup(tmp_path, FILES)
+    pair = cfg.pairs[0]
+    cfg = cfg.__class__(cfg.source, cfg.daemon, cfg.remotes, (pair.__class__(
+        **{**{f: getattr(pair, f) for f in pair.__slots__}, "delete": "propagate"}),))
+    docs = os.fsencode(dst / "docs")
+    os.makedirs(os.path.join(docs, b"dir\xfe"))
+    for p in (b"bad\xff.txt", b"dir\xfe/inner.txt"):
+        with open(os.path.join(docs, p), "wb") as f:
+            f.write(b"theirs")
+    for _ in range(2):
+        res = engine(cfg, None, Clock()).reconcile(cfg.pairs[0], Options())
+        assert res.status == "ok" and res.deleted == 0 and not res.failures
+    for p in (b"bad\xff.txt", b"dir\xfe/inner.txt"):
+        with open(os.path.join(docs, p), "rb") as f:
+            assert f.read() == b"theirs"
