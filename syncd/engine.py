@@ -112,6 +112,23 @@ class StateLock:
             self.fd = -1
 
 
+_stamps: dict[str, int] = {}
+_stamps_lock = threading.Lock()
+
+
+def trash_stamp(now: float) -> str:
+    """The trash folder name of one reconcile: its UTC second, plus '-2', '-3'... for later
+    reconciles in the same second (the daemon's debounce is 250 ms). Two runs sharing one
+    folder would trash the same path onto each other, and a rename replaces its target:
+    the first trashed version would be lost."""
+    base = time.strftime("%Y-%m-%dT%H%M%SZ", time.gmtime(now))
+    with _stamps_lock:
+        n = _stamps.get(base, 0) + 1
+        _stamps.clear()   # only the current second matters
+        _stamps[base] = n
+    return base if n == 1 else f"{base}-{n}"
+
+
 class Engine:
     def __init__(self, cfg: Config, index: Index, *, clock: Callable[[], float] = time.time,
                  reporter_factory: Callable[[str, int, int], Reporter | None] | None = None,
@@ -324,7 +341,7 @@ class Engine:
 
         caps = remote.caps
         policy = Policy(delete=pair.delete,
-                        trash_stamp=time.strftime("%Y-%m-%dT%H%M%SZ", time.gmtime(self.clock())),
+                        trash_stamp=trash_stamp(self.clock()),
                         dirs=caps.dirs, mtime_precision_ns=caps.mtime_precision_ns,
                         now_ns=int(self.clock() * 1e9),
                         tmp_owner=getattr(remote, "tmp_owner", ""))

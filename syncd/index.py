@@ -235,8 +235,12 @@ class Index:
 
     def set_pair_result(self, pair: str, when: float, result: str) -> None:
         with self.tx():
-            self.db.execute("UPDATE pairs SET last_reconcile = ?, last_result = ? "
-                            "WHERE pair = ?", (when, result, pair))
+            # An upsert: a first reconcile stopped by a guard has no row yet, and `syncd
+            # status` must still say it ran and why it stopped.
+            self.db.execute(
+                "INSERT INTO pairs (pair, root, last_reconcile, last_result) VALUES (?, '', ?, ?) "
+                "ON CONFLICT(pair) DO UPDATE SET last_reconcile = excluded.last_reconcile, "
+                "last_result = excluded.last_result", (pair, when, result))
 
     # --- entries --------------------------------------------------------------------------
 

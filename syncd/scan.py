@@ -24,7 +24,9 @@ from syncd.model import TMP_PREFIX, TRASH_DIR, Kind, LocalState
 # mtime changing (coarse timestamps: ext4 ticks, FAT's 2 s); re-hash it on the next scan.
 RACY_WINDOW_NS = 2_000_000_000
 BUF_SIZE = 1 << 20
-_O_FLAGS = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)
+# O_NONBLOCK: a path the walk saw as a file may be a FIFO by now, and a blocking open of
+# a FIFO waits for a writer forever (reads of regular files ignore the flag).
+_O_FLAGS = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0)
 _O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _S_IFMT, _S_IFREG = st_mod.S_IFMT(0o777777), st_mod.S_IFREG
 
@@ -248,6 +250,8 @@ def hash_file(path: str, follow_symlinks: bool = False) -> tuple[bytes, os.stat_
     fd = os.open(path, _O_FLAGS if follow_symlinks else _O_FLAGS | _O_NOFOLLOW)
     try:
         before = os.fstat(fd)
+        if not st_mod.S_ISREG(before.st_mode):   # no longer a file: the caller drops it
+            return b"", before, before
         if before.st_size <= BUF_SIZE:
             chunks = []
             while True:

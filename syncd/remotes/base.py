@@ -47,7 +47,9 @@ class Source:
     def __init__(self, abspath: str, rel: str, follow_symlinks: bool = False):
         self.abspath = abspath
         self.rel = rel
-        flags = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)
+        # O_NONBLOCK: the file may have become a FIFO since the scan, and a blocking open
+        # would wait for a writer forever (reads of regular files ignore the flag).
+        flags = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0)
         if not follow_symlinks:
             flags |= getattr(os, "O_NOFOLLOW", 0)
         self.fd = os.open(abspath, flags)

@@ -452,8 +452,10 @@ class LocalRemote:
             os.utime(fd, ns=(source.mtime_ns, source.mtime_ns))
             if fsync:
                 os.fsync(fd)
-            os.close(fd)
-            fd = -1
+            # Linux frees the descriptor even when close() fails (NFS, CIFS report write
+            # errors there): never close that number twice, it may be another thread's now.
+            closing, fd = fd, -1
+            os.close(closing)
             return tmp
         except BaseException as e:
             if fd >= 0:

@@ -120,6 +120,14 @@ def test_empty_local_root_trips(setup: Setup) -> None:
     assert tree(setup.mirror) == FILES
 
 
+def test_status_after_a_first_reconcile_stopped_by_a_guard(setup: Setup) -> None:
+    # The pair's row used to be made only after the guards passed: status said "never".
+    setup.src.rmdir()
+    assert setup.reconcile().code == 4
+    st = run_syncd("status", "--config", str(setup.config))
+    assert "last reconcile never" not in st.out and "stopped by guard" in st.out, st.out
+
+
 def test_missing_local_root_trips(setup: Setup) -> None:
     populate(setup)
     assert setup.reconcile().code == 0

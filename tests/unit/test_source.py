@@ -104,3 +104,66 @@ def test_modes_survive_the_umask(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
         assert (dst / "f").stat().st_mode & 0o777 == mode
     finally:
         os.umask(old)
+
+
+def _bounded(fn: object, seconds: float = 5.0) -> object:
+    """Run fn in a daemon thread; fail (instead of hanging the suite) if it blocks."""
+    out: dict[str, object] = {}
+
+    def go() -> None:
+        try:
+            out["value"] = fn()  # type: ignore[operator]
+        except BaseException as e:
+            out["error"] = e
+
+    t = threading.Thread(target=go, daemon=True)
+    t.start()
+    t.join(seconds)
+    assert not t.is_alive(), "blocked: a FIFO was opened for reading without O_NONBLOCK"
+    if "error" in out:
+        raise out["error"]  # type: ignore[misc]
+    return out.get("value")
+
+
+def test_a_file_that_became_a_fifo_is_refused_not_waited_on(tmp_path: Path) -> None:
+    # The scan saw a file; by upload (or hashing) time it is a FIFO with no writer. A
+    # blocking open() would wait for a writer forever: the reconcile hung.
+    from syncd.scan import hash_file
+
+    fifo = tmp_path / "f"
+    os.mkfifo(fifo)
+    with pytest.raises(SourceChanged, match="no longer a regular file"):
+        _bounded(lambda: Source(str(fifo), "f"))
+    digest, before, _ = _bounded(lambda: hash_file(str(fifo)))  # type: ignore[misc]
+    assert digest == b"" and not os.path.isfile(fifo) and before.st_size == 0
+
+
+def test_a_failing_close_of_the_temp_is_reported_once(tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    # NFS and CIFS report write errors at close(); Linux frees the descriptor anyway. A
+    # second close() of that number hit whatever another thread had opened meanwhile.
+    import errno
+
+    (tmp_path / "root").mkdir()
+    src = tmp_path / "f.txt"
+    src.write_bytes(b"payload")
+    r = LocalRemote("nas", tmp_path / "root", fsync=False)
+    real_close = os.close
+    armed = {"on": True}
+    victim: list[int] = []
+
+    def failing_close(fd: int) -> None:
+        real_close(fd)
+        if armed["on"]:   # the first close in put() is the temp's
+            armed["on"] = False
+            victim.append(os.open(tmp_path / "victim", os.O_CREAT | os.O_WRONLY, 0o644))
+            raise OSError(errno.EDQUOT, "Disk quota exceeded")
+
+    monkeypatch.setattr(local_mod.os, "close", failing_close)
+    with pytest.raises(Exception) as e, Source(str(src), "x.txt") as s:
+        r.put("x.txt", s)
+    monkeypatch.undo()
+    assert "quota" in str(e.value).lower()
+    os.fstat(victim[0])   # still open: nobody closed it behind its owner's back
+    real_close(victim[0])
+    assert [p.name for p in (tmp_path / "root").iterdir()] == []   # no temp left
