@@ -22,7 +22,7 @@ from syncd.errors import LockedError, RemoteError, SafetyError, UnavailableError
 from syncd.index import Index
 from syncd.listing import Listing, RemoteDiff, diff_listing, drop_top_dirs, drop_unnamed
 from syncd.log import structlog
-from syncd.model import Action, Job, Kind, LocalState, Op, RemoteEntry, phase
+from syncd.model import BEFORE_WRITES, Action, Job, Kind, LocalState, Op, RemoteEntry, phase
 from syncd.plan import DRIFT_REASONS, Facts, Policy, check_safety, plan_push, under
 from syncd.queue import Queue
 from syncd.remotes import open_remote
@@ -373,10 +373,11 @@ class Engine:
         # The plan is in phase order: writes first, then (phase >= 1) what deletes.
         cut = next((i for i, a in enumerate(actions) if phase(a) >= 1), len(actions))
         first, later = actions[:cut], actions[cut:]
-        if scan_errors and any(a.replaces for a in first):
-            # Replacing a remote file by a directory removes it before any upload: like
-            # every delete, not after a scan error. What would go under it waits too.
-            held = {a.path for a in first if a.replaces}
+        if scan_errors and any(a.replaces or a.reason == BEFORE_WRITES for a in first):
+            # Replacing a remote file by a directory removes it before any upload, as do
+            # removals of names differing from a local one by case only: like every
+            # delete, not after a scan error. What would go under them waits too.
+            held = {a.path for a in first if a.replaces or a.reason == BEFORE_WRITES}
             kept = [a for a in first if a.path not in held and not under(a.path, held)]
             log.warning("replacements_skipped", count=len(first) - len(kept),
                         paths=sorted(held)[:20],

@@ -99,17 +99,29 @@ class Job(NamedTuple):
 
 PHASE_REPLACE_FILE = -1
 PHASE_REPLACE_DIR = 1003
+# Removing a remote name that equals a local path but for case or Unicode form ('Foo.txt'
+# where the local tree now has 'foo.txt'): on a case-insensitive remote (an SMB/CIFS NAS,
+# macOS, Windows) writing 'foo.txt' lands on that very entry, and removing 'Foo.txt'
+# after the writes would take the new copy with it. Such removals run before the writes:
+# files first, then emptied directories deepest first.
+BEFORE_WRITES = "same name as a local path but for case or Unicode form: removed first"
+PHASE_CASE_REMOVE = -3000
+PHASE_CASE_RMDIR = -2000
 
 
 def phase(a: Action) -> int:
     """Execution order between jobs of one pair: directories that replace remote files
     (before anything is written under them), writes, then deletes (only after every write
     succeeded), then directory removals deepest first, then files that replace remote
-    directories (once those are emptied). Phase >= 1 is the deleting part of a plan."""
+    directories (once those are emptied). Phase >= 1 is the deleting part of a plan.
+    Before all of them: removals of names that differ from a local path only by case or
+    Unicode form (see BEFORE_WRITES)."""
     if a.replaces:
         return PHASE_REPLACE_FILE if a.op == Op.MKDIR else PHASE_REPLACE_DIR
     if a.op is Op.UPLOAD:   # most jobs: skip the comparisons below (runs once per job per step)
         return 0
+    if a.reason == BEFORE_WRITES:
+        return PHASE_CASE_RMDIR - a.path.count("/") if a.op == Op.RMDIR else PHASE_CASE_REMOVE
     if a.op in (Op.DELETE, Op.TRASH, Op.CLEANUP):
         return 1   # CLEANUP too: a temp name may belong to an upload of this same run
     if a.op == Op.RMDIR:

@@ -3,10 +3,12 @@ guard that stands between a plan and the queue. No I/O, no clock: `now` is passe
 
 from __future__ import annotations
 
+import unicodedata
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 from syncd.model import (
+    BEFORE_WRITES,
     DELETING_OPS,
     TMP_PREFIX,
     TRASH_DIR,
@@ -88,11 +90,31 @@ def plan_push(local: Mapping[str, LocalState], base: Mapping[str, Base],
                               dest=f"{TRASH_DIR}/{policy.trash_stamp}/{path}"))
     rmdirs.sort(key=lambda a: a.path.count("/"), reverse=True)  # children before parents
     out.extend(rmdirs)
+    if any(a.op in _REMOVING for a in out):
+        out = _fold_collisions_first(out, local)
     out.sort(key=phase)   # stable; the queue runs a pair's jobs phase by phase in this order
     blocked = {a.path for a in out if a.op == Op.CONFLICT and local[a.path].kind == DIR}
     if blocked:   # nothing can be written under a remote file that must stay
         out = [a for a in out if a.op not in (Op.UPLOAD, Op.MKDIR) or not under(a.path, blocked)]
     return out
+
+
+_REMOVING = frozenset({Op.DELETE, Op.TRASH, Op.RMDIR})
+
+
+def fold(path: str) -> str:
+    """A path as a case-insensitive, normalising file system compares it."""
+    return unicodedata.normalize("NFC", path).casefold()
+
+
+def _fold_collisions_first(out: list[Action], local: Mapping[str, LocalState]) -> list[Action]:
+    """Mark removals of remote names that a local path equals but for case or Unicode form
+    to run before the writes (BEFORE_WRITES). On a case-sensitive remote that order is as
+    right as any; on a case-insensitive one it is the only order that keeps the file."""
+    folded = {fold(p) for p in local}
+    return [a._replace(reason=BEFORE_WRITES)
+            if a.op in _REMOVING and a.path not in local and fold(a.path) in folded else a
+            for a in out]
 
 
 def under(path: str, dirs: set[str]) -> bool:

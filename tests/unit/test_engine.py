@@ -320,3 +320,70 @@ def test_trashing_one_path_twice_in_one_second_keeps_both_versions(tmp_path: Pat
     assert sorted(trashed.values()) == [b"version-1", b"version-2"]
     assert trash_stamp(5.0) == "1970-01-01T000005Z" and trash_stamp(5.5) == "1970-01-01T000005Z-2"
     assert trash_stamp(6.0) == "1970-01-01T000006Z"
+
+
+class CaseInsensitive(LocalRemote):
+    """A directory remote that resolves names case-insensitively, as an SMB/CIFS share or
+    macOS does (case-preserving: a new name keeps its case, an existing one is reused)."""
+
+    put_many = None   # type: ignore[assignment]  # one code path: put()
+    stage_many = None   # type: ignore[assignment]
+
+    def _canon(self, path: str) -> str:
+        cur, out = str(self.root), []
+        for c in path.split("/"):
+            m = c
+            if os.path.isdir(cur):
+                m = next((n for n in os.listdir(cur) if n.lower() == c.lower()), c)
+            out.append(m)
+            cur = os.path.join(cur, m)
+        return "/".join(out)
+
+    def put(self, path: str, source: Any) -> Any:
+        canon = self._canon(path)
+        parent, _, name = canon.rpartition("/")
+        if name != path.rpartition("/")[2] and os.path.exists(os.path.join(self.root, canon)):
+            # Writing 'foo.txt' over 'Foo.txt' replaces that entry (keeping one name).
+            os.unlink(os.path.join(self.root, canon))
+            canon = f"{parent}/{path.rpartition('/')[2]}" if parent else path.rpartition("/")[2]
+        return super().put(canon, source)._replace(path=path)
+
+    def delete(self, paths: Any) -> None:
+        super().delete([self._canon(p) for p in paths])
+
+    def move(self, src: str, dst: str) -> None:
+        super().move(self._canon(src), dst)
+
+    def mkdir(self, path: str) -> Any:
+        return super().mkdir(self._canon(path))
+
+    def rmdir(self, path: str) -> bool:
+        return super().rmdir(self._canon(path))
+
+
+@pytest.mark.parametrize("delete", ["trash", "propagate"])
+def test_case_only_renames_keep_the_file_on_a_case_insensitive_remote(tmp_path: Path,
+                                                                       delete: str) -> None:
+    """'Foo.txt' renamed 'foo.txt' (and 'Docs/' renamed 'docs/'): the upload of the new
+    name landed on the old entry, and the removal of the old name, after the writes, then
+    took the only copy away; the run still said "in sync"."""
+    files = {"Foo.txt": b"precious", "Docs/a.txt": b"A", "Docs/sub/b.txt": b"B",
+             "k1": b"1", "k2": b"2", "k3": b"3", "k4": b"4", "k5": b"5", "k6": b"6"}
+    cfg, src, dst = setup(tmp_path, files)
+    pair = cfg.pairs[0]
+    cfg = cfg.__class__(cfg.source, cfg.daemon, cfg.remotes, (pair.__class__(
+        **{**{f: getattr(pair, f) for f in pair.__slots__}, "delete": delete}),))
+    remote = CaseInsensitive("nas", dst, fsync=False)
+    clock = Clock()
+    assert engine(cfg, remote, clock).reconcile(cfg.pairs[0], Options()).status == "ok"
+    os.rename(src / "Foo.txt", src / "foo.txt")
+    os.rename(src / "Docs", src / "docs")
+    want = {"foo.txt": b"precious", "docs/a.txt": b"A", "docs/sub/b.txt": b"B",
+            **{f"k{i}": str(i).encode() for i in range(1, 7)}}
+    for _ in range(2):   # the rename, then a run that must find nothing to do
+        clock.t += 1
+        res = engine(cfg, remote, clock).reconcile(cfg.pairs[0], Options())
+        assert res.status == "ok" and not res.failures
+        mirror = {k: v for k, v in tree(dst / "docs").items() if not k.startswith(".syncd-trash")}
+        assert mirror == want
+    assert res.uploaded == 0 and res.deleted == 0 and res.trashed == 0

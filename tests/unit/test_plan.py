@@ -369,3 +369,19 @@ def test_foreign_temps_on_a_remote_without_times_are_never_judged_stale() -> Non
     path = f"d/{TMP_PREFIX}zz99-2"
     remote = {path: RemoteEntry(path, int(Kind.FILE), 1, 0, "1:y")}
     assert plan_push({}, {}, remote, Policy(now_ns=10**18, tmp_owner="ab12")) == []
+
+
+def test_removals_of_case_variants_of_local_names_run_before_the_writes() -> None:
+    from syncd.model import BEFORE_WRITES
+
+    local = {"foo.txt": loc("new"), "docs": loc(None), "docs/a": loc("a"), "caf\u00e9": loc("c")}
+    content = {"Foo.txt": "new", "Docs": None, "Docs/a": "a", "cafe\u0301": "c", "other": "x"}
+    remote = {p: rem(p, c) for p, c in content.items()}
+    bases = {p: base(c) for p, c in content.items()}
+    acts = plan_push(local, bases, remote, Policy(delete="propagate"))
+    first = [(a.op, a.path) for a in acts if phase(a) < 0]
+    assert first == [(Op.DELETE, "Foo.txt"), (Op.DELETE, "Docs/a"), (Op.DELETE, "cafe\u0301"),
+                     (Op.RMDIR, "Docs")]
+    assert all(a.reason == BEFORE_WRITES for a in acts if phase(a) < 0)
+    # An unrelated removal still waits until every write succeeded.
+    assert [(a.op, a.path) for a in acts if phase(a) >= 1] == [(Op.DELETE, "other")]
