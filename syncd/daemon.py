@@ -22,6 +22,7 @@ from syncd.config import Config, load_config
 from syncd.errors import SyncdError
 
 FALLBACK_SCAN_S = 30.0      # pairs that cannot be watched are scanned this often
+WATCH_CHECK_S = 10.0        # watched roots are checked (replaced? unmounted?) this often
 
 
 def sd_notify(state: str) -> bool:
@@ -60,6 +61,8 @@ class Daemon:
         self.watcher: Any = None
         self.debouncer: Any = None
         self.unwatched: set[str] = set()
+        self.rewatch: set[str] = set()       # unwatched until their root is back
+        self.roots: dict[str, Any] = {}      # pair -> (real root, ignored)
         self.next_full: dict[str, float] = {}
         self.next_poll: dict[str, float] = {}
         self.retry_at: dict[str, tuple[float, bool]] = {}   # pair -> (when, full reconcile?)
@@ -176,14 +179,42 @@ class Daemon:
 
         roots = {}
         for p in self.cfg.pairs:
-            m = pair_matcher(p.ignore)
-            roots[p.name] = (str(p.local), lambda rel, m=m: m(rel) or m(rel + "/"))
+            m = pair_matcher(p.ignore, p.local, self.cfg.daemon.state_dir)
+            # The real path: watchdog does not follow a root that is a symlink (~/Documents
+            # -> /data/Documents): it would watch the link and see nothing.
+            roots[p.name] = (os.path.realpath(p.local), lambda rel, m=m: m(rel) or m(rel + "/"))
+        self.roots = roots
         self.watcher = Watcher(self.debouncer, self.log)
         self.unwatched = set(self.watcher.start(
             {n: r for n, r in roots.items() if os.path.isdir(r[0])}))
-        self.unwatched |= {n for n, r in roots.items() if not os.path.isdir(r[0])}
+        # A root missing now (a disk not mounted yet) is watched once it is there.
+        self.rewatch = {n for n, r in roots.items() if not os.path.isdir(r[0])}
+        self.unwatched |= self.rewatch
         now = time.monotonic()
         self.next_poll = {n: now + FALLBACK_SCAN_S for n in self.unwatched}
+
+    def _check_watches(self, now: float) -> None:
+        """Pairs whose watch was lost fall back to periodic scans (now, then every
+        FALLBACK_SCAN_S); a pair whose root was replaced or was missing is watched again
+        once its root is a directory, and scanned then (what changed meanwhile)."""
+        w = self.watcher
+        if w is None:
+            return
+        w.check_roots()
+        for name, why in w.take_lost().items():
+            self.log.warning("watch_lost", pair=name, reason=why, fallback="periodic scans")
+            self.unwatched.add(name)
+            self.next_poll[name] = now
+            if why == "root_replaced":
+                self.rewatch.add(name)
+        for name in list(self.rewatch):
+            root, ignored = self.roots[name]
+            if os.path.isdir(root) and w.watch(name, root, ignored):
+                self.log.info("watch_restored", pair=name, path=root)
+                self.rewatch.discard(name)
+                self.unwatched.discard(name)
+                self.next_poll.pop(name, None)
+                self.debouncer.touch(name)
 
     def _loop(self) -> None:
         d = self.cfg.daemon
@@ -196,11 +227,13 @@ class Daemon:
             now = time.monotonic()
             wake_at = min([*self.next_full.values(), *self.next_poll.values(),
                            *(t for t, _ in self.retry_at.values()), deb.next_due() or now + 3600])
-            deb.wake.wait(max(0.0, min(wake_at - now, 60.0)))
+            # At least every WATCH_CHECK_S: a stat per root tells a replaced or unmounted one.
+            deb.wake.wait(max(0.0, min(wake_at - now, WATCH_CHECK_S)))
             deb.wake.clear()
             if self.stop.is_set():
                 break
             now = time.monotonic()
+            self._check_watches(now)
             if self.reload.is_set():
                 self.reload.clear()
                 self._reload()

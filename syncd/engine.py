@@ -216,7 +216,7 @@ class Engine:
         log = self.log
         root = str(pair.local)
         meta = self.index.pair_meta(pair.name)
-        matcher = pair_matcher(pair.ignore)
+        matcher = pair_matcher(pair.ignore, pair.local, self.cfg.daemon.state_dir)
         if not os.path.isdir(root):
             self._trip(pair, Facts(False, 0, self.index.count_base(pair.name), 0, None, None, 0, ""),
                        opts)

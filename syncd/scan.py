@@ -76,10 +76,28 @@ def _top_dir(line: str) -> str | None:
 BUILTIN_IGNORE = ("/lost+found/",)
 
 
-def pair_matcher(patterns: Iterable[str]) -> Matcher:
+def pair_matcher(patterns: Iterable[str], root: str | os.PathLike[str] | None = None,
+                 state_dir: str | os.PathLike[str] | None = None) -> Matcher:
     """A pair's matcher: the built-in rules first, so the pair's own patterns can override
-    them."""
-    return Matcher((*BUILTIN_IGNORE, *patterns))
+    them. With `root` and `state_dir`: also syncd's own state dir when it lies inside the
+    pair's root (`local = "~"` with the default state dir). Its database changes on every
+    run: synced, it would be uploaded half-written, and wake the daemon again forever."""
+    return Matcher((*BUILTIN_IGNORE, *_state_dir_rule(root, state_dir), *patterns))
+
+
+def _state_dir_rule(root: str | os.PathLike[str] | None,
+                    state_dir: str | os.PathLike[str] | None) -> tuple[str, ...]:
+    if root is None or state_dir is None:
+        return ()
+    top, own = os.path.realpath(root).rstrip("/"), os.path.realpath(state_dir)
+    if not own.startswith(top + "/"):
+        return ()
+    rel = own[len(top) + 1:]
+    # A literal path as a gitignore pattern: wildcard and escape characters escaped, and a
+    # name's leading '!' or '#' too (pathspec honours backslash escapes).
+    esc = "/".join(("\\" + c if c[:1] and c[:1] in "!#" else c) for c in
+                   "".join("\\" + ch if ch in "\\*?[]" else ch for ch in rel).split("/"))
+    return (f"/{esc}/",)
 
 
 # A prior row, as Index.load_prior returns it:

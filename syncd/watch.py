@@ -6,6 +6,7 @@ the daemon asks `Debouncer.due()` which pairs are quiet long enough to scan.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import threading
@@ -106,54 +107,37 @@ class WatchError(Exception):
 
 
 class Watcher:
-    """One watchdog observer over every pair's root; events become Debouncer marks."""
+    """One watchdog observer over every pair's root; events become Debouncer marks.
+
+    A pair whose watch is lost, or was never complete, is reported by `take_lost()` (the
+    daemon then scans it periodically): the root replaced, deleted or unmounted (seen by
+    `check_roots()`, or by an event on the root itself), or a subdirectory that could not
+    be watched (the inotify watch limit: watchdog skips those silently). A kernel queue
+    overflow (events dropped) marks the pair changed, so it is scanned in full."""
 
     def __init__(self, debouncer: Debouncer, log: Any):
         self.debouncer = debouncer
         self.log = log
         self.observer: Any = None
         self.watched: dict[str, str] = {}   # pair -> root
+        self._ident: dict[str, tuple[int, int]] = {}   # pair -> root's (st_dev, st_ino)
+        self._handles: dict[str, Any] = {}
+        self._lost: dict[str, str] = {}     # pair -> why; filled from watchdog's thread
+        self._lock = threading.Lock()
+        self._track = False
 
     def start(self, roots: dict[str, tuple[str, Callable[[str], bool]]]) -> list[str]:
         """Watch each pair's root; returns the pairs that could not be watched (they fall
         back to periodic scans), after logging why."""
-        from watchdog.events import FileSystemEventHandler
         from watchdog.observers import Observer
 
-        deb = self.debouncer
+        _install_hooks()
         # Only inotify reports a file's close after writing; elsewhere (macOS FSEvents,
         # polling) a modified file would look open for ever: do not track writers there.
-        track = Observer.__name__ == "InotifyObserver"
-
-        class Handler(FileSystemEventHandler):
-            def __init__(self, pair: str, root: str, ignored: Callable[[str], bool]):
-                self.pair, self.root, self.ignored = pair, root, ignored
-
-            def on_any_event(self, event: Any) -> None:
-                kind = event.event_type
-                if kind in _IGNORED_EVENTS:
-                    return
-                for p in (event.src_path, getattr(event, "dest_path", "")):
-                    if not p:
-                        continue
-                    p = os.fsdecode(p)
-                    rel = os.path.relpath(p, self.root) if p != self.root else ""
-                    if rel == ".." or rel.startswith("../"):   # not under this root
-                        continue
-                    if relevant(rel.replace(os.sep, "/"), self.ignored):
-                        deb.touch(self.pair, path="" if event.is_directory or not track
-                                  else p, event=kind)
-                        return
-
+        self._track = Observer.__name__ == "InotifyObserver"
         self.observer = Observer()
-        failed = []
-        for pair, (root, ignored) in roots.items():
-            try:
-                self.observer.schedule(Handler(pair, root, ignored), root, recursive=True)
-                self.watched[pair] = root
-            except OSError as e:
-                failed.append(pair)
-                self._log_watch_error(pair, root, e)
+        failed = [pair for pair, (root, ignored) in roots.items()
+                  if not self._schedule(pair, root, ignored)]
         try:
             self.observer.start()
         except OSError as e:
@@ -163,24 +147,170 @@ class Watcher:
             self.watched.clear()
         return failed
 
+    def watch(self, pair: str, root: str, ignored: Callable[[str], bool]) -> bool:
+        """Watch a pair again (its root is back); False if it cannot be watched yet."""
+        if self.observer is None:
+            return False
+        return self._schedule(pair, root, ignored, quiet=True)
+
+    def _schedule(self, pair: str, root: str, ignored: Callable[[str], bool],
+                  quiet: bool = False) -> bool:
+        try:
+            st = os.stat(root)
+            h = self.observer.schedule(_handler(self, pair, root, ignored), root, recursive=True)
+        except OSError as e:
+            if not quiet:
+                self._log_watch_error(pair, root, e)
+            return False
+        with self._lock:
+            self.watched[pair] = root
+            self._ident[pair] = (st.st_dev, st.st_ino)
+            self._handles[pair] = h
+            self._lost.pop(pair, None)
+            _WATCHERS[os.fsencode(root)] = (self, pair)
+        return True
+
+    def lose(self, pair: str, why: str) -> None:
+        """Stop trusting a pair's watch (from any thread); the daemon polls it instead."""
+        with self._lock:
+            root = self.watched.pop(pair, None)
+            if root is None:
+                return
+            self._lost[pair] = why
+            h = self._handles.pop(pair, None)
+            self._ident.pop(pair, None)
+            _WATCHERS.pop(os.fsencode(root), None)
+        if h is not None and self.observer is not None:
+            # Not from watchdog's own thread: unscheduling joins the emitter.
+            threading.Thread(target=self._unschedule, args=(h,), daemon=True).start()
+        self.debouncer.touch(pair)
+
+    def _unschedule(self, h: Any) -> None:
+        obs = self.observer
+        with contextlib.suppress(Exception):   # already gone with its root: nothing to stop
+            if obs is not None:
+                obs.unschedule(h)
+
+    def take_lost(self) -> dict[str, str]:
+        with self._lock:
+            out, self._lost = self._lost, {}
+        return out
+
+    def check_roots(self) -> None:
+        """A root deleted, replaced (moved aside and copied back) or unmounted keeps no
+        working watch; a stat per pair tells."""
+        for pair, root in list(self.watched.items()):
+            try:
+                st = os.stat(root)
+                same = (st.st_dev, st.st_ino) == self._ident.get(pair)
+            except OSError:
+                same = False
+            if not same:
+                self.lose(pair, "root_replaced")
+
     def _log_watch_error(self, pair: str, root: str, e: OSError) -> None:
         if e.errno == errno.ENOSPC:
-            n = _count_dirs(root)
-            self.log.error("watch_limit", pair=pair, path=root, error=str(e),
-                           fix=f"raise fs.inotify.max_user_watches to at least "
-                               f"{n + 8192} (this tree has {n} directories): "
-                               f"sysctl fs.inotify.max_user_watches={n + 8192}",
-                           fallback="periodic scans")
+            self._log_limit(pair, root, str(e))
         else:
             self.log.error("watch_failed", pair=pair, path=root, error=str(e),
                            fallback="periodic scans")
+
+    def _log_limit(self, pair: str, root: str, error: str) -> None:
+        n = _count_dirs(root)
+        self.log.error("watch_limit", pair=pair, path=root, error=error,
+                       fix=f"raise fs.inotify.max_user_watches to at least "
+                           f"{n + 8192} (this tree has {n} directories): "
+                           f"sysctl fs.inotify.max_user_watches={n + 8192}, then "
+                           "restart syncd", fallback="periodic scans")
 
     def stop(self) -> None:
         if self.observer is not None:
             self.observer.stop()
             self.observer.join(timeout=5)
             self.observer = None
-        self.watched.clear()
+        with self._lock:
+            for root in self.watched.values():
+                _WATCHERS.pop(os.fsencode(root), None)
+            self.watched.clear()
+
+
+def _handler(w: Watcher, pair: str, root: str, ignored: Callable[[str], bool]) -> Any:
+    from watchdog.events import FileSystemEventHandler
+
+    deb = w.debouncer
+
+    class Handler(FileSystemEventHandler):
+        def on_any_event(self, event: Any) -> None:
+            kind = event.event_type
+            if kind in _IGNORED_EVENTS:
+                return
+            for p in (event.src_path, getattr(event, "dest_path", "")):
+                if not p:
+                    continue
+                p = os.fsdecode(p)
+                if p == root and kind in ("deleted", "moved"):
+                    w.lose(pair, "root_replaced")   # the root itself: its watch is gone
+                    return
+                rel = os.path.relpath(p, root) if p != root else ""
+                if rel == ".." or rel.startswith("../"):   # not under this root
+                    continue
+                if relevant(rel.replace(os.sep, "/"), ignored):
+                    deb.touch(pair, path="" if event.is_directory or not w._track else p,
+                              event=kind)
+                    return
+
+    return Handler()
+
+
+# root (bytes, as watchdog keeps it) -> (watcher, pair), for the hooks below
+_WATCHERS: dict[bytes, tuple[Watcher, str]] = {}
+_hooks_installed = False
+
+
+def _install_hooks() -> None:
+    """Two things watchdog's inotify observer handles silently, made visible: a queue
+    overflow (it re-adds its watches and drops the pending events: the pair must be
+    rescanned) and a subdirectory it cannot watch (skipped without a word, e.g. at the
+    inotify watch limit: changes there would wait for the full reconcile). Wrapped only
+    where watchdog has the methods, as 7.x does; tests check that they are in place."""
+    global _hooks_installed
+    if _hooks_installed:
+        return
+    _hooks_installed = True
+    try:
+        from watchdog.observers.inotify import InotifyWatchGroup
+    except ImportError:   # not Linux: no inotify
+        return
+    overflow = getattr(InotifyWatchGroup, "on_queue_overflow", None)
+    add = getattr(InotifyWatchGroup, "_add_callback", None)
+    if overflow is not None:
+        def on_queue_overflow(group: Any) -> None:
+            overflow(group)
+            hit = _WATCHERS.get(getattr(group, "path", b""))
+            if hit is not None:
+                hit[0].log.warning("watch_overflow", pair=hit[1],
+                                   note="the kernel dropped file events: rescanning the pair")
+                hit[0].debouncer.touch(hit[1])
+
+        InotifyWatchGroup.on_queue_overflow = on_queue_overflow  # type: ignore[method-assign]
+    if add is not None:
+        def _add_callback(group: Any, path: bytes) -> None:
+            add(group, path)
+            root = getattr(group, "path", None)
+            watched = getattr(group, "_active_callbacks_by_path", None)
+            if root is None or watched is None or path == root or path in watched:
+                return
+            # Not a directory that vanished meanwhile, nor one this user cannot read (the
+            # scan reports that one): what is left is the watch limit.
+            if (os.path.isdir(path) and not os.path.islink(path)
+                    and os.access(path, os.R_OK | os.X_OK)):
+                hit = _WATCHERS.get(root)
+                if hit is not None:
+                    hit[0]._log_limit(hit[1], os.fsdecode(root),
+                                      f"cannot watch {os.fsdecode(path)}")
+                    hit[0].lose(hit[1], "watch_limit")
+
+        InotifyWatchGroup._add_callback = _add_callback  # type: ignore[method-assign]
 
 
 def _count_dirs(root: str) -> int:

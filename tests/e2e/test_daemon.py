@@ -196,6 +196,42 @@ def test_burst_of_1000_files_converges(daemon: Daemon) -> None:
     assert daemon.stop() == 0
 
 
+def test_a_root_that_is_a_symlink_is_watched(tmp_path: Path) -> None:
+    # ~/Documents -> /data/Documents: watchdog watched the link itself and saw nothing;
+    # only the hourly full reconcile synced.
+    real = tmp_path / "data"
+    real.mkdir()
+    d = Daemon(tmp_path)
+    d.src.rmdir()
+    d.src.symlink_to(real)
+    (real / "a.txt").write_bytes(b"alpha")
+    d.start()
+    try:
+        wait_for(lambda: (d.mirror / "a.txt").exists(), what="initial sync")
+        (real / "b.txt").write_bytes(b"through the link")
+        wait_for(lambda: (d.mirror / "b.txt").exists(), timeout=10, what="b.txt synced")
+        assert not [e for e in d.events() if e.get("event") == "watch_lost"]
+    finally:
+        assert d.stop() == 0
+
+
+def test_a_replaced_root_is_watched_again(daemon: Daemon, tmp_path: Path) -> None:
+    # The root moved aside and a copy put back (a restore, a remount): the old watch
+    # follows the old directory. Noticed within WATCH_CHECK_S, scanned, watched again.
+    daemon.write("a.txt", b"alpha")
+    daemon.start()
+    wait_for(lambda: (daemon.mirror / "a.txt").exists(), what="initial sync")
+    daemon.src.rename(tmp_path / "aside")
+    shutil.copytree(tmp_path / "aside", daemon.src)
+    daemon.write("b.txt", b"written after the swap")
+    wait_for(lambda: (daemon.mirror / "b.txt").exists(), timeout=30, what="b.txt synced")
+    wait_for(lambda: any(e.get("event") == "watch_restored" for e in daemon.events()),
+             what="watch restored")
+    daemon.write("c.txt", b"seen by the new watch")
+    wait_for(lambda: (daemon.mirror / "c.txt").exists(), timeout=5, what="c.txt synced")
+    assert daemon.stop() == 0
+
+
 def test_second_instance_is_refused_with_pid(daemon: Daemon) -> None:
     daemon.start()
     r = subprocess.run([str(SYNCD), "run", "--config", str(daemon.config)], capture_output=True,

@@ -387,3 +387,17 @@ def test_case_only_renames_keep_the_file_on_a_case_insensitive_remote(tmp_path: 
         mirror = {k: v for k, v in tree(dst / "docs").items() if not k.startswith(".syncd-trash")}
         assert mirror == want
     assert res.uploaded == 0 and res.deleted == 0 and res.trashed == 0
+
+
+def test_a_state_dir_inside_the_local_root_is_never_synced(tmp_path: Path) -> None:
+    """local = "~" with the default state dir ~/.local/state/syncd: the index changes on
+    every run; it was uploaded (half-written) on every run, and woke the daemon forever."""
+    state = tmp_path / "src" / ".local" / "state" / "syncd"
+    cfg, src, dst = setup(tmp_path, FILES, state_dir=str(state))
+    clock = Clock()
+    for _ in range(2):
+        res = engine(cfg, None, clock).reconcile(cfg.pairs[0], Options())
+        assert res.status == "ok"
+    assert res.uploaded == 0   # the second run: nothing changed that is synced
+    assert tree(dst / "docs") == FILES   # .local/ had nothing else in it: not even made
+    assert any(state.iterdir())

@@ -220,3 +220,19 @@ def test_unreadable_file_is_an_error_others_continue(tmp_path: Path) -> None:
     hashed = hash_paths(str(tmp_path), w, w.dirty, hasher=hasher)
     assert hashed.errors == [("secret", "Permission denied")]
     assert set(w.states) == {"fine"}
+
+
+@pytest.mark.parametrize("name", [".local/state/syncd", "a [b]*?/x", "!bang/#hash", "back\\slash"])
+def test_the_state_dir_inside_a_pair_is_ignored_whatever_its_name(tmp_path: Path,
+                                                                   name: str) -> None:
+    # local = "~" with the default state dir: the index, written on every run, would be
+    # synced half-written and wake the daemon again forever.
+    from syncd.scan import pair_matcher
+
+    state = tmp_path / name
+    state.mkdir(parents=True)
+    m = pair_matcher([], tmp_path, state)
+    assert m(name + "/") and m(name + "/index.sqlite3")
+    assert not m(name + "x/") and not m("other/")
+    assert not pair_matcher([], tmp_path / "elsewhere", state)(name + "/")
+    assert not pair_matcher([], tmp_path, tmp_path)("x/")   # state dir == root: no rule

@@ -56,6 +56,8 @@ class Log:
     def error(self, event: str, **kw: Any) -> None:
         self.events.append((event, kw))
 
+    warning = info = error
+
 
 def test_out_of_inotify_watches_says_what_to_set_and_falls_back(tmp_path: Path,
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
@@ -103,3 +105,75 @@ def test_directory_events_and_deletes_do_not_count_as_writers() -> None:
     d.touch("a", now=0.1, path="/r/x", event="deleted")        # gone before it was closed
     d.touch("a", now=0.1, path="/r/y", event="created")        # made up for a new dir's
     assert d.due(now=0.35) == ["a"]                            # content: not a writer
+
+
+def test_a_subdirectory_past_the_watch_limit_puts_the_pair_on_periodic_scans(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # watchdog skips a subdirectory it cannot watch without a word: changes there waited
+    # for the hourly full reconcile, and no watch_limit was ever logged.
+    from watchdog.observers.inotify_c import InotifyFD
+
+    real = InotifyFD.add_callback
+
+    def limited(self: Any, path: bytes, *a: Any, **k: Any) -> Any:
+        if path.endswith(b"/deep"):
+            raise OSError(errno.ENOSPC, "inotify watch limit reached")
+        return real(self, path, *a, **k)
+
+    monkeypatch.setattr(InotifyFD, "add_callback", limited)
+    (tmp_path / "a" / "deep").mkdir(parents=True)
+    log = Log()
+    w = Watcher(Debouncer(0.1, 1.0), log)
+    try:
+        assert w.start({"p": (str(tmp_path), lambda _r: False)}) == []
+        assert w.take_lost() == {"p": "watch_limit"}
+        assert [e for e, _ in log.events] == ["watch_limit"]
+        assert "p" not in w.watched
+    finally:
+        w.stop()
+
+
+def test_a_kernel_queue_overflow_rescans_the_pair(tmp_path: Path) -> None:
+    # The kernel dropped events: watchdog rebuilds its watches and drops what was pending;
+    # the pair must be scanned in full, or a change whose event was lost waits an hour.
+    from watchdog.observers.inotify import InotifyWatchGroup
+
+    deb = Debouncer(0.0, 1.0)
+    log = Log()
+    w = Watcher(deb, log)
+    try:
+        w.start({"p": (str(tmp_path), lambda _r: False)})
+        group = next(g for g in _groups(w) if isinstance(g, InotifyWatchGroup))
+        assert deb.due() == []
+        group.on_queue_overflow()   # as watchdog calls it on IN_Q_OVERFLOW
+        assert deb.due() == ["p"]
+        assert [e for e, _ in log.events] == ["watch_overflow"]
+        assert "p" in w.watched   # still watched: only events were lost
+    finally:
+        w.stop()
+
+
+def _groups(w: Watcher) -> list[Any]:
+    """The watchdog callback objects of a Watcher's observer (its emitters' watch groups)."""
+    out = []
+    for em in list(w.observer.emitters):
+        out += [v for v in vars(em).values() if type(v).__name__ == "InotifyWatchGroup"]
+    return out
+
+
+def test_a_replaced_root_is_lost_then_watched_again(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    root.mkdir()
+    deb = Debouncer(0.0, 1.0)
+    w = Watcher(deb, Log())
+    try:
+        w.start({"p": (str(root), lambda _r: False)})
+        root.rename(tmp_path / "aside")
+        root.mkdir()                        # a copy put back: another directory
+        w.check_roots()
+        assert w.take_lost() == {"p": "root_replaced"} and "p" not in w.watched
+        assert w.watch("p", str(root), lambda _r: False) and "p" in w.watched
+        w.check_roots()
+        assert w.take_lost() == {}
+    finally:
+        w.stop()
