@@ -80,7 +80,8 @@ def reconcile(
         "or delete everything when the local root is empty.")] = False,
     allow_device_change: Annotated[bool, typer.Option(
         "--allow-device-change", help="For this run, accept a local root that moved to "
-        "another device.")] = False,
+        "another device, a mount point inside it that is no longer mounted, or a remote "
+        "path that is empty although files were synced there.")] = False,
     log_level: LogLevelOpt = None,
     log_format: LogFormatOpt = None,
 ) -> None:

@@ -27,7 +27,7 @@ from syncd.plan import DRIFT_REASONS, Facts, Policy, check_safety, plan_push, un
 from syncd.queue import Queue
 from syncd.remotes import open_remote
 from syncd.remotes.base import Remote
-from syncd.scan import Matcher, Walk, hash_paths, pair_matcher, walk
+from syncd.scan import Matcher, Walk, hash_paths, local_mounts, pair_matcher, walk
 
 if TYPE_CHECKING:   # imported when there is something to transfer: an idle run skips it
     from syncd.transfer import PairCtx, Reporter
@@ -313,6 +313,9 @@ class Engine:
             if dirs:
                 self.index.save_scan(pair.name, dirs, [])
             self.index.set_pair_meta(pair.name, root, w.root_dev)
+            mounts = local_mounts(root)
+            if mounts:
+                self.index.set_pair_mounts(pair.name, mounts)
             return
         states = w.states
         flagged = [p for p in (*diff.changed, *diff.gone) if p not in states and p in w.seen]
@@ -350,10 +353,15 @@ class Engine:
         log.debug("reconcile_phases", load_ms=_ms(t[0], t[1]), walk_ms=_ms(t[1], t[2]),
                   listing_wait_ms=_ms(t[2], t[3]), plan_ms=_ms(t[3], t[4]), planned=len(states),
                   clean=len(w.seen) - len(states), hashed=hashed.files)
+        mounts = local_mounts(root)
+        recorded = meta.mounts if meta else ()
+        lost = tuple(m for m in recorded if m not in mounts) if mounts is not None else ()
         facts = Facts(True, len(w.seen), self.index.count_base(pair.name), diff.files, w.root_dev,
                       meta.st_dev if meta else None, pair.max_delete.limit(diff.files),
-                      str(pair.max_delete))
+                      str(pair.max_delete), diff.entries if opts.list_remote else -1, lost)
         self._trip(pair, facts, opts, actions)
+        if mounts is not None and tuple(mounts) != recorded and not opts.dry_run:
+            self.index.set_pair_mounts(pair.name, mounts)
         if not opts.dry_run:   # only after the guard: a tripped run changes nothing
             changed: list[tuple[str, LocalState, bool]] = list(hashed.updates)
             changed += [(p, s, False) for p, s in states.items()

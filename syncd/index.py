@@ -86,6 +86,11 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE pairs ADD COLUMN run_files INTEGER NOT NULL DEFAULT 0;
     ALTER TABLE pairs ADD COLUMN run_bytes INTEGER NOT NULL DEFAULT 0;
     """,
+    # v4: mount points inside the local root (JSON list of relative paths), as of the last
+    # run that passed the guards: one no longer mounted must not have its files deleted.
+    """
+    ALTER TABLE pairs ADD COLUMN mounts TEXT;
+    """,
 )
 
 
@@ -99,6 +104,7 @@ class PairMeta:
     st_dev: int | None
     last_reconcile: float | None
     last_result: str | None
+    mounts: tuple[str, ...] = ()
 
 
 class Done(NamedTuple):
@@ -203,9 +209,17 @@ class Index:
     # --- pairs ----------------------------------------------------------------------------
 
     def pair_meta(self, pair: str) -> PairMeta | None:
-        r = self.db.execute("SELECT root, st_dev, last_reconcile, last_result FROM pairs "
+        r = self.db.execute("SELECT root, st_dev, last_reconcile, last_result, mounts FROM pairs "
                             "WHERE pair = ?", (pair,)).fetchone()
-        return PairMeta(*r) if r else None
+        if r is None:
+            return None
+        return PairMeta(*r[:4], tuple(json.loads(r[4])) if r[4] else ())
+
+    def set_pair_mounts(self, pair: str, mounts: Sequence[str]) -> None:
+        with self.tx():
+            self.db.execute(
+                "INSERT INTO pairs (pair, root, mounts) VALUES (?, '', ?) ON CONFLICT(pair) "
+                "DO UPDATE SET mounts = excluded.mounts", (pair, json.dumps(list(mounts))))
 
     def set_pair_meta(self, pair: str, root: str, st_dev: int | None) -> None:
         with self.tx():

@@ -185,6 +185,8 @@ class Facts:
     recorded_dev: int | None
     max_delete: int
     max_delete_setting: str
+    remote_entries: int = -1            # what the remote listing held; -1: not listed
+    lost_mounts: tuple[str, ...] = ()   # mount points inside the root, no longer mounted
 
 
 @dataclass(frozen=True, slots=True)
@@ -202,6 +204,18 @@ def check_safety(actions: list[Action], f: Facts, allow_mass_delete: bool = Fals
         return Trip(f"the local root is now on a different device (st_dev {f.root_dev}, "
                     f"recorded {f.recorded_dev}): an unmounted disk shows its empty mount point",
                     "--allow-device-change")
+    if not allow_device_change:
+        if f.remote_entries == 0 and f.base_entries > 0:
+            return Trip(f"the remote path is empty but {f.base_entries} entries were synced "
+                        "there before: an unmounted disk shows its empty mount point (or the "
+                        "remote was emptied behind syncd's back)", "--allow-device-change")
+        for m in f.lost_mounts:
+            if any(a.path == m or a.path.startswith(m + "/") for a in actions
+                   if a.op in DELETING_OPS or a.op == Op.RMDIR):
+                return Trip(f"'{m}' inside the local root was a mount point (another file "
+                            "system) and is not mounted now: an unmounted disk shows its "
+                            "empty mount point, and the plan would delete what was on it",
+                            "--allow-device-change")
     if allow_mass_delete:
         return None
     if f.local_entries == 0 and f.base_entries > 0:

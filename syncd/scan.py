@@ -100,6 +100,27 @@ def _state_dir_rule(root: str | os.PathLike[str] | None,
     return (f"/{esc}/",)
 
 
+def local_mounts(root: str, mountinfo: str = "/proc/self/mountinfo") -> list[str] | None:
+    """Mount points strictly inside `root`, relative to it, sorted; None where the system
+    does not say (no /proc). One read of a small file: no stat per directory."""
+    try:
+        with open(mountinfo, "rb") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    top = os.fsencode(os.path.realpath(root)).rstrip(b"/") + b"/"
+    out = set()
+    for line in lines:
+        fields = line.split(b" ")
+        if len(fields) < 5:
+            continue
+        # Field 5 is the mount point, with space, tab, newline and backslash as \ooo.
+        point = re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m[1], 8)]), fields[4])
+        if point.startswith(top) and len(point) > len(top):
+            out.add(os.fsdecode(point[len(top):]))
+    return sorted(out)
+
+
 # A prior row, as Index.load_prior returns it:
 # (path, kind, size, mtime_ns, inode, mode, hash, racy, synced)
 PriorRow = tuple[Any, ...]

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -140,3 +142,25 @@ def tree(root: Path) -> dict[str, bytes]:
         except FileNotFoundError:
             continue
     return out
+
+
+@contextlib.contextmanager
+def tmpfs_at(path: Path) -> Iterator[Path]:
+    """A small tmpfs mounted at `path` (a disk that can be unmounted under syncd), removed
+    at the end if still there. Needs root (CI runs as root); elsewhere the test skips."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a test filesystem needs root")
+    path.mkdir(parents=True, exist_ok=True)
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "syncd-test", str(path)],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
+    try:
+        yield path
+    finally:
+        if os.path.ismount(path):
+            subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def unmount(path: Path) -> None:
+    subprocess.run(["umount", str(path)], check=True)

@@ -10,7 +10,16 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.conftest import KIND_BEFORE, Setup, kind_change_run, make_setup, run_syncd, tree
+from tests.e2e.conftest import (
+    KIND_BEFORE,
+    Setup,
+    kind_change_run,
+    make_setup,
+    run_syncd,
+    tmpfs_at,
+    tree,
+    unmount,
+)
 
 FILES = {
     "a.txt": b"alpha\n",
@@ -126,6 +135,41 @@ def test_status_after_a_first_reconcile_stopped_by_a_guard(setup: Setup) -> None
     assert setup.reconcile().code == 4
     st = run_syncd("status", "--config", str(setup.config))
     assert "last reconcile never" not in st.out and "stopped by guard" in st.out, st.out
+
+
+def test_unmounted_remote_disk_trips_and_writes_nothing_under_it(setup: Setup) -> None:
+    # A local remote on a NAS or USB disk that is not mounted: its empty mount point is
+    # still a directory. Re-uploading everything there would fill the system disk, and
+    # hide the files under the mount once the disk is back.
+    (setup.dst).rmdir()
+    with tmpfs_at(setup.dst):
+        populate(setup)
+        assert setup.reconcile().code == 0
+        unmount(setup.dst)
+        r = setup.reconcile()
+        assert r.code == 4 and "remote path is empty" in r.summary["message"], r.out
+        assert "--allow-device-change" in r.summary["message"]
+        assert list(setup.dst.iterdir()) == []
+        r = setup.reconcile("--allow-device-change")   # intended: a new empty disk
+        assert r.code == 0 and tree(setup.mirror) == FILES
+
+
+def test_unmounted_disk_inside_the_local_root_keeps_its_files_on_the_remote(setup: Setup) -> None:
+    populate(setup)
+    with tmpfs_at(setup.src / "photos"):
+        for i in range(3):
+            setup.write(f"photos/p{i}.jpg", b"photo %d" % i)
+        assert setup.reconcile().code == 0
+        assert (setup.mirror / "photos" / "p2.jpg").exists()
+        unmount(setup.src / "photos")   # its empty mount point is left: "all deleted"
+        r = setup.reconcile()
+        assert r.code == 4 and "'photos' inside the local root was a mount point" in \
+            r.summary["message"], r.out
+        assert sorted(p.name for p in (setup.mirror / "photos").iterdir()) == [
+            "p0.jpg", "p1.jpg", "p2.jpg"]
+        assert setup.reconcile("--allow-device-change").code == 0   # intended: gone
+        assert not (setup.mirror / "photos" / "p0.jpg").exists()
+        assert setup.reconcile().code == 0   # the new layout is the recorded one now
 
 
 def test_missing_local_root_trips(setup: Setup) -> None:

@@ -248,6 +248,29 @@ def test_safety_trips_on_device_change() -> None:
     assert check_safety([], facts(root_dev=2), allow_device_change=True) is None
 
 
+def test_safety_trips_on_an_empty_remote_path_with_history() -> None:
+    # A NAS share unmounted under a local remote: its empty mount point lists nothing; the
+    # plan (re-upload everything onto the system disk) must not run unasked.
+    t = check_safety([], facts(remote_entries=0))
+    assert t is not None and "remote path is empty but 10 entries" in t.reason
+    assert t.override == "--allow-device-change"
+    assert check_safety([], facts(remote_entries=0), allow_device_change=True) is None
+    assert check_safety([], facts(remote_entries=0, base_entries=0)) is None   # first sync
+    assert check_safety([], facts(remote_entries=-1)) is None   # not listed (daemon event)
+    # The override for deletes does not cover it.
+    assert check_safety([], facts(remote_entries=0), allow_mass_delete=True) is not None
+
+
+def test_safety_trips_when_a_lost_mount_point_would_lose_its_files() -> None:
+    gone = [Action(Op.TRASH, "photos/a.jpg"), Action(Op.RMDIR, "photos")]
+    t = check_safety(gone, facts(lost_mounts=("photos",)))
+    assert t is not None and "'photos'" in t.reason and "mount point" in t.reason
+    assert check_safety(gone, facts(lost_mounts=("photos",)), allow_device_change=True) is None
+    # Lost, but nothing under it is deleted (delete = keep, or an ignored folder): fine.
+    assert check_safety([Action(Op.TRASH, "photosx/a")], facts(lost_mounts=("photos",))) is None
+    assert check_safety(gone, facts(lost_mounts=("music",))) is None
+
+
 # --- property: plan applied to a model remote = local tree ----------------------------------
 
 names = st.sampled_from(["a", "b", "c", "d e", "é"])

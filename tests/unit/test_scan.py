@@ -236,3 +236,21 @@ def test_the_state_dir_inside_a_pair_is_ignored_whatever_its_name(tmp_path: Path
     assert not m(name + "x/") and not m("other/")
     assert not pair_matcher([], tmp_path / "elsewhere", state)(name + "/")
     assert not pair_matcher([], tmp_path, tmp_path)("x/")   # state dir == root: no rule
+
+
+def test_mount_points_inside_a_root_come_from_mountinfo(tmp_path: Path) -> None:
+    from syncd.scan import local_mounts
+
+    root = tmp_path / "src"
+    root.mkdir()
+    top = str(root).replace(" ", "\\040")
+    info = tmp_path / "mountinfo"
+    info.write_bytes("\n".join([
+        "22 1 8:1 / / rw - ext4 /dev/sda1 rw",
+        f"40 22 8:2 / {top} rw - ext4 /dev/sdb1 rw",                  # the root itself
+        f"41 40 8:3 / {top}/photos rw - ext4 /dev/sdc1 rw",
+        f"42 40 0:5 / {top}/my\\040music rw - tmpfs tmpfs rw",        # a space, escaped
+        f"43 22 0:6 / {top}x/other rw - tmpfs tmpfs rw",              # a sibling, not inside
+    ]).encode())
+    assert local_mounts(str(root), str(info)) == ["my music", "photos"]
+    assert local_mounts(str(root), str(tmp_path / "none")) is None
