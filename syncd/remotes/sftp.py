@@ -147,6 +147,7 @@ class SFTPRemote:
         self.root = b""                 # canonical (symlink-free) absolute root, from the server
         self._pid = os.getpid()
         self.tmp_owner = ""   # set by open_remote: the state dir's tag (see temp_name)
+        self._revoked: list[Any] = []   # host keys known_hosts marks @revoked
         self.log = slog.get()
 
     @property
@@ -237,6 +238,7 @@ class SFTPRemote:
         from paramiko.hostkeys import HostKeyEntry, HostKeys
 
         out: dict[str, Any] = {}
+        revoked: list[Any] = []
         for f in self._known_files():
             try:
                 lines = f.read_text(encoding="utf-8", errors="replace").splitlines()
@@ -245,20 +247,27 @@ class SFTPRemote:
             except OSError as e:
                 raise HostKeyError(f"cannot read known_hosts file {f}: {e.strerror}",
                                    remote=self.name) from None
-            hk = HostKeys()
+            hk, bad = HostKeys(), HostKeys()
             for n, line in enumerate(lines, 1):
                 line = line.strip()
-                if not line or line.startswith(("#", "@")):   # @cert-authority/@revoked: not supported
+                into = hk
+                if line.startswith("@revoked "):   # never to be accepted, whatever the policy
+                    line, into = line.removeprefix("@revoked ").strip(), bad
+                if not line or line.startswith(("#", "@")):   # @cert-authority: not supported
                     continue
                 with contextlib.suppress(Exception):          # a line paramiko can't parse
                     e = HostKeyEntry.from_line(line, n)
                     if e is not None:
-                        hk._entries.append(e)
+                        into._entries.append(e)
             for name in self._host_names():
                 found = hk.lookup(name)
                 if found:
                     for typ in found:
                         out.setdefault(typ, found[typ])
+                gone = bad.lookup(name)
+                if gone:
+                    revoked += [gone[typ] for typ in gone]
+        self._revoked = revoked
         return out
 
     def _verify_host_key(self, key: Any, known: dict[str, Any]) -> None:
@@ -267,6 +276,11 @@ class SFTPRemote:
         typ = key.get_name()
         name = self._host_names()[0]
         files = " or ".join(str(f) for f in self._known_files())
+        if key in self._revoked:
+            raise HostKeyError(
+                f"REVOKED host key for {name}: the server offered {typ} {fp}, which {files} "
+                f"marks @revoked. Refused whatever host_key_policy says; ask the server's "
+                f"admin which key it should have", remote=self.name)
         if known:
             if known.get(typ) == key:
                 return

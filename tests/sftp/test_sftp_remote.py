@@ -113,6 +113,21 @@ def test_accept_new_records_once_and_refuses_a_changed_key(tmp_path: Path, sshd:
         assert (state / "known_hosts").read_text() == recorded
 
 
+def test_a_revoked_host_key_is_refused_even_by_accept_new(srv: SSHServer, tmp_path: Path) -> None:
+    # known_hosts says "@revoked [host]:port <key>": OpenSSH never accepts it. syncd used
+    # to skip such lines, so accept-new took the key as new and recorded it.
+    pub = srv.host_key.with_suffix(".pub").read_text().split()
+    kh = tmp_path / "known_hosts"
+    kh.write_text(f"@revoked [127.0.0.1]:{srv.port} {pub[0]} {pub[1]}\n")
+    state = tmp_path / "state"
+    for policy in ("accept-new", "strict"):
+        with pytest.raises(HostKeyError, match="REVOKED") as ei:
+            SFTPRemote("t", opts(srv, tmp_path, known_hosts=str(kh), host_key_policy=policy,
+                                 state_dir=str(state))).check()
+        assert host_fp(srv) in str(ei.value)
+    assert not (state / "known_hosts").exists()   # nothing recorded
+
+
 def test_wrong_key_is_auth_error_naming_user_and_host(srv: SSHServer, tmp_path: Path) -> None:
     other = tmp_path / "other_key"
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(other)], check=True)
