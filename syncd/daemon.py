@@ -23,6 +23,9 @@ from syncd.errors import SyncdError
 
 FALLBACK_SCAN_S = 30.0      # pairs that cannot be watched are scanned this often
 WATCH_CHECK_S = 10.0        # watched roots are checked (replaced? unmounted?) this often
+# A pair's run waits this long at most for a retry's backoff; longer, and the daemon moves
+# on to the other pairs and tries this one again later (growing delays, up to retry_max).
+PATIENCE_S = 10.0
 
 
 def sd_notify(state: str) -> bool:
@@ -157,7 +160,8 @@ class Daemon:
         from syncd.watch import Debouncer
 
         self.index = Index.open(self.cfg.daemon.state_dir)
-        self.engine = Engine(self.cfg, self.index, transfer_log_level="info", stop=self.stop)
+        self.engine = Engine(self.cfg, self.index, transfer_log_level="info", stop=self.stop,
+                             patience=PATIENCE_S)
         self.engine.queue.reclaim(exclusive=True)   # we hold the lock: every lease is stale
         d = self.cfg.daemon
         self.debouncer = Debouncer(d.debounce, d.max_delay)
@@ -330,7 +334,8 @@ class Daemon:
         from syncd.engine import Engine
         from syncd.watch import Debouncer
 
-        self.engine = Engine(new, self.index, transfer_log_level="info", stop=self.stop)
+        self.engine = Engine(new, self.index, transfer_log_level="info", stop=self.stop,
+                             patience=PATIENCE_S)
         self.debouncer = Debouncer(new.daemon.debounce, new.daemon.max_delay)
         self._start_watching()
         now = time.monotonic()

@@ -133,11 +133,14 @@ class Engine:
     def __init__(self, cfg: Config, index: Index, *, clock: Callable[[], float] = time.time,
                  reporter_factory: Callable[[str, int, int], Reporter | None] | None = None,
                  sleep: Callable[[float], None] = time.sleep, transfer_log_level: str = "debug",
-                 stop: Any = None):
+                 stop: Any = None, patience: float | None = None):
         # One event per transferred file: debug for one-shot reconciles (like rclone and
         # rsync, the summary says what happened), info for the daemon.
         self.transfer_log_level = transfer_log_level
         self.stop = stop   # a threading.Event: when set, transfers wind down (daemon shutdown)
+        # The daemon's: a run ends rather than wait longer than this for a retry's backoff,
+        # reporting those jobs as failed for now; the daemon tries the pair again later.
+        self.patience = patience
         self.cfg = cfg
         self.index = index
         self.clock = clock
@@ -572,12 +575,20 @@ class Engine:
 
         runner = Runner(self.queue, {pair.name: ctx}, sleep=self.sleep, reporter=reporter,
                         log=self.log, done_level=self.transfer_log_level,
-                        processes=processes, stop=self.stop)
+                        processes=processes, stop=self.stop, patience=self.patience)
         try:
             stats = runner.run([pair.name], feed)
         finally:
             if reporter is not None and hasattr(reporter, "close"):
                 reporter.close()
+        if stats.waiting is not None:
+            # Left pending for their backoff: failures of this run (so deletes wait), to
+            # be tried again by the daemon's retry of the pair.
+            retry_in = max(0.0, stats.waiting - self.queue.clock())
+            for path, state, attempts, err in self.index.all_jobs(pair.name):
+                if state == "pending":
+                    stats.failed.append((path, f"{err or 'not done yet'} (attempt {attempts}; "
+                                               f"retried in {retry_in:.0f} s at the latest)"))
         res.retries += stats.retries
         d = stats.done
         res.skipped += d.get("skipped", 0)

@@ -335,6 +335,7 @@ class RunStats:
     uploaded_bytes: int = 0
     failed: list[tuple[str, str]] = field(default_factory=list)   # (path, error)
     retries: int = 0
+    waiting: float | None = None   # run() ended with retries pending from this time on
 
     def add(self, o: Outcome) -> None:
         a = o.job.action
@@ -353,8 +354,11 @@ class Runner:
     def __init__(self, queue: Queue, pairs: dict[str, PairCtx], *,
                  sleep: Callable[[float], None] = time.sleep,
                  reporter: Reporter | None = None, log: Any = None, done_level: str = "info",
-                 processes: bool = False, stop: Any = None):
+                 processes: bool = False, stop: Any = None, patience: float | None = None):
         self.stop = stop   # threading.Event: set = lease nothing more, finish what is in flight
+        # The longest wait for a retry's backoff before run() returns with the job still
+        # pending (`stats.waiting`): the daemon's other pairs must not queue behind it.
+        self.patience = patience
         self.done_level = done_level
         self.log_each = slog.enabled(done_level)
         self.processes = processes
@@ -520,7 +524,11 @@ class Runner:
                     nxt = self.queue.index.next_ready_time(names)
                     if nxt is None:
                         break
-                    self.sleep(min(1.0, max(0.0, nxt - self.queue.clock())) + 0.001)
+                    wait_s = nxt - self.queue.clock()
+                    if self.patience is not None and wait_s > self.patience:
+                        stats.waiting = nxt
+                        break
+                    self.sleep(min(1.0, max(0.0, wait_s)) + 0.001)
                     continue
                 finished, _ = wait(list(inflight), timeout=COMMIT_INTERVAL,
                                    return_when=FIRST_COMPLETED)

@@ -401,3 +401,20 @@ def test_a_state_dir_inside_the_local_root_is_never_synced(tmp_path: Path) -> No
     assert res.uploaded == 0   # the second run: nothing changed that is synced
     assert tree(dst / "docs") == FILES   # .local/ had nothing else in it: not even made
     assert any(state.iterdir())
+
+
+def test_with_patience_a_run_leaves_a_long_backoff_to_a_later_retry(tmp_path: Path) -> None:
+    """The daemon runs pairs one after another: a pair whose transfers keep failing held
+    every other pair (and SIGHUP, SIGUSR1) through all its retries, ~7 minutes with the
+    default backoff. With patience, the run ends once the next retry is further away."""
+    cfg, src, dst = setup(tmp_path, FILES, retry_initial="5s", retry_max="5m", max_attempts=10)
+    clock = Clock()
+    start = clock.t
+    e = Engine(cfg, Index.open(cfg.daemon.state_dir), clock=clock, sleep=clock.sleep,
+               patience=10.0)
+    e.remotes["nas"] = Faulty(dst, transient=10**6)
+    res = e.reconcile(cfg.pairs[0], Options())
+    assert res.status == "failed" and len(res.failures) == 12
+    assert all("retried in" in why for _, why in res.failures), res.failures
+    assert clock.t - start < 120   # without patience: ~10 backoffs of up to 5 min
+    assert e.index.failed_jobs("p") == []   # not parked: the daemon's retry goes on
