@@ -57,6 +57,7 @@ class Daemon:
         self.hup_pending = False
         self.reload = threading.Event()
         self.retry_pending = False
+        self.via_pipe = False   # signals reach the relay thread through a wakeup fd
         self.retry_now = threading.Event()
         self.last_error = ""
         self.engine: Any = None
@@ -76,32 +77,57 @@ class Daemon:
     def _on_term(self, signum: int, _frame: Any) -> None:
         # Plain attribute writes only: Event.set() takes a lock the interrupted main thread
         # may hold (inside Event.wait), which would deadlock. The relay thread acts on it.
-        self.signal_name = signal.Signals(signum).name
+        if not self.via_pipe:
+            self.signal_name = signal.Signals(signum).name
 
     def _on_hup(self, _signum: int, _frame: Any) -> None:
-        self.hup_pending = True
+        if not self.via_pipe:
+            self.hup_pending = True
 
     def _on_usr1(self, _signum: int, _frame: Any) -> None:
-        self.retry_pending = True   # `syncd retry`: failed jobs were requeued; run them now
+        if not self.via_pipe:   # `syncd retry`: failed jobs were requeued; run them now
+            self.retry_pending = True
 
-    def _relay(self) -> None:
-        """Turns what the signal handlers noted into events, from a thread of its own."""
+    def _relay(self, wakeup: int | None = None) -> None:
+        """Turns what the signal handlers noted into events, from a thread of its own. With
+        `wakeup` (the read end of signal.set_wakeup_fd's pipe) it sleeps until a signal
+        arrives: an idle daemon wakes once a second, not twenty times."""
+        import select
+
         while not self.finished.is_set():
-            if self.signal_name and not self.stop.is_set():
-                self.stop.set()
-                if self.debouncer is not None:
-                    self.debouncer.wake.set()
-            if self.hup_pending:
-                self.hup_pending = False
-                self.reload.set()
-                if self.debouncer is not None:
-                    self.debouncer.wake.set()
-            if self.retry_pending:
-                self.retry_pending = False
-                self.retry_now.set()
-                if self.debouncer is not None:
-                    self.debouncer.wake.set()
-            time.sleep(0.05)
+            if wakeup is not None:
+                if select.select([wakeup], [], [], 1.0)[0]:
+                    for b in os.read(wakeup, 64):   # the C-level handler wrote the numbers
+                        self._noted(b)
+            else:
+                time.sleep(0.05)
+            self._act()
+
+    def _noted(self, signum: int) -> None:
+        """What a Python-level handler would note; the main thread may be busy in C code
+        (an SQLite query, a hash) and run the handler itself only later."""
+        if signum in (signal.SIGTERM, signal.SIGINT):
+            self.signal_name = self.signal_name or signal.Signals(signum).name
+        elif signum == signal.SIGHUP:
+            self.hup_pending = True
+        elif signum == signal.SIGUSR1:
+            self.retry_pending = True
+
+    def _act(self) -> None:
+        if self.signal_name and not self.stop.is_set():
+            self.stop.set()
+            if self.debouncer is not None:
+                self.debouncer.wake.set()
+        if self.hup_pending:
+            self.hup_pending = False
+            self.reload.set()
+            if self.debouncer is not None:
+                self.debouncer.wake.set()
+        if self.retry_pending:
+            self.retry_pending = False
+            self.retry_now.set()
+            if self.debouncer is not None:
+                self.debouncer.wake.set()
 
     def _shutdown_guard(self) -> None:
         """Waits for a stop request; then says so, and gives transfers in flight
@@ -129,7 +155,13 @@ class Daemon:
         signal.signal(signal.SIGHUP, self._on_hup)
         signal.signal(signal.SIGUSR1, self._on_usr1)
         threading.Thread(target=self._shutdown_guard, daemon=True, name="shutdown").start()
-        threading.Thread(target=self._relay, daemon=True, name="signals").start()
+        wakeup: int | None = None
+        with contextlib.suppress(ValueError, OSError):   # ValueError: not the main thread
+            r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+            signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+            wakeup = r
+            self.via_pipe = True   # the handlers only keep the default action away
+        threading.Thread(target=self._relay, args=(wakeup,), daemon=True, name="signals").start()
         with StateLock(self.cfg.daemon.state_dir):
             self._open()
             try:

@@ -260,6 +260,9 @@ def test_sighup_bad_config_keeps_running_good_config_applies(daemon: Daemon, tmp
     wait_for(lambda: (daemon.dst / "more" / "two.txt").exists(), what="new pair synced")
     (src2 / "three.txt").write_bytes(b"watched too")
     wait_for(lambda: (daemon.dst / "more" / "three.txt").exists(), what="new pair watched")
+    time.sleep(1.5)   # a second reload for one SIGHUP would have been logged by now
+    events = [e.get("event") for e in daemon.events()]
+    assert events.count("config_reload_failed") == 1 and events.count("config_reloaded") == 1
     assert daemon.stop() == 0
 
 
