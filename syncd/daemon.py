@@ -218,7 +218,7 @@ class Daemon:
             m = pair_matcher(p.ignore, p.local, self.cfg.daemon.state_dir)
             # The real path: watchdog does not follow a root that is a symlink (~/Documents
             # -> /data/Documents): it would watch the link and see nothing.
-            roots[p.name] = (os.path.realpath(p.local), lambda rel, m=m: m(rel) or m(rel + "/"))
+            roots[p.name] = (os.path.realpath(p.local), m.covers)
         self.roots = roots
         self.watcher = Watcher(self.debouncer, self.log)
         self.unwatched = set(self.watcher.start(

@@ -54,13 +54,48 @@ class Matcher:
         if active and all(p.include for p in active):
             parts = [re.sub(r"\(\?P<\w+>", "(?:", p.regex.pattern) for p in active]  # type: ignore[attr-defined]
             self._fused = re.compile("|".join(f"(?:{x})" for x in parts))
+        # Each rule anchored at the end: it must name the path itself (see __call__). For
+        # "x/**" pathspec's regex is "^x/", which would name the directory x itself: git's
+        # rule names only what is inside it.
+        self._rules = []
+        for line in lines:
+            inside = ".+" if line.strip().endswith("/**") else ""
+            for p in pathspec.GitIgnoreSpec.from_lines([line]).patterns:
+                if p.include is not None:
+                    self._rules.append((re.compile(f"(?:{p.regex.pattern}){inside}\\Z"),  # type: ignore[attr-defined]
+                                        bool(p.include)))
 
     def __call__(self, rel: str) -> bool:
+        """Whether `rel` ("a/b" for a file, "a/b/" for a directory) is excluded, its
+        parent directories taken as not excluded: callers walk top-down and never look
+        inside an excluded directory, as git does.
+
+        With negations, each rule is matched against the entry's own path only: pathspec
+        also lets a rule match every path below what it names, so "!/vendor" re-included
+        vendor/node_modules/ although "node_modules" excludes it (git keeps it excluded:
+        nothing re-includes a path whose own rule did not name it). Without negations the
+        two agree, and one fused regex does for all rules."""
         if self.empty:
             return False
-        if self._fused is not None:
-            return self._fused.match(rel) is not None
-        return self.spec.match_file(rel)
+        if self._fused is not None:   # search, as pathspec: some rules are unanchored
+            return self._fused.search(rel) is not None
+        hit = False
+        for rx, include in self._rules:
+            if rx.search(rel) is not None:
+                hit = include
+        return hit
+
+
+    def covers(self, rel: str) -> bool:
+        """Whether a path anywhere in the tree (a watched event's, say) is excluded, by its
+        own rule or by an excluded parent directory; its kind unknown."""
+        if self.empty:
+            return False
+        parts = rel.split("/")
+        for i in range(1, len(parts)):
+            if self("/".join(parts[:i]) + "/"):
+                return True
+        return self(rel) or self(rel + "/")
 
 
 def _top_dir(line: str) -> str | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 import socket
 from pathlib import Path
 
@@ -142,9 +143,58 @@ path_st = st.lists(st.sampled_from(["a", "b", "d1", "x.tmp", "keep.tmp", ".git",
 
 @settings(max_examples=400, deadline=None)
 @given(patterns=st.lists(pattern_st, max_size=5), path=path_st, is_dir=st.booleans())
-def test_fused_matcher_agrees_with_pathspec(patterns: list[str], path: str, is_dir: bool) -> None:
+def test_matcher_agrees_with_pathspec_where_gitignore_does(patterns: list[str], path: str,
+                                                           is_dir: bool) -> None:
+    # Without negations, everywhere (the fused regex); with them, at the top level: below
+    # it pathspec lets a negation re-include what a rule excluded under the path it names
+    # ("!/vendor" re-including vendor/node_modules/), which git does not (tested against
+    # git itself below).
     rel = path + "/" if is_dir else path
+    if "/" in path and any(p.startswith("!") for p in patterns):
+        return
     assert Matcher(patterns)(rel) == pathspec.GitIgnoreSpec.from_lines(patterns).match_file(rel)
+
+
+GIT_NAMES = ["a", "b", "x.log", "build", "keep.txt", "d", "node_modules", "vendor", "c d"]
+GIT_PATTERNS = ["*.log", "!x.log", "build/", "/build/", "!build/keep.txt", "a/b", "/a", "a/",
+                "**/d", "d/**", "!d/", "b", "!/b", "keep.txt", "a/**/x.log", "/a/b/",
+                "!a/b/keep.txt", "*", "!*/", "!keep.txt", "d/*", "/d/", "b/", "!b/",
+                "node_modules", "!/vendor", "!vendor/", "/*/x.log", "c d/", "!node_modules/"]
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="needs git to compare with")
+def test_walk_keeps_exactly_what_git_keeps(tmp_path: Path) -> None:
+    """Random trees and rule sets: the files a walk keeps are the untracked files git does
+    not ignore (`git ls-files -o --exclude-standard`), negations included."""
+    import random
+    import subprocess
+
+    for seed in range(int(os.environ.get("GIT_SEEDS", "60"))):
+        rng = random.Random(seed)
+        root = tmp_path / str(seed)
+        files: list[str] = []
+
+        def grow(prefix: str, depth: int, rng: random.Random = rng,
+                 files: list[str] = files) -> None:
+            for n in rng.sample(GIT_NAMES, rng.randint(1, 4)):
+                if depth < 3 and rng.random() < 0.45:
+                    grow(f"{prefix}{n}/", depth + 1)
+                else:
+                    files.append(prefix + n)
+
+        grow("", 0)
+        for rel in files:
+            mk(root, rel, rel.encode())
+        rules = rng.sample(GIT_PATTERNS, rng.randint(1, 4))
+        subprocess.run(["git", "init", "-q", str(root)], check=True)
+        (root / ".git" / "info").mkdir(parents=True, exist_ok=True)
+        (root / ".git" / "info" / "exclude").write_text("\n".join(rules) + "\n")
+        out = subprocess.run(["git", "-C", str(root), "ls-files", "-o", "--exclude-standard",
+                              "-z"], capture_output=True, check=True).stdout
+        git_keeps = {p.decode() for p in out.split(b"\0") if p}
+        w, _ = full_scan(root, ignore=(*rules, "/.git/"))
+        walk_keeps = {p for p, s in w.states.items() if s.kind == Kind.FILE}
+        assert walk_keeps == git_keeps, (seed, rules)
 
 
 def test_special_files_are_skipped_with_reason(tmp_path: Path) -> None:
