@@ -395,6 +395,10 @@ class Engine:
                         reason="a scan error in this run; they wait for a clean run")
             res.skipped += len(first) - len(kept)
             first = kept
+        # A name the walk could not sync may be a file renamed there from a name the remote
+        # still has: the deletes in its folder wait (not the pair's others).
+        odd_dirs = {rel.rpartition("/")[0] for rel, _ in w.unsyncable}
+        n_odd = len(w.unsyncable)
         # The views are no longer needed; on a first sync of 100k files they are most of
         # the process's memory, and the transfers can take a while.
         del actions, states, base, remote_map, plan_paths, prior, clean, w, diff, hashed
@@ -404,13 +408,20 @@ class Engine:
         ctx = self._ctx(pair, remote, root)
         self._run(pair, ctx, first, res)
         if later:
-            if res.failures or scan_errors:
+            if len(res.failures) > n_odd or scan_errors:
                 why = "a scan error" if scan_errors else "failed transfers"
                 log.warning("deletes_skipped", count=len(later), reason=f"{why} in this run; "
                             "deletes wait for a clean run")
                 res.skipped += len(later)
-            else:
-                self._run(pair, ctx, later, res)
+                return
+            held = [a for a in later if a.path.rpartition("/")[0] in odd_dirs]
+            if held:
+                log.warning("deletes_skipped", count=len(held), paths=[a.path for a in held[:20]],
+                            reason="a name in the same folder cannot be synced (a file renamed "
+                                   "there?); they wait until it is renamed or ignored")
+                res.skipped += len(held)
+                later = [a for a in later if a.path.rpartition("/")[0] not in odd_dirs]
+            self._run(pair, ctx, later, res)
 
     def _lister(self, remote: Remote, pair: PairConfig, matcher: Matcher,
                 check: bool) -> Callable[[], RemoteDiff]:

@@ -26,6 +26,7 @@ class Capabilities:
     atomic_put: bool = True         # readers never see a partial object
     cpu_bound: bool = False         # work is local syscalls, not network waits: list in a
                                     # forked child and transfer in worker processes
+    backslash: bool = False         # '\\' is an ordinary character in names (check_rel_path)
 
 
 class Staged(NamedTuple):
@@ -211,10 +212,18 @@ def join(prefix: str, rel: str) -> str:
     return f"{prefix}/{rel}" if rel else prefix
 
 
-def check_rel_path(remote: str, path: str) -> list[str]:
-    """Components of a remote path, refusing anything that could leave the root."""
-    if not path or path.startswith("/") or "\\" in path or "\x00" in path:
+def check_rel_path(remote: str, path: str, backslash: bool = False) -> list[str]:
+    """Components of a remote path, refusing anything that could leave the root.
+
+    `backslash`: the remote takes '\\' as an ordinary character (a POSIX directory, S3
+    keys). Servers on Windows (SFTP, FTP) take it as a separator, so elsewhere a name
+    holding one could climb out of the root ('..\\..\\x') and is refused."""
+    if not path or path.startswith("/") or "\x00" in path:
         raise PathEscape("absolute, empty or malformed path refused", remote=remote, path=path)
+    if not backslash and "\\" in path:
+        raise PathEscape("the name contains '\\', which servers on Windows take as a folder "
+                         "separator (so it could lead out of the root); rename it, or add it "
+                         "to the pair's ignore", remote=remote, path=path)
     parts = path.split("/")
     if any(p in ("", ".", "..") for p in parts):
         raise PathEscape("path with '.', '..' or empty components refused", remote=remote,

@@ -85,7 +85,7 @@ def _fp(st: os.stat_result) -> str:
 
 class LocalRemote:
     caps = Capabilities(dirs=True, move=True, mtime_precision_ns=1, atomic_put=True,
-                        cpu_bound=True)
+                        cpu_bound=True, backslash=True)
 
     def __init__(self, name: str, root: os.PathLike[str] | str, fsync: bool = True):
         self.name = name
@@ -140,7 +140,7 @@ class LocalRemote:
 
     def _parent_fd(self, path: str, create: bool) -> tuple[int, str]:
         """(fd of the parent directory, final name) of a checked relative path."""
-        check_rel_path(self.name, path)
+        check_rel_path(self.name, path, backslash=True)
         parent, _, name = path.rpartition("/")
         try:
             return self._open_dir(parent, create), name
@@ -174,7 +174,7 @@ class LocalRemote:
         under root/prefix; symlinks and the pair's trash are skipped. A missing prefix is
         an empty tree."""
         if prefix:
-            check_rel_path(self.name, prefix)
+            check_rel_path(self.name, prefix, backslash=True)
             try:
                 os.close(self._open_dir(prefix, create=False))
             except FileNotFoundError:
@@ -308,7 +308,7 @@ class LocalRemote:
         try:
             for path, src in items:
                 try:
-                    check_rel_path(self.name, path)
+                    check_rel_path(self.name, path, backslash=True)
                     parent, _, name = path.rpartition("/")
                     d = dirs.get(parent)
                     if d is None:
@@ -506,7 +506,7 @@ class LocalRemote:
         return RemoteEntry(path, _FILE, st.st_size, st.st_mtime_ns, _fp(st))
 
     def mkdir(self, path: str) -> RemoteEntry:
-        check_rel_path(self.name, path)
+        check_rel_path(self.name, path, backslash=True)
         try:
             os.close(self._open_dir(path, create=True))
         except OSError as e:

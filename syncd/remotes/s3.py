@@ -96,7 +96,7 @@ def _part_dict(n: int, etag: str, checksum: str | None) -> dict[str, Any]:
 def _syncable(rel: str) -> bool:
     """Whether a key (relative to the pair's prefix) is a path a file can have."""
     try:
-        check_rel_path("", rel)
+        check_rel_path("", rel, backslash=True)
     except PathEscape:
         return False
     return True
@@ -110,7 +110,7 @@ class S3Remote:
     RETRY_ATTEMPTS = 3               # botocore's own tries per request, before the queue's
     RESUME_MAX_AGE_S = 7 * 86400.0   # an unfinished upload of ours older than this is aborted
     caps = Capabilities(dirs=False, move=True, mtime_precision_ns=0, atomic_put=True,
-                        cpu_bound=False)
+                        cpu_bound=False, backslash=True)
 
     def __init__(self, name: str, opts: S3Options):
         self.name = name
@@ -201,7 +201,7 @@ class S3Remote:
         return PermanentError(f"{type(e).__name__}: {e} ({where})", remote=self.name, path=key)
 
     def _key(self, rel: str) -> str:
-        check_rel_path(self.name, rel)
+        check_rel_path(self.name, rel, backslash=True)
         return f"{self.base}/{rel}" if self.base else rel
 
     def _extra(self) -> dict[str, Any]:
@@ -247,7 +247,7 @@ class S3Remote:
 
     def list(self, prefix: str) -> Iterator[RemoteEntry]:
         if prefix:
-            check_rel_path(self.name, prefix)
+            check_rel_path(self.name, prefix, backslash=True)
         top = "/".join(x for x in (self.base, prefix) if x)
         start = top + "/" if top else ""
         out: list[RemoteEntry] = []

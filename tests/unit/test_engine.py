@@ -418,3 +418,26 @@ def test_with_patience_a_run_leaves_a_long_backoff_to_a_later_retry(tmp_path: Pa
     assert all("retried in" in why for _, why in res.failures), res.failures
     assert clock.t - start < 120   # without patience: ~10 backoffs of up to 5 min
     assert e.index.failed_jobs("p") == []   # not parked: the daemon's retry goes on
+
+
+def test_an_unsyncable_name_holds_only_the_deletes_of_its_folder(tmp_path: Path) -> None:
+    """A name the walk cannot sync (not UTF-8) may be a file renamed from a name the remote
+    still has: deletes in that folder wait. It used to hold every delete of the pair, on
+    every run, with "failed transfers" as the reason. A backslash is an ordinary character
+    on a directory remote: that file syncs."""
+    files = {"odd/keep.txt": b"k", "other/keep.txt": b"k", "back\\slash.txt": b"b"}
+    cfg, src, dst = setup(tmp_path, files)
+    pair = cfg.pairs[0]
+    cfg = cfg.__class__(cfg.source, cfg.daemon, cfg.remotes, (pair.__class__(
+        **{**{f: getattr(pair, f) for f in pair.__slots__}, "delete": "propagate"}),))
+    e = engine(cfg, None, Clock())
+    assert e.reconcile(cfg.pairs[0], Options()).status == "ok"
+    assert (dst / "docs" / "back\\slash.txt").read_bytes() == b"b"
+    for d in ("odd", "other"):
+        (dst / "docs" / d / "gone.txt").write_bytes(b"remote only")
+    with open(os.path.join(os.fsencode(src / "odd"), b"caf\xe9.txt"), "wb") as f:
+        f.write(b"renamed here?")
+    res = e.reconcile(cfg.pairs[0], Options())
+    assert res.status == "failed" and [p for p, _ in res.failures] == ["odd/caf\\xe9.txt"]
+    assert (dst / "docs" / "odd" / "gone.txt").exists()        # held: same folder
+    assert not (dst / "docs" / "other" / "gone.txt").exists()  # deleted as usual
