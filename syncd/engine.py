@@ -187,6 +187,8 @@ class Engine:
         res = PairResult(pair.name)
         try:
             self._reconcile(pair, opts, res)
+            if res.uploaded or res.deleted or res.trashed or res.mkdirs:
+                self._settle(pair)
         except SafetyError as e:
             res.status, res.message = "stopped", str(e)
             self.log.error("pair_stopped", reason=e.reason, override=e.override, error=str(e))
@@ -214,6 +216,18 @@ class Engine:
                       retries=res.retries, scanned=res.scanned,
                       duration_ms=int(res.duration_s * 1000))
         return res
+
+    def _settle(self, pair: PairConfig) -> None:
+        """The remote's own last step of a run that changed it (a directory remote makes
+        its renames durable: see LocalRemote.settle). Its failure is reported; it changes
+        no result: the bytes are durable, and the next full reconcile checks the names."""
+        settle = getattr(self.remotes.get(pair.remote), "settle", None)
+        if settle is None:
+            return
+        try:
+            settle(pair.path)
+        except RemoteError as e:
+            self.log.error("settle_failed", remote=pair.remote, error=str(e))
 
     def _reconcile(self, pair: PairConfig, opts: Options, res: PairResult) -> None:
         log = self.log

@@ -50,6 +50,15 @@ FSYNC_EACH_MAX = 8
 _TMP_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
+def _fsync_ok(fd: int) -> bool:
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        ctypes.set_errno(e.errno or 0)
+        return False
+    return True
+
+
 def _read_umask() -> int:
     """This process's umask, without setting it (os.umask would, for every thread);
     all bits (= always chmod) where /proc does not say."""
@@ -350,6 +359,27 @@ class LocalRemote:
                         remote=self.name, path=paths[0] if len(paths) == 1 else "")
             finally:
                 os.close(dfd)
+
+    def settle(self, prefix: str) -> None:
+        """The end of a run that changed this remote: with `fsync`, one syncfs of the pair's
+        file system, so its renames, new folders and deletes are durable too, not only the
+        files' bytes (those were synced before each rename); ext4 would otherwise commit
+        them within 5 s, other file systems later. Without syncfs, the pair's directory is
+        fsynced. A no-op with fsync = false."""
+        if not self.fsync:
+            return
+        try:
+            fd = self._open_dir(prefix, create=False) if prefix else os.open(self.root, _DIR_FLAGS)
+        except (RemoteError, OSError):
+            return   # nothing of the pair there (it was all deleted): nothing to make durable
+        try:
+            ok = _syncfs(fd) == 0 if _syncfs is not None else _fsync_ok(fd)
+            if not ok:
+                raise TransientError(f"syncfs failed: {os.strerror(ctypes.get_errno())}; "
+                                     f"check the disk under {self.root} (dmesg)",
+                                     remote=self.name, path=prefix)
+        finally:
+            os.close(fd)
 
     def _fsync_each(self, staged: Sequence[Staged]) -> bool:
         """fsync each staged file; False if one cannot be opened for it (its owner may not

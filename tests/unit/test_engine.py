@@ -441,3 +441,30 @@ def test_an_unsyncable_name_holds_only_the_deletes_of_its_folder(tmp_path: Path)
     assert res.status == "failed" and [p for p, _ in res.failures] == ["odd/caf\\xe9.txt"]
     assert (dst / "docs" / "odd" / "gone.txt").exists()        # held: same folder
     assert not (dst / "docs" / "other" / "gone.txt").exists()  # deleted as usual
+
+
+def test_a_run_that_changed_a_directory_remote_ends_with_its_names_made_durable(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Bytes are synced before each rename; the renames (and new folders, deletes) were
+    left to the file system's next journal commit. One syncfs of the pair's file system
+    ends every run that changed something; a run that changed nothing does not pay it."""
+    import syncd.remotes.local as local_mod
+
+    calls: list[int] = []
+    real = local_mod._syncfs
+
+    def counting(fd: int) -> int:
+        calls.append(os.fstat(fd).st_ino)
+        return real(fd) if real is not None else 0
+
+    monkeypatch.setattr(local_mod, "_syncfs", counting)
+    cfg, src, dst = setup(tmp_path, FILES)
+    e = engine(cfg, None, Clock())
+    assert e.reconcile(cfg.pairs[0], Options()).status == "ok"
+    assert calls and calls[-1] == os.stat(dst / "docs").st_ino
+    calls.clear()
+    assert e.reconcile(cfg.pairs[0], Options()).uploaded == 0
+    assert calls == []
+    (src / "d0" / "f0.txt").unlink()
+    assert e.reconcile(cfg.pairs[0], Options()).trashed == 1
+    assert calls == [os.stat(dst / "docs").st_ino]
