@@ -926,7 +926,7 @@ class SFTPRemote:
                 if e.code == w.FAILURE:      # exists: a temp left by a crash
                     retry.append(i)
                 else:
-                    results[i] = self._status_error(e, items[i][0], writing=True)
+                    results[i] = self._open_error(e, items[i][0])
         if retry:
             removes = [ss.remove(tmps[i]) for i in retry]
             rids = [(i, ss.open(tmps[i], flags, attrs)) for i in retry]
@@ -935,7 +935,7 @@ class SFTPRemote:
                 try:
                     handles[i] = ss.handle(rid)
                 except w.StatusError as e:
-                    results[i] = self._status_error(e, items[i][0], writing=True)
+                    results[i] = self._open_error(e, items[i][0])
 
         # 2. stream, verify the source, stamp, confirm size and close.
         done: dict[int, tuple[list[int], int, int]] = {}   # i -> (status rids, fstat rid, close)
@@ -971,7 +971,10 @@ class SFTPRemote:
                 results[i] = self._status_error(e, path, writing=True)
                 ss.discard([ss.remove(tmps[i])])
                 continue
-            if a.size != src.sent:
+            # A server that leaves the size out of its reply cannot confirm it: the write
+            # statuses did (every byte was acknowledged); the entry then records size 0,
+            # as that server's listings will.
+            if a.size is not None and a.size != src.sent:
                 results[i] = TransientError(f"server stored {a.size} bytes, sent {src.sent}",
                                             remote=self.name, path=path)
                 ss.discard([ss.remove(tmps[i])])
@@ -1002,6 +1005,12 @@ class SFTPRemote:
             except w.StatusError as e:
                 results[i] = self._publish_error(ss, e, path)
                 ss.discard([ss.remove(tmps[i])])
+
+    def _open_error(self, e: w.StatusError, path: str) -> RemoteError:
+        if e.code == w.NO_SUCH_FILE:   # its folder, checked a moment ago, was removed since
+            return TransientError(f"the folder vanished during the upload ({self.where}); "
+                                  "it is made again on the retry", remote=self.name, path=path)
+        return self._status_error(e, path, writing=True)
 
     def _publish_error(self, ss: w.Session, e: w.StatusError, path: str) -> RemoteError:
         """A failed rename onto `path`: a directory in the way is a Conflict."""

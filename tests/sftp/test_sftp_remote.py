@@ -684,3 +684,51 @@ def test_forked_child_never_speaks_on_the_parents_connection(srv: SSHServer, tmp
     # at the parent's next packet, and the listing would have reconnected.
     assert id(r._transport) == before and r._transport.is_active()
     r.close()
+
+
+def test_a_server_that_omits_the_size_in_fstat_still_takes_uploads(
+        srv: SSHServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # SFTP attributes are optional field by field: a server that leaves out the size made
+    # every upload fail as "stored None bytes" (transient, retried forever).
+    real = sftp_wire.Session.attrs
+
+    def no_size(self: sftp_wire.Session, rid: int) -> sftp_wire.Attrs:
+        return real(self, rid)._replace(size=None)
+
+    root = tmp_path / "root"
+    root.mkdir()
+    src = tmp_path / "f"
+    src.write_bytes(b"content")
+    r = SFTPRemote("t", opts(srv, root))
+    monkeypatch.setattr(sftp_wire.Session, "attrs", no_size)
+    with Source(str(src), "f") as s:
+        e = r.put("d/f", s)
+    assert (root / "d" / "f").read_bytes() == b"content" and e.size == 0
+    r.close()
+
+
+def test_a_folder_removed_between_its_check_and_the_upload_is_a_transient_error(
+        srv: SSHServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # "No such file" from OPEN used to be permanent (parked until the next reconcile);
+    # the retry makes the folder again.
+    root = tmp_path / "root"
+    root.mkdir()
+    src = tmp_path / "f"
+    src.write_bytes(b"content")
+    r = SFTPRemote("t", opts(srv, root))
+    real = SFTPRemote._check_dirs
+
+    def then_removed(self: SFTPRemote, *a: object, **k: object) -> object:
+        out = real(self, *a, **k)  # type: ignore[arg-type]
+        if (root / "d").is_dir():
+            (root / "d").rmdir()
+        return out
+
+    monkeypatch.setattr(SFTPRemote, "_check_dirs", then_removed)
+    with pytest.raises(TransientError, match="folder vanished"), Source(str(src), "f") as s:
+        r.put("d/f", s)
+    monkeypatch.setattr(SFTPRemote, "_check_dirs", real)
+    with Source(str(src), "f") as s:
+        r.put("d/f", s)
+    assert (root / "d" / "f").read_bytes() == b"content"
+    r.close()
