@@ -364,7 +364,7 @@ class Engine:
                         trash_stamp=trash_stamp(self.clock()),
                         dirs=caps.dirs, mtime_precision_ns=caps.mtime_precision_ns,
                         now_ns=int(self.clock() * 1e9),
-                        tmp_owner=getattr(remote, "tmp_owner", ""))
+                        tmp_owner=getattr(remote, "tmp_owner", ""), modes=caps.modes)
         actions = plan_push(states, base, remote_map, policy)
         t.append(time.perf_counter())
         log.debug("reconcile_phases", load_ms=_ms(t[0], t[1]), walk_ms=_ms(t[1], t[2]),

@@ -91,6 +91,13 @@ MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE pairs ADD COLUMN mounts TEXT;
     """,
+    # v5: the permission bits each base was sent with (a chmod alone is synced), and the
+    # stat signature with the mode in it (recomputed: no file looks changed by this).
+    """
+    ALTER TABLE entries ADD COLUMN b_mode INTEGER;
+    UPDATE entries SET l_sig = syncd_stat_sig(l_size, l_mtime, l_inode, l_mode)
+        WHERE l_sig IS NOT NULL;
+    """,
 )
 
 
@@ -158,6 +165,7 @@ class Index:
         # fsyncs) every 4 MB of WAL blocks the runner ten times a run.
         db.execute("PRAGMA cache_size=-65536")
         db.execute("PRAGMA wal_autocheckpoint=16384")
+        db.create_function("syncd_stat_sig", 4, stat_sig, deterministic=True)   # migrations
         return db
 
     def detached(self) -> _Detached:
@@ -266,14 +274,14 @@ class Index:
         base: dict[str, Base] = {}
         cur = self.db.execute(
             "SELECT path, l_kind, l_size, l_mtime, l_inode, l_mode, l_hash, l_racy, "
-            "b_kind, b_size, b_mtime, b_hash, b_fp FROM entries WHERE pair = ?", (pair,))
-        for path, lk, ls, lm, li, lmo, lh, lr, bk, bs, bm, bh, bf in cur:
+            "b_kind, b_size, b_mtime, b_hash, b_fp, b_mode FROM entries WHERE pair = ?", (pair,))
+        for path, lk, ls, lm, li, lmo, lh, lr, bk, bs, bm, bh, bf, bmo in cur:
             if lk is not None:
                 local[path] = LocalState(lk, ls, lm, li, lmo, lh)
                 if lr:
                     racy.add(path)
             if bk is not None:
-                base[path] = Base(bk, bs, bm, bh, bf)
+                base[path] = Base(bk, bs, bm, bh, bf, bmo)
         return local, racy, base
 
     def load_prior(self, pair: str) -> tuple[dict[str, int], dict[str, tuple[Any, ...]]]:
@@ -314,8 +322,8 @@ class Index:
 
     def load_bases(self, pair: str, paths: Iterable[str] | None = None) -> dict[str, Base]:
         """Bases of the given paths (all of the pair's when None)."""
-        q = ("SELECT path, b_kind, b_size, b_mtime, b_hash, b_fp FROM entries WHERE pair = ? "
-             "AND b_kind IS NOT NULL")
+        q = ("SELECT path, b_kind, b_size, b_mtime, b_hash, b_fp, b_mode FROM entries "
+             "WHERE pair = ? AND b_kind IS NOT NULL")
         if paths is None:
             return {r[0]: Base(*r[1:]) for r in self.db.execute(q, (pair,))}
         out: dict[str, Base] = {}
@@ -348,7 +356,7 @@ class Index:
                 "l_mtime=excluded.l_mtime, l_inode=excluded.l_inode, l_mode=excluded.l_mode, "
                 "l_hash=excluded.l_hash, l_racy=excluded.l_racy, l_sig=excluded.l_sig",
                 ((pair, p, s.kind, s.size, s.mtime_ns, s.inode, s.mode, s.hash, int(r),
-                  stat_sig(s.size, s.mtime_ns, s.inode)) for p, s, r in changed))
+                  stat_sig(s.size, s.mtime_ns, s.inode, s.mode)) for p, s, r in changed))
             rm = [(pair, p) for p in removed]
             self.db.executemany("UPDATE entries SET l_kind=NULL, l_size=NULL, l_mtime=NULL, "
                                 "l_inode=NULL, l_mode=NULL, l_hash=NULL, l_racy=0, l_sig=NULL "
@@ -360,7 +368,8 @@ class Index:
         gone = [(pair, d.path) for d in done if not d.keep_base and d.base is None]
         if gone:
             self.db.executemany("UPDATE entries SET b_kind=NULL, b_size=NULL, b_mtime=NULL, "
-                                "b_hash=NULL, b_fp=NULL WHERE pair=? AND path=?", gone)
+                                "b_hash=NULL, b_fp=NULL, b_mode=NULL WHERE pair=? AND path=?",
+                                gone)
             self.db.executemany("DELETE FROM entries WHERE pair=? AND path=? AND l_kind IS NULL",
                                 gone)
         rows = []
@@ -370,20 +379,20 @@ class Index:
                 continue
             if s is None:
                 rows.append((pair, d.path, None, None, None, None, None, None, 0, None, b.kind,
-                             b.size, b.mtime_ns, b.hash, b.remote_fp))
+                             b.size, b.mtime_ns, b.hash, b.remote_fp, b.mode))
             else:
                 rows.append((pair, d.path, s.kind, s.size, s.mtime_ns, s.inode, s.mode, s.hash,
-                             int(d.racy), stat_sig(s.size, s.mtime_ns, s.inode), b.kind, b.size,
-                             b.mtime_ns, b.hash, b.remote_fp))
+                             int(d.racy), stat_sig(s.size, s.mtime_ns, s.inode, s.mode), b.kind,
+                             b.size, b.mtime_ns, b.hash, b.remote_fp, b.mode))
         if rows:
             # A local state rides along only when the transfer saw one; else keep the scan's.
             self.db.executemany(
                 "INSERT INTO entries (pair, path, l_kind, l_size, l_mtime, l_inode, l_mode, l_hash, "
-                "l_racy, l_sig, b_kind, b_size, b_mtime, b_hash, b_fp) "
-                "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?) "
+                "l_racy, l_sig, b_kind, b_size, b_mtime, b_hash, b_fp, b_mode) "
+                "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?) "
                 "ON CONFLICT(pair, path) DO UPDATE SET "
                 "b_kind=excluded.b_kind, b_size=excluded.b_size, b_mtime=excluded.b_mtime, "
-                "b_hash=excluded.b_hash, b_fp=excluded.b_fp, "
+                "b_hash=excluded.b_hash, b_fp=excluded.b_fp, b_mode=excluded.b_mode, "
                 "l_kind=coalesce(excluded.l_kind, l_kind), l_size=coalesce(excluded.l_size, l_size), "
                 "l_mtime=coalesce(excluded.l_mtime, l_mtime), "
                 "l_inode=coalesce(excluded.l_inode, l_inode), l_mode=coalesce(excluded.l_mode, l_mode), "

@@ -10,12 +10,13 @@ TRASH_DIR = ".syncd-trash"
 TMP_PREFIX = ".syncd-tmp-"
 
 
-def stat_sig(size: int, mtime_ns: int, inode: int) -> int:
-    """One integer standing for (size, mtime_ns, inode), so the index can hand the scanner
-    one value per clean file instead of a row. Python's tuple hash of ints is deterministic
-    (no hash randomisation for ints); if a future Python changes it, every file merely looks
-    changed once and is re-hashed."""
-    return hash((size, mtime_ns, inode))
+def stat_sig(size: int, mtime_ns: int, inode: int, mode: int | None) -> int:
+    """One integer standing for (size, mtime_ns, inode, permission bits), so the index can
+    hand the scanner one value per clean file instead of a row. Python's tuple hash of ints
+    is deterministic (no hash randomisation for ints); if a future Python changes it, every
+    file merely looks changed once and is re-hashed. The mode is in it so that a chmod
+    alone (which leaves mtime alone) is noticed."""
+    return hash((size, mtime_ns, inode, mode))
 
 
 class Kind(IntEnum):
@@ -53,6 +54,7 @@ class Base(NamedTuple):
     mtime_ns: int
     hash: bytes | None
     remote_fp: str
+    mode: int | None = None   # permission bits sent (None: not known, e.g. adopted)
 
 
 class Op(StrEnum):

@@ -37,6 +37,7 @@ class Policy:
     # dir's lock means none of them is being written while we plan: they are removed at
     # once. Anyone else's (another syncd writing the same remote) only once stale.
     tmp_owner: str = ""
+    modes: bool = False             # the remote keeps permission bits: a chmod is synced
 
 
 def same_mtime(a: int, b: int, precision_ns: int) -> bool:
@@ -55,7 +56,8 @@ def plan_push(local: Mapping[str, LocalState], base: Mapping[str, Base],
         b = bget(path)
         if l.kind == FILE:
             if (r is not None and b is not None and l.hash is not None and l.hash == b.hash
-                    and r.fp == b.remote_fp and r.kind == FILE and b.kind == FILE):
+                    and r.fp == b.remote_fp and r.kind == FILE and b.kind == FILE
+                    and (b.mode is None or b.mode == l.mode or not policy.modes)):
                 continue   # the common case: nothing changed anywhere
             out.extend(_file(path, l, b, r, policy))
         elif policy.dirs:
@@ -144,6 +146,8 @@ def _file(path: str, l: LocalState, b: Base | None, r: R | None, p: Policy) -> l
             return [up._replace(reason="remote drift")]
         if l.hash is None or l.hash != b.hash:
             return [up._replace(reason="changed")]
+        if p.modes and b.mode is not None and b.mode != l.mode:
+            return [up._replace(reason="mode changed")]   # sent again: put() sets modes
         return []
     # Never synced by us (or the index was lost): adopt an equal-looking remote file
     # instead of re-sending it, as rsync and rclone do by size and mtime.

@@ -269,7 +269,8 @@ def walk(root: str, clean: dict[str, int], prior: dict[str, PriorRow], ignore: M
                         sig = get_clean(rel)
                         if sig is not None:
                             seen_prior += 1
-                            if sig == hash((s.st_size, s.st_mtime_ns, s.st_ino)):  # = stat_sig()
+                            if sig == hash((s.st_size, s.st_mtime_ns, s.st_ino,  # = stat_sig()
+                                            s.st_mode & 0o7777)):
                                 continue
                             states[rel] = LocalState(FILE, s.st_size, s.st_mtime_ns, s.st_ino,
                                                      s.st_mode & 0o7777, None)
@@ -279,7 +280,8 @@ def walk(root: str, clean: dict[str, int], prior: dict[str, PriorRow], ignore: M
                         if p is not None:
                             seen_prior += 1
                             if (p[1] == FILE and p[2] == s.st_size and p[3] == s.st_mtime_ns
-                                    and p[4] == s.st_ino and p[6] is not None and not p[7]):
+                                    and p[4] == s.st_ino and p[5] == s.st_mode & 0o7777
+                                    and p[6] is not None and not p[7]):
                                 if not p[8]:
                                     states[rel] = LocalState(FILE, p[2], p[3], p[4], p[5], p[6])
                                 continue

@@ -307,9 +307,9 @@ def _uploaded(o: Outcome, src: Source, entry: RemoteEntry, started: int) -> None
     digest, after = src.digest, src.after
     assert digest is not None and after is not None, "remote.put must call source.verify()"
     o.bytes = src.sent
-    o.base = Base(FILE, after.st_size, after.st_mtime_ns, digest, entry.fp)
-    o.local = LocalState(FILE, after.st_size, after.st_mtime_ns, after.st_ino,
-                         after.st_mode & 0o7777, digest)
+    mode = after.st_mode & 0o7777
+    o.base = Base(FILE, after.st_size, after.st_mtime_ns, digest, entry.fp, mode)
+    o.local = LocalState(FILE, after.st_size, after.st_mtime_ns, after.st_ino, mode, digest)
     o.racy = is_racy(after.st_mtime_ns, started)
 
 
@@ -685,7 +685,7 @@ def _unpack_staged(jobs: list[Job], res: tuple[list[Packed], list[tuple[Packed, 
 
 
 def _with_fp(b: Base, fp: str) -> Base:
-    return tuple.__new__(Base, (b[0], b[1], b[2], b[3], fp))   # _replace costs ~5x more
+    return tuple.__new__(Base, (b[0], b[1], b[2], b[3], fp, b[5]))   # _replace: ~5x more
 
 
 def _workers(transfers: int, processes: bool) -> int:

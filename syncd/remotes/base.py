@@ -27,6 +27,7 @@ class Capabilities:
     cpu_bound: bool = False         # work is local syscalls, not network waits: list in a
                                     # forked child and transfer in worker processes
     backslash: bool = False         # '\\' is an ordinary character in names (check_rel_path)
+    modes: bool = False             # put() gives the file the source's permission bits
 
 
 class Staged(NamedTuple):

@@ -94,7 +94,7 @@ def _fp(st: os.stat_result) -> str:
 
 class LocalRemote:
     caps = Capabilities(dirs=True, move=True, mtime_precision_ns=1, atomic_put=True,
-                        cpu_bound=True, backslash=True)
+                        cpu_bound=True, backslash=True, modes=True)
 
     def __init__(self, name: str, root: os.PathLike[str] | str, fsync: bool = True):
         self.name = name

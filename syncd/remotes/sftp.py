@@ -130,7 +130,7 @@ class _Conn:
 
 class SFTPRemote:
     caps = Capabilities(dirs=True, move=True, mtime_precision_ns=_SEC, atomic_put=True,
-                        cpu_bound=False)
+                        cpu_bound=False, modes=True)
 
     def __init__(self, name: str, opts: SFTPOptions, env: dict[str, str] | None = None):
         self.name = name

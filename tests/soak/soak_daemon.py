@@ -88,6 +88,7 @@ max_delete = "100%"
     vlock = threading.Lock()
     rep = Report()
     stop = threading.Event()
+    watched = threading.Event()   # the monitor stops
 
     def writer() -> None:
         wrng = random.Random(seed + 1)
@@ -113,7 +114,10 @@ max_delete = "100%"
             time.sleep(wrng.uniform(0.0, 0.02))
 
     def monitor() -> None:   # every complete file seen under a final name must be a version
-        while not stop.is_set():
+        # Until the end of convergence, not only of the kills: a daemon killed each time
+        # before it published anything (start-up is slow on a loaded machine) would leave
+        # the monitor nothing to check.
+        while not watched.is_set():
             for p in mirror.rglob("*") if mirror.exists() else ():
                 if not p.is_file() or p.name.startswith(".syncd-tmp-"):
                     continue
@@ -163,9 +167,11 @@ max_delete = "100%"
         while list(mirror.rglob(".syncd-tmp-*")) and time.monotonic() - t0 < 120:
             time.sleep(0.1)
         rep.temps_left = len(list(mirror.rglob(".syncd-tmp-*")))
+        watched.set()
         threads[1].join()
     finally:
         stop.set()
+        watched.set()
         proc.send_signal(signal.SIGTERM)
         try:
             proc.wait(30)

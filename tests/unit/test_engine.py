@@ -4,6 +4,7 @@ a file changing mid-upload is never published torn, an idle reconcile opens no f
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -468,3 +469,21 @@ def test_a_run_that_changed_a_directory_remote_ends_with_its_names_made_durable(
     (src / "d0" / "f0.txt").unlink()
     assert e.reconcile(cfg.pairs[0], Options()).trashed == 1
     assert calls == [os.stat(dst / "docs").st_ino]
+
+
+def test_a_chmod_alone_is_synced_to_a_remote_that_keeps_modes(tmp_path: Path) -> None:
+    """chmod changes neither content nor mtime: the stat signature holds the mode, and the
+    base records the mode it was sent with, so the file is sent again with its new mode."""
+    cfg, src, dst = setup(tmp_path, FILES)
+    old = time.time() - 100   # not racy: hashed once, then trusted to the stat cache
+    for rel in FILES:
+        os.utime(src / rel, (old, old))
+    e = engine(cfg, None, Clock())
+    assert e.reconcile(cfg.pairs[0], Options()).status == "ok"
+    target = dst / "docs" / "d1" / "f1.txt"
+    assert target.stat().st_mode & 0o777 == (src / "d1" / "f1.txt").stat().st_mode & 0o777
+    os.chmod(src / "d1" / "f1.txt", 0o750)
+    res = e.reconcile(cfg.pairs[0], Options())
+    assert res.uploaded == 1 and target.stat().st_mode & 0o777 == 0o750
+    res = e.reconcile(cfg.pairs[0], Options())
+    assert res.uploaded == 0 and res.hashed_files == 0   # the stat cache still holds

@@ -149,3 +149,22 @@ def test_upload_log_opens_its_own_connection_after_fork(tmp_path: Path) -> None:
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
     assert log.parts(rid) == {1: ('"e"', None)}
+
+
+def test_v5_migration_keeps_every_clean_file_clean(tmp_path: Path) -> None:
+    """v5 puts the permission bits into the stat signature (a chmod alone is then seen).
+    The stored signatures are recomputed, so no file looks changed by the upgrade (which
+    would have re-hashed every file once)."""
+    from syncd.model import stat_sig
+
+    db = tmp_path / "i.sqlite3"
+    v4 = Index(db, migrations=MIGRATIONS[:4])
+    v4.db.execute("INSERT INTO entries (pair, path, l_kind, l_size, l_mtime, l_inode, l_mode, "
+                  "l_hash, l_racy, l_sig, b_kind, b_size, b_mtime, b_hash, b_fp) VALUES "
+                  "('p', 'a', 1, 10, 20, 30, 420, ?, 0, ?, 1, 10, 20, ?, '10:20')",
+                  (b"h" * 16, hash((10, 20, 30)), b"h" * 16))   # v4's signature
+    v4.close()
+    idx = Index(db)
+    clean, _ = idx.load_prior("p")
+    assert clean == {"a": stat_sig(10, 20, 30, 0o644)}
+    assert idx.load_bases("p")["a"].mode is None   # not known: a chmod waits for content

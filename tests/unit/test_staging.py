@@ -52,7 +52,21 @@ class Flushes:
             outer.published.append((tmp, outer.tick()))
             return real_publish(self, dfd, tmp, name, path, sent)
 
+        real_settle = LocalRemote.settle
+        self.settling = False
+        self.settles: list[int] = []   # the end-of-run syncfs (LocalRemote.settle): apart
+
+        def settle(remote: LocalRemote, prefix: str) -> None:
+            outer.settling = True
+            try:
+                real_settle(remote, prefix)
+            finally:
+                outer.settling = False
+
         def syncfs(fd: int) -> int:
+            if self.settling:
+                self.settles.append(self.tick())
+                return 0
             start = self.tick()
             if self.on_flush is not None:
                 self.on_flush()
@@ -67,6 +81,7 @@ class Flushes:
 
         monkeypatch.setattr(LocalRemote, "_write_temp", write_temp)
         monkeypatch.setattr(LocalRemote, "_publish", publish)
+        monkeypatch.setattr(LocalRemote, "settle", settle)
         monkeypatch.setattr(local_mod, "_syncfs", syncfs)
         monkeypatch.setattr(local_mod, "FSYNC_EACH_MAX", 0)   # every flush a syncfs
         monkeypatch.setattr(eng, "PROCESS_POOL_MIN_JOBS", 1 << 30)   # threads: we see it all
@@ -134,6 +149,7 @@ def test_a_stop_while_flushing_leaves_no_temp_and_loses_no_job(
     assert not temps(dst)
     published = tree(dst / "docs") if (dst / "docs").exists() else {}
     assert len(fl.flushes) == 1 and 0 < len(published) < len(FILES)
+    assert len(fl.settles) == 1 and fl.settles[0] > max(s for _, s in fl.published)
     assert len(fl.written) > len(published)   # staged meanwhile, then discarded
     assert all(FILES[k] == v for k, v in published.items())
     counts = e.index.job_counts("p")
