@@ -237,6 +237,7 @@ class Daemon:
         if w is None:
             return
         w.check_roots()
+        w.reap()
         for name, why in w.take_lost().items():
             self.log.warning("watch_lost", pair=name, reason=why, fallback="periodic scans")
             self.unwatched.add(name)

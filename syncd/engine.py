@@ -233,6 +233,15 @@ class Engine:
         log = self.log
         root = str(pair.local)
         meta = self.index.pair_meta(pair.name)
+        target = f"{pair.remote}:{pair.path}"
+        if (meta is None or meta.target != target) and not opts.dry_run:
+            moved = meta is not None and meta.target is not None
+            if moved:
+                log.warning("pair_target_changed", was=meta.target, now=target,
+                            note="the sync history is of the old place: the new one is "
+                                 "compared afresh (nothing is deleted at the old one)")
+            self.index.set_pair_target(pair.name, target, forget_bases=moved)
+            meta = self.index.pair_meta(pair.name)
         matcher = pair_matcher(pair.ignore, pair.local, self.cfg.daemon.state_dir)
         if not os.path.isdir(root):
             self._trip(pair, Facts(False, 0, self.index.count_base(pair.name), 0, None, None, 0, ""),
@@ -364,7 +373,8 @@ class Engine:
                         trash_stamp=trash_stamp(self.clock()),
                         dirs=caps.dirs, mtime_precision_ns=caps.mtime_precision_ns,
                         now_ns=int(self.clock() * 1e9),
-                        tmp_owner=getattr(remote, "tmp_owner", ""), modes=caps.modes)
+                        tmp_owner=getattr(remote, "tmp_owner", ""), modes=caps.modes,
+                        case_sensitive=caps.case_sensitive)
         actions = plan_push(states, base, remote_map, policy)
         t.append(time.perf_counter())
         log.debug("reconcile_phases", load_ms=_ms(t[0], t[1]), walk_ms=_ms(t[1], t[2]),
@@ -375,7 +385,8 @@ class Engine:
         lost = tuple(m for m in recorded if m not in mounts) if mounts is not None else ()
         facts = Facts(True, len(w.seen), self.index.count_base(pair.name), diff.files, w.root_dev,
                       meta.st_dev if meta else None, pair.max_delete.limit(diff.files),
-                      str(pair.max_delete), diff.entries if opts.list_remote else -1, lost)
+                      str(pair.max_delete), diff.entries if opts.list_remote else -1, lost,
+                      sum(1 for p in diff.gone if p in w.seen) if diff.entries == 0 else 0)
         self._trip(pair, facts, opts, actions)
         if mounts is not None and tuple(mounts) != recorded and not opts.dry_run:
             self.index.set_pair_mounts(pair.name, mounts)
@@ -409,8 +420,9 @@ class Engine:
                         reason="a scan error in this run; they wait for a clean run")
             res.skipped += len(first) - len(kept)
             first = kept
-        # A name the walk could not sync may be a file renamed there from a name the remote
-        # still has: the deletes in its folder wait (not the pair's others).
+        # A name the walk could not sync may be a file (or a folder) renamed there from a
+        # name the remote still has: the deletes in its folder, and below it, wait (not the
+        # pair's others).
         odd_dirs = {rel.rpartition("/")[0] for rel, _ in w.unsyncable}
         n_odd = len(w.unsyncable)
         # The views are no longer needed; on a first sync of 100k files they are most of
@@ -428,13 +440,13 @@ class Engine:
                             "deletes wait for a clean run")
                 res.skipped += len(later)
                 return
-            held = [a for a in later if a.path.rpartition("/")[0] in odd_dirs]
+            held = [a for a in later if _within(a.path.rpartition("/")[0], odd_dirs)]
             if held:
                 log.warning("deletes_skipped", count=len(held), paths=[a.path for a in held[:20]],
                             reason="a name in the same folder cannot be synced (a file renamed "
                                    "there?); they wait until it is renamed or ignored")
                 res.skipped += len(held)
-                later = [a for a in later if a.path.rpartition("/")[0] not in odd_dirs]
+                later = [a for a in later if not _within(a.path.rpartition("/")[0], odd_dirs)]
             self._run(pair, ctx, later, res)
 
     def _lister(self, remote: Remote, pair: PairConfig, matcher: Matcher,
@@ -468,13 +480,13 @@ class Engine:
                 expected = idx.base_fps(pair.name)
             finally:
                 idx.close()
-            keep_fn = None if matcher.empty or matcher.top_only else keep
+            keep_fn = None if matcher.empty or matcher.literal_only else keep
             fast = getattr(remote, "diff", None)
             if fast is not None:
                 d = fast(pair.path, expected, keep_fn)
             else:
                 d = diff_listing(remote.list(pair.path), expected, keep_fn)
-            return drop_unnamed(drop_top_dirs(d, expected, matcher.ignored_tops))
+            return drop_unnamed(drop_top_dirs(d, expected, matcher.ignored_dirs))
 
         return run
 
@@ -624,6 +636,18 @@ class Engine:
         res.adopted += d.get(Op.ADOPT.value, 0)
         res.mkdirs += d.get(Op.MKDIR.value, 0)
         res.failures += stats.failed
+
+
+def _within(folder: str, folders: set[str]) -> bool:
+    """Whether `folder` is one of `folders` or lies below one ("" is the root: all)."""
+    if not folders:
+        return False
+    while True:
+        if folder in folders:
+            return True
+        if not folder:
+            return False
+        folder = folder.rpartition("/")[0]
 
 
 class _Cancelled(Exception):

@@ -98,6 +98,11 @@ MIGRATIONS: tuple[str, ...] = (
     UPDATE entries SET l_sig = syncd_stat_sig(l_size, l_mtime, l_inode, l_mode)
         WHERE l_sig IS NOT NULL;
     """,
+    # v6: where the pair's bases are (remote name and path): a config pointing the pair
+    # elsewhere makes them history of another place.
+    """
+    ALTER TABLE pairs ADD COLUMN target TEXT;
+    """,
 )
 
 
@@ -112,6 +117,7 @@ class PairMeta:
     last_reconcile: float | None
     last_result: str | None
     mounts: tuple[str, ...] = ()
+    target: str | None = None
 
 
 class Done(NamedTuple):
@@ -217,11 +223,24 @@ class Index:
     # --- pairs ----------------------------------------------------------------------------
 
     def pair_meta(self, pair: str) -> PairMeta | None:
-        r = self.db.execute("SELECT root, st_dev, last_reconcile, last_result, mounts FROM pairs "
-                            "WHERE pair = ?", (pair,)).fetchone()
+        r = self.db.execute("SELECT root, st_dev, last_reconcile, last_result, mounts, target "
+                            "FROM pairs WHERE pair = ?", (pair,)).fetchone()
         if r is None:
             return None
-        return PairMeta(*r[:4], tuple(json.loads(r[4])) if r[4] else ())
+        return PairMeta(*r[:4], tuple(json.loads(r[4])) if r[4] else (), r[5])
+
+    def set_pair_target(self, pair: str, target: str, forget_bases: bool) -> None:
+        """Record where the pair's bases are; with `forget_bases`, drop the bases first
+        (they describe another remote or path)."""
+        with self.tx():
+            if forget_bases:
+                self.db.execute("UPDATE entries SET b_kind=NULL, b_size=NULL, b_mtime=NULL, "
+                                "b_hash=NULL, b_fp=NULL, b_mode=NULL WHERE pair=?", (pair,))
+                self.db.execute("DELETE FROM entries WHERE pair=? AND l_kind IS NULL", (pair,))
+                self.db.execute("DELETE FROM jobs WHERE pair=?", (pair,))
+            self.db.execute(
+                "INSERT INTO pairs (pair, root, target) VALUES (?, '', ?) ON CONFLICT(pair) "
+                "DO UPDATE SET target = excluded.target", (pair, target))
 
     def set_pair_mounts(self, pair: str, mounts: Sequence[str]) -> None:
         with self.tx():

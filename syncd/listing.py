@@ -66,11 +66,13 @@ def diff_listing(entries: Iterable[RemoteEntry], expected: dict[str, str],
 
 
 def drop_top_dirs(d: RemoteDiff, expected: dict[str, str], names: frozenset[str]) -> RemoteDiff:
-    """`d` as if the listing had skipped these top-level directories and everything under
-    them (what diff_listing's `keep` does), without a call per listed entry: on an idle
-    reconcile only the few changed entries and the bases are looked at."""
+    """`d` as if the listing had skipped these directories (paths, at any depth) and
+    everything under them (what diff_listing's `keep` does), without a call per listed
+    entry: on an idle reconcile only the few changed entries and the bases are looked at."""
     if not names:
         return d
+    # One inside another ("a" and "a/b"): the outer one hides it all.
+    names = frozenset(n for n in names if not any(n.startswith(m + "/") for m in names))
     below = tuple(n + "/" for n in names)
     dropped = [p for p, e in d.changed.items()
                if p.startswith(below) or (p in names and e.kind != FILE)]

@@ -38,6 +38,7 @@ class Policy:
     # once. Anyone else's (another syncd writing the same remote) only once stale.
     tmp_owner: str = ""
     modes: bool = False             # the remote keeps permission bits: a chmod is synced
+    case_sensitive: bool = False    # the remote never folds case (S3): no BEFORE_WRITES
 
 
 def same_mtime(a: int, b: int, precision_ns: int) -> bool:
@@ -92,7 +93,7 @@ def plan_push(local: Mapping[str, LocalState], base: Mapping[str, Base],
                               dest=f"{TRASH_DIR}/{policy.trash_stamp}/{path}"))
     rmdirs.sort(key=lambda a: a.path.count("/"), reverse=True)  # children before parents
     out.extend(rmdirs)
-    if any(a.op in _REMOVING for a in out):
+    if not policy.case_sensitive and any(a.op in _REMOVING for a in out):
         out = _fold_collisions_first(out, local)
     out.sort(key=phase)   # stable; the queue runs a pair's jobs phase by phase in this order
     blocked = {a.path for a in out if a.op == Op.CONFLICT and local[a.path].kind == DIR}
@@ -191,6 +192,7 @@ class Facts:
     max_delete_setting: str
     remote_entries: int = -1            # what the remote listing held; -1: not listed
     lost_mounts: tuple[str, ...] = ()   # mount points inside the root, no longer mounted
+    bases_present: int = 0              # synced entries missing remotely, still here locally
 
 
 @dataclass(frozen=True, slots=True)
@@ -209,10 +211,11 @@ def check_safety(actions: list[Action], f: Facts, allow_mass_delete: bool = Fals
                     f"recorded {f.recorded_dev}): an unmounted disk shows its empty mount point",
                     "--allow-device-change")
     if not allow_device_change:
-        if f.remote_entries == 0 and f.base_entries > 0:
-            return Trip(f"the remote path is empty but {f.base_entries} entries were synced "
-                        "there before: an unmounted disk shows its empty mount point (or the "
-                        "remote was emptied behind syncd's back)", "--allow-device-change")
+        if f.remote_entries == 0 and f.bases_present > 0:
+            return Trip(f"the remote path is empty but {f.bases_present} entries synced there "
+                        "before are still in the local tree: an unmounted disk shows its empty "
+                        "mount point (or the remote was emptied behind syncd's back)",
+                        "--allow-device-change")
         for m in f.lost_mounts:
             if any(a.path == m or a.path.startswith(m + "/") for a in actions
                    if a.op in DELETING_OPS or a.op == Op.RMDIR):

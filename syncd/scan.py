@@ -43,13 +43,12 @@ class Matcher:
         self.spec = pathspec.GitIgnoreSpec.from_lines(lines)
         active = [p for p in self.spec.patterns if p.include is not None]
         self.empty = not active
-        # Every rule names one directory at the top ("/lost+found/", "!/build/"): nothing
-        # below the top level needs a check, and the listing can skip whole subtrees
-        # after the fact (engine: listing.drop_top_dirs) instead of filtering each entry.
-        tops = [_top_dir(x) for x in lines if x.strip() and not x.startswith("#")]
-        self.top_only = bool(active) and all(tops)
-        self.ignored_tops = frozenset(
-            t for t in tops if t and self.spec.match_file(t + "/")) if self.top_only else frozenset()
+        # Every rule names one directory by its literal path ("/lost+found/", "!/build/",
+        # the state dir's "/.local/state/syncd/"): no file needs a check, a directory only
+        # a set lookup, and the listing can skip whole subtrees after the fact (engine:
+        # listing.drop_top_dirs) instead of filtering each entry.
+        lits = [_literal_dir(x) for x in lines if x.strip() and not x.startswith("#")]
+        self.literal_only = bool(active) and all(lits)
         self._fused: re.Pattern[str] | None = None
         if active and all(p.include for p in active):
             parts = [re.sub(r"\(\?P<\w+>", "(?:", p.regex.pattern) for p in active]  # type: ignore[attr-defined]
@@ -59,11 +58,23 @@ class Matcher:
         # rule names only what is inside it.
         self._rules = []
         for line in lines:
-            inside = ".+" if line.strip().endswith("/**") else ""
+            body, inside = line.strip(), ""
+            if body.endswith("/**/") and body.lstrip("!/") != "**/":
+                # "x/**/": directories inside x, at any depth (not x, not its files);
+                # pathspec reads it as "x/".
+                line, inside = body[:-1], ".+/"
             for p in pathspec.GitIgnoreSpec.from_lines([line]).patterns:
                 if p.include is not None:
+                    # "x/**" is "^x/" to pathspec: only what is inside x, for git ("/**"
+                    # alone is ".": everything, one-letter names included).
+                    if not inside and body.endswith("/**") and p.regex.pattern.endswith("/"):  # type: ignore[attr-defined]
+                        inside = ".+"
                     self._rules.append((re.compile(f"(?:{p.regex.pattern}){inside}\\Z"),  # type: ignore[attr-defined]
                                         bool(p.include)))
+                    if inside:   # pathspec's own regex is wrong here: no fused shortcut
+                        self._fused = None
+        self.ignored_dirs = frozenset(
+            t for t in lits if t and self(t + "/")) if self.literal_only else frozenset()
 
     def __call__(self, rel: str) -> bool:
         """Whether `rel` ("a/b" for a file, "a/b/" for a directory) is excluded, its
@@ -98,11 +109,13 @@ class Matcher:
         return self(rel) or self(rel + "/")
 
 
-def _top_dir(line: str) -> str | None:
-    """The directory name of a "/name/" or "!/name/" rule with no wildcard, else None."""
+def _literal_dir(line: str) -> str | None:
+    """The directory path of a "/a/b/" or "!/a/b/" rule with no wildcard or escape (any
+    depth), else None."""
     body = line.strip().removeprefix("!")
     name = body[1:-1] if body.startswith("/") and body.endswith("/") else ""
-    return name if name and not any(c in name for c in "/*?[\\") else None
+    ok = name and "//" not in name and not name.startswith("/") and not name.endswith("/")
+    return name if ok and not any(c in name for c in "*?[\\") else None
 
 
 # Outside every pair, on both sides, unless a pattern re-includes it ("!/lost+found/"): a
@@ -216,11 +229,13 @@ def walk(root: str, clean: dict[str, int], prior: dict[str, PriorRow], ignore: M
     seen_prior = 0
     FILE, DIR = int(Kind.FILE), int(Kind.DIR)
     seen_dirs = {(root_st.st_dev, root_st.st_ino)}
+    literal = ignore.ignored_dirs if ignore.literal_only else None
     stack: list[str] = [""]
     while stack:
         prefix = stack.pop()
-        # No per-entry rule check where no rule can match (below the top for top_only).
-        no_ignore = ignore.empty or (ignore.top_only and bool(prefix))
+        # No rule check for files when every rule names a directory by its literal path
+        # (directories then take a set lookup: `literal`).
+        no_ignore = ignore.empty or ignore.literal_only
         top = os.path.join(root, prefix) if prefix else root
         try:
             it = os.scandir(top)
@@ -289,7 +304,10 @@ def walk(root: str, clean: dict[str, int], prior: dict[str, PriorRow], ignore: M
                                                  s.st_mode & 0o7777, None)
                         dirty.append(rel)
                     elif s is None or st_mod.S_ISDIR(s.st_mode):
-                        if not no_ignore and ignore(rel + "/"):
+                        if literal is not None:
+                            if rel in literal:
+                                continue
+                        elif not no_ignore and ignore(rel + "/"):
                             continue
                         if s is not None:
                             key = (s.st_dev, s.st_ino)

@@ -123,6 +123,7 @@ class Watcher:
         self._ident: dict[str, tuple[int, int]] = {}   # pair -> root's (st_dev, st_ino)
         self._handles: dict[str, Any] = {}
         self._lost: dict[str, str] = {}     # pair -> why; filled from watchdog's thread
+        self._dead: list[Any] = []          # watches lost, to unschedule (reap)
         self._lock = threading.Lock()
         self._track = False
 
@@ -151,6 +152,7 @@ class Watcher:
         """Watch a pair again (its root is back); False if it cannot be watched yet."""
         if self.observer is None:
             return False
+        self.reap()
         return self._schedule(pair, root, ignored, quiet=True)
 
     def _schedule(self, pair: str, root: str, ignored: Callable[[str], bool],
@@ -180,16 +182,22 @@ class Watcher:
             h = self._handles.pop(pair, None)
             self._ident.pop(pair, None)
             _WATCHERS.pop(os.fsencode(root), None)
-        if h is not None and self.observer is not None:
-            # Not from watchdog's own thread: unscheduling joins the emitter.
-            threading.Thread(target=self._unschedule, args=(h,), daemon=True).start()
+            if h is not None:
+                # Unscheduled by reap(), from the daemon's thread: not here (this may be
+                # watchdog's own thread, which unscheduling joins), and before any new
+                # watch of the same path (watchdog would take it for the old one).
+                self._dead.append(h)
         self.debouncer.touch(pair)
 
-    def _unschedule(self, h: Any) -> None:
+    def reap(self) -> None:
+        """Unschedule the watches lost since the last call (the daemon's thread only)."""
+        with self._lock:
+            dead, self._dead = self._dead, []
         obs = self.observer
-        with contextlib.suppress(Exception):   # already gone with its root: nothing to stop
-            if obs is not None:
-                obs.unschedule(h)
+        for h in dead:
+            with contextlib.suppress(Exception):   # already gone with its root
+                if obs is not None:
+                    obs.unschedule(h)
 
     def take_lost(self) -> dict[str, str]:
         with self._lock:

@@ -28,6 +28,8 @@ class Capabilities:
                                     # forked child and transfer in worker processes
     backslash: bool = False         # '\\' is an ordinary character in names (check_rel_path)
     modes: bool = False             # put() gives the file the source's permission bits
+    case_sensitive: bool = False    # names differing by case only are always two (S3); else
+                                    # maybe one (an SMB share, macOS): see plan.BEFORE_WRITES
 
 
 class Staged(NamedTuple):

@@ -110,7 +110,7 @@ class S3Remote:
     RETRY_ATTEMPTS = 3               # botocore's own tries per request, before the queue's
     RESUME_MAX_AGE_S = 7 * 86400.0   # an unfinished upload of ours older than this is aborted
     caps = Capabilities(dirs=False, move=True, mtime_precision_ns=0, atomic_put=True,
-                        cpu_bound=False, backslash=True)
+                        cpu_bound=False, backslash=True, case_sensitive=True)
 
     def __init__(self, name: str, opts: S3Options):
         self.name = name
@@ -184,8 +184,9 @@ class S3Remote:
                 return NotFound(text, remote=self.name, path=key)
             status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
             # By status too: S3-compatible servers throttle with codes of their own
-            # (MinIO's SlowDownWrite, a proxy's 502 BadGateway, 429 TooManyRequests).
-            if code in _TRANSIENT_CODES or status >= 500 or status == 429:
+            # (MinIO's SlowDownWrite, a proxy's 502 BadGateway, 429 TooManyRequests); not
+            # 501 Not Implemented, which no retry changes.
+            if code in _TRANSIENT_CODES or (status >= 500 and status != 501) or status == 429:
                 return TransientError(text, remote=self.name, path=key)
             if code in ("NoSuchBucket",):
                 return UnavailableError(text, remote=self.name, path=key)

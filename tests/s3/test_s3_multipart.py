@@ -230,6 +230,7 @@ def test_throttling_by_any_code_is_transient_and_a_dead_endpoint_is_not_retried_
     assert isinstance(r._err(client_error("TooManyRequests", 429)), TransientError)
     assert isinstance(r._err(client_error("BadGateway", 502)), TransientError)
     assert type(r._err(client_error("InvalidStorageClass", 400))) is PermanentError
+    assert type(r._err(client_error("NotImplemented", 501))) is PermanentError   # no retry helps
 
     calls: list[int] = []
 

@@ -4,6 +4,7 @@ a file changing mid-upload is never published torn, an idle reconcile opens no f
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -426,7 +427,8 @@ def test_an_unsyncable_name_holds_only_the_deletes_of_its_folder(tmp_path: Path)
     still has: deletes in that folder wait. It used to hold every delete of the pair, on
     every run, with "failed transfers" as the reason. A backslash is an ordinary character
     on a directory remote: that file syncs."""
-    files = {"odd/keep.txt": b"k", "other/keep.txt": b"k", "back\\slash.txt": b"b"}
+    files = {"odd/keep.txt": b"k", "other/keep.txt": b"k", "back\\slash.txt": b"b",
+             "top/project/a.txt": b"a", "top/other.txt": b"o"}
     cfg, src, dst = setup(tmp_path, files)
     pair = cfg.pairs[0]
     cfg = cfg.__class__(cfg.source, cfg.daemon, cfg.remotes, (pair.__class__(
@@ -438,9 +440,14 @@ def test_an_unsyncable_name_holds_only_the_deletes_of_its_folder(tmp_path: Path)
         (dst / "docs" / d / "gone.txt").write_bytes(b"remote only")
     with open(os.path.join(os.fsencode(src / "odd"), b"caf\xe9.txt"), "wb") as f:
         f.write(b"renamed here?")
+    # A folder renamed to such a name: the walk cannot enter it, so its files look deleted
+    # under the old name; they are held too (the folder's own and everything below).
+    os.rename(src / "top" / "project", os.path.join(os.fsencode(src / "top"), b"proj\xe9"))
     res = e.reconcile(cfg.pairs[0], Options())
-    assert res.status == "failed" and [p for p, _ in res.failures] == ["odd/caf\\xe9.txt"]
+    assert res.status == "failed"
+    assert sorted(p for p, _ in res.failures) == ["odd/caf\\xe9.txt", "top/proj\\xe9"]
     assert (dst / "docs" / "odd" / "gone.txt").exists()        # held: same folder
+    assert (dst / "docs" / "top" / "project" / "a.txt").exists()   # held: below
     assert not (dst / "docs" / "other" / "gone.txt").exists()  # deleted as usual
 
 
@@ -487,3 +494,20 @@ def test_a_chmod_alone_is_synced_to_a_remote_that_keeps_modes(tmp_path: Path) ->
     assert res.uploaded == 1 and target.stat().st_mode & 0o777 == 0o750
     res = e.reconcile(cfg.pairs[0], Options())
     assert res.uploaded == 0 and res.hashed_files == 0   # the stat cache still holds
+
+
+def test_a_pair_pointed_elsewhere_syncs_there_afresh(tmp_path: Path) -> None:
+    """The pair's path (or remote) changed in the config: its history is of the old place.
+    It used to make the new, empty place look like an unmounted disk (exit 4)."""
+    cfg, src, dst = setup(tmp_path, FILES)
+    assert engine(cfg, None, Clock()).reconcile(cfg.pairs[0], Options()).status == "ok"
+    pair = cfg.pairs[0]
+    cfg = cfg.__class__(cfg.source, cfg.daemon, cfg.remotes, (pair.__class__(
+        **{**{f: getattr(pair, f) for f in pair.__slots__}, "path": "docs2"}),))
+    res = engine(cfg, None, Clock()).reconcile(cfg.pairs[0], Options())
+    assert res.status == "ok" and res.uploaded == len(FILES)
+    assert tree(dst / "docs2") == FILES and tree(dst / "docs") == FILES   # old place kept
+    # And an emptied remote with that history is still caught.
+    shutil.rmtree(dst / "docs2")
+    res = engine(cfg, None, Clock()).reconcile(cfg.pairs[0], Options())
+    assert res.status == "stopped" and "remote path is empty" in res.message

@@ -75,7 +75,8 @@ def test_dropping_top_dirs_after_the_diff_equals_filtering_each_entry(seed: int)
     gives exactly what diff_listing with a per-entry keep gives: the same changes, gone
     paths and counts, bases that were synced before the rule included."""
     rnd = random.Random(seed)
-    names = frozenset({"lost+found", "build"})
+    # Top-level names, and deeper ones (the state dir inside a pair: ".local/state/syncd").
+    names = frozenset({"lost+found", "build", "docs/gen", "keep/a/b"})
     entries = []
     for top in ("lost+found", "build", "docs", "keep"):
         if top == "keep" or rnd.random() < 0.8:
@@ -89,14 +90,25 @@ def test_dropping_top_dirs_after_the_diff_equals_filtering_each_entry(seed: int)
                     if sub != top:
                         entries.append(RemoteEntry(sub, D, 0, 0, DIR_FP))
                     entries.append(RemoteEntry(f"{sub}/f{i}", F, i, i, f"{i}:{i}"))
+    for deep in ("docs/gen", "keep/a/b"):
+        if rnd.random() < 0.7:
+            parent = deep.rpartition("/")[0]
+            if parent != "docs":
+                entries.append(RemoteEntry(parent, D, 0, 0, DIR_FP))
+            if rnd.random() < 0.2:   # a file with the directory's name: kept
+                entries.append(RemoteEntry(deep, F, 2, 2, "2:2"))
+            else:
+                entries.append(RemoteEntry(deep, D, 0, 0, DIR_FP))
+                for i in range(rnd.randint(0, 3)):
+                    entries.append(RemoteEntry(f"{deep}/g{i}", F, i, i, f"{i}:{i}"))
     entries = list({e.path: e for e in entries}.values())
     exp = expected_from(entries, seed)
     exp["build/old-base"] = "3:3"
     exp.setdefault("lost+found", DIR_FP)
 
     def keep(e: RemoteEntry) -> bool:
-        top, _, rest = e.path.partition("/")
-        return not (top in names and (rest or e.kind == D))
+        return not (any(e.path.startswith(n + "/") for n in names)
+                    or (e.path in names and e.kind == D))
 
     want = diff_listing(iter(entries), exp, keep)
     got = drop_top_dirs(diff_listing(iter(entries), exp), exp, names)

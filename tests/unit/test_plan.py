@@ -251,14 +251,18 @@ def test_safety_trips_on_device_change() -> None:
 def test_safety_trips_on_an_empty_remote_path_with_history() -> None:
     # A NAS share unmounted under a local remote: its empty mount point lists nothing; the
     # plan (re-upload everything onto the system disk) must not run unasked.
-    t = check_safety([], facts(remote_entries=0))
-    assert t is not None and "remote path is empty but 10 entries" in t.reason
+    t = check_safety([], facts(remote_entries=0, bases_present=7))
+    assert t is not None and "remote path is empty but 7 entries" in t.reason
     assert t.override == "--allow-device-change"
-    assert check_safety([], facts(remote_entries=0), allow_device_change=True) is None
-    assert check_safety([], facts(remote_entries=0, base_entries=0)) is None   # first sync
-    assert check_safety([], facts(remote_entries=-1)) is None   # not listed (daemon event)
+    assert check_safety([], facts(remote_entries=0, bases_present=7),
+                        allow_device_change=True) is None
+    # Nothing synced is still here (a first sync; or the synced files were deleted on both
+    # sides): an empty remote is what it should be.
+    assert check_safety([], facts(remote_entries=0, bases_present=0)) is None
+    assert check_safety([], facts(remote_entries=-1, bases_present=7)) is None   # not listed
     # The override for deletes does not cover it.
-    assert check_safety([], facts(remote_entries=0), allow_mass_delete=True) is not None
+    assert check_safety([], facts(remote_entries=0, bases_present=7),
+                        allow_mass_delete=True) is not None
 
 
 def test_safety_trips_when_a_lost_mount_point_would_lose_its_files() -> None:
@@ -408,3 +412,6 @@ def test_removals_of_case_variants_of_local_names_run_before_the_writes() -> Non
     assert all(a.reason == BEFORE_WRITES for a in acts if phase(a) < 0)
     # An unrelated removal still waits until every write succeeded.
     assert [(a.op, a.path) for a in acts if phase(a) >= 1] == [(Op.DELETE, "other")]
+    # A remote that never folds case (S3): every removal waits for the writes, as usual.
+    acts = plan_push(local, bases, remote, Policy(delete="propagate", case_sensitive=True))
+    assert [a for a in acts if phase(a) < 0] == []

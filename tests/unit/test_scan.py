@@ -159,7 +159,8 @@ GIT_NAMES = ["a", "b", "x.log", "build", "keep.txt", "d", "node_modules", "vendo
 GIT_PATTERNS = ["*.log", "!x.log", "build/", "/build/", "!build/keep.txt", "a/b", "/a", "a/",
                 "**/d", "d/**", "!d/", "b", "!/b", "keep.txt", "a/**/x.log", "/a/b/",
                 "!a/b/keep.txt", "*", "!*/", "!keep.txt", "d/*", "/d/", "b/", "!b/",
-                "node_modules", "!/vendor", "!vendor/", "/*/x.log", "c d/", "!node_modules/"]
+                "node_modules", "!/vendor", "!vendor/", "/*/x.log", "c d/", "!node_modules/",
+                "/**", "**", "d/**/b", "!a", "d/**/"]
 
 
 @pytest.mark.skipif(shutil.which("git") is None, reason="needs git to compare with")

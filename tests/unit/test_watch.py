@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import time
 from pathlib import Path
 from typing import Any
 
@@ -175,5 +176,11 @@ def test_a_replaced_root_is_lost_then_watched_again(tmp_path: Path) -> None:
         assert w.watch("p", str(root), lambda _r: False) and "p" in w.watched
         w.check_roots()
         assert w.take_lost() == {}
+        deb.due()   # the marks of the loss
+        (root / "new.txt").write_bytes(b"seen by the new watch")
+        deadline = time.monotonic() + 5
+        while deb.due() != ["p"]:
+            assert time.monotonic() < deadline, "no event through the new watch"
+            time.sleep(0.02)
     finally:
         w.stop()
