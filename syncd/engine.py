@@ -22,7 +22,18 @@ from syncd.errors import LockedError, RemoteError, SafetyError, UnavailableError
 from syncd.index import Index
 from syncd.listing import Listing, RemoteDiff, diff_listing, drop_top_dirs, drop_unnamed
 from syncd.log import structlog
-from syncd.model import BEFORE_WRITES, Action, Job, Kind, LocalState, Op, RemoteEntry, phase
+from syncd.model import (
+    BEFORE_WRITES,
+    TMP_PREFIX,
+    TRASH_DIR,
+    Action,
+    Job,
+    Kind,
+    LocalState,
+    Op,
+    RemoteEntry,
+    phase,
+)
 from syncd.plan import DRIFT_REASONS, Facts, Policy, check_safety, plan_push, under
 from syncd.queue import Queue
 from syncd.remotes import open_remote
@@ -66,6 +77,9 @@ class PairResult:
     hashed_files: int = 0
     hashed_bytes: int = 0
     duration_s: float = 0.0
+    # Folders (relative to the pair) this run wrote in; None: too many to name, or a first
+    # sync; empty: none (nothing to make durable).
+    touched: set[str] | None = field(default_factory=set, repr=False)
 
     @property
     def exit_code(self) -> int:
@@ -187,8 +201,8 @@ class Engine:
         res = PairResult(pair.name)
         try:
             self._reconcile(pair, opts, res)
-            if res.uploaded or res.deleted or res.trashed or res.mkdirs:
-                self._settle(pair)
+            if res.touched is None or res.touched:
+                self._settle(pair, res.touched)
         except SafetyError as e:
             res.status, res.message = "stopped", str(e)
             self.log.error("pair_stopped", reason=e.reason, override=e.override, error=str(e))
@@ -217,7 +231,7 @@ class Engine:
                       duration_ms=int(res.duration_s * 1000))
         return res
 
-    def _settle(self, pair: PairConfig) -> None:
+    def _settle(self, pair: PairConfig, folders: set[str] | None) -> None:
         """The remote's own last step of a run that changed it (a directory remote makes
         its renames durable: see LocalRemote.settle). Its failure is reported; it changes
         no result: the bytes are durable, and the next full reconcile checks the names."""
@@ -225,7 +239,7 @@ class Engine:
         if settle is None:
             return
         try:
-            settle(pair.path)
+            settle(pair.path, folders)
         except RemoteError as e:
             self.log.error("settle_failed", remote=pair.remote, error=str(e))
 
@@ -233,15 +247,18 @@ class Engine:
         log = self.log
         root = str(pair.local)
         meta = self.index.pair_meta(pair.name)
-        target = f"{pair.remote}:{pair.path}"
+        target = f"{remote_location(self.cfg.remotes[pair.remote])} {pair.path}"
+        moved = meta is not None and meta.target is not None and meta.target != target
+        if moved:
+            log.warning("pair_target_changed", was=meta.target, now=target,
+                        note="the sync history is of the old place: the new one is compared "
+                             "afresh (nothing is deleted at the old one)"
+                             + ("; this dry run still plans with the old history"
+                                if opts.dry_run else ""))
         if (meta is None or meta.target != target) and not opts.dry_run:
-            moved = meta is not None and meta.target is not None
-            if moved:
-                log.warning("pair_target_changed", was=meta.target, now=target,
-                            note="the sync history is of the old place: the new one is "
-                                 "compared afresh (nothing is deleted at the old one)")
             self.index.set_pair_target(pair.name, target, forget_bases=moved)
             meta = self.index.pair_meta(pair.name)
+            moved = False
         matcher = pair_matcher(pair.ignore, pair.local, self.cfg.daemon.state_dir)
         if not os.path.isdir(root):
             self._trip(pair, Facts(False, 0, self.index.count_base(pair.name), 0, None, None, 0, ""),
@@ -335,6 +352,7 @@ class Engine:
             # left is to record the scan. Not a plan: the directories made have bases but
             # no local states yet, and would look deleted locally.
             res.scanned = len(w.seen)
+            res.touched = None   # a first sync: every folder
             dirs = [(p, s, False) for p, s in w.states.items() if s.kind == DIR]
             if dirs:
                 self.index.save_scan(pair.name, dirs, [])
@@ -386,7 +404,8 @@ class Engine:
         facts = Facts(True, len(w.seen), self.index.count_base(pair.name), diff.files, w.root_dev,
                       meta.st_dev if meta else None, pair.max_delete.limit(diff.files),
                       str(pair.max_delete), diff.entries if opts.list_remote else -1, lost,
-                      sum(1 for p in diff.gone if p in w.seen) if diff.entries == 0 else 0)
+                      sum(1 for p in diff.gone if p in w.seen)
+                      if diff.entries == 0 and not moved else 0)
         self._trip(pair, facts, opts, actions)
         if mounts is not None and tuple(mounts) != recorded and not opts.dry_run:
             self.index.set_pair_mounts(pair.name, mounts)
@@ -420,11 +439,17 @@ class Engine:
                         reason="a scan error in this run; they wait for a clean run")
             res.skipped += len(first) - len(kept)
             first = kept
-        # A name the walk could not sync may be a file (or a folder) renamed there from a
-        # name the remote still has: the deletes in its folder, and below it, wait (not the
-        # pair's others).
-        odd_dirs = {rel.rpartition("/")[0] for rel, _ in w.unsyncable}
+        # A name the walk could not sync may be a file renamed there from a name the remote
+        # still has (the deletes in its folder wait), or a folder (those below it wait too);
+        # not the pair's other deletes. Names reserved for syncd are no such renames.
+        odd_folders = set(w.unsyncable_dirs)
+        odd_dirs = {rel.rpartition("/")[0] for rel, _ in w.unsyncable
+                    if not _reserved(rel) and rel not in odd_folders}
+        odd_trees = {rel.rpartition("/")[0] for rel in odd_folders}
         n_odd = len(w.unsyncable)
+        # The folders this run writes in: what the remote's settle() makes durable.
+        res.touched = ({a.path.rpartition("/")[0] for a in (*first, *later)}
+                       if len(first) + len(later) <= 64 else None)
         # The views are no longer needed; on a first sync of 100k files they are most of
         # the process's memory, and the transfers can take a while.
         del actions, states, base, remote_map, plan_paths, prior, clean, w, diff, hashed
@@ -440,13 +465,17 @@ class Engine:
                             "deletes wait for a clean run")
                 res.skipped += len(later)
                 return
-            held = [a for a in later if _within(a.path.rpartition("/")[0], odd_dirs)]
+            def odd_near(a: Action) -> bool:
+                folder = a.path.rpartition("/")[0]
+                return folder in odd_dirs or _within(folder, odd_trees)
+
+            held = [a for a in later if odd_near(a)]
             if held:
                 log.warning("deletes_skipped", count=len(held), paths=[a.path for a in held[:20]],
                             reason="a name in the same folder cannot be synced (a file renamed "
                                    "there?); they wait until it is renamed or ignored")
                 res.skipped += len(held)
-                later = [a for a in later if not _within(a.path.rpartition("/")[0], odd_dirs)]
+                later = [a for a in later if not odd_near(a)]
             self._run(pair, ctx, later, res)
 
     def _lister(self, remote: Remote, pair: PairConfig, matcher: Matcher,
@@ -636,6 +665,24 @@ class Engine:
         res.adopted += d.get(Op.ADOPT.value, 0)
         res.mkdirs += d.get(Op.MKDIR.value, 0)
         res.failures += stats.failed
+
+
+def remote_location(rc: Any) -> str:
+    """Where a remote's files are (not its name in the config: renaming the section keeps
+    the history; pointing it elsewhere does not)."""
+    o = rc.options
+    if rc.type == "local":
+        return f"local {o.get('path')}"
+    if rc.type in ("sftp", "ftp"):
+        return f"{rc.type} {o.get('user')}@{o.get('host')}:{o.get('port')} {o.get('root')}"
+    if rc.type == "s3":
+        return f"s3 {o.get('endpoint_url') or 'aws'} {o.get('bucket')} {o.get('prefix')}"
+    return f"{rc.type} {rc.name}"
+
+
+def _reserved(rel: str) -> bool:
+    name = rel.rpartition("/")[2]
+    return name.startswith(TMP_PREFIX) or rel == TRASH_DIR
 
 
 def _within(folder: str, folders: set[str]) -> bool:

@@ -92,9 +92,11 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE pairs ADD COLUMN mounts TEXT;
     """,
     # v5: the permission bits each base was sent with (a chmod alone is synced), and the
-    # stat signature with the mode in it (recomputed: no file looks changed by this).
+    # stat signature with the mode in it (recomputed: no file looks changed by this). A
+    # file synced as it is was last sent with the mode the index has for it.
     """
     ALTER TABLE entries ADD COLUMN b_mode INTEGER;
+    UPDATE entries SET b_mode = l_mode WHERE b_kind = 1 AND l_kind = 1 AND b_hash = l_hash;
     UPDATE entries SET l_sig = syncd_stat_sig(l_size, l_mtime, l_inode, l_mode)
         WHERE l_sig IS NOT NULL;
     """,

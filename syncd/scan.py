@@ -5,6 +5,7 @@ A file whose (size, mtime_ns, inode) matches the index and is not racy is never 
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import re
@@ -196,6 +197,7 @@ class Walk:
     seen_prior: int = 0                                              # prior paths found again
     errors: list[tuple[str, str]] = field(default_factory=list)     # I/O errors: block deletes
     unsyncable: list[tuple[str, str]] = field(default_factory=list)  # names we refuse to sync
+    unsyncable_dirs: list[str] = field(default_factory=list)   # those that are directories
     skipped: list[tuple[str, str]] = field(default_factory=list)     # by policy (symlink, fifo)
     error_prefixes: list[str] = field(default_factory=list)  # subtrees we could not read
 
@@ -250,6 +252,9 @@ def walk(root: str, clean: dict[str, int], prior: dict[str, PriorRow], ignore: M
                 for entry in it:
                     name = entry.name
                     if not name.isascii() and not _utf8_ok(name):
+                        with contextlib.suppress(OSError):
+                            if entry.is_dir(follow_symlinks=False):
+                                w.unsyncable_dirs.append(prefix + _printable(name))
                         w.unsyncable.append((prefix + _printable(name),
                                              "name is not valid UTF-8; rename it to sync it"))
                         continue

@@ -124,6 +124,7 @@ class Watcher:
         self._handles: dict[str, Any] = {}
         self._lost: dict[str, str] = {}     # pair -> why; filled from watchdog's thread
         self._dead: list[Any] = []          # watches lost, to unschedule (reap)
+        self._over: set[str] = set()        # past the watch limit while being scheduled
         self._lock = threading.Lock()
         self._track = False
 
@@ -157,10 +158,15 @@ class Watcher:
 
     def _schedule(self, pair: str, root: str, ignored: Callable[[str], bool],
                   quiet: bool = False) -> bool:
+        key = os.fsencode(root)
+        # Known to the hooks before scheduling: on a running observer, schedule() adds the
+        # inotify watches itself, and one refused there must be seen.
+        _WATCHERS[key] = (self, pair)
         try:
             st = os.stat(root)
             h = self.observer.schedule(_handler(self, pair, root, ignored), root, recursive=True)
         except OSError as e:
+            _WATCHERS.pop(key, None)
             if not quiet:
                 self._log_watch_error(pair, root, e)
             return False
@@ -169,8 +175,21 @@ class Watcher:
             self._ident[pair] = (st.st_dev, st.st_ino)
             self._handles[pair] = h
             self._lost.pop(pair, None)
-            _WATCHERS[os.fsencode(root)] = (self, pair)
+            over = pair in self._over
+            self._over.discard(pair)
+        if over:
+            self.lose(pair, "watch_limit")
         return True
+
+    def _over_limit(self, pair: str, root: str, path: str) -> None:
+        """A directory under the pair's root could not be watched (from watchdog's hook)."""
+        self._log_limit(pair, root, f"cannot watch {path}")
+        with self._lock:
+            scheduling = pair not in self.watched
+            if scheduling:
+                self._over.add(pair)   # _schedule() loses it once it is recorded
+        if not scheduling:
+            self.lose(pair, "watch_limit")
 
     def lose(self, pair: str, why: str) -> None:
         """Stop trusting a pair's watch (from any thread); the daemon polls it instead."""
@@ -314,9 +333,7 @@ def _install_hooks() -> None:
                     and os.access(path, os.R_OK | os.X_OK)):
                 hit = _WATCHERS.get(root)
                 if hit is not None:
-                    hit[0]._log_limit(hit[1], os.fsdecode(root),
-                                      f"cannot watch {os.fsdecode(path)}")
-                    hit[0].lose(hit[1], "watch_limit")
+                    hit[0]._over_limit(hit[1], os.fsdecode(root), os.fsdecode(path))
 
         InotifyWatchGroup._add_callback = _add_callback  # type: ignore[method-assign]
 

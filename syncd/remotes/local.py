@@ -360,13 +360,35 @@ class LocalRemote:
             finally:
                 os.close(dfd)
 
-    def settle(self, prefix: str) -> None:
-        """The end of a run that changed this remote: with `fsync`, one syncfs of the pair's
-        file system, so its renames, new folders and deletes are durable too, not only the
-        files' bytes (those were synced before each rename); ext4 would otherwise commit
-        them within 5 s, other file systems later. Without syncfs, the pair's directory is
-        fsynced. A no-op with fsync = false."""
+    def settle(self, prefix: str, folders: set[str] | None = None) -> None:
+        """The end of a run that changed this remote: with `fsync`, its renames, new
+        folders and deletes are made durable too, not only the files' bytes (those were
+        synced before each rename); ext4 would otherwise commit them within 5 s, other file
+        systems later. A few `folders` (relative to `prefix`) are fsynced one by one; more,
+        or None, take one syncfs of the pair's file system, which also writes out other
+        programs' data there (the daemon's handful of changes must not wait for that).
+        A no-op with fsync = false."""
         if not self.fsync:
+            return
+        if folders is not None and len(folders) <= FSYNC_EACH_MAX:
+            for d in sorted(folders):
+                rel = "/".join(x for x in (prefix, d) if x)
+                while True:   # the folder itself, or the nearest one left (it was removed)
+                    try:
+                        fd = self._open_dir(rel, create=False) if rel else os.open(
+                            self.root, _DIR_FLAGS)
+                        break
+                    except (RemoteError, OSError):
+                        if not rel:
+                            return
+                        rel = rel.rpartition("/")[0]
+                try:
+                    if not _fsync_ok(fd):
+                        raise TransientError(f"fsync failed: {os.strerror(ctypes.get_errno())}"
+                                             f"; check the disk under {self.root} (dmesg)",
+                                             remote=self.name, path=rel)
+                finally:
+                    os.close(fd)
             return
         try:
             fd = self._open_dir(prefix, create=False) if prefix else os.open(self.root, _DIR_FLAGS)

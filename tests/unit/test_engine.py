@@ -449,33 +449,51 @@ def test_an_unsyncable_name_holds_only_the_deletes_of_its_folder(tmp_path: Path)
     assert (dst / "docs" / "odd" / "gone.txt").exists()        # held: same folder
     assert (dst / "docs" / "top" / "project" / "a.txt").exists()   # held: below
     assert not (dst / "docs" / "other" / "gone.txt").exists()  # deleted as usual
+    # A bad *file* name at the top holds the deletes of the top folder only, and a name
+    # reserved for syncd (a trash folder copied back) holds none.
+    with open(os.path.join(os.fsencode(src), b"na\xefve.txt"), "wb") as f:
+        f.write(b"x")
+    (src / ".syncd-trash").mkdir()
+    (src / "other" / "keep.txt").unlink()
+    e.reconcile(cfg.pairs[0], Options())
+    assert not (dst / "docs" / "other" / "keep.txt").exists()
 
 
 def test_a_run_that_changed_a_directory_remote_ends_with_its_names_made_durable(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Bytes are synced before each rename; the renames (and new folders, deletes) were
-    left to the file system's next journal commit. One syncfs of the pair's file system
-    ends every run that changed something; a run that changed nothing does not pay it."""
+    left to the file system's next journal commit. A run that changed something ends by
+    making them durable: the folders it wrote in, fsynced one by one when they are few
+    (the daemon's usual run: a syncfs would also wait for every other program's data),
+    else one syncfs; a run that changed nothing does not pay it."""
     import syncd.remotes.local as local_mod
 
-    calls: list[int] = []
-    real = local_mod._syncfs
+    synced: list[int] = []
+    fsynced: list[int] = []
+    real_syncfs, real_fsync = local_mod._syncfs, local_mod._fsync_ok
 
-    def counting(fd: int) -> int:
-        calls.append(os.fstat(fd).st_ino)
-        return real(fd) if real is not None else 0
+    def counting_syncfs(fd: int) -> int:
+        synced.append(os.fstat(fd).st_ino)
+        return real_syncfs(fd) if real_syncfs is not None else 0
 
-    monkeypatch.setattr(local_mod, "_syncfs", counting)
+    def counting_fsync(fd: int) -> bool:
+        fsynced.append(os.fstat(fd).st_ino)
+        return real_fsync(fd)
+
+    monkeypatch.setattr(local_mod, "_syncfs", counting_syncfs)
+    monkeypatch.setattr(local_mod, "_fsync_ok", counting_fsync)
     cfg, src, dst = setup(tmp_path, FILES)
     e = engine(cfg, None, Clock())
-    assert e.reconcile(cfg.pairs[0], Options()).status == "ok"
-    assert calls and calls[-1] == os.stat(dst / "docs").st_ino
-    calls.clear()
+    assert e.reconcile(cfg.pairs[0], Options()).status == "ok"   # a first sync: syncfs
+    assert synced and synced[-1] == os.stat(dst / "docs").st_ino
+    synced.clear()
     assert e.reconcile(cfg.pairs[0], Options()).uploaded == 0
-    assert calls == []
+    assert synced == [] and fsynced == []
     (src / "d0" / "f0.txt").unlink()
-    assert e.reconcile(cfg.pairs[0], Options()).trashed == 1
-    assert calls == [os.stat(dst / "docs").st_ino]
+    (src / "d1" / "f1.txt").write_bytes(b"changed")
+    res = e.reconcile(cfg.pairs[0], Options())
+    assert res.trashed == 1 and res.uploaded == 1 and synced == []
+    assert sorted(fsynced) == sorted(os.stat(dst / "docs" / d).st_ino for d in ("d0", "d1"))
 
 
 def test_a_chmod_alone_is_synced_to_a_remote_that_keeps_modes(tmp_path: Path) -> None:
@@ -502,8 +520,15 @@ def test_a_pair_pointed_elsewhere_syncs_there_afresh(tmp_path: Path) -> None:
     cfg, src, dst = setup(tmp_path, FILES)
     assert engine(cfg, None, Clock()).reconcile(cfg.pairs[0], Options()).status == "ok"
     pair = cfg.pairs[0]
+    # The section renamed, pointing at the same place: the history still holds.
+    renamed = cfg.__class__(cfg.source, cfg.daemon, {"box": cfg.remotes["nas"]}, (pair.__class__(
+        **{**{f: getattr(pair, f) for f in pair.__slots__}, "remote": "box"}),))
+    res = engine(renamed, None, Clock()).reconcile(renamed.pairs[0], Options())
+    assert res.status == "ok" and res.uploaded == 0
     cfg = cfg.__class__(cfg.source, cfg.daemon, cfg.remotes, (pair.__class__(
         **{**{f: getattr(pair, f) for f in pair.__slots__}, "path": "docs2"}),))
+    dry = engine(cfg, None, Clock()).reconcile(cfg.pairs[0], Options(dry_run=True))
+    assert dry.status == "planned"   # as the real run will go, not "stopped"
     res = engine(cfg, None, Clock()).reconcile(cfg.pairs[0], Options())
     assert res.status == "ok" and res.uploaded == len(FILES)
     assert tree(dst / "docs2") == FILES and tree(dst / "docs") == FILES   # old place kept

@@ -56,10 +56,10 @@ class Flushes:
         self.settling = False
         self.settles: list[int] = []   # the end-of-run syncfs (LocalRemote.settle): apart
 
-        def settle(remote: LocalRemote, prefix: str) -> None:
+        def settle(remote: LocalRemote, prefix: str, folders: Any = None) -> None:
             outer.settling = True
             try:
-                real_settle(remote, prefix)
+                real_settle(remote, prefix, None)   # one syncfs, as a first sync does
             finally:
                 outer.settling = False
 

@@ -184,3 +184,34 @@ def test_a_replaced_root_is_lost_then_watched_again(tmp_path: Path) -> None:
             time.sleep(0.02)
     finally:
         w.stop()
+
+
+def test_a_root_watched_again_past_the_limit_is_lost_again(tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    # On a running observer, schedule() adds the watches itself: a refused subdirectory
+    # there went unnoticed (the hooks did not know the root yet).
+    from watchdog.observers.inotify_c import InotifyFD
+
+    root = tmp_path / "root"
+    (root / "a").mkdir(parents=True)
+    log = Log()
+    w = Watcher(Debouncer(0.0, 1.0), log)
+    try:
+        w.start({"p": (str(root), lambda _r: False)})
+        root.rename(tmp_path / "aside")
+        (root / "a" / "deep").mkdir(parents=True)
+        w.check_roots()
+        assert w.take_lost() == {"p": "root_replaced"}
+        real = InotifyFD.add_callback
+
+        def limited(self: Any, path: bytes, *a: Any, **k: Any) -> Any:
+            if path.endswith(b"/deep"):
+                raise OSError(errno.ENOSPC, "inotify watch limit reached")
+            return real(self, path, *a, **k)
+
+        monkeypatch.setattr(InotifyFD, "add_callback", limited)
+        assert w.watch("p", str(root), lambda _r: False)
+        assert w.take_lost() == {"p": "watch_limit"} and "p" not in w.watched
+        assert "watch_limit" in [e for e, _ in log.events]
+    finally:
+        w.stop()
