@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -10,7 +13,7 @@ from typing import Annotated, Any
 
 import typer
 
-from syncd.errors import SyncdError, UsageError
+from syncd.errors import LockedError, SyncdError, UsageError
 
 EXIT_OK, EXIT_FAILURES, EXIT_USAGE, EXIT_REMOTE, EXIT_SAFETY, EXIT_INTERNAL = 0, 1, 2, 3, 4, 70
 
@@ -43,6 +46,10 @@ def _guard(fn: Callable[[], int]) -> None:
     except KeyboardInterrupt:
         _err("interrupted; queued work stays queued for the next run")
         code = 130
+    except BrokenPipeError:   # `syncd ... | head`: the reader is gone, nothing to say
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = 141
     except Exception as e:  # a bug: say so in one line, keep the traceback in the log
         from syncd import log
 
@@ -157,7 +164,11 @@ def retry(
 
         cfg = _load(config)
         names = _pair_names(cfg, pairs or [])
-        pid = _daemon_pid(cfg.daemon.state_dir)
+        holder = _lock_holder(cfg.daemon.state_dir)
+        if holder is not None and holder[1] != "daemon":
+            raise LockedError(f"a syncd reconcile (PID {holder[0]}) holds the state dir "
+                              f"{cfg.daemon.state_dir}; run `syncd retry` again once it ends")
+        pid = holder[0] if holder is not None else None
         db = cfg.daemon.state_dir / "index.sqlite3"
         n = 0
         if db.exists():
@@ -168,8 +179,11 @@ def retry(
                 index.close()
         if pid is not None and pid > 0:
             os.kill(pid, signal.SIGUSR1)
-            print(f"{n} failed job(s) requeued; the daemon (PID {pid}) runs them now "
-                  "(see `syncd status`)")
+            if as_json:
+                print(json.dumps({"requeued": n, "daemon_pid": pid}))
+            else:
+                print(f"{n} failed job(s) requeued; the daemon (PID {pid}) runs them now "
+                      "(see `syncd status`)")
             return EXIT_OK
         _setup_logs(cfg, None, None)
         print(f"{n} failed job(s) requeued; the daemon is not running: reconciling "
@@ -187,24 +201,38 @@ def _pair_names(cfg: Any, wanted: list[str]) -> list[str]:
     return wanted or known
 
 
-def _daemon_pid(state_dir: Path) -> int | None:
-    """PID of the daemon holding this state dir's lock, None if none runs (-1: unknown)."""
+def _lock_holder(state_dir: Path) -> tuple[int, str] | None:
+    """(PID, role) of the syncd holding this state dir's lock, None if none does; role is
+    "daemon" or "reconcile" (PID -1: unknown)."""
     import fcntl
     import os
 
+    from syncd.errors import LockedError
+
     lock = state_dir / "syncd.lock"
-    if not lock.exists():
-        return None
-    fd = os.open(lock, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        if not lock.exists():
+            return None
+        fd = os.open(lock, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as e:
+        raise LockedError(f"state dir {state_dir}: {e.strerror}; run this as the user that "
+                          "owns it (e.g. sudo -u syncd syncd ...)") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         fcntl.flock(fd, fcntl.LOCK_UN)
         return None
     except BlockingIOError:
-        text = os.read(fd, 64).decode(errors="replace").strip()
-        return int(text) if text.isdigit() else -1
+        pid, _, role = os.read(fd, 64).decode(errors="replace").strip().partition(" ")
+        # A lock of an older syncd holds the PID alone: only daemons are long-lived.
+        return (int(pid) if pid.isdigit() else -1), role or "daemon"
     finally:
         os.close(fd)
+
+
+def _daemon_pid(state_dir: Path) -> int | None:
+    """PID of the daemon holding this state dir's lock, None if no daemon does."""
+    holder = _lock_holder(state_dir)
+    return holder[0] if holder is not None and holder[1] == "daemon" else None
 
 
 def collect_status(cfg: Any) -> dict[str, Any]:
@@ -213,7 +241,8 @@ def collect_status(cfg: Any) -> dict[str, Any]:
     from syncd.index import Index
 
     state_dir = cfg.daemon.state_dir
-    running = _daemon_pid(state_dir)
+    holder = _lock_holder(state_dir)
+    running = holder[0] if holder is not None and holder[1] == "daemon" else None
     pairs = []
     index = Index.open(state_dir) if (state_dir / "index.sqlite3").exists() else None
     try:
@@ -246,6 +275,7 @@ def collect_status(cfg: Any) -> dict[str, Any]:
         if index is not None:
             index.close()
     return {"daemon": {"running": running is not None, "pid": running},
+            "reconcile_pid": holder[0] if holder is not None and running is None else None,
             "state_dir": str(state_dir), "pairs": pairs}
 
 
@@ -253,6 +283,8 @@ def _print_status(report: dict[str, Any]) -> None:
     d = report["daemon"]
     print(f"daemon: {'running, PID ' + str(d['pid']) if d['running'] else 'not running'} "
           f"(state dir {report['state_dir']})")
+    if report.get("reconcile_pid"):
+        print(f"a reconcile is running (PID {report['reconcile_pid']})")
     for p in report["pairs"]:
         print(f"pair {p['pair']}: {p['state']}; last reconcile {p['last_reconcile'] or 'never'}"
               f" ({p['last_result'] or '-'}); {p['tracked']} entries tracked; "
@@ -273,6 +305,8 @@ def run_reconcile(cfg: Any, names: list[str], *, dry_run: bool = False, as_json:
     selected = [cfg.pair(n) for n in names] if names else list(cfg.pairs)
     opts = Options(dry_run=dry_run, allow_mass_delete=allow_mass_delete,
                    allow_device_change=allow_device_change)
+    with contextlib.suppress(ValueError):   # not the main thread (tests)
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)   # `syncd retry` is for the daemon
     with StateLock(cfg.daemon.state_dir):
         index = Index.open(cfg.daemon.state_dir)
         engine = Engine(cfg, index, reporter_factory=_reporter_factory())

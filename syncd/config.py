@@ -218,7 +218,7 @@ class _V:
         p = Path(expanded)
         if not p.is_absolute():
             # Relative paths are relative to the config file, so a config works from any cwd.
-            p = Path(self.source).parent / p
+            p = Path(self.source).absolute().parent / p
         return Path(os.path.normpath(p))
 
     def expand(self, raw: str, key: str) -> str:
@@ -300,7 +300,7 @@ def _parse_daemon(v: _V, t: dict[str, Any]) -> DaemonConfig:
     retry_max = v.parsed(t, "retry_max", "daemon", "5m", parse_duration)
     if retry_max < retry_initial:
         raise v.fail("daemon.retry_max", "must be at least daemon.retry_initial")
-    return DaemonConfig(
+    out = DaemonConfig(
         state_dir=state_dir,
         log_format=v.choice(t, "log_format", "daemon", LOG_FORMATS, d.log_format),
         log_level=v.choice(t, "log_level", "daemon", LOG_LEVELS, d.log_level),
@@ -314,6 +314,13 @@ def _parse_daemon(v: _V, t: dict[str, Any]) -> DaemonConfig:
                                          parse_duration),
         shutdown_timeout=v.parsed(t, "shutdown_timeout", "daemon", "30s", parse_duration),
     )
+    # Zero here would make the daemon spin (a full reconcile, remote listing included,
+    # back to back; on S3 every listing is billed) or never wait for a write to settle.
+    for k, least, what in (("full_reconcile_interval", 60.0, "1m"), ("lease_timeout", 1.0, "1s"),
+                           ("max_delay", 0.01, "10ms")):
+        if getattr(out, k) < least:
+            raise v.fail(f"daemon.{k}", f"must be at least {what}")
+    return out
 
 
 def _parse_remotes(v: _V, t: dict[str, Any]) -> dict[str, RemoteConfig]:

@@ -162,7 +162,7 @@ class Daemon:
             wakeup = r
             self.via_pipe = True   # the handlers only keep the default action away
         threading.Thread(target=self._relay, args=(wakeup,), daemon=True, name="signals").start()
-        with StateLock(self.cfg.daemon.state_dir):
+        with StateLock(self.cfg.daemon.state_dir, role="daemon"):
             self._open()
             try:
                 self.log.info("daemon_started", pid=os.getpid(), config=str(self.config_path),

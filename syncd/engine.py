@@ -101,13 +101,19 @@ class PairResult:
 class StateLock:
     """One syncd per state dir: an flock on state_dir/syncd.lock holding the PID."""
 
-    def __init__(self, state_dir: Path):
+    def __init__(self, state_dir: Path, role: str = "reconcile"):
         self.path = state_dir / "syncd.lock"
         self.fd = -1
+        self.role = role   # written after the PID: `syncd retry` signals a daemon only
 
     def __enter__(self) -> StateLock:
-        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as e:
+            raise LockedError(f"state dir {self.path.parent}: {e.strerror}; run syncd as the "
+                              "user that owns it, or set [daemon] state_dir to a directory "
+                              "this user can write") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -116,7 +122,7 @@ class StateLock:
             raise LockedError(f"state dir {self.path.parent} is in use by another syncd "
                               f"(PID {holder}); stop it or use another [daemon] state_dir") from None
         os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
+        os.write(fd, f"{os.getpid()} {self.role}\n".encode())
         self.fd = fd
         return self
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import sqlite3
+import subprocess
 import sys
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import pytest
 
 from tests.e2e.conftest import (
     KIND_BEFORE,
+    SYNCD,
     Setup,
     kind_change_run,
     make_setup,
@@ -473,3 +475,50 @@ def test_file_becoming_a_folder_waits_for_a_clean_scan(setup: Setup) -> None:
     assert (setup.mirror / "a.txt").read_bytes() == b"alpha v2\n"   # the rest went on
     r = setup.reconcile()
     assert r.code == 0 and (setup.mirror / "x" / "inner.txt").read_bytes() == b"new"
+
+
+def test_retry_never_signals_a_running_reconcile(setup: Setup) -> None:
+    # `syncd retry` took whoever held the lock for the daemon and sent it SIGUSR1, which
+    # killed a one-shot reconcile mid-transfer.
+    from syncd.engine import StateLock
+
+    with StateLock(setup.state, role="reconcile"):
+        r = run_syncd("retry", "--config", str(setup.config))
+        st = run_syncd("status", "--config", str(setup.config))
+    assert r.code == 2 and "a syncd reconcile (PID" in r.err and "Traceback" not in r.err
+    assert "daemon: not running" in st.out and "a reconcile is running" in st.out
+
+
+def test_a_state_dir_that_cannot_be_made_is_a_usage_error(setup: Setup) -> None:
+    blocker = setup.root / "a-file"
+    blocker.write_text("x")
+    cfg = setup.config.read_text().replace(str(setup.state), str(blocker / "state"))
+    setup.config.write_text(cfg)
+    r = setup.reconcile()
+    assert r.code == 2 and "state dir" in r.err and "internal error" not in r.err
+
+
+def test_output_into_a_closed_pipe_is_not_a_bug(setup: Setup) -> None:
+    for i in range(400):
+        setup.write(f"d/f{i}.txt", b"x")
+    cmd = f"{SYNCD} reconcile --config {setup.config} --dry-run | head -1; echo rc=${{PIPESTATUS[0]}}"
+    p = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, timeout=120)
+    assert "rc=141" in p.stdout and "internal error" not in p.stderr, (p.stdout, p.stderr)
+
+
+def test_daemon_intervals_that_would_spin_are_refused(setup: Setup) -> None:
+    cfg = setup.config.read_text().replace("[daemon]\n", '[daemon]\nfull_reconcile_interval = "0s"\n')
+    setup.config.write_text(cfg)
+    r = setup.reconcile()
+    assert r.code == 2 and "daemon.full_reconcile_interval" in r.err and "1m" in r.err
+
+
+def test_a_relative_config_path_keeps_the_pairs_history(setup: Setup) -> None:
+    # A local remote's relative path, read through a relative --config, is the same place:
+    # it used to count as a new one (history dropped, everything compared afresh).
+    populate(setup)
+    setup.config.write_text(setup.config.read_text().replace(f'"{setup.dst}"', '"dst"'))
+    assert setup.reconcile().code == 0
+    r = run_syncd("reconcile", "--config", setup.config.name, "--json", cwd=setup.root)
+    assert r.code == 0 and r.summary["uploaded"] == 0 and r.summary["adopted"] == 0
+    assert not [e for e in r.events() if e.get("event") == "pair_target_changed"]
