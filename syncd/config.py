@@ -116,8 +116,12 @@ def find_config(explicit: str | None, env: dict[str, str] | None = None) -> Path
     xdg = env.get("XDG_CONFIG_HOME") or str(Path(env.get("HOME", "~")).expanduser() / ".config")
     candidates = [Path(xdg) / "syncd" / "config.toml", Path("/etc/syncd/config.toml")]
     for c in candidates:
-        if c.exists():
-            return c
+        try:
+            if c.exists():
+                return c
+        except OSError as e:   # a directory on the way this user cannot search
+            raise ConfigError(f"cannot look for the config file: {e.strerror}; pass "
+                              "--config or set $SYNCD_CONFIG", file=str(c)) from None
     tried = ", ".join(str(c) for c in candidates)
     raise ConfigError(
         f"no config file found (tried --config, $SYNCD_CONFIG, {tried}); "
@@ -445,6 +449,11 @@ def _parse_s3(v: _V, r: dict[str, Any], key: str) -> dict[str, Any]:
     }
     if o["endpoint_url"] and not re.match(r"https?://", o["endpoint_url"]):
         raise v.fail(f"{key}.endpoint_url", "must start with http:// or https://")
+    if "@" in o["endpoint_url"].partition("://")[2].partition("/")[0]:
+        raise v.fail(f"{key}.endpoint_url", "credentials are never read from the config file "
+                     "(they would show in logs and `config check`); use the AWS chain")
+    if o["timeout"] <= 0:
+        raise v.fail(f"{key}.timeout", "must be more than 0s")
     if o["multipart_chunksize"] < 5 << 20:
         raise v.fail(f"{key}.multipart_chunksize", "S3 parts are at least 5MiB")
     if o["multipart_chunksize"] > 512 << 20:

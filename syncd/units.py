@@ -20,7 +20,10 @@ def parse_duration(text: str) -> float:
     m = _DURATION.match(text)
     if not m:
         raise ValueError(f"'{text}' is not a duration; use e.g. \"250ms\", \"10s\", \"5m\", \"1h\"")
-    return float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+    seconds = float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+    if seconds > 10 * 365 * 86400:
+        raise ValueError(f"'{text}' is too long (at most 10 years)")
+    return seconds
 
 
 def parse_size(text: str) -> int:

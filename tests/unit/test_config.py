@@ -318,3 +318,13 @@ def test_ftp_bad_keys_named(tmp_path: Path, add: str, key: str, words: str) -> N
     e = load_err(tmp_path, FTP.replace('user = "upload"', f'user = "upload"\n{add}'))
     assert e.key == key and words in str(e), str(e)
     assert "hunter2" not in str(e)
+
+
+def test_credentials_in_an_endpoint_url_and_absurd_durations_are_refused(tmp_path: Path) -> None:
+    e = load_err(tmp_path, S3.replace('prefix = "hosts/web1"',
+                                      'endpoint_url = "http://KEY:SECRET@minio.example:9000"'))
+    assert e.key == "remotes.nas.endpoint_url" and "SECRET" not in str(e)
+    e = load_err(tmp_path, S3.replace('prefix = "hosts/web1"', 'timeout = "0s"'))
+    assert e.key == "remotes.nas.timeout"
+    e = load_err(tmp_path, GOOD.replace('retry_max = "5m"', 'retry_max = "99999999999d"'))
+    assert e.key == "daemon.retry_max" and "too long" in str(e)
