@@ -53,6 +53,19 @@ class RemoteConfig:
     # type-specific settings, validated by the backend's own schema below
     options: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def location(self) -> str:
+        """Where the remote's files are, not its name here: renaming the section keeps a
+        pair's sync history, pointing it elsewhere does not."""
+        o = self.options
+        if self.type == "local":
+            return f"local {o.get('path')}"
+        if self.type in ("sftp", "ftp"):
+            return f"{self.type} {o.get('user')}@{o.get('host')}:{o.get('port')} {o.get('root')}"
+        if self.type == "s3":
+            return f"s3 {o.get('endpoint_url') or 'aws'} {o.get('bucket')} {o.get('prefix')}"
+        return f"{self.type} {self.name}"
+
 
 # S3 storage classes whose objects cannot be copied (so not trashed) before a restore.
 ARCHIVE_CLASSES = ("GLACIER", "DEEP_ARCHIVE")

@@ -114,20 +114,21 @@ class Daemon:
             self.retry_pending = True
 
     def _act(self) -> None:
+        """Noted signals become events; the main loop is woken to see them."""
+        acted = False
         if self.signal_name and not self.stop.is_set():
             self.stop.set()
-            if self.debouncer is not None:
-                self.debouncer.wake.set()
+            acted = True
         if self.hup_pending:
             self.hup_pending = False
             self.reload.set()
-            if self.debouncer is not None:
-                self.debouncer.wake.set()
+            acted = True
         if self.retry_pending:
             self.retry_pending = False
             self.retry_now.set()
-            if self.debouncer is not None:
-                self.debouncer.wake.set()
+            acted = True
+        if acted and self.debouncer is not None:
+            self.debouncer.wake.set()
 
     def _shutdown_guard(self) -> None:
         """Waits for a stop request; then says so, and gives transfers in flight

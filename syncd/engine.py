@@ -24,8 +24,6 @@ from syncd.listing import Listing, RemoteDiff, diff_listing, drop_top_dirs, drop
 from syncd.log import structlog
 from syncd.model import (
     BEFORE_WRITES,
-    TMP_PREFIX,
-    TRASH_DIR,
     Action,
     Job,
     Kind,
@@ -253,7 +251,7 @@ class Engine:
         log = self.log
         root = str(pair.local)
         meta = self.index.pair_meta(pair.name)
-        target = f"{remote_location(self.cfg.remotes[pair.remote])} {pair.path}"
+        target = f"{self.cfg.remotes[pair.remote].location} {pair.path}"
         moved = meta is not None and meta.target is not None and meta.target != target
         if moved:
             log.warning("pair_target_changed", was=meta.target, now=target,
@@ -338,7 +336,8 @@ class Engine:
                     raise listed
                 diff = listed if listed is not None else listing.result()
                 if diff.unnamed:
-                    log.warning("remote_entries_skipped", count=len(diff.unnamed),
+                    log.warning("remote_entries_skipped", remote=pair.remote,
+                                count=len(diff.unnamed),
                                 paths=[ascii(p) for p in diff.unnamed[:10]],
                                 error="name is not valid UTF-8: never synced, never deleted; "
                                       "rename it on the remote to have it handled")
@@ -447,11 +446,9 @@ class Engine:
             first = kept
         # A name the walk could not sync may be a file renamed there from a name the remote
         # still has (the deletes in its folder wait), or a folder (those below it wait too);
-        # not the pair's other deletes. Names reserved for syncd are no such renames.
-        odd_folders = set(w.unsyncable_dirs)
-        odd_dirs = {rel.rpartition("/")[0] for rel, _ in w.unsyncable
-                    if not _reserved(rel) and rel not in odd_folders}
-        odd_trees = {rel.rpartition("/")[0] for rel in odd_folders}
+        # not the pair's other deletes.
+        odd_dirs = {rel.rpartition("/")[0] for rel, is_dir in w.odd_names if not is_dir}
+        odd_trees = {rel.rpartition("/")[0] for rel, is_dir in w.odd_names if is_dir}
         n_odd = len(w.unsyncable)
         # The folders this run writes in: what the remote's settle() makes durable.
         res.touched = ({a.path.rpartition("/")[0] for a in (*first, *later)}
@@ -473,7 +470,8 @@ class Engine:
                 return
             def odd_near(a: Action) -> bool:
                 folder = a.path.rpartition("/")[0]
-                return folder in odd_dirs or _within(folder, odd_trees)
+                return (folder in odd_dirs or folder in odd_trees or "" in odd_trees
+                        or under(folder, odd_trees))
 
             held = [a for a in later if odd_near(a)]
             if held:
@@ -671,36 +669,6 @@ class Engine:
         res.adopted += d.get(Op.ADOPT.value, 0)
         res.mkdirs += d.get(Op.MKDIR.value, 0)
         res.failures += stats.failed
-
-
-def remote_location(rc: Any) -> str:
-    """Where a remote's files are (not its name in the config: renaming the section keeps
-    the history; pointing it elsewhere does not)."""
-    o = rc.options
-    if rc.type == "local":
-        return f"local {o.get('path')}"
-    if rc.type in ("sftp", "ftp"):
-        return f"{rc.type} {o.get('user')}@{o.get('host')}:{o.get('port')} {o.get('root')}"
-    if rc.type == "s3":
-        return f"s3 {o.get('endpoint_url') or 'aws'} {o.get('bucket')} {o.get('prefix')}"
-    return f"{rc.type} {rc.name}"
-
-
-def _reserved(rel: str) -> bool:
-    name = rel.rpartition("/")[2]
-    return name.startswith(TMP_PREFIX) or rel == TRASH_DIR
-
-
-def _within(folder: str, folders: set[str]) -> bool:
-    """Whether `folder` is one of `folders` or lies below one ("" is the root: all)."""
-    if not folders:
-        return False
-    while True:
-        if folder in folders:
-            return True
-        if not folder:
-            return False
-        folder = folder.rpartition("/")[0]
 
 
 class _Cancelled(Exception):

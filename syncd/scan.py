@@ -35,45 +35,44 @@ _S_IFMT, _S_IFREG = st_mod.S_IFMT(0o777777), st_mod.S_IFREG
 class Matcher:
     """gitignore semantics over '/'-separated relative paths (directories end in '/').
 
-    Uses pathspec's compiled patterns; when no pattern negates, all of them are fused into
-    one regex so a file costs one `match` call instead of one per pattern.
+    Parses with pathspec, matches as git does (see __init__ and __call__).
     """
 
     def __init__(self, patterns: Iterable[str]):
         lines = list(patterns)
-        self.spec = pathspec.GitIgnoreSpec.from_lines(lines)
-        active = [p for p in self.spec.patterns if p.include is not None]
-        self.empty = not active
+        # Per rule: pathspec's regex (which also matches everything below what the rule
+        # names), and our own, anchored at the end: the rule must name the path itself
+        # (see __call__). Two rule forms pathspec reads otherwise than git: "x/**" is
+        # "^x/" to pathspec, naming x itself, while git names only what is inside x ("/**"
+        # alone is ".": everything); "x/**/" is "x/" to pathspec, and to git the
+        # directories inside x at any depth (not x, not its files).
+        self._rules: list[tuple[re.Pattern[str], bool]] = []
+        fusable: list[str] = []   # pathspec's regexes of include rules that agree with git
+        fuse = True
+        for line in lines:
+            body, inside = line.strip(), ""
+            if body.endswith("/**/") and body.lstrip("!/") != "**/":
+                line, inside = body[:-1], ".+/"
+            for p in pathspec.GitIgnoreSpec.from_lines([line]).patterns:
+                if p.include is None:
+                    continue
+                rx = p.regex.pattern  # type: ignore[attr-defined]
+                if not inside and body.endswith("/**") and rx.endswith("/"):
+                    inside = ".+"
+                self._rules.append((re.compile(f"(?:{rx}){inside}\\Z"), bool(p.include)))
+                fuse = fuse and bool(p.include) and not inside
+                fusable.append(re.sub(r"\(\?P<\w+>", "(?:", rx))
+        self.empty = not self._rules
+        # Without negations (nor the two forms above) the rules only add up: one fused
+        # regex does for all of them, a file costing one search, not one per rule.
+        self._fused: re.Pattern[str] | None = (
+            re.compile("|".join(f"(?:{x})" for x in fusable)) if self._rules and fuse else None)
         # Every rule names one directory by its literal path ("/lost+found/", "!/build/",
         # the state dir's "/.local/state/syncd/"): no file needs a check, a directory only
         # a set lookup, and the listing can skip whole subtrees after the fact (engine:
         # listing.drop_top_dirs) instead of filtering each entry.
         lits = [_literal_dir(x) for x in lines if x.strip() and not x.startswith("#")]
-        self.literal_only = bool(active) and all(lits)
-        self._fused: re.Pattern[str] | None = None
-        if active and all(p.include for p in active):
-            parts = [re.sub(r"\(\?P<\w+>", "(?:", p.regex.pattern) for p in active]  # type: ignore[attr-defined]
-            self._fused = re.compile("|".join(f"(?:{x})" for x in parts))
-        # Each rule anchored at the end: it must name the path itself (see __call__). For
-        # "x/**" pathspec's regex is "^x/", which would name the directory x itself: git's
-        # rule names only what is inside it.
-        self._rules = []
-        for line in lines:
-            body, inside = line.strip(), ""
-            if body.endswith("/**/") and body.lstrip("!/") != "**/":
-                # "x/**/": directories inside x, at any depth (not x, not its files);
-                # pathspec reads it as "x/".
-                line, inside = body[:-1], ".+/"
-            for p in pathspec.GitIgnoreSpec.from_lines([line]).patterns:
-                if p.include is not None:
-                    # "x/**" is "^x/" to pathspec: only what is inside x, for git ("/**"
-                    # alone is ".": everything, one-letter names included).
-                    if not inside and body.endswith("/**") and p.regex.pattern.endswith("/"):  # type: ignore[attr-defined]
-                        inside = ".+"
-                    self._rules.append((re.compile(f"(?:{p.regex.pattern}){inside}\\Z"),  # type: ignore[attr-defined]
-                                        bool(p.include)))
-                    if inside:   # pathspec's own regex is wrong here: no fused shortcut
-                        self._fused = None
+        self.literal_only = not self.empty and all(lits)
         self.ignored_dirs = frozenset(
             t for t in lits if t and self(t + "/")) if self.literal_only else frozenset()
 
@@ -197,7 +196,9 @@ class Walk:
     seen_prior: int = 0                                              # prior paths found again
     errors: list[tuple[str, str]] = field(default_factory=list)     # I/O errors: block deletes
     unsyncable: list[tuple[str, str]] = field(default_factory=list)  # names we refuse to sync
-    unsyncable_dirs: list[str] = field(default_factory=list)   # those that are directories
+    # Of those, names that are not UTF-8 (rel, is a directory): maybe renamed from a name
+    # the remote still has.
+    odd_names: list[tuple[str, bool]] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)     # by policy (symlink, fifo)
     error_prefixes: list[str] = field(default_factory=list)  # subtrees we could not read
 
@@ -252,9 +253,10 @@ def walk(root: str, clean: dict[str, int], prior: dict[str, PriorRow], ignore: M
                 for entry in it:
                     name = entry.name
                     if not name.isascii() and not _utf8_ok(name):
+                        is_dir = False
                         with contextlib.suppress(OSError):
-                            if entry.is_dir(follow_symlinks=False):
-                                w.unsyncable_dirs.append(prefix + _printable(name))
+                            is_dir = entry.is_dir(follow_symlinks=False)
+                        w.odd_names.append((prefix + _printable(name), is_dir))
                         w.unsyncable.append((prefix + _printable(name),
                                              "name is not valid UTF-8; rename it to sync it"))
                         continue
