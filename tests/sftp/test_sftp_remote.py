@@ -580,6 +580,58 @@ def test_connection_acknowledges_reads_at_once(srv: SSHServer, tmp_path: Path) -
         s.close()
 
 
+def test_connection_serves_small_reads_from_one_read() -> None:
+    """paramiko reads each packet in two small calls; the transport's socket serves them
+    from one larger read (fewer system calls and GIL hand-offs), byte-exact, in order,
+    and reads a large packet straight from the socket."""
+    import socket
+
+    from syncd.remotes.sftp import _QuickAckSocket
+
+    class _Counting(socket.socket):
+        reads: list[int]
+
+        def recv(self, n: int, flags: int = 0) -> bytes:
+            self.reads.append(n)
+            return super().recv(n, flags)
+
+    class Q(_QuickAckSocket, _Counting):
+        pass
+
+    tcp = socket.create_server(("127.0.0.1", 0))
+    q = Q.wrap(socket.create_connection(tcp.getsockname(), timeout=2.5))
+    assert isinstance(q, Q)
+    q.reads = []
+    peer, _ = tcp.accept()
+    small = b"".join(bytes([i]) * (16 + i % 50) for i in range(100))   # 100 small "packets"
+    peer.sendall(small)
+    got, want = b"", len(small)
+    deadline = time.monotonic() + 5
+    while len(got) < want and time.monotonic() < deadline:
+        for n in (16, 7, 41):           # sizes like paramiko's header and body reads
+            if len(got) < want:
+                got += q.recv(min(n, want - len(got)))
+    assert got == small
+    assert 1 <= len(q.reads) < 10       # ~200 calls served by a few reads
+    assert all(n == _QuickAckSocket._CHUNK for n in q.reads)
+    peer.sendall(b"abcdef")
+    assert q.recv(2) == b"ab"
+    with pytest.raises(ValueError):
+        q.recv(2, socket.MSG_PEEK)      # a peek cannot see what is buffered
+    assert q.recv(10) == b"cdef"        # the rest of the buffer, not more
+    big = bytes(range(256)) * 160       # 40 KiB: one packet of upload or download data
+    q.reads.clear()
+    peer.sendall(big)
+    got = b""
+    while len(got) < len(big) and time.monotonic() < deadline:
+        got += q.recv(len(big) - len(got))
+    assert got == big
+    assert q.reads and q.reads[0] == len(big)   # asked for as is, no buffer in between
+    assert q.getsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK) == 1
+    for s in (q, peer, tcp):
+        s.close()
+
+
 def _busy_puts(r: SFTPRemote, tmp_path: Path, workers: int = 4) -> list[BaseException]:
     """`workers` threads each holding a session at once (put_many of a few files)."""
     srcdir = tmp_path / "src"
