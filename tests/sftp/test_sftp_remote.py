@@ -498,6 +498,49 @@ def test_fast_data_sender_is_used_and_exact_across_rekeys(srv: SSHServer, tmp_pa
     r.close()
 
 
+def test_fast_sender_finishes_partial_socket_writes(srv: SSHServer, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fast path's writev may take part of a batch (a full socket buffer) or nothing
+    (EAGAIN): paramiko's write_all sends the rest, in order, and the upload is exact. A
+    dead socket is EOFError, as paramiko's own write path says."""
+    import socket
+
+    from syncd.remotes import ssh_send
+
+    root = tmp_path / "root"
+    root.mkdir()
+    src = tmp_path / "f.bin"
+    src.write_bytes(os.urandom(3 << 20) + b"end")
+    r = SFTPRemote("t", opts(srv, root))
+    r.check()
+    real = os.writev
+    calls = {"n": 0}
+
+    def stingy(fd: int, parts: list[bytes]) -> int:
+        calls["n"] += 1
+        if calls["n"] % 3 == 0:
+            raise BlockingIOError(11, "EAGAIN")
+        if calls["n"] % 3 == 1 and len(parts) > 1:
+            return real(fd, [parts[0], bytes(parts[1])[:5]])   # cut mid-packet
+        return real(fd, parts)
+
+    monkeypatch.setattr(ssh_send.os, "writev", stingy)
+    with r._session("") as ss:
+        sender = ss.sender
+        assert sender is not None
+    _put_file(r, src, "f.bin")
+    assert (root / "f.bin").read_bytes() == src.read_bytes()
+    assert calls["n"] >= 10 and sender.direct < calls["n"]
+    monkeypatch.setattr(ssh_send.os, "writev", real)
+    a, b = socket.socketpair()
+    b.close()
+    sender.fd = a.fileno()
+    with pytest.raises(EOFError):
+        sender._write([b"data"], 4)
+    a.close()
+    r.close()
+
+
 def test_non_gcm_cipher_goes_through_paramiko(tmp_path: Path, sshd: SSHServer) -> None:
     """A server without AES-GCM: every packet takes paramiko's own path (no fast packets),
     and the upload is still exact."""
