@@ -55,7 +55,6 @@ class DataSender:
         self.ch = channel
         self.t = channel.transport
         self.pk = self.t.packetizer
-        self.fd = self.t.sock.fileno()
         self.packets = 0   # sent by the fast path (tests check it was used)
         self.direct = 0    # socket writes that went out whole in one writev
 
@@ -166,8 +165,13 @@ class DataSender:
         send). What the kernel did not take goes through paramiko's write_all, which waits
         for room."""
         setattr(self.pk, _KEEPALIVE_LAST, time.time())   # as write_all does
+        # The descriptor is asked for at each write, never kept: after a close its number
+        # is free, and a kept one could be another file or connection by now.
+        fd = self.t.sock.fileno()
+        if fd < 0:
+            raise EOFError("SSH connection closed")
         try:
-            n = os.writev(self.fd, parts)
+            n = os.writev(fd, parts)
         except (BlockingIOError, InterruptedError):
             n = 0
         except OSError as e:   # write_all turns a dead socket into EOFError, so do we

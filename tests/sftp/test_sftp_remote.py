@@ -532,13 +532,21 @@ def test_fast_sender_finishes_partial_socket_writes(srv: SSHServer, tmp_path: Pa
     assert (root / "f.bin").read_bytes() == src.read_bytes()
     assert calls["n"] >= 10 and sender.direct < calls["n"]
     monkeypatch.setattr(ssh_send.os, "writev", real)
-    a, b = socket.socketpair()
-    b.close()
-    sender.fd = a.fileno()
+    sock = sender.t.sock
+    sock.shutdown(socket.SHUT_WR)            # the peer can no longer be written to
     with pytest.raises(EOFError):
         sender._write([b"data"], 4)
-    a.close()
     r.close()
+    # Closed: the old descriptor number is free and may belong to a new file at once;
+    # the sender must not write there.
+    spare = tmp_path / "spare"
+    fd = os.open(spare, os.O_WRONLY | os.O_CREAT)
+    try:
+        with pytest.raises(EOFError):
+            sender._write([b"ciphertext"], 10)
+    finally:
+        os.close(fd)
+    assert spare.read_bytes() == b""
 
 
 def test_non_gcm_cipher_goes_through_paramiko(tmp_path: Path, sshd: SSHServer) -> None:
