@@ -1136,15 +1136,24 @@ def _fail(results: list[Any], i: int, err: RemoteError | None, path: str) -> boo
     return True
 
 
+class _SpentTimer:
+    """Stands in for paramiko's handshake timer once the handshake is over: cancel() is
+    free. Not None: paramiko's transport thread reads the attribute twice in
+    complete_handshake, and a stand-in cannot go missing between the two reads."""
+
+    def cancel(self) -> None:
+        pass
+
+
 def _drop_handshake_timer(t: Any) -> None:
     """paramiko calls Packetizer.complete_handshake after every packet it reads, and that
     cancels the handshake timer again each time (a lock and an Event per packet: ~3% of
-    the Python time of an upload). Once the handshake is complete the timer has no use:
-    without one, handshake_timed_out() says False, as it does after a completed one."""
+    the Python time of an upload). Once the handshake is complete the timer has no use,
+    and handshake_timed_out() says False whatever stands in its place."""
     pk = getattr(t, "packetizer", None)
     if (getattr(pk, "_Packetizer__handshake_complete", False)
-            and getattr(pk, "_Packetizer__timer", None) is not None):
-        pk._Packetizer__timer = None
+            and isinstance(getattr(pk, "_Packetizer__timer", None), threading.Timer)):
+        pk._Packetizer__timer = _SpentTimer()
 
 
 def _paramiko() -> Any:

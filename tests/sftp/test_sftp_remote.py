@@ -611,7 +611,8 @@ def test_connection_acknowledges_reads_at_once(srv: SSHServer, tmp_path: Path) -
     sock = r._transport.sock
     assert isinstance(sock, _QuickAckSocket)
     pk = r._transport.packetizer   # the spent handshake timer is not cancelled per packet
-    assert pk._Packetizer__timer is None and not pk.handshake_timed_out()
+    assert not isinstance(pk._Packetizer__timer, threading.Timer)
+    assert not pk.handshake_timed_out()
     r.close()
     tcp = socket.create_server(("127.0.0.1", 0))
     q = _QuickAckSocket.wrap(socket.create_connection(tcp.getsockname(), timeout=2.5))
