@@ -499,8 +499,10 @@ def test_a_state_dir_that_cannot_be_made_is_a_usage_error(setup: Setup) -> None:
 
 
 def test_output_into_a_closed_pipe_is_not_a_bug(setup: Setup) -> None:
-    for i in range(400):
-        setup.write(f"d/f{i}.txt", b"x")
+    # More plan output than a pipe holds (64 KiB): syncd is still writing when head has
+    # gone (with less, it could finish before head exits, and the run was rightly 0).
+    for i in range(2000):
+        setup.write(f"d/{'n' * 100}{i}.txt", b"x")
     cmd = f"{SYNCD} reconcile --config {setup.config} --dry-run | head -1; echo rc=${{PIPESTATUS[0]}}"
     p = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, timeout=120)
     assert "rc=141" in p.stdout and "internal error" not in p.stderr, (p.stdout, p.stderr)
