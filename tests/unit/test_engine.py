@@ -415,10 +415,14 @@ def test_with_patience_a_run_leaves_a_long_backoff_to_a_later_retry(tmp_path: Pa
     e = Engine(cfg, Index.open(cfg.daemon.state_dir), clock=clock, sleep=clock.sleep,
                patience=10.0)
     e.remotes["nas"] = Faulty(dst, transient=10**6)
+    # Every backoff at its full length (no jitter): retries after 5 s and 10 s, then the
+    # next is 20 s away, past the patience. With random jitter a run of short draws could
+    # go on longer (a bound on it failed once in a full run).
+    e.queue.rand = lambda: 1.0
     res = e.reconcile(cfg.pairs[0], Options())
     assert res.status == "failed" and len(res.failures) == 12
     assert all("retried in" in why for _, why in res.failures), res.failures
-    assert clock.t - start < 120   # without patience: ~10 backoffs of up to 5 min
+    assert clock.t - start < 60   # ~15 s; without patience: 5+10+...+300+300 s, ~20 min
     assert e.index.failed_jobs("p") == []   # not parked: the daemon's retry goes on
 
 
