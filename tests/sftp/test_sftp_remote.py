@@ -465,17 +465,24 @@ def _put_file(r: SFTPRemote, src: Path, rel: str) -> None:
         so.close()
 
 
+def _upload_setup(server: SSHServer, tmp_path: Path, name: str, data: bytes
+                  ) -> tuple[SFTPRemote, Path, Path]:
+    """A checked remote on an empty root, and a local file of `data` to upload."""
+    root = tmp_path / "root"
+    root.mkdir()
+    src = tmp_path / name
+    src.write_bytes(data)
+    r = SFTPRemote("t", opts(server, root))
+    r.check()
+    return r, root, src
+
+
 def test_fast_data_sender_is_used_and_exact_across_rekeys(srv: SSHServer, tmp_path: Path) -> None:
     """The AES-GCM fast path (ssh_send.DataSender) carries uploads on the pinned paramiko,
     and its packets stay valid through key re-exchanges: the rekey threshold is lowered
     to 1 MiB so a 9 MiB upload rekeys several times mid-stream (a wrong nonce, sequence
     number or length would make sshd drop the connection or corrupt the file)."""
-    root = tmp_path / "root"
-    root.mkdir()
-    src = tmp_path / "big.bin"
-    src.write_bytes(os.urandom(9 << 20) + b"tail")
-    r = SFTPRemote("t", opts(srv, root))
-    r.check()
+    r, root, src = _upload_setup(srv, tmp_path, "big.bin", os.urandom(9 << 20) + b"tail")
     with r._session("") as ss:
         sender = ss.sender
         assert sender is not None, "paramiko internals changed: the fast sender is off"
@@ -507,12 +514,7 @@ def test_fast_sender_finishes_partial_socket_writes(srv: SSHServer, tmp_path: Pa
 
     from syncd.remotes import ssh_send
 
-    root = tmp_path / "root"
-    root.mkdir()
-    src = tmp_path / "f.bin"
-    src.write_bytes(os.urandom(3 << 20) + b"end")
-    r = SFTPRemote("t", opts(srv, root))
-    r.check()
+    r, root, src = _upload_setup(srv, tmp_path, "f.bin", os.urandom(3 << 20) + b"end")
     real = os.writev
     calls = {"n": 0}
 
@@ -556,12 +558,7 @@ def test_non_gcm_cipher_goes_through_paramiko(tmp_path: Path, sshd: SSHServer) -
     s.extra_config = "Ciphers aes128-ctr\nMACs hmac-sha2-256"
     s.start()
     try:
-        root = tmp_path / "root"
-        root.mkdir()
-        src = tmp_path / "f.bin"
-        src.write_bytes(os.urandom(3 << 20))
-        r = SFTPRemote("t", opts(s, root))
-        r.check()
+        r, root, src = _upload_setup(s, tmp_path, "f.bin", os.urandom(3 << 20))
         with r._session("") as ss:
             sender = ss.sender
             assert ss.ch.get_transport().local_cipher == "aes128-ctr"
