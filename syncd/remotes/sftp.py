@@ -463,7 +463,7 @@ class SFTPRemote:
         self._pid = os.getpid()
         self._lock = threading.Lock()
         self._free = threading.Condition(self._lock)
-        _INHERITED.append(self._conns)   # never freed here: see _INHERITED
+        _INHERITED.extend(self._conns)   # never freed here: see _INHERITED
         self._conns = []   # a session of theirs given back here is dropped, not pooled
         self._connecting = 0
 
@@ -598,7 +598,7 @@ class SFTPRemote:
     def _give(self, ss: w.Session, reusable: bool) -> None:
         with self._lock:
             c: _Conn | None = getattr(ss, "conn", None)
-            if c is not None and any(c in conns for conns in _INHERITED):
+            if c is not None and c in _INHERITED:
                 _INHERITED.append(ss)   # the parent's: not a word on its connection
             elif c is None or c not in self._conns:   # its connection was dropped
                 ss.close_channel()

@@ -789,6 +789,31 @@ def test_forked_child_never_speaks_on_the_parents_connection(srv: SSHServer, tmp
     r.close()
 
 
+def test_after_fork_a_parents_session_given_back_does_not_break_later_gives(
+        srv: SSHServer, tmp_path: Path) -> None:
+    """What a forked child does (run here without the fork): it gives back a session of
+    the parent's, then takes and gives its own. The second give failed with TypeError
+    (the inherited list held connection lists and sessions, and was searched as lists)."""
+    from syncd.remotes import sftp as sftp_mod
+
+    r = SFTPRemote("t", opts(srv, tmp_path, connections=1))
+    r.check()
+    parents = list(r._conns)
+    held = r._take()
+    n_inherited = len(sftp_mod._INHERITED)
+    r._after_fork()
+    try:
+        r._give(held, True)                 # the parent's: kept aside, never pooled
+        own = r._take()                     # a new connection of the child's own
+        r._give(own, True)
+        assert own.conn in r._conns and held.conn not in r._conns
+    finally:
+        del sftp_mod._INHERITED[n_inherited:]
+        for c in parents:
+            c.transport.close()
+        r.close()
+
+
 def test_a_server_that_omits_the_size_in_fstat_still_takes_uploads(
         srv: SSHServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # SFTP attributes are optional field by field: a server that leaves out the size made
