@@ -111,7 +111,14 @@ def setup(fmt: str = "auto", level: str = "info") -> None:
     logging.root.handlers = [h for h in logging.root.handlers if not isinstance(h, _Forward)]
     logging.root.addHandler(_Forward())
     logging.root.setLevel(logging.DEBUG if _min_level <= logging.DEBUG else logging.WARNING)
-    logging.getLogger("paramiko").setLevel(logging.INFO)   # its DEBUG is every packet
+    # Their DEBUG records are every packet (paramiko) or whole signed requests (botocore's
+    # canonical request carries the session token, urllib3 the URLs of presigned ones):
+    # never forwarded, debug level or not.
+    for name in _QUIET_LIBRARIES:
+        logging.getLogger(name).setLevel(logging.INFO)
+
+
+_QUIET_LIBRARIES = ("paramiko", "botocore", "boto3", "s3transfer", "urllib3")
 
 
 class _Forward(logging.Handler):
