@@ -11,7 +11,7 @@ import sqlite3
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -145,6 +145,19 @@ def trash_stamp(now: float) -> str:
         _stamps.clear()   # only the current second matters
         _stamps[base] = n
     return base if n == 1 else f"{base}-{n}"
+
+
+def _touched_folders(actions: Sequence[Action]) -> set[str]:
+    """The folders a run's actions write in: each path's folder, and for a move every
+    folder on the way to its destination (each new one is an entry in its parent)."""
+    out = {a.path.rpartition("/")[0] for a in actions}
+    for a in actions:
+        if a.dest:
+            d = a.dest
+            while d:
+                d = d.rpartition("/")[0]
+                out.add(d)
+    return out
 
 
 class Engine:
@@ -450,8 +463,10 @@ class Engine:
         odd_dirs = {rel.rpartition("/")[0] for rel, is_dir in w.odd_names if not is_dir}
         odd_trees = {rel.rpartition("/")[0] for rel, is_dir in w.odd_names if is_dir}
         n_odd = len(w.unsyncable)
-        # The folders this run writes in: what the remote's settle() makes durable.
-        res.touched = ({a.path.rpartition("/")[0] for a in (*first, *later)}
+        # The folders this run writes in: what the remote's settle() makes durable. A move
+        # (trash, replacement) also writes its destination's folders, which it may create
+        # (.syncd-trash/<stamp>/...): every one of them down from the pair's root.
+        res.touched = (_touched_folders((*first, *later))
                        if len(first) + len(later) <= 64 else None)
         # The views are no longer needed; on a first sync of 100k files they are most of
         # the process's memory, and the transfers can take a while.

@@ -375,8 +375,7 @@ class LocalRemote:
                 rel = "/".join(x for x in (prefix, d) if x)
                 while True:   # the folder itself, or the nearest one left (it was removed)
                     try:
-                        fd = self._open_dir(rel, create=False) if rel else os.open(
-                            self.root, _DIR_FLAGS)
+                        fd = self._open_dir(rel, create=False)
                         break
                     except (RemoteError, OSError):
                         if not rel:
@@ -391,7 +390,7 @@ class LocalRemote:
                     os.close(fd)
             return
         try:
-            fd = self._open_dir(prefix, create=False) if prefix else os.open(self.root, _DIR_FLAGS)
+            fd = self._open_dir(prefix, create=False)
         except (RemoteError, OSError):
             return   # nothing of the pair there (it was all deleted): nothing to make durable
         try:

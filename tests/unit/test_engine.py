@@ -497,7 +497,12 @@ def test_a_run_that_changed_a_directory_remote_ends_with_its_names_made_durable(
     (src / "d1" / "f1.txt").write_bytes(b"changed")
     res = e.reconcile(cfg.pairs[0], Options())
     assert res.trashed == 1 and res.uploaded == 1 and synced == []
-    assert sorted(fsynced) == sorted(os.stat(dst / "docs" / d).st_ino for d in ("d0", "d1"))
+    # The folders written in, and every folder on the way to the trashed copy (made by
+    # this run: each is an entry in its parent) down from the pair's root.
+    stamp = next((dst / "docs" / ".syncd-trash").iterdir())
+    want = [dst / "docs" / "d0", dst / "docs" / "d1", dst / "docs",
+            dst / "docs" / ".syncd-trash", stamp, stamp / "d0"]
+    assert sorted(fsynced) == sorted(os.stat(d).st_ino for d in want)
 
 
 def test_a_chmod_alone_is_synced_to_a_remote_that_keeps_modes(tmp_path: Path) -> None:
