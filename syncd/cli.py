@@ -229,12 +229,6 @@ def _lock_holder(state_dir: Path) -> tuple[int, str] | None:
         os.close(fd)
 
 
-def _daemon_pid(state_dir: Path) -> int | None:
-    """PID of the daemon holding this state dir's lock, None if no daemon does."""
-    holder = _lock_holder(state_dir)
-    return holder[0] if holder is not None and holder[1] == "daemon" else None
-
-
 def collect_status(cfg: Any) -> dict[str, Any]:
     import time
 

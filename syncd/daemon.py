@@ -247,7 +247,9 @@ class Daemon:
                 self.rewatch.add(name)
         for name in list(self.rewatch):
             root, ignored = self.roots[name]
-            if os.path.isdir(root) and w.watch(name, root, ignored):
+            # watch() may lose the pair again at once (the watch limit): then it is in
+            # `lost` for the next pass, not restored.
+            if os.path.isdir(root) and w.watch(name, root, ignored) and name in w.watched:
                 self.log.info("watch_restored", pair=name, path=root)
                 self.rewatch.discard(name)
                 self.unwatched.discard(name)

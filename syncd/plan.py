@@ -213,15 +213,16 @@ def check_safety(actions: list[Action], f: Facts, allow_mass_delete: bool = Fals
     if not allow_device_change:
         if f.remote_entries == 0 and f.bases_present > 0:
             return Trip(f"the remote path is empty but {f.bases_present} entries synced there "
-                        "before are still in the local tree: an unmounted disk shows its empty "
-                        "mount point (or the remote was emptied behind syncd's back)",
+                        "before are still in the local tree (an unmounted disk or share shows "
+                        "its empty mount point): check that the remote's storage is mounted",
                         "--allow-device-change")
         for m in f.lost_mounts:
             if any(a.path == m or a.path.startswith(m + "/") for a in actions
                    if a.op in DELETING_OPS or a.op == Op.RMDIR):
                 return Trip(f"'{m}' inside the local root was a mount point (another file "
                             "system) and is not mounted now: an unmounted disk shows its "
-                            "empty mount point, and the plan would delete what was on it",
+                            "empty mount point, and the plan would delete what was on it: "
+                            "mount it again",
                             "--allow-device-change")
     if allow_mass_delete:
         return None
