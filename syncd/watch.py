@@ -182,12 +182,16 @@ class Watcher:
         return True
 
     def _over_limit(self, pair: str, root: str, path: str) -> None:
-        """A directory under the pair's root could not be watched (from watchdog's hook)."""
-        self._log_limit(pair, root, f"cannot watch {path}")
+        """A directory under the pair's root could not be watched (from watchdog's hook).
+        Logged once per pair and scheduling: scheduling a big tree past the limit refuses
+        every directory after the limit, and each log line counts the tree's folders."""
         with self._lock:
             scheduling = pair not in self.watched
+            first = not scheduling or pair not in self._over
             if scheduling:
                 self._over.add(pair)   # _schedule() loses it once it is recorded
+        if first:
+            self._log_limit(pair, root, f"cannot watch {path}")
         if not scheduling:
             self.lose(pair, "watch_limit")
 

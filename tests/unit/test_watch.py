@@ -217,3 +217,26 @@ def test_a_root_watched_again_past_the_limit_is_lost_again(tmp_path: Path,
         assert "watch_limit" in [e for e, _ in log.events]
     finally:
         w.stop()
+
+
+def test_many_folders_past_the_limit_log_once(tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    # Every folder past the limit is refused while one watch is scheduled: each used to
+    # log watch_limit, counting the whole tree's folders each time (quadratic).
+    root = tmp_path / "root"
+    root.mkdir()
+    log = Log()
+    w = Watcher(Debouncer(0.0, 1.0), log)
+    try:
+        w.start({"p": (str(root), lambda _r: False)})
+        root.rename(tmp_path / "aside")
+        for i in range(20):
+            (root / f"d{i}" / "deep").mkdir(parents=True)
+        w.check_roots()
+        assert w.take_lost() == {"p": "root_replaced"}
+        refuse_watches_of(b"/deep", monkeypatch)
+        assert w.watch("p", str(root), lambda _r: False)
+        assert w.take_lost() == {"p": "watch_limit"}
+        assert [e for e, _ in log.events].count("watch_limit") == 1
+    finally:
+        w.stop()
