@@ -171,7 +171,6 @@ class SFTPRemote:
         self.root = b""                 # canonical (symlink-free) absolute root, from the server
         self._pid = os.getpid()
         self.tmp_owner = ""   # set by open_remote: the state dir's tag (see temp_name)
-        self._revoked: list[Any] = []   # host keys known_hosts marks @revoked
         self.log = slog.get()
 
     @property
@@ -229,7 +228,7 @@ class SFTPRemote:
             have = tuple(opts.ciphers)
             opts.ciphers = tuple(c for c in _PREFERRED_CIPHERS if c in have) + tuple(
                 c for c in have if c not in _PREFERRED_CIPHERS)
-            known = self._known_keys()
+            known, revoked = self._known_keys()
             if known:   # ask for a key type we can check, as OpenSSH does
                 types = tuple(opts.key_types)
                 opts.key_types = tuple(k for k in known if k in types) + tuple(
@@ -239,7 +238,7 @@ class SFTPRemote:
             except (paramiko.SSHException, OSError, EOFError) as e:
                 raise TransientError(f"SSH handshake with {o.host}:{o.port} failed: "
                                      f"{e or type(e).__name__}", remote=self.name) from None
-            self._verify_host_key(t.get_remote_server_key(), known)
+            self._verify_host_key(t.get_remote_server_key(), known, revoked)
             self._authenticate(t)
             t.set_keepalive(KEEPALIVE_S)
             _drop_handshake_timer(t)
@@ -258,8 +257,11 @@ class SFTPRemote:
             files.append(Path(self.o.state_dir) / "known_hosts")
         return files
 
-    def _known_keys(self) -> dict[str, Any]:
-        """key type -> key recorded for this host in known_hosts (and syncd's own file)."""
+    def _known_keys(self) -> tuple[dict[str, Any], list[Any]]:
+        """key type -> key recorded for this host in known_hosts (and syncd's own file), and
+        the keys marked @revoked there, whatever host they are written for (OpenSSH: such a
+        key "must not ever be accepted"; "@revoked * <key>" is the usual form, and a
+        wildcard host is something paramiko's lookup does not match)."""
         from paramiko.hostkeys import HostKeyEntry, HostKeys
 
         out: dict[str, Any] = {}
@@ -272,36 +274,35 @@ class SFTPRemote:
             except OSError as e:
                 raise HostKeyError(f"cannot read known_hosts file {f}: {e.strerror}",
                                    remote=self.name) from None
-            hk, bad = HostKeys(), HostKeys()
+            hk = HostKeys()
             for n, line in enumerate(lines, 1):
                 line = line.strip()
-                into = hk
-                if line.startswith("@revoked "):   # never to be accepted, whatever the policy
-                    line, into = line.removeprefix("@revoked ").strip(), bad
+                is_revoked = line.startswith("@revoked ")
+                if is_revoked:   # never to be accepted, whatever the policy
+                    line = line.removeprefix("@revoked ").strip()
                 if not line or line.startswith(("#", "@")):   # @cert-authority: not supported
                     continue
                 with contextlib.suppress(Exception):          # a line paramiko can't parse
                     e = HostKeyEntry.from_line(line, n)
                     if e is not None:
-                        into._entries.append(e)
+                        if is_revoked:
+                            revoked.append(e.key)
+                        else:
+                            hk._entries.append(e)
             for name in self._host_names():
                 found = hk.lookup(name)
                 if found:
                     for typ in found:
                         out.setdefault(typ, found[typ])
-                gone = bad.lookup(name)
-                if gone:
-                    revoked += [gone[typ] for typ in gone]
-        self._revoked = revoked
-        return out
+        return out, revoked
 
-    def _verify_host_key(self, key: Any, known: dict[str, Any]) -> None:
+    def _verify_host_key(self, key: Any, known: dict[str, Any], revoked: list[Any]) -> None:
         o = self.o
         fp = fingerprint(key)
         typ = key.get_name()
         name = self._host_names()[0]
         files = " or ".join(str(f) for f in self._known_files())
-        if key in self._revoked:
+        if key in revoked:
             raise HostKeyError(
                 f"REVOKED host key for {name}: the server offered {typ} {fp}, which {files} "
                 f"marks @revoked. Refused whatever host_key_policy says; ask the server's "

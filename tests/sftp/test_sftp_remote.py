@@ -116,15 +116,18 @@ def test_accept_new_records_once_and_refuses_a_changed_key(tmp_path: Path, sshd:
 def test_a_revoked_host_key_is_refused_even_by_accept_new(srv: SSHServer, tmp_path: Path) -> None:
     # known_hosts says "@revoked [host]:port <key>": OpenSSH never accepts it. syncd used
     # to skip such lines, so accept-new took the key as new and recorded it.
+    # The usual form, "@revoked * <key>", has a wildcard host, which paramiko's lookup
+    # does not match: it was not refused.
     pub = srv.host_key.with_suffix(".pub").read_text().split()
     kh = tmp_path / "known_hosts"
-    kh.write_text(f"@revoked [127.0.0.1]:{srv.port} {pub[0]} {pub[1]}\n")
     state = tmp_path / "state"
-    for policy in ("accept-new", "strict"):
-        with pytest.raises(HostKeyError, match="REVOKED") as ei:
-            SFTPRemote("t", opts(srv, tmp_path, known_hosts=str(kh), host_key_policy=policy,
-                                 state_dir=str(state))).check()
-        assert host_fp(srv) in str(ei.value)
+    for host in (f"[127.0.0.1]:{srv.port}", "*"):
+        kh.write_text(f"@revoked {host} {pub[0]} {pub[1]}\n")
+        for policy in ("accept-new", "strict"):
+            with pytest.raises(HostKeyError, match="REVOKED") as ei:
+                SFTPRemote("t", opts(srv, tmp_path, known_hosts=str(kh), host_key_policy=policy,
+                                     state_dir=str(state))).check()
+            assert host_fp(srv) in str(ei.value)
     assert not (state / "known_hosts").exists()   # nothing recorded
 
 
