@@ -273,7 +273,14 @@ class Engine:
                              + ("; this dry run still plans with the old history"
                                 if opts.dry_run else ""))
         if (meta is None or meta.target != target) and not opts.dry_run:
-            self.index.set_pair_target(pair.name, target, forget_bases=moved)
+            # A pair recorded before targets were (index v5 or older) on FTP: its LIST
+            # fingerprints have a new form since, which would look like drift everywhere.
+            map_fp = None
+            if meta is not None and meta.target is None and \
+                    self.cfg.remotes[pair.remote].type == "ftp":
+                from syncd.remotes import ftp
+                map_fp = ftp.upgrade_list_fp
+            self.index.set_pair_target(pair.name, target, forget_bases=moved, map_fp=map_fp)
             meta = self.index.pair_meta(pair.name)
             moved = False
         matcher = pair_matcher(pair.ignore, pair.local, self.cfg.daemon.state_dir)

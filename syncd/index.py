@@ -231,10 +231,18 @@ class Index:
             return None
         return PairMeta(*r[:4], tuple(json.loads(r[4])) if r[4] else (), r[5])
 
-    def set_pair_target(self, pair: str, target: str, forget_bases: bool) -> None:
+    def set_pair_target(self, pair: str, target: str, forget_bases: bool,
+                        map_fp: Callable[[str], str] | None = None) -> None:
         """Record where the pair's bases are; with `forget_bases`, drop the bases first
-        (they describe another remote or path)."""
+        (they describe another remote or path); `map_fp` rewrites their fingerprints (a
+        backend whose fingerprint format changed)."""
         with self.tx():
+            if map_fp is not None:
+                rows = self.db.execute("SELECT path, b_fp FROM entries WHERE pair=? AND "
+                                       "b_fp IS NOT NULL", (pair,)).fetchall()
+                self.db.executemany(
+                    "UPDATE entries SET b_fp=? WHERE pair=? AND path=?",
+                    [(new, pair, path) for path, fp in rows if (new := map_fp(fp)) != fp])
             if forget_bases:
                 self.db.execute("UPDATE entries SET b_kind=NULL, b_size=NULL, b_mtime=NULL, "
                                 "b_hash=NULL, b_fp=NULL, b_mode=NULL WHERE pair=?", (pair,))

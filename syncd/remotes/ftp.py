@@ -884,4 +884,20 @@ def _date_key(date: str) -> int:
     return _MONTHS.get(mon.lower(), 0) * 32 + int(day)
 
 
-__all__ = ["TLS_MODES", "FTPOptions", "FTPRemote"]
+def upgrade_list_fp(fp: str) -> str:
+    """A file's fingerprint as recorded before LIST dates were cut to month and day (an
+    index from before v6), as the same listing gives it now; any other one unchanged. The
+    old key was ((month*32+day)*24+hour)*60+minute for a recent file, -(year*1000 +
+    month*32+day) for an old one; MLSD fingerprints (epoch seconds) are neither."""
+    size, sep, ns = fp.partition(":")
+    if not sep or not size.isdigit() or not ns.lstrip("-").isdigit():
+        return fp
+    stamp = int(ns) // _SEC
+    if 32 * 1440 <= stamp < 416 * 1440:
+        return _fp(int(size), stamp // 1440)
+    if stamp < 0 and 1900 <= (-stamp) // 1000 <= 2200 and (-stamp) % 1000 < 416:
+        return _fp(int(size), (-stamp) % 1000)
+    return fp
+
+
+__all__ = ["TLS_MODES", "FTPOptions", "FTPRemote", "upgrade_list_fp"]

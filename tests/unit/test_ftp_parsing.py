@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from syncd.remotes.ftp import _LIST_RE, _date_key, _facts, _parse_modify
+from syncd.remotes.ftp import _LIST_RE, _date_key, _facts, _fp, _parse_modify, upgrade_list_fp
 
 
 def test_mlsd_facts_and_modify() -> None:
@@ -41,3 +41,22 @@ def test_list_date_key_is_month_and_day_so_it_survives_the_six_month_switch() ->
     assert _date_key("Nov 25 13:24") == _date_key("Nov 25  2025") == _date_key("nov 25 01:00")
     assert _date_key("Nov 25 13:24") != _date_key("Nov 26 13:24")
     assert _date_key("Nov 25 13:24") != _date_key("Dec 25 13:24")
+
+
+def test_fingerprints_of_the_old_list_date_key_are_upgraded_to_the_new() -> None:
+    # Before, the key held hours and minutes (recent files) or the year (old ones): an
+    # upgraded index would see every LIST-listed file as changed and upload it again.
+    def old_key(mon: int, day: int, rest: str) -> int:
+        hh, _, mm = rest.partition(":")
+        if mm:
+            return ((mon * 32 + day) * 24 + int(hh)) * 60 + int(mm)
+        return -(int(rest) * 1000 + mon * 32 + day)
+
+    for rest in ("13:24", "00:00", "23:59", "2025", "1999"):
+        for mon, day, text in ((11, 25, "Nov 25"), (1, 1, "Jan 1"), (12, 31, "Dec 31")):
+            assert upgrade_list_fp(_fp(4096, old_key(mon, day, rest))) == \
+                _fp(4096, _date_key(f"{text} {rest}"))
+    new = _fp(4096, _date_key("Nov 25 13:24"))
+    mlsd = _fp(4096, 1_700_000_000)
+    for fp in (new, mlsd, "dir", "12:abc"):
+        assert upgrade_list_fp(fp) == fp   # already new, MLSD epoch seconds, not a file fp

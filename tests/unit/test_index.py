@@ -168,3 +168,17 @@ def test_v5_migration_keeps_every_clean_file_clean(tmp_path: Path) -> None:
     clean, _ = idx.load_prior("p")
     assert clean == {"a": stat_sig(10, 20, 30, 0o644)}
     assert idx.load_bases("p")["a"].mode == 0o644   # what it was last sent with
+
+
+def test_recording_a_target_can_rewrite_the_bases_fingerprints(tmp_path: Path) -> None:
+    # An FTP pair from before targets were recorded: its LIST fingerprints changed form,
+    # and are rewritten when the target is first recorded (not on later changes).
+    idx = Index(tmp_path / "i.sqlite3")
+    for path, fp in (("f", "3:old"), ("g", "3:new")):
+        idx.enqueue("p", [Action(Op.UPLOAD, path, "new", 3, b"h" * 16, 5)], phase, now=0)
+        (job,) = idx.lease("me", now=0, until=100, limit=10)
+        idx.finish("p", [Done(job.id, path, Base(F, 3, 5, b"h" * 16, fp))], [], [], now=1)
+    idx.set_pair_target("p", "ftp u@h:21 /r ", forget_bases=False,
+                        map_fp=lambda fp: fp.replace("old", "new"))
+    assert {p: b.remote_fp for p, b in idx.load_bases("p").items()} == {"f": "3:new", "g": "3:new"}
+    assert idx.pair_meta("p").target == "ftp u@h:21 /r "
