@@ -20,7 +20,7 @@ from syncd import log as slog
 from syncd.config import Config, PairConfig
 from syncd.errors import LockedError, RemoteError, SafetyError, UnavailableError
 from syncd.index import Index
-from syncd.listing import Listing, RemoteDiff, diff_listing, drop_top_dirs, drop_unnamed
+from syncd.listing import Listing, RemoteDiff, diff_listing, drop_ignored_dirs, drop_unnamed
 from syncd.log import structlog
 from syncd.model import (
     BEFORE_WRITES,
@@ -31,6 +31,7 @@ from syncd.model import (
     Op,
     RemoteEntry,
     phase,
+    printable,
 )
 from syncd.plan import DRIFT_REASONS, Facts, Policy, check_safety, plan_push, under
 from syncd.queue import Queue
@@ -358,7 +359,7 @@ class Engine:
                 if diff.unnamed:
                     log.warning("remote_entries_skipped", remote=pair.remote,
                                 count=len(diff.unnamed),
-                                paths=[ascii(p) for p in diff.unnamed[:10]],
+                                paths=[printable(p) for p in diff.unnamed[:10]],
                                 error="name is not valid UTF-8: never synced, never deleted; "
                                       "rename it on the remote to have it handled")
             except UnavailableError as e:
@@ -541,7 +542,7 @@ class Engine:
                 d = fast(pair.path, expected, keep_fn)
             else:
                 d = diff_listing(remote.list(pair.path), expected, keep_fn)
-            return drop_unnamed(drop_top_dirs(d, expected, matcher.ignored_dirs))
+            return drop_unnamed(drop_ignored_dirs(d, expected, matcher.ignored_dirs))
 
         return run
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from syncd import errors
-from syncd.model import Kind, RemoteEntry
+from syncd.model import Kind, RemoteEntry, utf8_ok
 
 FILE = int(Kind.FILE)
 # Protocol rule: a directory's fingerprint is exactly DIR_FP and no file's ever is, so a
@@ -65,7 +65,7 @@ def diff_listing(entries: Iterable[RemoteEntry], expected: dict[str, str],
     return d
 
 
-def drop_top_dirs(d: RemoteDiff, expected: dict[str, str], names: frozenset[str]) -> RemoteDiff:
+def drop_ignored_dirs(d: RemoteDiff, expected: dict[str, str], names: frozenset[str]) -> RemoteDiff:
     """`d` as if the listing had skipped these directories (paths, at any depth) and
     everything under them (what diff_listing's `keep` does), without a call per listed
     entry: on an idle reconcile only the few changed entries and the bases are looked at."""
@@ -101,20 +101,12 @@ def drop_unnamed(d: RemoteDiff) -> RemoteDiff:
     store it, so they are the remote's own and never touched. Their paths go to
     `d.unnamed`, for the caller to report. They are never bases, so only `changed` holds
     them."""
-    for p in [p for p in d.changed if not _utf8(p)]:
+    for p in [p for p in d.changed if not utf8_ok(p)]:
         e = d.changed.pop(p)
         d.entries -= 1
         d.files -= e.kind == FILE
         d.unnamed.append(p)
     return d
-
-
-def _utf8(p: str) -> bool:
-    try:
-        p.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 class Listing:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from enum import IntEnum, StrEnum
 from typing import NamedTuple
 
@@ -129,3 +130,20 @@ def phase(a: Action) -> int:
     if a.op == Op.RMDIR:
         return 2 + max(0, 1000 - a.path.count("/"))
     return 0
+
+
+def utf8_ok(name: str) -> bool:
+    """Whether a name (surrogate-escaped where its bytes are not UTF-8) is valid UTF-8:
+    what syncd can sync and its index can store."""
+    if name.isascii():
+        return True
+    try:
+        name.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+def printable(name: str) -> str:
+    """A surrogate-escaped name shown with its raw bytes as \\xNN."""
+    return os.fsencode(name).decode("utf-8", "backslashreplace")

@@ -19,7 +19,7 @@ from typing import Any
 import pathspec
 import xxhash
 
-from syncd.model import TMP_PREFIX, TRASH_DIR, Kind, LocalState
+from syncd.model import TMP_PREFIX, TRASH_DIR, Kind, LocalState, printable, utf8_ok
 
 # A file modified this close to the moment it was hashed may change again without its
 # mtime changing (coarse timestamps: ext4 ticks, FAT's 2 s); re-hash it on the next scan.
@@ -70,7 +70,7 @@ class Matcher:
         # Every rule names one directory by its literal path ("/lost+found/", "!/build/",
         # the state dir's "/.local/state/syncd/"): no file needs a check, a directory only
         # a set lookup, and the listing can skip whole subtrees after the fact (engine:
-        # listing.drop_top_dirs) instead of filtering each entry.
+        # listing.drop_ignored_dirs) instead of filtering each entry.
         lits = [_literal_dir(x) for x in lines if x.strip() and not x.startswith("#")]
         self.literal_only = not self.empty and all(lits)
         self.ignored_dirs = frozenset(
@@ -252,12 +252,12 @@ def walk(root: str, clean: dict[str, int], prior: dict[str, PriorRow], ignore: M
             with it:
                 for entry in it:
                     name = entry.name
-                    if not name.isascii() and not _utf8_ok(name):
+                    if not utf8_ok(name):
                         is_dir = False
                         with contextlib.suppress(OSError):
                             is_dir = entry.is_dir(follow_symlinks=False)
-                        w.odd_names.append((prefix + _printable(name), is_dir))
-                        w.unsyncable.append((prefix + _printable(name),
+                        w.odd_names.append((prefix + printable(name), is_dir))
+                        w.unsyncable.append((prefix + printable(name),
                                              "name is not valid UTF-8; rename it to sync it"))
                         continue
                     rel = prefix + name
@@ -439,19 +439,6 @@ def hash_paths(root: str, w: Walk, paths: Iterable[str], now_ns: Callable[[], in
         with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="hash") as pool:
             consume(pool.map(one, paths, chunksize=32))
     return out
-
-
-def _utf8_ok(name: str) -> bool:
-    try:
-        name.encode("utf-8")
-        return True
-    except UnicodeEncodeError:
-        return False
-
-
-def _printable(name: str) -> str:
-    """A surrogate-escaped name shown with its raw bytes as \\xNN."""
-    return os.fsencode(name).decode("utf-8", "backslashreplace")
 
 
 def _special_kind(mode: int) -> str:

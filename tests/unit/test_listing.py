@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from syncd.errors import NotFound
-from syncd.listing import DIR_FP, Listing, RemoteDiff, diff_listing, drop_top_dirs
+from syncd.listing import DIR_FP, Listing, RemoteDiff, diff_listing, drop_ignored_dirs
 from syncd.model import Kind, RemoteEntry
 from syncd.remotes.local import LocalRemote
 
@@ -70,8 +70,8 @@ def test_keep_filter_drops_entries_before_comparing() -> None:
 
 
 @pytest.mark.parametrize("seed", range(40))
-def test_dropping_top_dirs_after_the_diff_equals_filtering_each_entry(seed: int) -> None:
-    """drop_top_dirs (what the engine does for rules that only name top-level directories)
+def test_dropping_ignored_dirs_after_the_diff_equals_filtering_each_entry(seed: int) -> None:
+    """drop_ignored_dirs (what the engine does for rules that each name one directory)
     gives exactly what diff_listing with a per-entry keep gives: the same changes, gone
     paths and counts, bases that were synced before the rule included."""
     rnd = random.Random(seed)
@@ -111,7 +111,7 @@ def test_dropping_top_dirs_after_the_diff_equals_filtering_each_entry(seed: int)
                     or (e.path in names and e.kind == D))
 
     want = diff_listing(iter(entries), exp, keep)
-    got = drop_top_dirs(diff_listing(iter(entries), exp), exp, names)
+    got = drop_ignored_dirs(diff_listing(iter(entries), exp), exp, names)
     assert got.changed == want.changed and sorted(got.gone) == sorted(want.gone)
     assert (got.files, got.entries) == (want.files, want.entries)
 
