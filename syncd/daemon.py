@@ -64,7 +64,6 @@ class Daemon:
         self.index: Any = None
         self.watcher: Any = None
         self.debouncer: Any = None
-        self.unwatched: set[str] = set()
         self.rewatch: set[str] = set()       # unwatched until their root is back
         self.roots: dict[str, Any] = {}      # pair -> (real root, ignored)
         self.next_full: dict[str, float] = {}
@@ -222,13 +221,13 @@ class Daemon:
             roots[p.name] = (os.path.realpath(p.local), m.covers)
         self.roots = roots
         self.watcher = Watcher(self.debouncer, self.log)
-        self.unwatched = set(self.watcher.start(
-            {n: r for n, r in roots.items() if os.path.isdir(r[0])}))
+        present = {n for n, r in roots.items() if os.path.isdir(r[0])}
+        failed = self.watcher.start({n: roots[n] for n in present})
         # A root missing now (a disk not mounted yet) is watched once it is there.
-        self.rewatch = {n for n, r in roots.items() if not os.path.isdir(r[0])}
-        self.unwatched |= self.rewatch
+        self.rewatch = set(roots) - present
         now = time.monotonic()
-        self.next_poll = {n: now + FALLBACK_SCAN_S for n in self.unwatched}
+        # The pairs not watched, scanned every FALLBACK_SCAN_S instead.
+        self.next_poll = {n: now + FALLBACK_SCAN_S for n in (*failed, *self.rewatch)}
 
     def _check_watches(self, now: float) -> None:
         """Pairs whose watch was lost fall back to periodic scans (now, then every
@@ -241,8 +240,8 @@ class Daemon:
         w.reap()
         for name, why in w.take_lost().items():
             self.log.warning("watch_lost", pair=name, reason=why, fallback="periodic scans")
-            self.unwatched.add(name)
-            self.next_poll[name] = now
+            # Scanned at once all the same: lose() touched the debouncer.
+            self.next_poll[name] = now + FALLBACK_SCAN_S
             if why == "root_replaced":
                 self.rewatch.add(name)
         for name in list(self.rewatch):
@@ -252,7 +251,6 @@ class Daemon:
             if os.path.isdir(root) and w.watch(name, root, ignored) and name in w.watched:
                 self.log.info("watch_restored", pair=name, path=root)
                 self.rewatch.discard(name)
-                self.unwatched.discard(name)
                 self.next_poll.pop(name, None)
                 self.debouncer.touch(name)
 
