@@ -681,7 +681,9 @@ class Engine:
             for path, state, attempts, err in self.index.all_jobs(pair.name):
                 if state == "pending":
                     stats.failed.append((path, f"{err or 'not done yet'} (attempt {attempts}; "
-                                               f"retried in {retry_in:.0f} s at the latest)"))
+                                               f"not retried in this run: its backoff has "
+                                               f"{retry_in:.0f} s to go; the daemon's retry of "
+                                               f"the pair takes it up)"))
         res.retries += stats.retries
         d = stats.done
         res.skipped += d.get("skipped", 0)
