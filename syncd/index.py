@@ -651,17 +651,26 @@ class UploadLog:
               now: float) -> int:
         """Record the intent before CreateMultipartUpload: an upload created just before a
         crash is still known (by key and time) and can be found and aborted."""
-        db = self._db()
-        with _Tx(db):
-            db.execute("DELETE FROM uploads WHERE remote = ? AND key = ?", (remote, key))
-            cur = db.execute(
-                "INSERT INTO uploads (remote, key, source, src_size, src_mtime, src_ctime, "
-                "src_inode, hash, part_size, created) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (remote, key, source, size, mtime_ns, ctime_ns, inode, hash_, part_size, now))
+        try:
+            db = self._db()
+            with _Tx(db):
+                db.execute("DELETE FROM uploads WHERE remote = ? AND key = ?", (remote, key))
+                cur = db.execute(
+                    "INSERT INTO uploads (remote, key, source, src_size, src_mtime, src_ctime, "
+                    "src_inode, hash, part_size, created) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (remote, key, source, size, mtime_ns, ctime_ns, inode, hash_, part_size, now))
+        except sqlite3.Error as e:
+            raise IndexError_(f"cannot record the upload in the state index {self.path}: {e}"
+                              ) from None
         return int(cur.lastrowid or 0)
 
     def started(self, rec_id: int, upload_id: str) -> None:
-        self._db().execute("UPDATE uploads SET upload_id = ? WHERE id = ?", (upload_id, rec_id))
+        try:
+            self._db().execute("UPDATE uploads SET upload_id = ? WHERE id = ?",
+                               (upload_id, rec_id))
+        except sqlite3.Error as e:
+            raise IndexError_(f"cannot record the upload in the state index {self.path}: {e}"
+                              ) from None
 
     def part_done(self, rec_id: int, part: int, etag: str, checksum: str | None) -> None:
         self._db().execute("INSERT OR REPLACE INTO upload_parts (upload, part, etag, checksum) "

@@ -32,6 +32,7 @@ from syncd.errors import (
     TransientError,
     UnavailableError,
 )
+from syncd.index import IndexError_
 from syncd.listing import DIR_FP
 from syncd.model import TRASH_DIR, Kind, RemoteEntry
 from syncd.remotes.base import Capabilities, Source, check_rel_path, temp_name
@@ -757,8 +758,8 @@ class FTPRemote:
                                      source.mtime_ns, st.st_ctime_ns, st.st_ino, source.expected,
                                      0, time.time())
             self.uploads.started(rid, tmp)
-        except Exception as e:   # the state dir's SQLite (busy, disk full): try again later
-            raise TransientError(f"cannot record the upload in the state dir: {e}",
+        except IndexError_ as e:   # the state index busy, the disk full: try again later
+            raise TransientError(str(e),
                                  remote=self.name, path=ap) from None
         return rid
 

@@ -25,6 +25,7 @@ from syncd.errors import (
     TransientError,
     UnavailableError,
 )
+from syncd.index import IndexError_
 from syncd.listing import DIR_FP
 from syncd.model import TRASH_DIR, Kind, RemoteEntry
 from syncd.remotes.base import Capabilities, Source, check_rel_path
@@ -442,8 +443,8 @@ class S3Remote:
                 rec_id = self.uploads.begin(self.name, key, source.abspath, source.size,
                                             source.mtime_ns, st.st_ctime_ns, st.st_ino,
                                             source.expected, part_size, time.time())
-            except Exception as e:   # the state index is busy or broken: try again later
-                raise TransientError(f"cannot record the upload in the state index: {e}",
+            except IndexError_ as e:   # the state index busy, the disk full: try again later
+                raise TransientError(str(e),
                                      remote=self.name, path=key) from None
         # Metadata is fixed when the upload is created, before the bytes are read: it
         # carries the hash the scan computed, and completing checks the bytes sent match.
@@ -460,9 +461,9 @@ class S3Remote:
         if self.uploads is not None:
             try:
                 self.uploads.started(rec_id, up["UploadId"])
-            except Exception as e:
+            except IndexError_ as e:
                 self._abort(key, up["UploadId"], rec_id)
-                raise TransientError(f"cannot record the upload in the state index: {e}",
+                raise TransientError(str(e),
                                      remote=self.name, path=key) from None
         return rec_id, up["UploadId"]
 

@@ -182,3 +182,19 @@ def test_recording_a_target_can_rewrite_the_bases_fingerprints(tmp_path: Path) -
                         map_fp=lambda fp: fp.replace("old", "new"))
     assert {p: b.remote_fp for p, b in idx.load_bases("p").items()} == {"f": "3:new", "g": "3:new"}
     assert idx.pair_meta("p").target == "ftp u@h:21 /r "
+
+
+def test_upload_log_failures_name_the_state_index(tmp_path: Path) -> None:
+    # A busy or broken state index: the remote turns this into a transient error for the
+    # file, and it must say which file syncd could not write (not a bare SQLite message).
+    from syncd.index import UploadLog
+
+    path = tmp_path / "i.sqlite3"
+    log = UploadLog(path)
+    rec = log.begin("r", "k", "/src", 1, 1, 1, 1, None, 8, now=0)
+    log._db().execute("DROP TABLE upload_parts")
+    log._db().execute("DROP TABLE uploads")
+    with pytest.raises(IndexError_, match=f"state index {path}"):
+        log.started(rec, "upload-1")
+    with pytest.raises(IndexError_, match=f"state index {path}"):
+        log.begin("r", "k", "/src", 1, 1, 1, 1, None, 8, now=0)
