@@ -352,13 +352,15 @@ class LocalRemote:
                 continue   # every directory of these files is gone: none can be published
             try:
                 if _syncfs(dfd) != 0:
-                    err = ctypes.get_errno()
-                    raise TransientError(
-                        f"syncfs failed: {os.strerror(err)} (making {len(paths)} written "
-                        f"file(s) durable); check the disk under {self.root} (dmesg)",
-                        remote=self.name, path=paths[0] if len(paths) == 1 else "")
+                    raise self._disk_error(
+                        "syncfs", ctypes.get_errno(), paths[0] if len(paths) == 1 else "",
+                        f" (making {len(paths)} written file(s) durable)")
             finally:
                 os.close(dfd)
+
+    def _disk_error(self, call: str, err: int, path: str, what: str = "") -> TransientError:
+        return TransientError(f"{call} failed: {os.strerror(err)}{what}; check the disk "
+                              f"under {self.root} (dmesg)", remote=self.name, path=path)
 
     def settle(self, prefix: str, folders: set[str] | None = None) -> None:
         """The end of a run that changed this remote: with `fsync`, its renames, new
@@ -383,9 +385,7 @@ class LocalRemote:
                         rel = rel.rpartition("/")[0]
                 try:
                     if not _fsync_ok(fd):
-                        raise TransientError(f"fsync failed: {os.strerror(ctypes.get_errno())}"
-                                             f"; check the disk under {self.root} (dmesg)",
-                                             remote=self.name, path=rel)
+                        raise self._disk_error("fsync", ctypes.get_errno(), rel)
                 finally:
                     os.close(fd)
             return
@@ -396,9 +396,7 @@ class LocalRemote:
         try:
             ok = _syncfs(fd) == 0 if _syncfs is not None else _fsync_ok(fd)
             if not ok:
-                raise TransientError(f"syncfs failed: {os.strerror(ctypes.get_errno())}; "
-                                     f"check the disk under {self.root} (dmesg)",
-                                     remote=self.name, path=prefix)
+                raise self._disk_error("syncfs", ctypes.get_errno(), prefix)
         finally:
             os.close(fd)
 
@@ -423,9 +421,7 @@ class LocalRemote:
             try:
                 os.fsync(fd)
             except OSError as e:
-                raise TransientError(f"fsync failed: {e.strerror}; check the disk under "
-                                     f"{self.root} (dmesg)", remote=self.name,
-                                     path=s.path) from None
+                raise self._disk_error("fsync", e.errno or 0, s.path) from None
             finally:
                 os.close(fd)
         return True

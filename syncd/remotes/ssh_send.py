@@ -182,7 +182,11 @@ class DataSender:
         if n == nbytes:
             self.direct += 1
             return
-        self.pk.write_all(memoryview(b"".join(parts))[n:])
+        i = 0
+        while n >= len(parts[i]):   # the parts the kernel took whole are done (n < nbytes)
+            n -= len(parts[i])
+            i += 1
+        self.pk.write_all(memoryview(b"".join(parts[i:]))[n:])
 
     def _count(self, nbytes: int, npackets: int) -> None:
         """Byte and packet counters, and the rekey trigger, as Packetizer.send_message."""
