@@ -73,19 +73,12 @@ class Daemon:
 
     # --- signals ----------------------------------------------------------------------------
 
-    def _on_term(self, signum: int, _frame: Any) -> None:
-        # Plain attribute writes only: Event.set() takes a lock the interrupted main thread
-        # may hold (inside Event.wait), which would deadlock. The relay thread acts on it.
+    def _on_signal(self, signum: int, _frame: Any) -> None:
+        # Plain attribute writes only (_noted): Event.set() takes a lock the interrupted
+        # main thread may hold (inside Event.wait), which would deadlock. The relay thread
+        # acts on it. With the wakeup pipe, the relay has noted it already.
         if not self.via_pipe:
-            self.signal_name = signal.Signals(signum).name
-
-    def _on_hup(self, _signum: int, _frame: Any) -> None:
-        if not self.via_pipe:
-            self.hup_pending = True
-
-    def _on_usr1(self, _signum: int, _frame: Any) -> None:
-        if not self.via_pipe:   # `syncd retry`: failed jobs were requeued; run them now
-            self.retry_pending = True
+            self._noted(signum)
 
     def _relay(self, wakeup: int | None = None) -> None:
         """Turns what the signal handlers noted into events, from a thread of its own. With
@@ -109,7 +102,7 @@ class Daemon:
             self.signal_name = self.signal_name or signal.Signals(signum).name
         elif signum == signal.SIGHUP:
             self.hup_pending = True
-        elif signum == signal.SIGUSR1:
+        elif signum == signal.SIGUSR1:   # `syncd retry`: failed jobs were requeued; run now
             self.retry_pending = True
 
     def _act(self) -> None:
@@ -150,10 +143,8 @@ class Daemon:
     def run(self) -> int:
         from syncd.engine import StateLock
 
-        signal.signal(signal.SIGTERM, self._on_term)
-        signal.signal(signal.SIGINT, self._on_term)
-        signal.signal(signal.SIGHUP, self._on_hup)
-        signal.signal(signal.SIGUSR1, self._on_usr1)
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
+            signal.signal(sig, self._on_signal)
         threading.Thread(target=self._shutdown_guard, daemon=True, name="shutdown").start()
         wakeup: int | None = None
         with contextlib.suppress(ValueError, OSError):   # ValueError: not the main thread
@@ -187,16 +178,12 @@ class Daemon:
         return 0
 
     def _open(self) -> None:
-        from syncd.engine import Engine
         from syncd.index import Index
-        from syncd.watch import Debouncer
 
         self.index = Index.open(self.cfg.daemon.state_dir)
-        self.engine = Engine(self.cfg, self.index, transfer_log_level="info", stop=self.stop,
-                             patience=PATIENCE_S)
+        self._make_engine(self.cfg)
         self.engine.queue.reclaim(exclusive=True)   # we hold the lock: every lease is stale
         d = self.cfg.daemon
-        self.debouncer = Debouncer(d.debounce, d.max_delay)
         now = time.monotonic()
         self.next_full = {p.name: now + d.full_reconcile_interval for p in self.cfg.pairs}
 
@@ -208,6 +195,15 @@ class Daemon:
             self.engine.close()
         if self.index is not None:
             self.index.close()
+
+    def _make_engine(self, cfg: Any) -> None:
+        """The engine and the debouncer for a config (at start and on each reload)."""
+        from syncd.engine import Engine
+        from syncd.watch import Debouncer
+
+        self.engine = Engine(cfg, self.index, transfer_log_level="info", stop=self.stop,
+                             patience=PATIENCE_S)
+        self.debouncer = Debouncer(cfg.daemon.debounce, cfg.daemon.max_delay)
 
     def _start_watching(self) -> None:
         from syncd.scan import pair_matcher
@@ -239,7 +235,8 @@ class Daemon:
         w.check_roots()
         w.reap()
         for name, why in w.take_lost().items():
-            self.log.warning("watch_lost", pair=name, reason=why, fallback="periodic scans")
+            self.log.warning("watch_lost", pair=name, path=self.roots[name][0], reason=why,
+                             fallback="periodic scans")
             # Scanned at once all the same: lose() touched the debouncer.
             self.next_poll[name] = now + FALLBACK_SCAN_S
             if why == "root_replaced":
@@ -365,12 +362,7 @@ class Daemon:
         self.cfg = new
         slog.setup(new.daemon.log_format, new.daemon.log_level)
         self.log = slog.get()
-        from syncd.engine import Engine
-        from syncd.watch import Debouncer
-
-        self.engine = Engine(new, self.index, transfer_log_level="info", stop=self.stop,
-                             patience=PATIENCE_S)
-        self.debouncer = Debouncer(new.daemon.debounce, new.daemon.max_delay)
+        self._make_engine(new)
         self._start_watching()
         now = time.monotonic()
         self.next_full = {p.name: now for p in new.pairs}   # a full pass with the new config
