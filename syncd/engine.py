@@ -131,7 +131,7 @@ class StateLock:
             self.fd = -1
 
 
-_stamps: dict[str, int] = {}
+_last_stamp: tuple[str, int] = ("", 0)   # the last second a stamp was made for, and how often
 _stamps_lock = threading.Lock()
 
 
@@ -141,10 +141,10 @@ def trash_stamp(now: float) -> str:
     folder would trash the same path onto each other, and a rename replaces its target:
     the first trashed version would be lost."""
     base = time.strftime("%Y-%m-%dT%H%M%SZ", time.gmtime(now))
+    global _last_stamp
     with _stamps_lock:
-        n = _stamps.get(base, 0) + 1
-        _stamps.clear()   # only the current second matters
-        _stamps[base] = n
+        n = _last_stamp[1] + 1 if _last_stamp[0] == base else 1
+        _last_stamp = (base, n)
     return base if n == 1 else f"{base}-{n}"
 
 
@@ -429,8 +429,10 @@ class Engine:
         lost = tuple(m for m in recorded if m not in mounts) if mounts is not None else ()
         facts = Facts(True, len(w.seen), self.index.count_base(pair.name), diff.files, w.root_dev,
                       meta.st_dev if meta else None, pair.max_delete.limit(diff.files),
-                      str(pair.max_delete), diff.entries if opts.list_remote else -1, lost,
-                      sum(1 for p in diff.gone if p in w.seen)
+                      str(pair.max_delete),
+                      remote_entries=diff.entries if opts.list_remote else -1,
+                      lost_mounts=lost,
+                      bases_present=sum(1 for p in diff.gone if p in w.seen)
                       if diff.entries == 0 and not moved else 0)
         self._trip(pair, facts, opts, actions)
         if mounts is not None and tuple(mounts) != recorded and not opts.dry_run:

@@ -152,6 +152,10 @@ def action_from_json(path: str, s: str) -> Action:
                   fp, kind, rest[0] if rest else 0)
 
 
+# Every base column: an entry whose remote side is gone (or forgotten) has them all NULL.
+_NO_BASE = "b_kind=NULL, b_size=NULL, b_mtime=NULL, b_hash=NULL, b_fp=NULL, b_mode=NULL"
+
+
 class Index:
     def __init__(self, path: Path, migrations: Sequence[str] = MIGRATIONS):
         self.path = path
@@ -244,26 +248,28 @@ class Index:
                     "UPDATE entries SET b_fp=? WHERE pair=? AND path=?",
                     [(new, pair, path) for path, fp in rows if (new := map_fp(fp)) != fp])
             if forget_bases:
-                self.db.execute("UPDATE entries SET b_kind=NULL, b_size=NULL, b_mtime=NULL, "
-                                "b_hash=NULL, b_fp=NULL, b_mode=NULL WHERE pair=?", (pair,))
+                self.db.execute(f"UPDATE entries SET {_NO_BASE} WHERE pair=?", (pair,))
                 self.db.execute("DELETE FROM entries WHERE pair=? AND l_kind IS NULL", (pair,))
                 self.db.execute("DELETE FROM jobs WHERE pair=?", (pair,))
-            self.db.execute(
-                "INSERT INTO pairs (pair, root, target) VALUES (?, '', ?) ON CONFLICT(pair) "
-                "DO UPDATE SET target = excluded.target", (pair, target))
+            self._upsert_pair(pair, target=target)
+
+    def _upsert_pair(self, pair: str, **cols: Any) -> None:
+        """Set these columns of the pair's row, making the row (root '') if it is new.
+        Column names are ours, never input."""
+        names = list(cols)
+        insert = ", ".join(["pair", *names] + ([] if "root" in cols else ["root"]))
+        marks = ", ".join(["?"] * (1 + len(names)) + ([] if "root" in cols else ["''"]))
+        sets = ", ".join(f"{n} = excluded.{n}" for n in names)
+        self.db.execute(f"INSERT INTO pairs ({insert}) VALUES ({marks}) ON CONFLICT(pair) "
+                        f"DO UPDATE SET {sets}", (pair, *cols.values()))
 
     def set_pair_mounts(self, pair: str, mounts: Sequence[str]) -> None:
         with self.tx():
-            self.db.execute(
-                "INSERT INTO pairs (pair, root, mounts) VALUES (?, '', ?) ON CONFLICT(pair) "
-                "DO UPDATE SET mounts = excluded.mounts", (pair, json.dumps(list(mounts))))
+            self._upsert_pair(pair, mounts=json.dumps(list(mounts)))
 
     def set_pair_meta(self, pair: str, root: str, st_dev: int | None) -> None:
         with self.tx():
-            self.db.execute(
-                "INSERT INTO pairs (pair, root, st_dev) VALUES (?, ?, ?) ON CONFLICT(pair) "
-                "DO UPDATE SET root = excluded.root, st_dev = excluded.st_dev",
-                (pair, root, st_dev))
+            self._upsert_pair(pair, root=root, st_dev=st_dev)
 
     def start_run_counters(self, pairs: Sequence[str], since: float) -> None:
         """Zero the since-start counters of these pairs (a daemon starting)."""
@@ -288,10 +294,7 @@ class Index:
         with self.tx():
             # An upsert: a first reconcile stopped by a guard has no row yet, and `syncd
             # status` must still say it ran and why it stopped.
-            self.db.execute(
-                "INSERT INTO pairs (pair, root, last_reconcile, last_result) VALUES (?, '', ?, ?) "
-                "ON CONFLICT(pair) DO UPDATE SET last_reconcile = excluded.last_reconcile, "
-                "last_result = excluded.last_result", (pair, when, result))
+            self._upsert_pair(pair, last_reconcile=when, last_result=result)
 
     # --- entries --------------------------------------------------------------------------
 
@@ -396,9 +399,7 @@ class Index:
     def _set_bases(self, pair: str, done: Sequence[Done]) -> None:
         gone = [(pair, d.path) for d in done if not d.keep_base and d.base is None]
         if gone:
-            self.db.executemany("UPDATE entries SET b_kind=NULL, b_size=NULL, b_mtime=NULL, "
-                                "b_hash=NULL, b_fp=NULL, b_mode=NULL WHERE pair=? AND path=?",
-                                gone)
+            self.db.executemany(f"UPDATE entries SET {_NO_BASE} WHERE pair=? AND path=?", gone)
             self.db.executemany("DELETE FROM entries WHERE pair=? AND path=? AND l_kind IS NULL",
                                 gone)
         rows = []

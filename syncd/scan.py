@@ -233,12 +233,12 @@ def walk(root: str, clean: dict[str, int], prior: dict[str, PriorRow], ignore: M
     FILE, DIR = int(Kind.FILE), int(Kind.DIR)
     seen_dirs = {(root_st.st_dev, root_st.st_ino)}
     literal = ignore.ignored_dirs if ignore.literal_only else None
+    # No rule check for files when every rule names a directory by its literal path
+    # (directories then take a set lookup: `literal`).
+    no_ignore = ignore.empty or ignore.literal_only
     stack: list[str] = [""]
     while stack:
         prefix = stack.pop()
-        # No rule check for files when every rule names a directory by its literal path
-        # (directories then take a set lookup: `literal`).
-        no_ignore = ignore.empty or ignore.literal_only
         top = os.path.join(root, prefix) if prefix else root
         try:
             it = os.scandir(top)
