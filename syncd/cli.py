@@ -156,8 +156,6 @@ def retry(
     full reconcile of every pair; otherwise the pairs are reconciled here."""
 
     def go() -> int:
-        import os
-        import signal
         import time
 
         from syncd.index import Index
@@ -202,31 +200,10 @@ def _pair_names(cfg: Any, wanted: list[str]) -> list[str]:
 
 
 def _lock_holder(state_dir: Path) -> tuple[int, str] | None:
-    """(PID, role) of the syncd holding this state dir's lock, None if none does; role is
-    "daemon" or "reconcile" (PID -1: unknown)."""
-    import fcntl
-    import os
+    """(PID, role) of the syncd holding this state dir's lock, None if none does."""
+    from syncd.engine import StateLock
 
-    from syncd.errors import LockedError
-
-    lock = state_dir / "syncd.lock"
-    try:
-        if not lock.exists():
-            return None
-        fd = os.open(lock, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError as e:
-        raise LockedError(f"state dir {state_dir}: {e.strerror}; run this as the user that "
-                          "owns it (e.g. sudo -u syncd syncd ...)") from None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        return None
-    except BlockingIOError:
-        pid, _, role = os.read(fd, 64).decode(errors="replace").strip().partition(" ")
-        # A lock of an older syncd holds the PID alone: only daemons are long-lived.
-        return (int(pid) if pid.isdigit() else -1), role or "daemon"
-    finally:
-        os.close(fd)
+    return StateLock.holder(state_dir)
 
 
 def collect_status(cfg: Any) -> dict[str, Any]:

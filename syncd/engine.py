@@ -116,10 +116,12 @@ class StateLock:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
+            pid, role = self._parse(os.read(fd, 64))
             os.close(fd)
-            raise LockedError(f"state dir {self.path.parent} is in use by another syncd "
-                              f"(PID {holder}); stop it or use another [daemon] state_dir") from None
+            who = "the syncd daemon" if role == "daemon" else "a running `syncd reconcile`"
+            raise LockedError(f"state dir {self.path.parent} is in use by {who} "
+                              f"(PID {pid if pid >= 0 else 'unknown'}); stop it or use another "
+                              "[daemon] state_dir") from None
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()} {self.role}\n".encode())
         self.fd = fd
@@ -129,6 +131,34 @@ class StateLock:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+    @staticmethod
+    def _parse(content: bytes) -> tuple[int, str]:
+        """(PID, role) from the lock file; PID -1 if unreadable. A lock written by an older
+        syncd holds the PID alone: only daemons are long-lived."""
+        pid, _, role = content.decode(errors="replace").strip().partition(" ")
+        return (int(pid) if pid.isdigit() else -1), role or "daemon"
+
+    @classmethod
+    def holder(cls, state_dir: Path) -> tuple[int, str] | None:
+        """(PID, role: "daemon" or "reconcile") of the syncd holding this state dir's lock,
+        None if none does. Takes no lock itself."""
+        lock = state_dir / "syncd.lock"
+        try:
+            if not lock.exists():
+                return None
+            fd = os.open(lock, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as e:
+            raise LockedError(f"state dir {state_dir}: {e.strerror}; run this as the user that "
+                              "owns it (e.g. sudo -u syncd syncd ...)") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            return None
+        except BlockingIOError:
+            return cls._parse(os.read(fd, 64))
+        finally:
+            os.close(fd)
 
 
 _last_stamp: tuple[str, int] = ("", 0)   # the last second a stamp was made for, and how often
