@@ -218,14 +218,21 @@ class _V:
         return v
 
     def parsed(self, table: dict[str, Any], k: str, key: str, default: str,
-               parse: Callable[[str], Any]) -> Any:
+               parse: Callable[[str], Any], least: str | None = None) -> Any:
+        """`least`: the smallest value allowed, written as in the file ("1m"); "0" means
+        more than zero."""
         v = table.get(k, default)
         if not isinstance(v, str):
             raise self.fail(_join(key, k), f"must be a string like \"{default}\", got {_tname(v)}")
         try:
-            return parse(v)
+            out = parse(v)
         except ValueError as e:
             raise self.fail(_join(key, k), str(e)) from None
+        if least == "0" and out <= 0:
+            raise self.fail(_join(key, k), f"\"{v}\": must be more than 0")
+        if least not in (None, "0") and out < parse(least):
+            raise self.fail(_join(key, k), f"\"{v}\" is too short: must be at least {least}")
+        return out
 
     def path(self, table: dict[str, Any], k: str, key: str, default: str | None = None) -> Path:
         raw = self.string(table, k, key, default)
@@ -324,19 +331,16 @@ def _parse_daemon(v: _V, t: dict[str, Any]) -> DaemonConfig:
         retry_initial=retry_initial,
         retry_max=retry_max,
         max_attempts=v.integer(t, "max_attempts", "daemon", d.max_attempts, lo=1, hi=1000),
-        lease_timeout=v.parsed(t, "lease_timeout", "daemon", "10m", parse_duration),
+        lease_timeout=v.parsed(t, "lease_timeout", "daemon", "10m", parse_duration, "1s"),
         debounce=v.parsed(t, "debounce", "daemon", "250ms", parse_duration),
-        max_delay=v.parsed(t, "max_delay", "daemon", "5s", parse_duration),
+        max_delay=v.parsed(t, "max_delay", "daemon", "5s", parse_duration, "10ms"),
+        # Zero in these would make the daemon spin (a full reconcile, remote listing
+        # included, back to back; on S3 every listing is billed) or never wait for a write
+        # to settle.
         full_reconcile_interval=v.parsed(t, "full_reconcile_interval", "daemon", "1h",
-                                         parse_duration),
+                                         parse_duration, "1m"),
         shutdown_timeout=v.parsed(t, "shutdown_timeout", "daemon", "30s", parse_duration),
     )
-    # Zero here would make the daemon spin (a full reconcile, remote listing included,
-    # back to back; on S3 every listing is billed) or never wait for a write to settle.
-    for k, least, what in (("full_reconcile_interval", 60.0, "1m"), ("lease_timeout", 1.0, "1s"),
-                           ("max_delay", 0.01, "10ms")):
-        if getattr(out, k) < least:
-            raise v.fail(f"daemon.{k}", f"must be at least {what}")
     return out
 
 
@@ -386,14 +390,12 @@ def _parse_sftp(v: _V, r: dict[str, Any], key: str) -> dict[str, Any]:
         "use_agent": v.boolean(r, "use_agent", key, True),
         "known_hosts": str(v.path(r, "known_hosts", key, "~/.ssh/known_hosts")),
         "host_key_policy": v.choice(r, "host_key_policy", key, HOST_KEY_POLICIES, "strict"),
-        "timeout": v.parsed(r, "timeout", key, "30s", parse_duration),
+        "timeout": v.parsed(r, "timeout", key, "30s", parse_duration, "0"),
         "fsync": v.boolean(r, "fsync", key, False),
         "connections": v.integer(r, "connections", key, 2, lo=1, hi=16),
     }
     for k in ("passphrase_env", "password_env"):
         o[k] = _env_name(v, r, k, key)
-    if o["timeout"] <= 0:
-        raise v.fail(f"{key}.timeout", "must be more than 0")
     return o
 
 
@@ -425,15 +427,13 @@ def _parse_ftp(v: _V, r: dict[str, Any], key: str) -> dict[str, Any]:
         "tls": tls,
         "ca_file": str(v.path(r, "ca_file", key)) if r.get("ca_file") else "",
         "passive": v.boolean(r, "passive", key, True),
-        "timeout": v.parsed(r, "timeout", key, "30s", parse_duration),
+        "timeout": v.parsed(r, "timeout", key, "30s", parse_duration, "0"),
     }
     if o["ca_file"] and not os.path.isfile(o["ca_file"]):
         raise v.fail(f"{key}.ca_file", f"{o['ca_file']} is not a readable file (a PEM bundle "
                      "of CA certificates)")
     if o["ca_file"] and tls == "none":
         raise v.fail(f"{key}.ca_file", "has no effect with tls = \"none\"")
-    if o["timeout"] <= 0:
-        raise v.fail(f"{key}.timeout", "must be more than 0")
     return o
 
 
@@ -458,15 +458,13 @@ def _parse_s3(v: _V, r: dict[str, Any], key: str) -> dict[str, Any]:
         "sse_kms_key_id": v.string(r, "sse_kms_key_id", key, ""),
         "multipart_threshold": v.parsed(r, "multipart_threshold", key, "64MiB", parse_size),
         "multipart_chunksize": v.parsed(r, "multipart_chunksize", key, "8MiB", parse_size),
-        "timeout": v.parsed(r, "timeout", key, "60s", parse_duration),
+        "timeout": v.parsed(r, "timeout", key, "60s", parse_duration, "0"),
     }
     if o["endpoint_url"] and not re.match(r"https?://", o["endpoint_url"]):
         raise v.fail(f"{key}.endpoint_url", "must start with http:// or https://")
     if "@" in o["endpoint_url"].partition("://")[2].partition("/")[0]:
         raise v.fail(f"{key}.endpoint_url", "credentials are never read from the config file "
                      "(they would show in logs and `config check`); use the AWS chain")
-    if o["timeout"] <= 0:
-        raise v.fail(f"{key}.timeout", "must be more than 0s")
     if o["multipart_chunksize"] < 5 << 20:
         raise v.fail(f"{key}.multipart_chunksize", "S3 parts are at least 5MiB")
     if o["multipart_chunksize"] > 512 << 20:
