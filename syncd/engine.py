@@ -502,7 +502,6 @@ class Engine:
         # not the pair's other deletes.
         odd_dirs = {rel.rpartition("/")[0] for rel, is_dir in w.odd_names if not is_dir}
         odd_trees = {rel.rpartition("/")[0] for rel, is_dir in w.odd_names if is_dir}
-        n_odd = len(w.unsyncable)
         # The folders this run writes in: what the remote's settle() makes durable. A move
         # (trash, replacement) also writes its destination's folders, which it may create
         # (.syncd-trash/<stamp>/...): every one of them down from the pair's root.
@@ -515,26 +514,31 @@ class Engine:
         if not first and not later:
             return
         ctx = self._ctx(pair, remote, root)
+        reported = len(res.failures)   # the scan's own (unsyncable names), not transfers
         self._run(pair, ctx, first, res)
         if later:
-            if len(res.failures) > n_odd or scan_errors:
+            if len(res.failures) > reported or scan_errors:
                 why = "a scan error" if scan_errors else "failed transfers"
                 log.warning("deletes_skipped", count=len(later), reason=f"{why} in this run; "
                             "deletes wait for a clean run")
                 res.skipped += len(later)
                 return
-            def odd_near(a: Action) -> bool:
-                folder = a.path.rpartition("/")[0]
-                return (folder in odd_dirs or folder in odd_trees or "" in odd_trees
-                        or under(folder, odd_trees))
-
-            held = [a for a in later if odd_near(a)]
-            if held:
-                log.warning("deletes_skipped", count=len(held), paths=[a.path for a in held[:20]],
-                            reason="a name in the same folder cannot be synced (a file renamed "
-                                   "there?); they wait until it is renamed or ignored")
-                res.skipped += len(held)
-                later = [a for a in later if not odd_near(a)]
+            if odd_dirs or odd_trees:
+                held: list[Action] = []
+                go: list[Action] = []
+                for a in later:
+                    folder = a.path.rpartition("/")[0]
+                    near = (folder in odd_dirs or folder in odd_trees or "" in odd_trees
+                            or under(folder, odd_trees))
+                    (held if near else go).append(a)
+                if held:
+                    log.warning("deletes_skipped", count=len(held),
+                                paths=[a.path for a in held[:20]],
+                                reason="a name in the same folder cannot be synced (a file "
+                                       "renamed there?); they wait until it is renamed or "
+                                       "ignored")
+                    res.skipped += len(held)
+                    later = go
             self._run(pair, ctx, later, res)
 
     def _lister(self, remote: Remote, pair: PairConfig, matcher: Matcher,
