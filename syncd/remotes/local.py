@@ -149,7 +149,7 @@ class LocalRemote:
 
     def _parent_fd(self, path: str, create: bool) -> tuple[int, str]:
         """(fd of the parent directory, final name) of a checked relative path."""
-        check_rel_path(self.name, path, backslash=True)
+        check_rel_path(self.name, path, backslash=self.caps.backslash)
         parent, _, name = path.rpartition("/")
         try:
             return self._open_dir(parent, create), name
@@ -183,7 +183,7 @@ class LocalRemote:
         under root/prefix; symlinks and the pair's trash are skipped. A missing prefix is
         an empty tree."""
         if prefix:
-            check_rel_path(self.name, prefix, backslash=True)
+            check_rel_path(self.name, prefix, backslash=self.caps.backslash)
             try:
                 os.close(self._open_dir(prefix, create=False))
             except FileNotFoundError:
@@ -317,7 +317,7 @@ class LocalRemote:
         try:
             for path, src in items:
                 try:
-                    check_rel_path(self.name, path, backslash=True)
+                    check_rel_path(self.name, path, backslash=self.caps.backslash)
                     parent, _, name = path.rpartition("/")
                     d = dirs.get(parent)
                     if d is None:
@@ -553,7 +553,7 @@ class LocalRemote:
         return RemoteEntry(path, _FILE, st.st_size, st.st_mtime_ns, _fp(st))
 
     def mkdir(self, path: str) -> RemoteEntry:
-        check_rel_path(self.name, path, backslash=True)
+        check_rel_path(self.name, path, backslash=self.caps.backslash)
         try:
             os.close(self._open_dir(path, create=True))
         except OSError as e:

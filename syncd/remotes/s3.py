@@ -203,7 +203,7 @@ class S3Remote:
         return PermanentError(f"{type(e).__name__}: {e} ({where})", remote=self.name, path=key)
 
     def _key(self, rel: str) -> str:
-        check_rel_path(self.name, rel, backslash=True)
+        check_rel_path(self.name, rel, backslash=self.caps.backslash)
         return f"{self.base}/{rel}" if self.base else rel
 
     def _extra(self) -> dict[str, Any]:
@@ -249,7 +249,7 @@ class S3Remote:
 
     def list(self, prefix: str) -> Iterator[RemoteEntry]:
         if prefix:
-            check_rel_path(self.name, prefix, backslash=True)
+            check_rel_path(self.name, prefix, backslash=self.caps.backslash)
         top = "/".join(x for x in (self.base, prefix) if x)
         start = top + "/" if top else ""
         out: list[RemoteEntry] = []
