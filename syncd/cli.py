@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import os
 import signal
@@ -447,5 +448,14 @@ def version() -> None:
     print(f"syncd {__version__}")
 
 
+# CPython's default collector thresholds (700, 10, 10) start a young collection for every
+# 700 net new container objects and a full one each time the heap grows by a quarter: a
+# first reconcile of 100k files spent ~0.8 of its ~6 CPU-s collecting (8 full collections
+# took 0.55 s), for next to no garbage, since syncd makes few reference cycles. Fewer young
+# collections, and the quarter rule still bounds what cyclic garbage can add.
+GC_THRESHOLDS = (50_000, 20, 10)
+
+
 def main() -> None:
+    gc.set_threshold(*GC_THRESHOLDS)
     app()

@@ -9,6 +9,7 @@ reason other than a syncd error falls back to listing in-process.
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import pickle
 import signal
@@ -135,6 +136,9 @@ class Listing:
             return
         if pid == 0:  # child: list, send, leave without running any parent cleanup
             code = 0
+            # The parent's objects leave the collector's view: a collection here would
+            # write to each of their headers and so copy every page of the parent's heap.
+            gc.freeze()
             try:
                 os.close(r)
                 try:

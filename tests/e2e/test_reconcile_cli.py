@@ -524,3 +524,21 @@ def test_a_relative_config_path_keeps_the_pairs_history(setup: Setup) -> None:
     r = run_syncd("reconcile", "--config", setup.config.name, "--json", cwd=setup.root)
     assert r.code == 0 and r.summary["uploaded"] == 0 and r.summary["adopted"] == 0
     assert not [e for e in r.events() if e.get("event") == "pair_target_changed"]
+
+
+def test_the_command_line_collects_garbage_less_often(monkeypatch: pytest.MonkeyPatch,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    import gc
+
+    from syncd import cli
+
+    old = gc.get_threshold()
+    monkeypatch.setattr(sys, "argv", ["syncd", "version"])
+    try:
+        with pytest.raises(SystemExit) as ei:
+            cli.main()
+        assert ei.value.code in (0, None)
+        assert gc.get_threshold() == cli.GC_THRESHOLDS != old
+    finally:
+        gc.set_threshold(*old)
+    assert capsys.readouterr().out.startswith("syncd ")

@@ -139,3 +139,14 @@ def test_child_crash_falls_back_to_listing_in_process() -> None:
         return RemoteDiff(files=3)
 
     assert Listing(only_in_parent, fork=True).result().files == 3
+
+
+def test_forked_listing_child_keeps_the_parents_objects_out_of_its_collections() -> None:
+    # A collection in the child writes to the header of every object it scans, which
+    # would copy the parent's whole heap page by page.
+    import gc
+
+    assert gc.get_freeze_count() == 0
+    d = Listing(lambda: RemoteDiff(files=gc.get_freeze_count()), fork=True).result()
+    assert d.files > 1000
+    assert gc.get_freeze_count() == 0   # the parent's collector is untouched
