@@ -88,7 +88,9 @@ def one_run(a: argparse.Namespace, name: str, spec: str, wd: Path, k: int, dst: 
         pp = str((REPO if path in ("", ".") else Path(path)).resolve())
         # Compiled ahead, like the install: no variant pays its compile.
         compileall.compile_dir(str(Path(pp) / "syncd"), quiet=1)
-        p = bl.run_timed_env([sys.executable, "-m", "syncd", "reconcile", "--config",
+        # -P: `-m` would put the current directory first on sys.path, so from the repo's
+        # root every variant would run the checkout's code.
+        p = bl.run_timed_env([sys.executable, "-P", "-m", "syncd", "reconcile", "--config",
                               str(cfg)], out, err, {"PYTHONPATH": pp})
         if p.rc != 0:
             sys.exit(f"{name}: exit {p.rc}\n{err.read_text()[-2000:]}")
