@@ -37,7 +37,15 @@ from syncd.plan import DRIFT_REASONS, Facts, Policy, check_safety, plan_push, un
 from syncd.queue import Queue
 from syncd.remotes import open_remote
 from syncd.remotes.base import Remote
-from syncd.scan import Matcher, Walk, hash_paths, local_mounts, pair_matcher, walk
+from syncd.scan import (
+    Matcher,
+    Walk,
+    hash_paths,
+    local_mounts,
+    pair_matcher,
+    reuse_hashes,
+    walk,
+)
 
 if TYPE_CHECKING:   # imported when there is something to transfer: an idle run skips it
     from syncd.transfer import PairCtx, Reporter
@@ -68,6 +76,7 @@ class PairResult:
     trashed: int = 0
     adopted: int = 0
     mkdirs: int = 0
+    modes_set: int = 0           # chmods sent without the file's content
     skipped: int = 0
     retries: int = 0
     failures: list[tuple[str, str]] = field(default_factory=list)   # (path, why)
@@ -89,7 +98,8 @@ class PairResult:
             "pair": self.pair, "status": self.status, "message": self.message,
             "uploaded": self.uploaded, "uploaded_bytes": self.uploaded_bytes,
             "deleted": self.deleted, "trashed": self.trashed, "adopted": self.adopted,
-            "mkdirs": self.mkdirs, "skipped": self.skipped, "retries": self.retries,
+            "mkdirs": self.mkdirs, "modes_set": self.modes_set, "skipped": self.skipped,
+            "retries": self.retries,
             "failed": [{"path": p, "error": e} for p, e in self.failures],
             "scanned": self.scanned, "duration_s": round(self.duration_s, 3),
             **({"plan": [{"op": a.op.value, "path": a.path, "reason": a.reason}
@@ -274,7 +284,8 @@ class Engine:
             self.index.set_pair_result(pair.name, self.clock(), res.status)
         self.log.info("reconcile_done", pair=pair.name, status=res.status, uploaded=res.uploaded,
                       bytes=res.uploaded_bytes, deleted=res.deleted, trashed=res.trashed,
-                      adopted=res.adopted, skipped=res.skipped, failed=len(res.failures),
+                      adopted=res.adopted, modes_set=res.modes_set, skipped=res.skipped,
+                      failed=len(res.failures),
                       retries=res.retries, scanned=res.scanned,
                       duration_ms=int(res.duration_s * 1000))
         return res
@@ -431,6 +442,8 @@ class Engine:
             if b is not None and p not in remote_map and p not in gone:
                 remote_map[p] = RemoteEntry(p, b.kind, b.size, b.mtime_ns, b.remote_fp)
 
+        if w.resigned:
+            reuse_hashes(w, self.index.load_local(pair.name, w.resigned))
         # Hash only what must be compared: changed files that have a base or a remote
         # counterpart. Brand-new files are hashed while they are uploaded (one read, not two).
         need = [p for p in w.dirty if p in base or p in remote_map]
@@ -468,7 +481,7 @@ class Engine:
         if mounts is not None and tuple(mounts) != recorded and not opts.dry_run:
             self.index.set_pair_mounts(pair.name, mounts)
         if not opts.dry_run:   # only after the guard: a tripped run changes nothing
-            changed: list[tuple[str, LocalState, bool]] = list(hashed.updates)
+            changed: list[tuple[str, LocalState, bool]] = [*hashed.updates, *w.reused]
             changed += [(p, s, False) for p, s in states.items()
                         if s.kind == DIR and (p not in prior or prior[p][1] != DIR)]
             if changed or removed:
@@ -729,6 +742,7 @@ class Engine:
         res.trashed += d.get(Op.TRASH.value, 0)
         res.adopted += d.get(Op.ADOPT.value, 0)
         res.mkdirs += d.get(Op.MKDIR.value, 0)
+        res.modes_set += d.get(Op.CHMOD.value, 0)
         res.failures += stats.failed
 
 

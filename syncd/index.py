@@ -141,7 +141,8 @@ def action_to_json(a: Action) -> str:
     """The JSON array action_from_json reads; written by hand (3x faster than json.dumps,
     which showed in enqueueing a 100k-file plan)."""
     h = f'"{a.hash.hex()}"' if a.hash else "null"
-    tail = f",{int(a.replaces)}]" if a.replaces else "]"
+    tail = (f",{int(a.replaces)},{int(a.inode)}]" if a.inode
+            else f",{int(a.replaces)}]" if a.replaces else "]")
     return (f"[{_q(a.op.value)},{_q(a.reason)},{int(a.size)},{h},{int(a.mtime_ns)},"
             f"{_q(a.dest)},{_q(a.remote_fp)},{int(a.kind)}{tail}")
 
@@ -149,7 +150,7 @@ def action_to_json(a: Action) -> str:
 def action_from_json(path: str, s: str) -> Action:
     op, reason, size, h, mtime_ns, dest, fp, kind, *rest = json.loads(s)
     return Action(Op(op), path, reason, size, bytes.fromhex(h) if h else None, mtime_ns, dest,
-                  fp, kind, rest[0] if rest else 0)
+                  fp, kind, rest[0] if rest else 0, rest[1] if len(rest) > 1 else 0)
 
 
 # Every base column: an entry whose remote side is gone (or forgotten) has them all NULL.
@@ -324,14 +325,16 @@ class Index:
         the critical path);
         other: path -> (path, kind, size, mtime_ns, inode, mode, hash, racy, synced) for
         everything else (directories, racy files, files not yet confirmed on the remote)."""
+        # IS, not =: a missing base (NULLs) must make the condition false, never NULL, or
+        # NOT (...) would drop the row from `other` too.
         clean = dict(self.db.execute(
             "SELECT path, l_sig FROM entries WHERE pair = ? AND l_kind = 1 AND l_racy = 0 AND "
-            "l_hash IS NOT NULL AND b_kind = 1 AND b_hash = l_hash", (pair,)))
+            "l_hash IS NOT NULL AND b_kind IS 1 AND b_hash IS l_hash", (pair,)))
         other = {r[0]: r for r in self.db.execute(
             "SELECT path, l_kind, l_size, l_mtime, l_inode, l_mode, l_hash, l_racy, "
             "(b_kind IS l_kind AND b_hash IS l_hash AND l_racy = 0) FROM entries "
             "WHERE pair = ? AND l_kind IS NOT NULL AND NOT (l_kind = 1 AND l_racy = 0 AND "
-            "l_hash IS NOT NULL AND b_kind = 1 AND b_hash = l_hash)", (pair,))}
+            "l_hash IS NOT NULL AND b_kind IS 1 AND b_hash IS l_hash)", (pair,))}
         return clean, other
 
     def load_local(self, pair: str, paths: Iterable[str]) -> dict[str, LocalState]:

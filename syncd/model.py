@@ -68,6 +68,7 @@ class Op(StrEnum):
     FORGET = "forget"          # drop a base whose entry is gone on both sides
     CLEANUP = "cleanup_tmp"    # remove a stale temp file of ours
     CONFLICT = "conflict"      # cannot be resolved automatically; reported as a failure
+    CHMOD = "chmod"            # permission bits changed, content did not: set them alone
 
 
 # Ops that remove something from the remote and count against max_delete.
@@ -88,6 +89,9 @@ class Action(NamedTuple):
     # directory goes, or the reverse); 0: none. It is removed first (trashed to `dest`, or
     # deleted), as a delete would be.
     replaces: int = 0
+    # chmod: the local file's inode when planned; the job sends the whole file instead
+    # if the file (inode, size, mtime) is no longer the one the plan saw.
+    inode: int = 0
 
 
 class Job(NamedTuple):

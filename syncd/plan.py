@@ -148,7 +148,9 @@ def _file(path: str, l: LocalState, b: Base | None, r: R | None, p: Policy) -> l
         if l.hash is None or l.hash != b.hash:
             return [up._replace(reason="changed")]
         if p.modes and b.mode is not None and b.mode != l.mode:
-            return [up._replace(reason="mode changed")]   # sent again: put() sets modes
+            # Same content, as the remote holds it: only the permission bits go over.
+            return [Action(Op.CHMOD, path, "mode changed", l.size, l.hash, l.mtime_ns,
+                           remote_fp=r.fp, inode=l.inode)]
         return []
     # Never synced by us (or the index was lost): adopt an equal-looking remote file
     # instead of re-sending it, as rsync and rclone do by size and mtime.

@@ -253,6 +253,8 @@ def execute(job: Job, ctx: PairCtx, now_ns: Callable[[], int] = time.time_ns) ->
                 o.note = "not empty; kept"
         elif a.op == Op.FORGET:
             pass
+        elif a.op == Op.CHMOD:
+            _chmod(o, ctx, rp, now_ns)
         elif a.op == Op.CONFLICT:
             raise Conflict(a.reason, remote=ctx.remote.name, path=rp)
         else:  # pragma: no cover - a new Op without a handler is a bug
@@ -323,6 +325,43 @@ def _upload(o: Outcome, ctx: PairCtx, rp: str, now_ns: Callable[[], int]) -> Non
     _uploaded(o, src, entry, started)
 
 
+# What a chmod job that sent the whole file says (RunStats counts it as an upload).
+SENT_WHOLE = "changed since the plan: sent whole"
+
+
+def _chmod(o: Outcome, ctx: PairCtx, rp: str, now_ns: Callable[[], int]) -> None:
+    """Set the remote file's permission bits; the whole file goes instead if the local
+    file is not the one the plan saw (its content may differ) or the remote one changed."""
+    a = o.job.action
+    started = now_ns()
+    try:
+        st = os.stat(os.path.join(ctx.local_root, o.job.path),
+                     follow_symlinks=ctx.follow_symlinks)
+    except FileNotFoundError:
+        o.keep_base, o.note = True, "vanished before upload"
+        return
+    except OSError:
+        st = None
+    e: RemoteEntry | None = None
+    if (st is not None and (st.st_mode & 0o170000) == 0o100000 and st.st_ino == a.inode
+            and st.st_size == a.size and st.st_mtime_ns == a.mtime_ns):
+        try:
+            e = ctx.remote.set_mode(rp, st.st_mode & 0o7777)
+        except NotFound:
+            e = None
+    if st is None or e is None or e.fp != a.remote_fp:
+        _upload(o, ctx, rp, now_ns)   # hashes what it sends, as any upload
+        if o.error is None and not o.keep_base:
+            o.note = SENT_WHOLE
+        return
+    mode = st.st_mode & 0o7777
+    # The content is the one the base holds (the plan saw equal hashes); a racy mtime
+    # makes the next scan read the file again, as after an upload.
+    o.base = Base(FILE, st.st_size, st.st_mtime_ns, a.hash, e.fp, mode)
+    o.local = LocalState(FILE, st.st_size, st.st_mtime_ns, st.st_ino, mode, a.hash)
+    o.racy = is_racy(st.st_mtime_ns, started)
+
+
 class Reporter(Protocol):
     def advance(self, files: int, nbytes: int) -> None: ...
 
@@ -339,12 +378,13 @@ class RunStats:
 
     def add(self, o: Outcome) -> None:
         a = o.job.action
-        key = "skipped" if o.keep_base else a.op.value
+        sent = a.op == Op.UPLOAD or o.note == SENT_WHOLE
+        key = "skipped" if o.keep_base else Op.UPLOAD.value if sent else a.op.value
         self.done[key] = self.done.get(key, 0) + 1
         if a.replaces == FILE and not o.keep_base:   # the remote file it replaced is gone
             gone = Op.TRASH.value if a.dest else Op.DELETE.value
             self.done[gone] = self.done.get(gone, 0) + 1
-        if a.op == Op.UPLOAD:
+        if sent:
             self.uploaded_bytes += o.bytes
 
 
@@ -668,7 +708,7 @@ class Runner:
                                   "duration_ms": o.duration_ms, "attempt": o.job.attempts + 1}
         if a.reason:
             fields["reason"] = a.reason
-        if a.op == Op.UPLOAD:
+        if a.op == Op.UPLOAD or o.note == SENT_WHOLE:
             fields["bytes"] = o.bytes
         if o.note:
             fields["note"] = o.note

@@ -27,7 +27,8 @@ class Capabilities:
     cpu_bound: bool = False         # work is local syscalls, not network waits: list in a
                                     # forked child and transfer in worker processes
     backslash: bool = False         # '\\' is an ordinary character in names (check_rel_path)
-    modes: bool = False             # put() gives the file the source's permission bits
+    modes: bool = False             # put() gives the file the source's permission bits,
+                                    # and set_mode() changes them alone
     case_sensitive: bool = False    # names differing by case only are always two (S3); else
                                     # maybe one (an SMB share, macOS): see plan.BEFORE_WRITES
 
@@ -178,6 +179,10 @@ class Remote(Protocol):
         """Write the remote file's bytes to the local file `dest` (created/truncated)."""
 
     def mkdir(self, path: str) -> RemoteEntry: ...
+
+    def set_mode(self, path: str, mode: int) -> RemoteEntry:
+        """Only with caps.modes: give a file these permission bits (& 0o777), content and
+        mtime untouched; returns its entry. A symlink or directory there is a Conflict."""
 
     def delete(self, paths: Sequence[str]) -> None:
         """Remove files; a path that is already gone is not an error."""

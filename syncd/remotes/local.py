@@ -48,6 +48,8 @@ _syncfs = _load_syncfs()
 # Up to this many staged files are made durable by one fsync each, not by a syncfs.
 FSYNC_EACH_MAX = 8
 _TMP_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+# set_mode: never a symlink; O_NONBLOCK, as a FIFO there would block the open.
+_READ_NOFOLLOW = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 
 
 def _fsync_ok(fd: int) -> bool:
@@ -267,6 +269,36 @@ class LocalRemote:
             os.close(dfd)
         if stat.S_ISDIR(st.st_mode):
             return RemoteEntry(path, _DIR, 0, 0, DIR_FP)
+        if not stat.S_ISREG(st.st_mode):
+            raise Conflict("not a regular file", remote=self.name, path=path)
+        return RemoteEntry(path, _FILE, st.st_size, st.st_mtime_ns, _fp(st))
+
+    def set_mode(self, path: str, mode: int) -> RemoteEntry:
+        dfd, name = self._parent_fd(path, create=False)
+        try:
+            try:   # through a descriptor opened without following a symlink: no race
+                fd = os.open(name, _READ_NOFOLLOW, dir_fd=dfd)
+            except PermissionError:   # unreadable to us: chmod by name, still not followed
+                os.chmod(name, mode & 0o777, dir_fd=dfd, follow_symlinks=False)
+                st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+            else:
+                try:
+                    st = os.fstat(fd)
+                    if stat.S_ISREG(st.st_mode):
+                        os.fchmod(fd, mode & 0o777)
+                        if self.fsync:
+                            os.fsync(fd)
+                finally:
+                    os.close(fd)
+        except OSError as e:
+            if e.errno in (errno.ELOOP, errno.ENOTSUP, errno.EOPNOTSUPP):
+                raise Conflict("a symlink is in the way", remote=self.name, path=path) from None
+            raise self._err(e, path) from None
+        except NotImplementedError:   # no chmod without following links here
+            raise PermanentError("cannot change the mode of an unreadable file on this "
+                                 "system", remote=self.name, path=path) from None
+        finally:
+            os.close(dfd)
         if not stat.S_ISREG(st.st_mode):
             raise Conflict("not a regular file", remote=self.name, path=path)
         return RemoteEntry(path, _FILE, st.st_size, st.st_mtime_ns, _fp(st))

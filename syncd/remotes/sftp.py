@@ -832,6 +832,23 @@ class SFTPRemote:
         ss.discard(closes)
         return out
 
+    def set_mode(self, path: str, mode: int) -> RemoteEntry:
+        with self._session(path) as ss:
+            self._parent_ok(ss, path, create=False)
+            ap = self._abs(path)
+            try:
+                # SETSTAT follows a symlink: look first (SFTP has no lchmod).
+                a = ss.attrs(ss.lstat(ap))
+                if a.kind == w.S_IFLNK:
+                    raise Conflict("a symlink is in the way", remote=self.name, path=path)
+                if a.kind != w.S_IFREG:
+                    raise Conflict("not a regular file", remote=self.name, path=path)
+                ss.status(ss.setstat(ap, w.encode_attrs(perms=mode & 0o777)))
+            except w.StatusError as e:
+                raise self._status_error(e, path, writing=True) from None
+            size, mtime = a.size or 0, a.mtime or 0
+            return RemoteEntry(path, _FILE, size, mtime * _SEC, _fp(size, mtime))
+
     def get(self, path: str, dest: str) -> RemoteEntry:
         with self._session(path) as ss:
             self._parent_ok(ss, path, create=False)

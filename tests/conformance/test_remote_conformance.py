@@ -804,3 +804,35 @@ def test_fingerprint_tells_kind(remote: Remote, upload: Upload) -> None:
     upload("k/dir/file.txt", b"x")
     for e in listing(remote, "k").values():
         assert (e.fp == DIR_FP) == (e.kind == Kind.DIR), e
+
+
+def test_set_mode_changes_the_permission_bits_alone(remote: Remote, peek: Peek,
+                                                     upload: Upload) -> None:
+    """A chmod synced without the content: bits changed, same file (inode), same bytes,
+    same fingerprint; a missing file is NotFound; a symlink or directory there is a
+    Conflict, and a symlink's target keeps its mode."""
+    if not remote.caps.modes:
+        pytest.skip("this backend keeps no permission bits (caps.modes is off)")
+    root = getattr(peek, "root", None)
+    if root is None:   # pragma: no cover - every backend with modes has a local view
+        pytest.skip("no local view of this backend's files")
+    e = upload("d/m.txt", b"mode", mtime_ns=1_700_000_000_000_000_000)
+    p = Path(root) / "d" / "m.txt"
+    ino = p.stat().st_ino
+    got = remote.set_mode("d/m.txt", 0o640)
+    assert p.stat().st_mode & 0o777 == 0o640 and p.stat().st_ino == ino
+    assert got.fp == e.fp == remote.stat("d/m.txt").fp
+    assert peek.read("d/m.txt") == b"mode"
+    with pytest.raises(NotFound):
+        remote.set_mode("d/none.txt", 0o600)
+    remote.mkdir("d/sub")
+    with pytest.raises(Conflict):
+        remote.set_mode("d/sub", 0o700)
+    if peek.supports_symlinks:
+        peek.outside_write("victim.txt", b"victim")
+        victim = Path(peek.outside_abs("victim.txt"))
+        os.chmod(victim, 0o644)
+        peek.symlink("d/link.txt", str(victim))
+        with pytest.raises(Conflict):
+            remote.set_mode("d/link.txt", 0o600)
+        assert victim.stat().st_mode & 0o777 == 0o644

@@ -8,10 +8,12 @@ import shutil
 import time
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import pytest
 import xxhash
 
+from syncd import transfer
 from syncd.config import parse_config
 from syncd.engine import Engine, Options
 from syncd.errors import PermanentError, TransientError
@@ -507,7 +509,8 @@ def test_a_run_that_changed_a_directory_remote_ends_with_its_names_made_durable(
 
 def test_a_chmod_alone_is_synced_to_a_remote_that_keeps_modes(tmp_path: Path) -> None:
     """chmod changes neither content nor mtime: the stat signature holds the mode, and the
-    base records the mode it was sent with, so the file is sent again with its new mode."""
+    base records the mode it was sent with. The file is neither read nor sent again: its
+    hash is the one the index holds, and only the mode goes to the remote."""
     cfg, src, dst = setup(tmp_path, FILES)
     old = time.time() - 100   # not racy: hashed once, then trusted to the stat cache
     for rel in FILES:
@@ -516,11 +519,50 @@ def test_a_chmod_alone_is_synced_to_a_remote_that_keeps_modes(tmp_path: Path) ->
     assert e.reconcile(cfg.pairs[0], Options()).status == "ok"
     target = dst / "docs" / "d1" / "f1.txt"
     assert target.stat().st_mode & 0o777 == (src / "d1" / "f1.txt").stat().st_mode & 0o777
+    ino = target.stat().st_ino
     os.chmod(src / "d1" / "f1.txt", 0o750)
     res = e.reconcile(cfg.pairs[0], Options())
-    assert res.uploaded == 1 and target.stat().st_mode & 0o777 == 0o750
+    assert (res.modes_set, res.uploaded, res.hashed_files) == (1, 0, 0)
+    assert target.stat().st_mode & 0o777 == 0o750 and target.stat().st_ino == ino
+    assert target.read_bytes() == (src / "d1" / "f1.txt").read_bytes()
     res = e.reconcile(cfg.pairs[0], Options())
-    assert res.uploaded == 0 and res.hashed_files == 0   # the stat cache still holds
+    assert (res.modes_set, res.uploaded, res.hashed_files) == (0, 0, 0)   # cache holds
+    # The index's memory of a file not yet confirmed on the remote: a chmod alone there
+    # keeps its hash too (the row, not the clean signature).
+    e.index.db.execute("UPDATE entries SET b_hash = NULL WHERE path = 'd1/f1.txt'")
+    os.chmod(src / "d1" / "f1.txt", 0o700)
+    res = e.reconcile(cfg.pairs[0], Options())
+    assert res.hashed_files == 0 and res.uploaded == 1   # no base hash: sent whole
+    assert target.stat().st_mode & 0o777 == 0o700
+
+
+def test_a_chmod_job_sends_the_file_whole_if_it_is_not_the_one_planned(tmp_path: Path) -> None:
+    """Same size and mtime, another inode (an editor's save-and-rename that kept the
+    mtime): the content may differ, so the job sends the whole file, hashing it."""
+    cfg, src, dst = setup(tmp_path, FILES)
+    old = time.time() - 100
+    for rel in FILES:
+        os.utime(src / rel, (old, old))
+    e = engine(cfg, None, Clock())
+    assert e.reconcile(cfg.pairs[0], Options()).status == "ok"
+    f = src / "d1" / "f1.txt"
+    os.chmod(f, 0o750)
+    real = transfer._chmod
+
+    def swap_first(o: Any, ctx: Any, rp: str, now_ns: Any) -> None:
+        st = f.stat()
+        data = f.read_bytes()
+        f.unlink()
+        f.write_bytes(bytes(b ^ 1 for b in data))   # same size, other bytes
+        os.chmod(f, 0o750)
+        os.utime(f, ns=(st.st_mtime_ns, st.st_mtime_ns))
+        real(o, ctx, rp, now_ns)
+
+    with mock.patch.object(transfer, "_chmod", swap_first):
+        res = e.reconcile(cfg.pairs[0], Options())
+    assert (res.modes_set, res.uploaded, res.failures) == (0, 1, [])
+    target = dst / "docs" / "d1" / "f1.txt"
+    assert target.read_bytes() == f.read_bytes() and target.stat().st_mode & 0o777 == 0o750
 
 
 def test_a_pair_pointed_elsewhere_syncs_there_afresh(tmp_path: Path) -> None:

@@ -198,3 +198,22 @@ def test_upload_log_failures_name_the_state_index(tmp_path: Path) -> None:
         log.started(rec, "upload-1")
     with pytest.raises(IndexError_, match=f"state index {path}"):
         log.begin("r", "k", "/src", 1, 1, 1, 1, None, 8, now=0)
+
+
+def test_every_local_entry_is_either_clean_or_in_the_other_rows(tmp_path: Path) -> None:
+    """A file known locally but without a base (never confirmed on the remote) is one of
+    the `other` rows: a NULL base once made the filter NULL and dropped it from both, so
+    the scanner took it for new (read again) and never saw it vanish."""
+    idx = Index(tmp_path / "i.sqlite3")
+    h = b"h" * 16
+    idx.db.execute("INSERT INTO entries (pair, path, l_kind, l_size, l_mtime, l_inode, l_mode, "
+                   "l_hash, l_racy, l_sig) VALUES ('p', 'nobase', 1, 1, 2, 3, 420, ?, 0, 5)", (h,))
+    idx.db.execute("INSERT INTO entries (pair, path, l_kind, l_size, l_mtime, l_inode, l_mode, "
+                   "l_hash, l_racy, l_sig, b_kind, b_size, b_mtime, b_hash, b_fp) VALUES "
+                   "('p', 'nohash', 1, 1, 2, 3, 420, ?, 0, 5, 1, 1, 2, NULL, '1:2')", (h,))
+    idx.db.execute("INSERT INTO entries (pair, path, l_kind, l_size, l_mtime, l_inode, l_mode, "
+                   "l_hash, l_racy, l_sig, b_kind, b_size, b_mtime, b_hash, b_fp) VALUES "
+                   "('p', 'synced', 1, 1, 2, 3, 420, ?, 0, 5, 1, 1, 2, ?, '1:2')", (h, h))
+    clean, other = idx.load_prior("p")
+    assert set(clean) == {"synced"} and set(other) == {"nobase", "nohash"}
+    assert other["nobase"][6] == h and other["nobase"][8] == 0   # hash kept, not synced
