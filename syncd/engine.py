@@ -43,7 +43,6 @@ from syncd.scan import (
     hash_paths,
     local_mounts,
     pair_matcher,
-    reuse_hashes,
     walk,
 )
 
@@ -442,8 +441,6 @@ class Engine:
             if b is not None and p not in remote_map and p not in gone:
                 remote_map[p] = RemoteEntry(p, b.kind, b.size, b.mtime_ns, b.remote_fp)
 
-        if w.resigned:
-            reuse_hashes(w, self.index.load_local(pair.name, w.resigned))
         # Hash only what must be compared: changed files that have a base or a remote
         # counterpart. Brand-new files are hashed while they are uploaded (one read, not two).
         need = [p for p in w.dirty if p in base or p in remote_map]
@@ -481,7 +478,7 @@ class Engine:
         if mounts is not None and tuple(mounts) != recorded and not opts.dry_run:
             self.index.set_pair_mounts(pair.name, mounts)
         if not opts.dry_run:   # only after the guard: a tripped run changes nothing
-            changed: list[tuple[str, LocalState, bool]] = [*hashed.updates, *w.reused]
+            changed: list[tuple[str, LocalState, bool]] = list(hashed.updates)
             changed += [(p, s, False) for p, s in states.items()
                         if s.kind == DIR and (p not in prior or prior[p][1] != DIR)]
             if changed or removed:

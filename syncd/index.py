@@ -141,8 +141,7 @@ def action_to_json(a: Action) -> str:
     """The JSON array action_from_json reads; written by hand (3x faster than json.dumps,
     which showed in enqueueing a 100k-file plan)."""
     h = f'"{a.hash.hex()}"' if a.hash else "null"
-    tail = (f",{int(a.replaces)},{int(a.inode)}]" if a.inode
-            else f",{int(a.replaces)}]" if a.replaces else "]")
+    tail = f",{int(a.replaces)}]" if a.replaces else "]"
     return (f"[{_q(a.op.value)},{_q(a.reason)},{int(a.size)},{h},{int(a.mtime_ns)},"
             f"{_q(a.dest)},{_q(a.remote_fp)},{int(a.kind)}{tail}")
 
@@ -150,7 +149,7 @@ def action_to_json(a: Action) -> str:
 def action_from_json(path: str, s: str) -> Action:
     op, reason, size, h, mtime_ns, dest, fp, kind, *rest = json.loads(s)
     return Action(Op(op), path, reason, size, bytes.fromhex(h) if h else None, mtime_ns, dest,
-                  fp, kind, rest[0] if rest else 0, rest[1] if len(rest) > 1 else 0)
+                  fp, kind, rest[0] if rest else 0)
 
 
 # Every base column: an entry whose remote side is gone (or forgotten) has them all NULL.

@@ -89,9 +89,6 @@ class Action(NamedTuple):
     # directory goes, or the reverse); 0: none. It is removed first (trashed to `dest`, or
     # deleted), as a delete would be.
     replaces: int = 0
-    # chmod: the local file's inode when planned; the job sends the whole file instead
-    # if the file (inode, size, mtime) is no longer the one the plan saw.
-    inode: int = 0
 
 
 class Job(NamedTuple):

@@ -150,7 +150,7 @@ def _file(path: str, l: LocalState, b: Base | None, r: R | None, p: Policy) -> l
         if p.modes and b.mode is not None and b.mode != l.mode:
             # Same content, as the remote holds it: only the permission bits go over.
             return [Action(Op.CHMOD, path, "mode changed", l.size, l.hash, l.mtime_ns,
-                           remote_fp=r.fp, inode=l.inode)]
+                           remote_fp=r.fp)]
         return []
     # Never synced by us (or the index was lost): adopt an equal-looking remote file
     # instead of re-sending it, as rsync and rclone do by size and mtime.

@@ -11,7 +11,7 @@ import os
 import re
 import stat as st_mod
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -201,12 +201,6 @@ class Walk:
     odd_names: list[tuple[str, bool]] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)     # by policy (symlink, fifo)
     error_prefixes: list[str] = field(default_factory=list)  # subtrees we could not read
-    # A chmod alone keeps content, size, mtime and inode: such files keep their hash
-    # instead of being read again. `reused`: index updates (path, state, racy) for those
-    # found with their row; `resigned`: clean files whose signature changed, for
-    # reuse_hashes() to check against their rows.
-    reused: list[tuple[str, LocalState, bool]] = field(default_factory=list)
-    resigned: list[str] = field(default_factory=list)
 
     def under_error(self, rel: str) -> bool:
         return any(p == "" or rel == p or rel.startswith(p + "/") for p in self.error_prefixes)
@@ -303,22 +297,15 @@ def walk(root: str, clean: dict[str, int], prior: dict[str, PriorRow], ignore: M
                             states[rel] = LocalState(FILE, s.st_size, s.st_mtime_ns, s.st_ino,
                                                      s.st_mode & 0o7777, None)
                             dirty.append(rel)
-                            w.resigned.append(rel)
                             continue
                         p = get_prior(rel)
                         if p is not None:
                             seen_prior += 1
                             if (p[1] == FILE and p[2] == s.st_size and p[3] == s.st_mtime_ns
-                                    and p[4] == s.st_ino and p[6] is not None and not p[7]):
-                                if p[5] == s.st_mode & 0o7777:
-                                    if not p[8]:
-                                        states[rel] = LocalState(FILE, p[2], p[3], p[4], p[5],
-                                                                 p[6])
-                                    continue
-                                moded = LocalState(FILE, p[2], p[3], p[4], s.st_mode & 0o7777,
-                                                   p[6])
-                                states[rel] = moded
-                                w.reused.append((rel, moded, False))
+                                    and p[4] == s.st_ino and p[5] == s.st_mode & 0o7777
+                                    and p[6] is not None and not p[7]):
+                                if not p[8]:
+                                    states[rel] = LocalState(FILE, p[2], p[3], p[4], p[5], p[6])
                                 continue
                         states[rel] = LocalState(FILE, s.st_size, s.st_mtime_ns, s.st_ino,
                                                  s.st_mode & 0o7777, None)
@@ -357,25 +344,6 @@ def walk(root: str, clean: dict[str, int], prior: dict[str, PriorRow], ignore: M
             sink(list(itertools.islice(reversed(states.items()), len(states) - mark))[::-1])
     w.seen_prior = seen_prior
     return w
-
-
-def reuse_hashes(w: Walk, rows: Mapping[str, LocalState]) -> None:
-    """Give each of `w.resigned` whose index row (in `rows`, as Index.load_local gives it)
-    differs from what the walk saw by its permission bits alone the row's hash, instead
-    of reading it again; those leave `w.dirty` and join `w.reused`. The rows come from
-    clean entries, so none is racy."""
-    done = set()
-    states = w.states
-    for rel, old in rows.items():
-        s = states.get(rel)
-        if (s is not None and s.hash is None and s.kind == old.kind == Kind.FILE
-                and old.hash is not None and old.size == s.size
-                and old.mtime_ns == s.mtime_ns and old.inode == s.inode):
-            states[rel] = s = s._replace(hash=old.hash)
-            w.reused.append((rel, s, False))
-            done.add(rel)
-    if done:
-        w.dirty = [p for p in w.dirty if p not in done]
 
 
 def hash_file(path: str, follow_symlinks: bool = False) -> tuple[bytes, os.stat_result, os.stat_result]:

@@ -30,7 +30,7 @@ from syncd.errors import Conflict, NotFound, PermanentError, SyncdError, Transie
 from syncd.model import Action, Base, Job, Kind, LocalState, Op, RemoteEntry, phase
 from syncd.queue import Outcome, Queue
 from syncd.remotes.base import Remote, Source, Staged, join, move
-from syncd.scan import is_racy
+from syncd.scan import hash_file, is_racy, stable
 
 FILE, DIR = int(Kind.FILE), int(Kind.DIR)
 PHASE_MIN = -(1 << 30)
@@ -330,36 +330,35 @@ SENT_WHOLE = "changed since the plan: sent whole"
 
 
 def _chmod(o: Outcome, ctx: PairCtx, rp: str, now_ns: Callable[[], int]) -> None:
-    """Set the remote file's permission bits; the whole file goes instead if the local
-    file is not the one the plan saw (its content may differ) or the remote one changed."""
+    """Set the remote file's permission bits, after reading the local file again: the
+    whole file goes instead if its content is no longer the one the plan compared (a
+    chmod is planned from a scan that may be seconds old, and a file replaced since can
+    have the same size, mtime and even inode), or if the remote file changed meanwhile."""
     a = o.job.action
     started = now_ns()
     try:
-        st = os.stat(os.path.join(ctx.local_root, o.job.path),
-                     follow_symlinks=ctx.follow_symlinks)
+        digest, before, after = hash_file(os.path.join(ctx.local_root, o.job.path),
+                                          ctx.follow_symlinks)
     except FileNotFoundError:
-        o.keep_base, o.note = True, "vanished before upload"
+        o.keep_base, o.note = True, "vanished before its mode was set"
         return
     except OSError:
-        st = None
+        digest = b""   # the upload below says what is wrong, as for any upload
     e: RemoteEntry | None = None
-    if (st is not None and (st.st_mode & 0o170000) == 0o100000 and st.st_ino == a.inode
-            and st.st_size == a.size and st.st_mtime_ns == a.mtime_ns):
+    if digest and digest == a.hash and stable(before, after):
         try:
-            e = ctx.remote.set_mode(rp, st.st_mode & 0o7777)
-        except NotFound:
+            e = ctx.remote.set_mode(rp, after.st_mode & 0o7777)
+        except (NotFound, Conflict):   # gone, or a symlink there: put() replaces it
             e = None
-    if st is None or e is None or e.fp != a.remote_fp:
+    if e is None or e.fp != a.remote_fp:
         _upload(o, ctx, rp, now_ns)   # hashes what it sends, as any upload
         if o.error is None and not o.keep_base:
             o.note = SENT_WHOLE
         return
-    mode = st.st_mode & 0o7777
-    # The content is the one the base holds (the plan saw equal hashes); a racy mtime
-    # makes the next scan read the file again, as after an upload.
-    o.base = Base(FILE, st.st_size, st.st_mtime_ns, a.hash, e.fp, mode)
-    o.local = LocalState(FILE, st.st_size, st.st_mtime_ns, st.st_ino, mode, a.hash)
-    o.racy = is_racy(st.st_mtime_ns, started)
+    mode = after.st_mode & 0o7777
+    o.base = Base(FILE, after.st_size, after.st_mtime_ns, digest, e.fp, mode)
+    o.local = LocalState(FILE, after.st_size, after.st_mtime_ns, after.st_ino, mode, digest)
+    o.racy = is_racy(after.st_mtime_ns, started)
 
 
 class Reporter(Protocol):

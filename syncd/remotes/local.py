@@ -50,6 +50,7 @@ FSYNC_EACH_MAX = 8
 _TMP_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 # set_mode: never a symlink; O_NONBLOCK, as a FIFO there would block the open.
 _READ_NOFOLLOW = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+_PATH_NOFOLLOW = getattr(os, "O_PATH", os.O_RDONLY) | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 def _fsync_ok(fd: int) -> bool:
@@ -276,31 +277,34 @@ class LocalRemote:
     def set_mode(self, path: str, mode: int) -> RemoteEntry:
         dfd, name = self._parent_fd(path, create=False)
         try:
-            try:   # through a descriptor opened without following a symlink: no race
+            # Through a descriptor opened without following a symlink: nothing can swap
+            # the entry between the look and the chmod.
+            try:
                 fd = os.open(name, _READ_NOFOLLOW, dir_fd=dfd)
-            except PermissionError:   # unreadable to us: chmod by name, still not followed
-                os.chmod(name, mode & 0o777, dir_fd=dfd, follow_symlinks=False)
-                st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
-            else:
-                try:
-                    st = os.fstat(fd)
-                    if stat.S_ISREG(st.st_mode):
-                        os.fchmod(fd, mode & 0o777)
-                        if self.fsync:
-                            os.fsync(fd)
-                finally:
-                    os.close(fd)
+                readable = True
+            except PermissionError:   # not readable by us: a path-only descriptor
+                fd = os.open(name, _PATH_NOFOLLOW, dir_fd=dfd)
+                readable = False
+            try:
+                st = os.fstat(fd)
+                if stat.S_ISLNK(st.st_mode):
+                    raise Conflict("a symlink is in the way", remote=self.name, path=path)
+                if not stat.S_ISREG(st.st_mode):
+                    raise Conflict("not a regular file", remote=self.name, path=path)
+                if readable:
+                    os.fchmod(fd, mode & 0o777)
+                    if self.fsync:
+                        os.fsync(fd)
+                else:   # fchmod refuses a path-only descriptor; its /proc link does not
+                    os.chmod(f"/proc/self/fd/{fd}", mode & 0o777)
+            finally:
+                os.close(fd)
         except OSError as e:
-            if e.errno in (errno.ELOOP, errno.ENOTSUP, errno.EOPNOTSUPP):
+            if e.errno == errno.ELOOP:
                 raise Conflict("a symlink is in the way", remote=self.name, path=path) from None
             raise self._err(e, path) from None
-        except NotImplementedError:   # no chmod without following links here
-            raise PermanentError("cannot change the mode of an unreadable file on this "
-                                 "system", remote=self.name, path=path) from None
         finally:
             os.close(dfd)
-        if not stat.S_ISREG(st.st_mode):
-            raise Conflict("not a regular file", remote=self.name, path=path)
         return RemoteEntry(path, _FILE, st.st_size, st.st_mtime_ns, _fp(st))
 
     def put(self, path: str, source: Source) -> RemoteEntry:

@@ -837,13 +837,15 @@ class SFTPRemote:
             self._parent_ok(ss, path, create=False)
             ap = self._abs(path)
             try:
-                # SETSTAT follows a symlink: look first (SFTP has no lchmod).
                 a = ss.attrs(ss.lstat(ap))
                 if a.kind == w.S_IFLNK:
                     raise Conflict("a symlink is in the way", remote=self.name, path=path)
                 if a.kind != w.S_IFREG:
                     raise Conflict("not a regular file", remote=self.name, path=path)
-                ss.status(ss.setstat(ap, w.encode_attrs(perms=mode & 0o777)))
+                attrs = w.encode_attrs(perms=mode & 0o777)
+                # Plain SETSTAT follows a symlink: one swapped in after the LSTAT would be
+                # followed. lsetstat@openssh.com does not; servers without it get SETSTAT.
+                ss.status(ss.lsetstat(ap, attrs) if ss.has_lsetstat else ss.setstat(ap, attrs))
             except w.StatusError as e:
                 raise self._status_error(e, path, writing=True) from None
             size, mtime = a.size or 0, a.mtime or 0

@@ -363,6 +363,15 @@ class Session:
     def fsetstat(self, handle: bytes, attrs: bytes) -> int:
         return self.send(FSETSTAT, s(handle) + attrs)
 
+    def lsetstat(self, path: bytes, attrs: bytes) -> int:
+        """SETSTAT that does not follow a symlink (lsetstat@openssh.com, OpenSSH 8.0+);
+        only where the server announces it (`has_lsetstat`)."""
+        return self.send(EXTENDED, s(b"lsetstat@openssh.com") + s(path) + attrs)
+
+    @property
+    def has_lsetstat(self) -> bool:
+        return "lsetstat@openssh.com" in self.extensions
+
     def opendir(self, path: bytes) -> int:
         return self.send(OPENDIR, s(path))
 

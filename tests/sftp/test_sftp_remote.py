@@ -863,3 +863,21 @@ def test_a_folder_removed_between_its_check_and_the_upload_is_a_transient_error(
         r.put("d/f", s)
     assert (root / "d" / "f").read_bytes() == b"content"
     r.close()
+
+
+def test_set_mode_never_follows_a_symlink_on_the_server(srv: SSHServer, tmp_path: Path) -> None:
+    """OpenSSH offers lsetstat@openssh.com, and set_mode uses it: even a symlink swapped
+    in after set_mode's LSTAT would not lead the chmod outside the root."""
+    from syncd.remotes import sftp_wire as w
+
+    r, root, _src = _upload_setup(srv, tmp_path, "unused", b"")
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"v")
+    os.chmod(victim, 0o644)
+    (root / "link").symlink_to(victim)
+    with r._session("") as ss:
+        assert ss.has_lsetstat
+        with pytest.raises(w.StatusError):   # Linux cannot chmod a symlink itself
+            ss.status(ss.lsetstat(r._abs("link"), w.encode_attrs(perms=0o600)))
+    assert victim.stat().st_mode & 0o777 == 0o644
+    r.close()

@@ -144,10 +144,10 @@ def test_replacement_survives_the_queue_round_trip() -> None:
 @given(op=st.sampled_from(list(Op)), reason=st.text(), size=st.integers(0, 1 << 62),
        h=st.none() | st.binary(min_size=16, max_size=16), mtime=st.integers(0, 1 << 62),
        dest=st.text(), fp=st.text(), kind=st.sampled_from([F, D]),
-       replaces=st.sampled_from([0, F, D]), inode=st.sampled_from([0, 1, 1 << 63]))
+       replaces=st.sampled_from([0, F, D]))
 def test_job_args_encoding_round_trips(op: Op, reason: str, size: int, h: bytes | None,
                                        mtime: int, dest: str, fp: str, kind: int,
-                                       replaces: int, inode: int) -> None:
+                                       replaces: int) -> None:
     """The hand-written JSON of a job's args reads back exactly, quotes, control
     characters and lone surrogates (non-UTF-8 names) included, and is what json.dumps
     would have written."""
@@ -155,23 +155,23 @@ def test_job_args_encoding_round_trips(op: Op, reason: str, size: int, h: bytes 
 
     from syncd.index import action_from_json, action_to_json
 
-    a = Action(op, "p", reason, size, h, mtime, dest, fp, kind, replaces, inode)
+    a = Action(op, "p", reason, size, h, mtime, dest, fp, kind, replaces)
     s = action_to_json(a)
     assert action_from_json("p", s) == a
     assert json.loads(s) == json.loads(json.dumps(
         [op.value, reason, size, h.hex() if h else None, mtime, dest, fp, kind]
-        + ([replaces, inode] if inode else [replaces] if replaces else [])))
+        + ([replaces] if replaces else [])))
 
 
 def test_a_mode_change_alone_sends_only_the_mode() -> None:
     """Content as the base holds it, remote as recorded, other permission bits: a chmod
-    (with the inode the job re-checks). Content changed, or the remote drifted: the
-    whole file, with its mode. A remote that keeps no modes: nothing."""
-    moded = loc("A")._replace(mode=0o600, inode=7)
+    (with the hash the job checks again, and the remote fingerprint it expects). Content
+    changed, or the remote drifted: the whole file, with its mode. A remote that keeps
+    no modes: nothing."""
+    moded = loc("A")._replace(mode=0o600)
     b = base("A")._replace(mode=0o644)
     (a,) = plan_push({"f": moded}, {"f": b}, {"f": rem("f", "A")}, Policy(modes=True))
-    assert (a.op, a.reason, a.hash, a.inode, a.remote_fp) == (
-        Op.CHMOD, "mode changed", h("A"), 7, "fp-A")
+    assert (a.op, a.reason, a.hash, a.remote_fp) == (Op.CHMOD, "mode changed", h("A"), "fp-A")
     (a,) = plan_push({"f": loc("B")._replace(mode=0o600)}, {"f": b}, {"f": rem("f", "A")},
                      Policy(modes=True))
     assert (a.op, a.reason) == (Op.UPLOAD, "changed")

@@ -306,30 +306,3 @@ def test_mount_points_inside_a_root_come_from_mountinfo(tmp_path: Path) -> None:
     assert local_mounts(str(root), str(info)) == ["my music", "photos"]
     assert local_mounts(str(root), str(tmp_path / "none")) is None
 
-
-def test_a_chmod_alone_keeps_the_hash_without_reading(tmp_path: Path,
-                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    """Permission bits alone changed (chmod keeps size, mtime and inode): the prior hash
-    stays and the file is not opened. Not when the prior was racy (its hash may be of
-    older bytes), nor when anything else changed too."""
-    old = 1_600_000_000_000_000_000
-    for rel in ("a", "b", "c"):
-        os.utime(mk(tmp_path, rel, b"data " + rel.encode()), ns=(old, old))
-    w1, _ = full_scan(tmp_path)
-    for rel in ("a", "b", "c"):
-        os.chmod(tmp_path / rel, 0o600)
-    os.utime(tmp_path / "c", ns=(old + 1, old + 1))   # and touched
-    counter = OpenCounter(monkeypatch, tmp_path)
-    w2, h2 = full_scan(tmp_path, prior=w1.states, racy={"b"})
-    assert sorted(w2.dirty) == ["b", "c"] and h2.files == 2
-    assert [p for p, _, _ in w2.reused] == ["a"] and len(counter.paths) == 2
-    assert w2.states["a"] == w1.states["a"]._replace(mode=0o600)
-    assert w2.reused[0] == ("a", w2.states["a"], False)
-    # The same through reuse_hashes, for clean files the walk knows by signature only.
-    from syncd.scan import reuse_hashes
-
-    w3 = walk(str(tmp_path), {"a": 0, "c": 0}, {}, Matcher(()))
-    assert sorted(w3.resigned) == ["a", "c"]
-    reuse_hashes(w3, {"a": w1.states["a"], "c": w1.states["c"]})
-    assert sorted(w3.dirty) == ["b", "c"] and w3.states["a"].hash == w1.states["a"].hash
-    assert [p for p, _, _ in w3.reused] == ["a"]

@@ -426,3 +426,33 @@ def test_a_temp_name_clash_fails_and_leaves_the_other_file(tmp_path: Path,
     (res,) = _stage(LocalRemote("nas", dst), src, ["f"])
     assert isinstance(res, TransientError) and "temp name in use" in str(res)
     assert theirs.read_bytes() == b"another writer's upload"
+
+
+def test_set_mode_of_a_file_this_user_cannot_read(tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """A remote file we may chmod but not read (its owner is us, its mode 0o200, say): the
+    mode goes through a path-only descriptor, still never through a symlink. (Tests run as
+    root, who reads everything: the refusal is simulated.)"""
+    import os
+
+    root = tmp_path / "root"
+    (root / "d").mkdir(parents=True)
+    (root / "d" / "f").write_bytes(b"content")
+    os.chmod(root / "d" / "f", 0o200)
+    (tmp_path / "outside").write_bytes(b"outside")
+    os.chmod(tmp_path / "outside", 0o644)
+    (root / "d" / "link").symlink_to(tmp_path / "outside")
+    real_open = os.open
+
+    def no_read(path: Any, flags: int, *a: Any, **k: Any) -> int:
+        if flags == local_mod._READ_NOFOLLOW:
+            raise PermissionError(13, "Permission denied")
+        return real_open(path, flags, *a, **k)
+
+    monkeypatch.setattr(local_mod.os, "open", no_read)
+    r = LocalRemote("nas", root)
+    e = r.set_mode("d/f", 0o640)
+    assert (root / "d" / "f").stat().st_mode & 0o777 == 0o640 and e.size == 7
+    with pytest.raises(local_mod.Conflict):
+        r.set_mode("d/link", 0o600)
+    assert (tmp_path / "outside").stat().st_mode & 0o777 == 0o644
