@@ -325,8 +325,11 @@ def _upload(o: Outcome, ctx: PairCtx, rp: str, now_ns: Callable[[], int]) -> Non
     _uploaded(o, src, entry, started)
 
 
-# What a chmod job that sent the whole file says (RunStats counts it as an upload).
-SENT_WHOLE = "changed since the plan: sent whole"
+# What a chmod job that sent the whole file says (RunStats counts it as an upload): the
+# local file, or the remote one, changed since the plan.
+SENT_WHOLE_LOCAL = "content changed since the plan: sent whole"
+SENT_WHOLE_REMOTE = "remote file changed since the plan: sent whole"
+SENT_WHOLE = frozenset({SENT_WHOLE_LOCAL, SENT_WHOLE_REMOTE})
 
 
 def _chmod(o: Outcome, ctx: PairCtx, rp: str, now_ns: Callable[[], int]) -> None:
@@ -345,7 +348,8 @@ def _chmod(o: Outcome, ctx: PairCtx, rp: str, now_ns: Callable[[], int]) -> None
     except OSError:
         digest = b""   # the upload below says what is wrong, as for any upload
     e: RemoteEntry | None = None
-    if digest and digest == a.hash and stable(before, after):
+    same = bool(digest) and digest == a.hash and stable(before, after)
+    if same:
         try:
             e = ctx.remote.set_mode(rp, after.st_mode & 0o7777)
         except (NotFound, Conflict):   # gone, or a symlink there: put() replaces it
@@ -353,7 +357,7 @@ def _chmod(o: Outcome, ctx: PairCtx, rp: str, now_ns: Callable[[], int]) -> None
     if e is None or e.fp != a.remote_fp:
         _upload(o, ctx, rp, now_ns)   # hashes what it sends, as any upload
         if o.error is None and not o.keep_base:
-            o.note = SENT_WHOLE
+            o.note = SENT_WHOLE_REMOTE if same else SENT_WHOLE_LOCAL
         return
     mode = after.st_mode & 0o7777
     o.base = Base(FILE, after.st_size, after.st_mtime_ns, digest, e.fp, mode)
@@ -377,7 +381,7 @@ class RunStats:
 
     def add(self, o: Outcome) -> None:
         a = o.job.action
-        sent = a.op == Op.UPLOAD or o.note == SENT_WHOLE
+        sent = a.op == Op.UPLOAD or o.note in SENT_WHOLE
         key = "skipped" if o.keep_base else Op.UPLOAD.value if sent else a.op.value
         self.done[key] = self.done.get(key, 0) + 1
         if a.replaces == FILE and not o.keep_base:   # the remote file it replaced is gone
@@ -707,7 +711,7 @@ class Runner:
                                   "duration_ms": o.duration_ms, "attempt": o.job.attempts + 1}
         if a.reason:
             fields["reason"] = a.reason
-        if a.op == Op.UPLOAD or o.note == SENT_WHOLE:
+        if a.op == Op.UPLOAD or o.note in SENT_WHOLE:
             fields["bytes"] = o.bytes
         if o.note:
             fields["note"] = o.note
@@ -727,10 +731,15 @@ def _with_fp(b: Base, fp: str) -> Base:
     return tuple.__new__(Base, (b[0], b[1], b[2], b[3], fp, b[5]))   # _replace: ~5x more
 
 
+# Read once: os.cpu_count() reads a file under /sys at each call, and the runner's loop
+# asks for the pool's width at every turn.
+_CPUS = os.cpu_count() or 1
+
+
 def _workers(transfers: int, processes: bool) -> int:
     """How many jobs a pool runs at once: as many processes as cores (at most
     `transfers`: more only contend for them), or `transfers` threads."""
-    return max(1, min(transfers, os.cpu_count() or 1)) if processes else transfers
+    return max(1, min(transfers, _CPUS)) if processes else transfers
 
 
 def _stages(remote: Remote) -> bool:

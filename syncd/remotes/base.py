@@ -15,7 +15,7 @@ from typing import Any, NamedTuple, Protocol
 import xxhash
 
 from syncd.errors import PathEscape, SourceChanged
-from syncd.model import RemoteEntry
+from syncd.model import TMP_PREFIX, RemoteEntry
 
 
 @dataclass(frozen=True, slots=True)
@@ -244,8 +244,6 @@ def temp_name(name: str, owner: str = "") -> str:
     orphaned by a killed syncd, a second syncd on another machine) then never write into
     the same temp file and rename it half-done. `owner` (the state dir's tag) lets the
     next reconcile of the same state dir remove temps of interrupted uploads at once."""
-    from syncd.model import TMP_PREFIX
-
     n = (_tmp[0] + next(_tmp[1])) & 0xFFFFFFFFFFFF   # next() of a count is atomic (GIL)
     return f"{TMP_PREFIX}{owner or 'x'}-{n:012x}"
 

@@ -581,3 +581,27 @@ def test_a_pair_pointed_elsewhere_syncs_there_afresh(tmp_path: Path) -> None:
     shutil.rmtree(dst / "docs2")
     res = engine(cfg, None, Clock()).reconcile(cfg.pairs[0], Options())
     assert res.status == "stopped" and "remote path is empty" in res.message
+
+
+def test_a_chmod_job_sends_the_file_whole_if_the_remote_one_changed(tmp_path: Path) -> None:
+    """The remote file changed between the plan and the job (someone wrote it): the mode
+    alone would leave their bytes under our name, so the job sends the whole file."""
+    cfg, src, dst = setup(tmp_path, FILES)
+    old = time.time() - 100
+    for rel in FILES:
+        os.utime(src / rel, (old, old))
+    e = engine(cfg, None, Clock())
+    assert e.reconcile(cfg.pairs[0], Options()).status == "ok"
+    os.chmod(src / "d1" / "f1.txt", 0o750)
+    target = dst / "docs" / "d1" / "f1.txt"
+    real = transfer._chmod
+
+    def remote_write_first(o: Any, ctx: Any, rp: str, now_ns: Any) -> None:
+        target.write_bytes(b"written on the remote meanwhile")
+        real(o, ctx, rp, now_ns)
+
+    with mock.patch.object(transfer, "_chmod", remote_write_first):
+        res = e.reconcile(cfg.pairs[0], Options())
+    assert (res.modes_set, res.uploaded, res.failures) == (0, 1, [])
+    assert target.read_bytes() == (src / "d1" / "f1.txt").read_bytes()
+    assert target.stat().st_mode & 0o777 == 0o750
