@@ -456,3 +456,18 @@ def test_set_mode_of_a_file_this_user_cannot_read(tmp_path: Path,
     with pytest.raises(local_mod.Conflict):
         r.set_mode("d/link", 0o600)
     assert (tmp_path / "outside").stat().st_mode & 0o777 == 0o644
+
+
+def test_jobs_cross_to_worker_processes_as_plain_tuples_and_come_back_equal() -> None:
+    import pickle
+
+    from syncd.model import Action, Job, Op
+
+    jobs = [Job(7, "p", "a/b", Action(Op.UPLOAD, "a/b", "new", 3, b"h" * 16, 5), 0, 0.0, None),
+            Job(8, "p", "c", Action(Op.MKDIR, "c", "replaces a remote file", 0, None, 0,
+                                    ".syncd-trash/x/c", "", 2, 1), 2, 9.5, "boom")]
+    plain = transfer._plain(jobs)
+    assert all(type(r) is tuple and type(r[3]) is tuple for r in plain)
+    back = transfer._jobs(pickle.loads(pickle.dumps(plain)))
+    assert back == jobs and all(type(j) is Job and type(j.action) is Action for j in back)
+    assert transfer._jobs(jobs) is jobs   # a thread pool's chunk: untouched
