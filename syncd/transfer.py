@@ -26,7 +26,14 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from syncd import log as slog
-from syncd.errors import Conflict, NotFound, PermanentError, SyncdError, TransientError
+from syncd.errors import (
+    Conflict,
+    NotFound,
+    PermanentError,
+    SyncdError,
+    TransientError,
+    UnavailableError,
+)
 from syncd.model import Action, Base, Job, Kind, LocalState, Op, RemoteEntry, phase
 from syncd.queue import Outcome, Queue
 from syncd.remotes.base import Remote, Source, Staged, join, move
@@ -369,7 +376,13 @@ def _chmod(o: Outcome, ctx: PairCtx, rp: str, now_ns: Callable[[], int]) -> None
     if same:
         try:
             e = ctx.remote.set_mode(rp, after.st_mode & 0o7777)
-        except (NotFound, Conflict):   # gone, or a symlink there: put() replaces it
+        except UnavailableError:
+            raise
+        except PermanentError:
+            # Gone, a symlink there (put() replaces it), or a chmod refused (a file of
+            # another owner): the whole file, as before modes went alone, needs only
+            # write access to the folder. Failing here would leave the mode unsynced
+            # for good: the index holds the content as synced.
             e = None
     if e is None or e.fp != a.remote_fp:
         _upload(o, ctx, rp, now_ns)   # hashes what it sends, as any upload

@@ -297,6 +297,10 @@ class LocalRemote:
                         os.fsync(fd)
                 else:   # fchmod refuses a path-only descriptor; its /proc link does not
                     os.chmod(f"/proc/self/fd/{fd}", mode & 0o777)
+                    # Nor can it be fsynced: the file system's sync makes the mode
+                    # durable before the base records it (a rare path).
+                    if self.fsync and _syncfs is not None and _syncfs(dfd) != 0:
+                        raise self._disk_error("syncfs", ctypes.get_errno(), path)
             finally:
                 os.close(fd)
         except OSError as e:

@@ -842,10 +842,14 @@ class SFTPRemote:
                     raise Conflict("a symlink is in the way", remote=self.name, path=path)
                 if a.kind != w.S_IFREG:
                     raise Conflict("not a regular file", remote=self.name, path=path)
-                attrs = w.encode_attrs(perms=mode & 0o777)
                 # Plain SETSTAT follows a symlink: one swapped in after the LSTAT would be
-                # followed. lsetstat@openssh.com does not; servers without it get SETSTAT.
-                ss.status(ss.lsetstat(ap, attrs) if ss.has_lsetstat else ss.setstat(ap, attrs))
+                # followed. lsetstat@openssh.com does not. Without it, no chmod: the
+                # caller sends the whole file (a rename replaces a symlink, never follows).
+                if not ss.has_lsetstat:
+                    raise PermanentError("the server cannot change a mode without following "
+                                         f"symlinks (no lsetstat@openssh.com; {self.where})",
+                                         remote=self.name, path=path)
+                ss.status(ss.lsetstat(ap, w.encode_attrs(perms=mode & 0o777)))
             except w.StatusError as e:
                 raise self._status_error(e, path, writing=True) from None
             size, mtime = a.size or 0, a.mtime or 0

@@ -881,3 +881,17 @@ def test_set_mode_never_follows_a_symlink_on_the_server(srv: SSHServer, tmp_path
             ss.status(ss.lsetstat(r._abs("link"), w.encode_attrs(perms=0o600)))
     assert victim.stat().st_mode & 0o777 == 0o644
     r.close()
+
+
+def test_set_mode_without_lsetstat_is_refused_rather_than_risk_a_symlink(
+        srv: SSHServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A server without lsetstat@openssh.com: no SETSTAT (it would follow a symlink swapped
+    in after the look); a PermanentError, on which the chmod job sends the whole file."""
+    r, root, src = _upload_setup(srv, tmp_path, "f.bin", b"data")
+    _put_file(r, src, "f.bin")
+    before = (root / "f.bin").stat().st_mode & 0o777
+    monkeypatch.setattr(sftp_wire.Session, "has_lsetstat", property(lambda self: False))
+    with pytest.raises(PermanentError, match="lsetstat"):
+        r.set_mode("f.bin", 0o600 if before != 0o600 else 0o640)
+    assert (root / "f.bin").stat().st_mode & 0o777 == before
+    r.close()

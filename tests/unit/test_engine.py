@@ -605,3 +605,24 @@ def test_a_chmod_job_sends_the_file_whole_if_the_remote_one_changed(tmp_path: Pa
     assert (res.modes_set, res.uploaded, res.failures) == (0, 1, [])
     assert target.read_bytes() == (src / "d1" / "f1.txt").read_bytes()
     assert target.stat().st_mode & 0o777 == 0o750
+
+
+def test_a_refused_chmod_sends_the_whole_file(tmp_path: Path) -> None:
+    """The remote refuses the chmod (a file of another owner: EPERM): the whole file goes,
+    as before modes went alone (that needs only write access to the folder). Failing the
+    job would leave the mode unsynced for good, the content being synced already."""
+    cfg, src, dst = setup(tmp_path, FILES)
+    old = time.time() - 100
+    for rel in FILES:
+        os.utime(src / rel, (old, old))
+    e = engine(cfg, None, Clock())
+    assert e.reconcile(cfg.pairs[0], Options()).status == "ok"
+    os.chmod(src / "d1" / "f1.txt", 0o750)
+
+    def refuse(self: LocalRemote, path: str, mode: int) -> Any:
+        raise PermanentError("Operation not permitted", remote=self.name, path=path)
+
+    with mock.patch.object(LocalRemote, "set_mode", refuse):
+        res = e.reconcile(cfg.pairs[0], Options())
+    assert (res.modes_set, res.uploaded, res.failures) == (0, 1, [])
+    assert (dst / "docs" / "d1" / "f1.txt").stat().st_mode & 0o777 == 0o750
