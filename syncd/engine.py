@@ -483,6 +483,11 @@ class Engine:
                         if s.kind == DIR and (p not in prior or prior[p][1] != DIR)]
             if changed or removed:
                 self.index.save_scan(pair.name, changed, removed)
+            if not caps.modes:   # a chmod is nothing to sync here: stop seeing it
+                moded = [p for p, s in states.items() if s.kind == FILE and (
+                    b := base.get(p)) is not None and b.mode is not None and b.mode != s.mode]
+                if moded:
+                    self.index.forget_base_modes(pair.name, moded)
         if (meta is None or meta.st_dev != w.root_dev) and not opts.dry_run:
             self.index.set_pair_meta(pair.name, root, w.root_dev)
 

@@ -325,16 +325,27 @@ class Index:
         other: path -> (path, kind, size, mtime_ns, inode, mode, hash, racy, synced) for
         everything else (directories, racy files, files not yet confirmed on the remote)."""
         # IS, not =: a missing base (NULLs) must make the condition false, never NULL, or
-        # NOT (...) would drop the row from `other` too.
+        # NOT (...) would drop the row from `other` too. A file is synced with its mode
+        # too: one whose mode change did not reach the remote (its job failed) is planned
+        # again. A base without a mode (adopted; or forgotten by forget_base_modes, for a
+        # remote that keeps none) matches any.
+        synced_file = ("l_kind = 1 AND l_racy = 0 AND l_hash IS NOT NULL AND b_kind IS 1 AND "
+                       "b_hash IS l_hash AND (b_mode IS NULL OR b_mode IS l_mode)")
         clean = dict(self.db.execute(
-            "SELECT path, l_sig FROM entries WHERE pair = ? AND l_kind = 1 AND l_racy = 0 AND "
-            "l_hash IS NOT NULL AND b_kind IS 1 AND b_hash IS l_hash", (pair,)))
+            f"SELECT path, l_sig FROM entries WHERE pair = ? AND {synced_file}", (pair,)))
         other = {r[0]: r for r in self.db.execute(
             "SELECT path, l_kind, l_size, l_mtime, l_inode, l_mode, l_hash, l_racy, "
-            "(b_kind IS l_kind AND b_hash IS l_hash AND l_racy = 0) FROM entries "
-            "WHERE pair = ? AND l_kind IS NOT NULL AND NOT (l_kind = 1 AND l_racy = 0 AND "
-            "l_hash IS NOT NULL AND b_kind IS 1 AND b_hash IS l_hash)", (pair,))}
+            "(b_kind IS l_kind AND b_hash IS l_hash AND l_racy = 0 AND (l_kind IS NOT 1 OR "
+            "b_mode IS NULL OR b_mode IS l_mode)) FROM entries "
+            f"WHERE pair = ? AND l_kind IS NOT NULL AND NOT ({synced_file})", (pair,))}
         return clean, other
+
+    def forget_base_modes(self, pair: str, paths: Sequence[str]) -> None:
+        """The remote keeps no modes: the bases of these paths stop recording one (they
+        were recorded when it was sent), so a local chmod is not planned again and again."""
+        with self.tx():
+            self.db.executemany("UPDATE entries SET b_mode = NULL WHERE pair = ? AND path = ?",
+                                ((pair, p) for p in paths))
 
     def load_local(self, pair: str, paths: Iterable[str]) -> dict[str, LocalState]:
         out: dict[str, LocalState] = {}

@@ -626,3 +626,54 @@ def test_a_refused_chmod_sends_the_whole_file(tmp_path: Path) -> None:
         res = e.reconcile(cfg.pairs[0], Options())
     assert (res.modes_set, res.uploaded, res.failures) == (0, 1, [])
     assert (dst / "docs" / "d1" / "f1.txt").stat().st_mode & 0o777 == 0o750
+
+
+def test_a_mode_change_that_did_not_reach_the_remote_is_planned_again(tmp_path: Path) -> None:
+    """The chmod job failed for good (parked): the index holds the content as synced, but
+    not the mode, so the next scan plans the chmod again instead of calling it clean."""
+    cfg, src, dst = setup(tmp_path, FILES)
+    old = time.time() - 100
+    for rel in FILES:
+        os.utime(src / rel, (old, old))
+    e = engine(cfg, None, Clock())
+    assert e.reconcile(cfg.pairs[0], Options()).status == "ok"
+    f = src / "d1" / "f1.txt"
+    os.chmod(f, 0o750)
+
+    def unreachable(self: LocalRemote, path: str, mode: int) -> Any:
+        raise TransientError("connection reset", remote=self.name, path=path)
+
+    with mock.patch.object(LocalRemote, "set_mode", unreachable):
+        res = e.reconcile(cfg.pairs[0], Options())
+    assert res.status == "failed" and res.modes_set == 0
+    target = dst / "docs" / "d1" / "f1.txt"
+    assert target.stat().st_mode & 0o777 != 0o750
+    for _ in range(2):   # a full reconcile, and a local-only one as the daemon's
+        res = e.reconcile(cfg.pairs[0], Options())
+        if res.modes_set:
+            break
+    assert res.modes_set == 1 and target.stat().st_mode & 0o777 == 0o750
+    res = e.reconcile(cfg.pairs[0], Options())
+    assert (res.modes_set, res.uploaded, res.hashed_files) == (0, 0, 0)
+
+
+def test_a_chmod_on_a_remote_without_modes_is_seen_once(tmp_path: Path) -> None:
+    """The remote keeps no modes (S3, FTP): a local chmod syncs nothing, and the base
+    forgets the mode it was sent with, so later scans do not plan the file again."""
+    cfg, src, dst = setup(tmp_path, FILES)
+    old = time.time() - 100
+    for rel in FILES:
+        os.utime(src / rel, (old, old))
+    remote = Faulty(dst)
+    assert not remote.caps.modes
+    e = engine(cfg, remote, Clock())
+    assert e.reconcile(cfg.pairs[0], Options()).status == "ok"
+    os.chmod(src / "d1" / "f1.txt", 0o750)
+    res = e.reconcile(cfg.pairs[0], Options())
+    assert (res.uploaded, res.modes_set, res.hashed_files) == (0, 0, 1)
+    row = e.index.db.execute("SELECT b_mode FROM entries WHERE path = 'd1/f1.txt'").fetchone()
+    assert row == (None,)
+    clean, _ = e.index.load_prior("p")
+    assert "d1/f1.txt" in clean
+    res = e.reconcile(cfg.pairs[0], Options())
+    assert (res.uploaded, res.modes_set, res.hashed_files) == (0, 0, 0)
