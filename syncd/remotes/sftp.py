@@ -832,39 +832,38 @@ class SFTPRemote:
         ss.discard(closes)
         return out
 
+    def _regular_file(self, ss: w.Session, path: str) -> tuple[bytes, w.Attrs]:
+        """(absolute path, LSTAT attrs) of a checked path that must be a regular file."""
+        self._parent_ok(ss, path, create=False)
+        ap = self._abs(path)
+        try:
+            a = ss.attrs(ss.lstat(ap))
+        except w.StatusError as e:
+            raise self._status_error(e, path) from None
+        if a.kind != w.S_IFREG:
+            raise Conflict("a symlink is in the way" if a.kind == w.S_IFLNK
+                           else "not a regular file", remote=self.name, path=path)
+        return ap, a
+
     def set_mode(self, path: str, mode: int) -> RemoteEntry:
         with self._session(path) as ss:
-            self._parent_ok(ss, path, create=False)
-            ap = self._abs(path)
+            ap, a = self._regular_file(ss, path)
+            # Plain SETSTAT follows a symlink: one swapped in after the LSTAT would be
+            # followed. lsetstat@openssh.com does not. Without it, no chmod: the caller
+            # sends the whole file (a rename replaces a symlink, never follows it).
+            if not ss.has_lsetstat:
+                raise PermanentError("the server cannot change a mode without following "
+                                     f"symlinks (no lsetstat@openssh.com; {self.where})",
+                                     remote=self.name, path=path)
             try:
-                a = ss.attrs(ss.lstat(ap))
-                if a.kind == w.S_IFLNK:
-                    raise Conflict("a symlink is in the way", remote=self.name, path=path)
-                if a.kind != w.S_IFREG:
-                    raise Conflict("not a regular file", remote=self.name, path=path)
-                # Plain SETSTAT follows a symlink: one swapped in after the LSTAT would be
-                # followed. lsetstat@openssh.com does not. Without it, no chmod: the
-                # caller sends the whole file (a rename replaces a symlink, never follows).
-                if not ss.has_lsetstat:
-                    raise PermanentError("the server cannot change a mode without following "
-                                         f"symlinks (no lsetstat@openssh.com; {self.where})",
-                                         remote=self.name, path=path)
                 ss.status(ss.lsetstat(ap, w.encode_attrs(perms=mode & 0o777)))
             except w.StatusError as e:
                 raise self._status_error(e, path, writing=True) from None
-            size, mtime = a.size or 0, a.mtime or 0
-            return RemoteEntry(path, _FILE, size, mtime * _SEC, _fp(size, mtime))
+            return self._entry(path, a)
 
     def get(self, path: str, dest: str) -> RemoteEntry:
         with self._session(path) as ss:
-            self._parent_ok(ss, path, create=False)
-            ap = self._abs(path)
-            try:
-                a = ss.attrs(ss.lstat(ap))
-            except w.StatusError as e:
-                raise self._status_error(e, path) from None
-            if a.kind != w.S_IFREG:
-                raise Conflict("not a regular file", remote=self.name, path=path)
+            ap, a = self._regular_file(ss, path)
             h = ss.handle(ss.open(ap, w.O_READ))
             try:
                 a = ss.attrs(ss.fstat(h))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from unittest import mock
@@ -507,16 +508,24 @@ def test_a_run_that_changed_a_directory_remote_ends_with_its_names_made_durable(
     assert sorted(fsynced) == sorted(os.stat(d).st_ino for d in want)
 
 
+def synced_long_ago(tmp_path: Path, remote: Callable[[Path], LocalRemote] | None = None
+                    ) -> tuple[Engine, Any, Path, Path]:
+    """FILES synced once by an engine (on `remote(dst)` if given), their mtimes old enough
+    not to be racy: hashed once, then trusted to the stat cache."""
+    cfg, src, dst = setup(tmp_path, FILES)
+    old = time.time() - 100
+    for rel in FILES:
+        os.utime(src / rel, (old, old))
+    e = engine(cfg, remote(dst) if remote else None, Clock())
+    assert e.reconcile(cfg.pairs[0], Options()).status == "ok"
+    return e, cfg, src, dst
+
+
 def test_a_chmod_alone_is_synced_to_a_remote_that_keeps_modes(tmp_path: Path) -> None:
     """chmod changes neither content nor mtime: the stat signature holds the mode, and the
     base records the mode it was sent with. The file is read again (hashed), but only its
     mode goes to the remote: same remote file, same bytes."""
-    cfg, src, dst = setup(tmp_path, FILES)
-    old = time.time() - 100   # not racy: hashed once, then trusted to the stat cache
-    for rel in FILES:
-        os.utime(src / rel, (old, old))
-    e = engine(cfg, None, Clock())
-    assert e.reconcile(cfg.pairs[0], Options()).status == "ok"
+    e, cfg, src, dst = synced_long_ago(tmp_path)
     target = dst / "docs" / "d1" / "f1.txt"
     assert target.stat().st_mode & 0o777 == (src / "d1" / "f1.txt").stat().st_mode & 0o777
     ino = target.stat().st_ino
@@ -533,12 +542,7 @@ def test_a_chmod_job_sends_the_file_whole_if_it_is_not_the_one_planned(tmp_path:
     """Replaced between the scan and the job by a file of the same size and mtime (ext4
     may even give it the same inode): the job reads it again, sees other content, and
     sends the whole file instead of just the mode."""
-    cfg, src, dst = setup(tmp_path, FILES)
-    old = time.time() - 100
-    for rel in FILES:
-        os.utime(src / rel, (old, old))
-    e = engine(cfg, None, Clock())
-    assert e.reconcile(cfg.pairs[0], Options()).status == "ok"
+    e, cfg, src, dst = synced_long_ago(tmp_path)
     f = src / "d1" / "f1.txt"
     os.chmod(f, 0o750)
     real = transfer._chmod
@@ -586,12 +590,7 @@ def test_a_pair_pointed_elsewhere_syncs_there_afresh(tmp_path: Path) -> None:
 def test_a_chmod_job_sends_the_file_whole_if_the_remote_one_changed(tmp_path: Path) -> None:
     """The remote file changed between the plan and the job (someone wrote it): the mode
     alone would leave their bytes under our name, so the job sends the whole file."""
-    cfg, src, dst = setup(tmp_path, FILES)
-    old = time.time() - 100
-    for rel in FILES:
-        os.utime(src / rel, (old, old))
-    e = engine(cfg, None, Clock())
-    assert e.reconcile(cfg.pairs[0], Options()).status == "ok"
+    e, cfg, src, dst = synced_long_ago(tmp_path)
     os.chmod(src / "d1" / "f1.txt", 0o750)
     target = dst / "docs" / "d1" / "f1.txt"
     real = transfer._chmod
@@ -611,12 +610,7 @@ def test_a_refused_chmod_sends_the_whole_file(tmp_path: Path) -> None:
     """The remote refuses the chmod (a file of another owner: EPERM): the whole file goes,
     as before modes went alone (that needs only write access to the folder). Failing the
     job would leave the mode unsynced for good, the content being synced already."""
-    cfg, src, dst = setup(tmp_path, FILES)
-    old = time.time() - 100
-    for rel in FILES:
-        os.utime(src / rel, (old, old))
-    e = engine(cfg, None, Clock())
-    assert e.reconcile(cfg.pairs[0], Options()).status == "ok"
+    e, cfg, src, dst = synced_long_ago(tmp_path)
     os.chmod(src / "d1" / "f1.txt", 0o750)
 
     def refuse(self: LocalRemote, path: str, mode: int) -> Any:
@@ -631,12 +625,7 @@ def test_a_refused_chmod_sends_the_whole_file(tmp_path: Path) -> None:
 def test_a_mode_change_that_did_not_reach_the_remote_is_planned_again(tmp_path: Path) -> None:
     """The chmod job failed for good (parked): the index holds the content as synced, but
     not the mode, so the next scan plans the chmod again instead of calling it clean."""
-    cfg, src, dst = setup(tmp_path, FILES)
-    old = time.time() - 100
-    for rel in FILES:
-        os.utime(src / rel, (old, old))
-    e = engine(cfg, None, Clock())
-    assert e.reconcile(cfg.pairs[0], Options()).status == "ok"
+    e, cfg, src, dst = synced_long_ago(tmp_path)
     f = src / "d1" / "f1.txt"
     os.chmod(f, 0o750)
 
@@ -660,14 +649,8 @@ def test_a_mode_change_that_did_not_reach_the_remote_is_planned_again(tmp_path: 
 def test_a_chmod_on_a_remote_without_modes_is_seen_once(tmp_path: Path) -> None:
     """The remote keeps no modes (S3, FTP): a local chmod syncs nothing, and the base
     forgets the mode it was sent with, so later scans do not plan the file again."""
-    cfg, src, dst = setup(tmp_path, FILES)
-    old = time.time() - 100
-    for rel in FILES:
-        os.utime(src / rel, (old, old))
-    remote = Faulty(dst)
-    assert not remote.caps.modes
-    e = engine(cfg, remote, Clock())
-    assert e.reconcile(cfg.pairs[0], Options()).status == "ok"
+    e, cfg, src, dst = synced_long_ago(tmp_path, Faulty)
+    assert not e.remotes["nas"].caps.modes
     os.chmod(src / "d1" / "f1.txt", 0o750)
     res = e.reconcile(cfg.pairs[0], Options())
     assert (res.uploaded, res.modes_set, res.hashed_files) == (0, 0, 1)
