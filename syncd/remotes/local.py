@@ -48,9 +48,8 @@ _syncfs = _load_syncfs()
 # Up to this many staged files are made durable by one fsync each, not by a syncfs.
 FSYNC_EACH_MAX = 8
 _TMP_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-# set_mode: never a symlink; O_NONBLOCK, as a FIFO there would block the open.
-_READ_NOFOLLOW = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
-_PATH_NOFOLLOW = getattr(os, "O_PATH", os.O_RDONLY) | os.O_NOFOLLOW | os.O_CLOEXEC
+# set_mode: a path-only descriptor of the entry itself, never a symlink's target.
+_PATH_NOFOLLOW = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 def _fsync_ok(fd: int) -> bool:
@@ -277,39 +276,40 @@ class LocalRemote:
     def set_mode(self, path: str, mode: int) -> RemoteEntry:
         dfd, name = self._parent_fd(path, create=False)
         try:
-            # Through a descriptor opened without following a symlink: nothing can swap
-            # the entry between the look and the chmod.
-            try:
-                fd = os.open(name, _READ_NOFOLLOW, dir_fd=dfd)
-                readable = True
-            except PermissionError:   # not readable by us: a path-only descriptor
-                fd = os.open(name, _PATH_NOFOLLOW, dir_fd=dfd)
-                readable = False
+            # A path-only descriptor, opened without following a symlink: nothing can swap
+            # the entry between the look and the chmod, and no device is ever opened.
+            fd = os.open(name, _PATH_NOFOLLOW, dir_fd=dfd)
             try:
                 st = os.fstat(fd)
-                if stat.S_ISLNK(st.st_mode):
-                    raise Conflict("a symlink is in the way", remote=self.name, path=path)
                 if not stat.S_ISREG(st.st_mode):
-                    raise Conflict("not a regular file", remote=self.name, path=path)
-                if readable:
-                    os.fchmod(fd, mode & 0o777)
-                    if self.fsync:
-                        os.fsync(fd)
-                else:   # fchmod refuses a path-only descriptor; its /proc link does not
-                    os.chmod(f"/proc/self/fd/{fd}", mode & 0o777)
-                    # Nor can it be fsynced: the file system's sync makes the mode
-                    # durable before the base records it (a rare path).
-                    if self.fsync and _syncfs is not None and _syncfs(dfd) != 0:
-                        raise self._disk_error("syncfs", ctypes.get_errno(), path)
+                    raise Conflict("a symlink is in the way" if stat.S_ISLNK(st.st_mode)
+                                   else "not a regular file", remote=self.name, path=path)
+                proc = f"/proc/self/fd/{fd}"   # fchmod refuses a path-only descriptor
+                os.chmod(proc, mode & 0o777)
+                if self.fsync:
+                    self._sync_inode(proc, dfd, path)
             finally:
                 os.close(fd)
         except OSError as e:
-            if e.errno == errno.ELOOP:
-                raise Conflict("a symlink is in the way", remote=self.name, path=path) from None
             raise self._err(e, path) from None
         finally:
             os.close(dfd)
         return RemoteEntry(path, _FILE, st.st_size, st.st_mtime_ns, _fp(st))
+
+    def _sync_inode(self, proc: str, dfd: int, path: str) -> None:
+        """Make a metadata change of the file at `proc` durable: an fsync of it, or where
+        we may not open it for reading, a sync of its file system."""
+        try:
+            rfd = os.open(proc, os.O_RDONLY | os.O_CLOEXEC)
+        except PermissionError:
+            if _syncfs is not None and _syncfs(dfd) != 0:
+                raise self._disk_error("syncfs", ctypes.get_errno(), path) from None
+            return
+        try:
+            if not _fsync_ok(rfd):
+                raise self._disk_error("fsync", ctypes.get_errno(), path)
+        finally:
+            os.close(rfd)
 
     def put(self, path: str, source: Source) -> RemoteEntry:
         dfd, name = self._parent_fd(path, create=True)

@@ -847,7 +847,6 @@ class SFTPRemote:
 
     def set_mode(self, path: str, mode: int) -> RemoteEntry:
         with self._session(path) as ss:
-            ap, a = self._regular_file(ss, path)
             # Plain SETSTAT follows a symlink: one swapped in after the LSTAT would be
             # followed. lsetstat@openssh.com does not. Without it, no chmod: the caller
             # sends the whole file (a rename replaces a symlink, never follows it).
@@ -855,6 +854,7 @@ class SFTPRemote:
                 raise PermanentError("the server cannot change a mode without following "
                                      f"symlinks (no lsetstat@openssh.com; {self.where})",
                                      remote=self.name, path=path)
+            ap, a = self._regular_file(ss, path)
             try:
                 ss.status(ss.lsetstat(ap, w.encode_attrs(perms=mode & 0o777)))
             except w.StatusError as e:
