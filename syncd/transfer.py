@@ -165,19 +165,19 @@ def _send_batch(jobs: list[Job], pairs: dict[str, PairCtx],
 # local state as plain tuples (the runner has the Job already). Pickling whole Outcomes
 # (a Job, an Action, a Base and a LocalState each) cost the runner's process more CPU than
 # the SQLite work for the same file.
-Packed = tuple[int, Any, Any, bool, BaseException | None, int, int, str, bool]
+Packed = tuple[int, Any, Any, bool, BaseException | None, int, int, str, bool, bool]
 
 
 def _pack(pos: dict[int, int], outcomes: list[Outcome]) -> list[Packed]:
     """`pos`: job id -> its position in the chunk."""
     return [(pos[o.job.id], o.base and tuple(o.base), o.local and tuple(o.local), o.racy,
-             o.error, o.bytes, o.duration_ms, o.note, o.keep_base) for o in outcomes]
+             o.error, o.bytes, o.duration_ms, o.note, o.keep_base, o.sent) for o in outcomes]
 
 
 def _unpack(jobs: list[Job], packed: list[Packed]) -> list[Outcome]:
     new = tuple.__new__
     return [Outcome(jobs[i], b and new(Base, b), loc and new(LocalState, loc), racy, err, n, ms,
-                    note, keep) for i, b, loc, racy, err, n, ms, note, keep in packed]
+                    note, keep, sent) for i, b, loc, racy, err, n, ms, note, keep, sent in packed]
 
 
 def _plain(jobs: list[Job]) -> list[tuple[Any, ...]]:
@@ -332,11 +332,17 @@ def _open_source(o: Outcome, ctx: PairCtx) -> Source | None:
 def _uploaded(o: Outcome, src: Source, entry: RemoteEntry, started: int) -> None:
     digest, after = src.digest, src.after
     assert digest is not None and after is not None, "remote.put must call source.verify()"
-    o.bytes = src.sent
-    mode = after.st_mode & 0o7777
-    o.base = Base(FILE, after.st_size, after.st_mtime_ns, digest, entry.fp, mode)
-    o.local = LocalState(FILE, after.st_size, after.st_mtime_ns, after.st_ino, mode, digest)
-    o.racy = is_racy(after.st_mtime_ns, started)
+    o.bytes, o.sent = src.sent, True
+    _synced(o, after, digest, entry.fp, started)
+
+
+def _synced(o: Outcome, st: os.stat_result, digest: bytes, fp: str, started: int) -> None:
+    """The file as `st` and `digest` describe it is on the remote (fingerprint `fp`):
+    its base and local state, racy if modified close to `started` (when it was read)."""
+    mode = st.st_mode & 0o7777
+    o.base = Base(FILE, st.st_size, st.st_mtime_ns, digest, fp, mode)
+    o.local = LocalState(FILE, st.st_size, st.st_mtime_ns, st.st_ino, mode, digest)
+    o.racy = is_racy(st.st_mtime_ns, started)
 
 
 def _upload(o: Outcome, ctx: PairCtx, rp: str, now_ns: Callable[[], int]) -> None:
@@ -347,13 +353,6 @@ def _upload(o: Outcome, ctx: PairCtx, rp: str, now_ns: Callable[[], int]) -> Non
     with src:
         entry = ctx.remote.put(rp, src)
     _uploaded(o, src, entry, started)
-
-
-# What a chmod job that sent the whole file says (RunStats counts it as an upload): the
-# local file, or the remote one, changed since the plan.
-SENT_WHOLE_LOCAL = "content changed since the plan: sent whole"
-SENT_WHOLE_REMOTE = "remote file changed since the plan: sent whole"
-SENT_WHOLE = frozenset({SENT_WHOLE_LOCAL, SENT_WHOLE_REMOTE})
 
 
 def _chmod(o: Outcome, ctx: PairCtx, rp: str, now_ns: Callable[[], int]) -> None:
@@ -371,28 +370,26 @@ def _chmod(o: Outcome, ctx: PairCtx, rp: str, now_ns: Callable[[], int]) -> None
         return
     except OSError:
         digest = b""   # the upload below says what is wrong, as for any upload
-    e: RemoteEntry | None = None
-    same = bool(digest) and digest == a.hash and stable(before, after)
-    if same:
+    why = "content changed since the plan"
+    if digest and digest == a.hash and stable(before, after):
         try:
             e = ctx.remote.set_mode(rp, after.st_mode & 0o7777)
         except UnavailableError:
             raise
-        except PermanentError:
+        except PermanentError as err:
             # Gone, a symlink there (put() replaces it), or a chmod refused (a file of
-            # another owner): the whole file, as before modes went alone, needs only
-            # write access to the folder. Failing here would leave the mode unsynced
-            # for good: the index holds the content as synced.
-            e = None
-    if e is None or e.fp != a.remote_fp:
-        _upload(o, ctx, rp, now_ns)   # hashes what it sends, as any upload
-        if o.error is None and not o.keep_base:
-            o.note = SENT_WHOLE_REMOTE if same else SENT_WHOLE_LOCAL
-        return
-    mode = after.st_mode & 0o7777
-    o.base = Base(FILE, after.st_size, after.st_mtime_ns, digest, e.fp, mode)
-    o.local = LocalState(FILE, after.st_size, after.st_mtime_ns, after.st_ino, mode, digest)
-    o.racy = is_racy(after.st_mtime_ns, started)
+            # another owner, a server that would follow symlinks): the whole file, as
+            # before modes went alone, needs only write access to the folder. Failing
+            # here would leave the mode unsynced.
+            why = f"mode not settable alone: {err.reason}"
+        else:
+            if e.fp == a.remote_fp:
+                _synced(o, after, digest, e.fp, started)
+                return
+            why = "remote file changed since the plan"
+    _upload(o, ctx, rp, now_ns)   # hashes what it sends, as any upload
+    if o.error is None and not o.keep_base:
+        o.note = f"{why}: sent whole"
 
 
 class Reporter(Protocol):
@@ -411,7 +408,7 @@ class RunStats:
 
     def add(self, o: Outcome) -> None:
         a = o.job.action
-        sent = a.op == Op.UPLOAD or o.note in SENT_WHOLE
+        sent = a.op == Op.UPLOAD or o.sent
         key = "skipped" if o.keep_base else Op.UPLOAD.value if sent else a.op.value
         self.done[key] = self.done.get(key, 0) + 1
         if a.replaces == FILE and not o.keep_base:   # the remote file it replaced is gone
@@ -742,7 +739,7 @@ class Runner:
                                   "duration_ms": o.duration_ms, "attempt": o.job.attempts + 1}
         if a.reason:
             fields["reason"] = a.reason
-        if a.op == Op.UPLOAD or o.note in SENT_WHOLE:
+        if a.op == Op.UPLOAD or o.sent:
             fields["bytes"] = o.bytes
         if o.note:
             fields["note"] = o.note
