@@ -13,7 +13,6 @@ without compression (a rekey to another cipher, say) goes through paramiko's own
 
 from __future__ import annotations
 
-import errno
 import os
 import struct
 import threading
@@ -172,13 +171,10 @@ class DataSender:
             raise EOFError("SSH connection closed")
         try:
             n = os.writev(fd, parts)
-        except (BlockingIOError, InterruptedError):
+        except BlockingIOError:   # EAGAIN (EINTR is retried inside os.writev)
             n = 0
         except OSError as e:   # write_all turns a dead socket into EOFError, so do we
-            if e.errno == errno.EAGAIN:
-                n = 0
-            else:
-                raise EOFError(f"socket write failed: {e.strerror}") from None
+            raise EOFError(f"socket write failed: {e.strerror}") from None
         if n == nbytes:
             self.direct += 1
             return
