@@ -732,8 +732,8 @@ class Engine:
             for path, state, attempts, err in self.index.all_jobs(pair.name):
                 if state == "pending":
                     stats.failed.append((path, f"{err or 'not done yet'} (attempt {attempts}; "
-                                               f"not retried in this run: its backoff has "
-                                               f"{retry_in:.0f} s to go; the daemon's retry of "
+                                               f"not retried in this run: its backoff has at "
+                                               f"least {retry_in:.0f} s to go; the daemon's retry of "
                                                f"the pair takes it up)"))
         res.retries += stats.retries
         d = stats.done
