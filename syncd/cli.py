@@ -320,7 +320,7 @@ def _print_results(results: list[Any]) -> None:
                 "unavailable": "REMOTE UNAVAILABLE"}[r.status]
         print(f"pair {r.pair}: {head} — uploaded {r.uploaded} files "
               f"({format_bytes(r.uploaded_bytes)}), deleted {r.deleted}, trashed {r.trashed}, "
-              f"adopted {r.adopted}, " + (f"modes set {r.modes_set}, " if r.modes_set else "")
+              f"adopted {r.adopted}, " + (f"attributes set {r.attrs_set}, " if r.attrs_set else "")
               + f"skipped {r.skipped}, failed {len(r.failures)}, "
               f"{r.duration_s:.2f}s", file=out)
         if r.message and r.status in ("stopped", "unavailable"):

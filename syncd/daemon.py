@@ -310,7 +310,7 @@ class Daemon:
         sd_notify(f"STATUS={'reconciling' if full else 'syncing'} {name}")
         res = self.engine.reconcile(pair, Options(list_remote=full))
         self.index.add_run_counters(name, res.uploaded + res.deleted + res.trashed
-                                    + res.modes_set, res.uploaded_bytes)
+                                    + res.attrs_set, res.uploaded_bytes)
         pending = self.retry_at.get(name)
         if pending is not None and (full or not pending[1]):
             # A local-only run does not stand in for a pending full retry.

@@ -25,6 +25,7 @@ from syncd.log import structlog
 from syncd.model import (
     BEFORE_WRITES,
     Action,
+    Base,
     Job,
     Kind,
     LocalState,
@@ -36,7 +37,7 @@ from syncd.model import (
 from syncd.plan import DRIFT_REASONS, Facts, Policy, check_safety, plan_push, under
 from syncd.queue import Queue
 from syncd.remotes import open_remote
-from syncd.remotes.base import Remote
+from syncd.remotes.base import Capabilities, Remote
 from syncd.scan import (
     Matcher,
     Walk,
@@ -75,7 +76,7 @@ class PairResult:
     trashed: int = 0
     adopted: int = 0
     mkdirs: int = 0
-    modes_set: int = 0           # chmods sent without the file's content
+    attrs_set: int = 0           # modes or mtimes set without sending the content
     skipped: int = 0
     retries: int = 0
     failures: list[tuple[str, str]] = field(default_factory=list)   # (path, why)
@@ -97,7 +98,7 @@ class PairResult:
             "pair": self.pair, "status": self.status, "message": self.message,
             "uploaded": self.uploaded, "uploaded_bytes": self.uploaded_bytes,
             "deleted": self.deleted, "trashed": self.trashed, "adopted": self.adopted,
-            "mkdirs": self.mkdirs, "modes_set": self.modes_set, "skipped": self.skipped,
+            "mkdirs": self.mkdirs, "attrs_set": self.attrs_set, "skipped": self.skipped,
             "retries": self.retries,
             "failed": [{"path": p, "error": e} for p, e in self.failures],
             "scanned": self.scanned, "duration_s": round(self.duration_s, 3),
@@ -283,7 +284,7 @@ class Engine:
             self.index.set_pair_result(pair.name, self.clock(), res.status)
         self.log.info("reconcile_done", pair=pair.name, status=res.status, uploaded=res.uploaded,
                       bytes=res.uploaded_bytes, deleted=res.deleted, trashed=res.trashed,
-                      adopted=res.adopted, modes_set=res.modes_set, skipped=res.skipped,
+                      adopted=res.adopted, attrs_set=res.attrs_set, skipped=res.skipped,
                       failed=len(res.failures),
                       retries=res.retries, scanned=res.scanned,
                       duration_ms=int(res.duration_s * 1000))
@@ -458,7 +459,7 @@ class Engine:
                         dirs=caps.dirs, mtime_precision_ns=caps.mtime_precision_ns,
                         now_ns=int(self.clock() * 1e9),
                         tmp_owner=getattr(remote, "tmp_owner", ""), modes=caps.modes,
-                        case_sensitive=caps.case_sensitive)
+                        mtimes=caps.mtimes, case_sensitive=caps.case_sensitive)
         actions = plan_push(states, base, remote_map, policy)
         t.append(time.perf_counter())
         log.debug("reconcile_phases", load_ms=_ms(t[0], t[1]), walk_ms=_ms(t[1], t[2]),
@@ -483,11 +484,8 @@ class Engine:
                         if s.kind == DIR and (p not in prior or prior[p][1] != DIR)]
             if changed or removed:
                 self.index.save_scan(pair.name, changed, removed)
-            if not caps.modes:   # a chmod is nothing to sync here: stop seeing it
-                moded = [p for p, s in states.items() if s.kind == FILE and (
-                    b := base.get(p)) is not None and b.mode is not None and b.mode != s.mode]
-                if moded:
-                    self.index.forget_base_modes(pair.name, moded)
+            if not (caps.modes and caps.mtimes):
+                self._settle_attrs(pair.name, caps, states, base)
         if (meta is None or meta.st_dev != w.root_dev) and not opts.dry_run:
             self.index.set_pair_meta(pair.name, root, w.root_dev)
 
@@ -596,6 +594,24 @@ class Engine:
             return drop_unnamed(drop_ignored_dirs(d, expected, matcher.ignored_dirs))
 
         return run
+
+    def _settle_attrs(self, pair: str, caps: Capabilities, states: dict[str, LocalState],
+                      base: dict[str, Base]) -> None:
+        """A chmod or touch this remote cannot carry alone is nothing to sync: the bases
+        of those files take the local mode or mtime, so they are clean again and not
+        planned at every scan."""
+        modes: list[str] = []
+        mtimes: list[tuple[str, int]] = []
+        for p, s in states.items():
+            b = base.get(p)
+            if s.kind != FILE or b is None or b.hash != s.hash:
+                continue
+            if not caps.modes and b.mode is not None and b.mode != s.mode:
+                modes.append(p)
+            if not caps.mtimes and b.mtime_ns != s.mtime_ns:
+                mtimes.append((p, s.mtime_ns))
+        if modes or mtimes:
+            self.index.settle_attrs(pair, modes, mtimes)
 
     def _trip(self, pair: PairConfig, facts: Facts, opts: Options,
               actions: list[Action] | None = None) -> None:
@@ -744,7 +760,7 @@ class Engine:
         res.trashed += d.get(Op.TRASH.value, 0)
         res.adopted += d.get(Op.ADOPT.value, 0)
         res.mkdirs += d.get(Op.MKDIR.value, 0)
-        res.modes_set += d.get(Op.CHMOD.value, 0)
+        res.attrs_set += d.get(Op.ATTRS.value, 0)
         res.failures += stats.failed
 
 

@@ -12,6 +12,7 @@
                ├── NotFound
                ├── PathEscape        path leaves the remote root
                ├── Conflict          remote kind differs (dir where a file goes)
+               ├── RemoteChanged     not the version the plan saw (set_attrs)
                └── UnavailableError  remote cannot be reached / used at all (exit 3)
                     ├── AuthError
                     └── HostKeyError
@@ -115,6 +116,11 @@ class PathEscape(PermanentError):
 
 class Conflict(PermanentError):
     pass
+
+
+class RemoteChanged(PermanentError):
+    """The remote file is no longer the version the plan compared (its fingerprint moved):
+    nothing was changed on it."""
 
 
 class UnavailableError(PermanentError):

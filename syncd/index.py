@@ -148,6 +148,8 @@ def action_to_json(a: Action) -> str:
 
 def action_from_json(path: str, s: str) -> Action:
     op, reason, size, h, mtime_ns, dest, fp, kind, *rest = json.loads(s)
+    if op == "chmod":   # queued by a syncd that synced modes alone, mtimes not yet
+        op = Op.ATTRS
     return Action(Op(op), path, reason, size, bytes.fromhex(h) if h else None, mtime_ns, dest,
                   fp, kind, rest[0] if rest else 0)
 
@@ -326,26 +328,31 @@ class Index:
         everything else (directories, racy files, files not yet confirmed on the remote)."""
         # IS, not =: a missing base (NULLs) must make the condition false, never NULL, or
         # NOT (...) would drop the row from `other` too. A file is synced with its mode
-        # too: one whose mode change did not reach the remote (its job failed) is planned
-        # again. A base without a mode (adopted; or forgotten by forget_base_modes, for a
+        # and mtime too: one whose change did not reach the remote (its job failed) is
+        # planned again. A base without a mode (adopted; or one settle_attrs forgot, for a
         # remote that keeps none) matches any.
         synced_file = ("l_kind = 1 AND l_racy = 0 AND l_hash IS NOT NULL AND b_kind IS 1 AND "
-                       "b_hash IS l_hash AND (b_mode IS NULL OR b_mode IS l_mode)")
+                       "b_hash IS l_hash AND (b_mode IS NULL OR b_mode IS l_mode) AND "
+                       "b_mtime IS l_mtime")
         clean = dict(self.db.execute(
             f"SELECT path, l_sig FROM entries WHERE pair = ? AND {synced_file}", (pair,)))
         other = {r[0]: r for r in self.db.execute(
             "SELECT path, l_kind, l_size, l_mtime, l_inode, l_mode, l_hash, l_racy, "
             "(b_kind IS l_kind AND b_hash IS l_hash AND l_racy = 0 AND (l_kind IS NOT 1 OR "
-            "b_mode IS NULL OR b_mode IS l_mode)) FROM entries "
+            "((b_mode IS NULL OR b_mode IS l_mode) AND b_mtime IS l_mtime))) FROM entries "
             f"WHERE pair = ? AND l_kind IS NOT NULL AND NOT ({synced_file})", (pair,))}
         return clean, other
 
-    def forget_base_modes(self, pair: str, paths: Sequence[str]) -> None:
-        """The remote keeps no modes: the bases of these paths stop recording one (they
-        were recorded when it was sent), so a local chmod is not planned again and again."""
+    def settle_attrs(self, pair: str, modes: Sequence[str],
+                     mtimes: Sequence[tuple[str, int]]) -> None:
+        """The remote cannot carry these changes alone (see Engine._settle_attrs): the
+        bases of `modes` stop recording a mode (the one they were sent with); those of
+        `mtimes` (path, mtime_ns) take the local mtime."""
         with self.tx():
             self.db.executemany("UPDATE entries SET b_mode = NULL WHERE pair = ? AND path = ?",
-                                ((pair, p) for p in paths))
+                                ((pair, p) for p in modes))
+            self.db.executemany("UPDATE entries SET b_mtime = ? WHERE pair = ? AND path = ?",
+                                ((m, pair, p) for p, m in mtimes))
 
     def load_local(self, pair: str, paths: Iterable[str]) -> dict[str, LocalState]:
         out: dict[str, LocalState] = {}

@@ -68,7 +68,7 @@ class Op(StrEnum):
     FORGET = "forget"          # drop a base whose entry is gone on both sides
     CLEANUP = "cleanup_tmp"    # remove a stale temp file of ours
     CONFLICT = "conflict"      # cannot be resolved automatically; reported as a failure
-    CHMOD = "chmod"            # permission bits changed, content did not: set them alone
+    ATTRS = "attrs"            # mode or mtime changed, content did not: set them alone
 
 
 # Ops that remove something from the remote and count against max_delete.

@@ -38,6 +38,7 @@ class Policy:
     # once. Anyone else's (another syncd writing the same remote) only once stale.
     tmp_owner: str = ""
     modes: bool = False             # the remote keeps permission bits: a chmod is synced
+    mtimes: bool = False            # the remote's mtimes can be set alone: so is a touch
     case_sensitive: bool = False    # the remote never folds case (S3): no BEFORE_WRITES
 
 
@@ -58,7 +59,8 @@ def plan_push(local: Mapping[str, LocalState], base: Mapping[str, Base],
         if l.kind == FILE:
             if (r is not None and b is not None and l.hash is not None and l.hash == b.hash
                     and r.fp == b.remote_fp and r.kind == FILE and b.kind == FILE
-                    and (b.mode is None or b.mode == l.mode or not policy.modes)):
+                    and (b.mode is None or b.mode == l.mode or not policy.modes)
+                    and (b.mtime_ns == l.mtime_ns or not policy.mtimes)):
                 continue   # the common case: nothing changed anywhere
             out.extend(_file(path, l, b, r, policy))
         elif policy.dirs:
@@ -147,10 +149,15 @@ def _file(path: str, l: LocalState, b: Base | None, r: R | None, p: Policy) -> l
             return [up._replace(reason="remote drift")]
         if l.hash is None or l.hash != b.hash:
             return [up._replace(reason="changed")]
+        # Same content, as the remote holds it: only the attributes that changed go over.
+        changed = []
         if p.modes and b.mode is not None and b.mode != l.mode:
-            # Same content, as the remote holds it: only the permission bits go over.
-            return [Action(Op.CHMOD, path, "mode changed", l.size, l.hash, l.mtime_ns,
-                           remote_fp=r.fp)]
+            changed.append("mode")
+        if p.mtimes and b.mtime_ns != l.mtime_ns:
+            changed.append("mtime")
+        if changed:
+            return [Action(Op.ATTRS, path, " and ".join(changed) + " changed", l.size,
+                           l.hash, l.mtime_ns, remote_fp=r.fp)]
         return []
     # Never synced by us (or the index was lost): adopt an equal-looking remote file
     # instead of re-sending it, as rsync and rclone do by size and mtime.

@@ -32,8 +32,8 @@ class Outcome:
     duration_ms: int = 0
     note: str = ""             # e.g. "vanished", "not empty"
     keep_base: bool = False    # nothing changed on the remote; leave base as it is
-    sent: bool = False         # the file's bytes went to the remote (an upload's, or a
-                               # chmod job's that had to send the whole file)
+    sent: bool = False         # the file's bytes went to the remote (an upload's, or
+                               # an attrs job's that had to send the whole file)
 
 
 @dataclass(slots=True)

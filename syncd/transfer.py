@@ -30,6 +30,7 @@ from syncd.errors import (
     Conflict,
     NotFound,
     PermanentError,
+    RemoteChanged,
     SyncdError,
     TransientError,
     UnavailableError,
@@ -277,8 +278,8 @@ def execute(job: Job, ctx: PairCtx, now_ns: Callable[[], int] = time.time_ns) ->
                 o.note = "not empty; kept"
         elif a.op == Op.FORGET:
             pass
-        elif a.op == Op.CHMOD:
-            _chmod(o, ctx, rp, now_ns)
+        elif a.op == Op.ATTRS:
+            _set_attrs(o, ctx, rp, now_ns)
         elif a.op == Op.CONFLICT:
             raise Conflict(a.reason, remote=ctx.remote.name, path=rp)
         else:  # pragma: no cover - a new Op without a handler is a bug
@@ -355,38 +356,42 @@ def _upload(o: Outcome, ctx: PairCtx, rp: str, now_ns: Callable[[], int]) -> Non
     _uploaded(o, src, entry, started)
 
 
-def _chmod(o: Outcome, ctx: PairCtx, rp: str, now_ns: Callable[[], int]) -> None:
-    """Set the remote file's permission bits, after reading the local file again: the
-    whole file goes instead if its content is no longer the one the plan compared (a
-    chmod is planned from a scan that may be seconds old, and a file replaced since can
-    have the same size, mtime and even inode), or if the remote file changed meanwhile."""
+def _set_attrs(o: Outcome, ctx: PairCtx, rp: str, now_ns: Callable[[], int]) -> None:
+    """Set the remote file's permission bits and mtime, after reading the local file
+    again: the whole file goes instead if its content is no longer the one the plan
+    compared (the plan comes from a scan that may be seconds old, and a file replaced
+    since can have the same size, mtime and even inode), or if the remote file changed
+    meanwhile."""
     a = o.job.action
+    caps = ctx.remote.caps
     started = now_ns()
     try:
         digest, before, after = hash_file(os.path.join(ctx.local_root, o.job.path),
                                           ctx.follow_symlinks)
     except FileNotFoundError:
-        o.keep_base, o.note = True, "vanished before its mode was set"
+        o.keep_base, o.note = True, "vanished before its attributes were set"
         return
     except OSError:
         digest = b""   # the upload below says what is wrong, as for any upload
     why = "content changed since the plan"
     if digest and digest == a.hash and stable(before, after):
         try:
-            e = ctx.remote.set_mode(rp, after.st_mode & 0o7777)
+            e = ctx.remote.set_attrs(rp, mode=after.st_mode & 0o7777 if caps.modes else None,
+                                     mtime_ns=after.st_mtime_ns if caps.mtimes else None,
+                                     expect_fp=a.remote_fp)
         except UnavailableError:
             raise
-        except PermanentError as err:
-            # Gone, a symlink there (put() replaces it), or a chmod refused (a file of
-            # another owner, a server that would follow symlinks): the whole file, as
-            # before modes went alone, needs only write access to the folder. Failing
-            # here would leave the mode unsynced.
-            why = f"mode not settable alone: {err.reason}"
-        else:
-            if e.fp == a.remote_fp:
-                _synced(o, after, digest, e.fp, started)
-                return
+        except RemoteChanged:
             why = "remote file changed since the plan"
+        except PermanentError as err:
+            # Gone, a symlink there (put() replaces it), or refused (a file of another
+            # owner, a server that would follow symlinks): the whole file, as before
+            # attributes went alone, needs only write access to the folder. Failing here
+            # would leave them unsynced.
+            why = f"attributes not settable alone: {err.reason}"
+        else:
+            _synced(o, after, digest, e.fp, started)
+            return
     _upload(o, ctx, rp, now_ns)   # hashes what it sends, as any upload
     if o.error is None and not o.keep_base:
         o.note = f"{why}: sent whole"

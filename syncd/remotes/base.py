@@ -28,7 +28,8 @@ class Capabilities:
                                     # forked child and transfer in worker processes
     backslash: bool = False         # '\\' is an ordinary character in names (check_rel_path)
     modes: bool = False             # put() gives the file the source's permission bits,
-                                    # and set_mode() changes them alone
+                                    # and set_attrs() changes them alone
+    mtimes: bool = False            # set_attrs() changes a file's mtime alone
     case_sensitive: bool = False    # names differing by case only are always two (S3); else
                                     # maybe one (an SMB share, macOS): see plan.BEFORE_WRITES
 
@@ -180,9 +181,12 @@ class Remote(Protocol):
 
     def mkdir(self, path: str) -> RemoteEntry: ...
 
-    def set_mode(self, path: str, mode: int) -> RemoteEntry:
-        """Only with caps.modes: give a file these permission bits (& 0o777), content and
-        mtime untouched; returns its entry. A symlink or directory there is a Conflict."""
+    def set_attrs(self, path: str, *, mode: int | None = None, mtime_ns: int | None = None,
+                  expect_fp: str | None = None) -> RemoteEntry:
+        """Give a file these permission bits (& 0o777; only with caps.modes) and/or this
+        mtime (only with caps.mtimes), content untouched; returns its entry as it is now.
+        With expect_fp, a file whose fingerprint is not that one is left alone:
+        RemoteChanged. A symlink or directory there is a Conflict, nothing there NotFound."""
 
     def delete(self, paths: Sequence[str]) -> None:
         """Remove files; a path that is already gone is not an error."""

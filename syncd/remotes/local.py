@@ -19,6 +19,7 @@ from syncd.errors import (
     NotFound,
     PathEscape,
     PermanentError,
+    RemoteChanged,
     RemoteError,
     TransientError,
     UnavailableError,
@@ -48,7 +49,7 @@ _syncfs = _load_syncfs()
 # Up to this many staged files are made durable by one fsync each, not by a syncfs.
 FSYNC_EACH_MAX = 8
 _TMP_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-# set_mode: a path-only descriptor of the entry itself, never a symlink's target.
+# set_attrs: a path-only descriptor of the entry itself, never a symlink's target.
 _PATH_NOFOLLOW = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
@@ -96,7 +97,8 @@ def _fp(st: os.stat_result) -> str:
 
 class LocalRemote:
     caps = Capabilities(dirs=True, move=True, mtime_precision_ns=1, atomic_put=True,
-                        cpu_bound=True, backslash=True, modes=True)
+                        cpu_bound=True, backslash=True, modes=True,
+                        mtimes=True)
 
     def __init__(self, name: str, root: os.PathLike[str] | str, fsync: bool = True):
         self.name = name
@@ -273,19 +275,29 @@ class LocalRemote:
             raise Conflict("not a regular file", remote=self.name, path=path)
         return RemoteEntry(path, _FILE, st.st_size, st.st_mtime_ns, _fp(st))
 
-    def set_mode(self, path: str, mode: int) -> RemoteEntry:
+    def set_attrs(self, path: str, *, mode: int | None = None, mtime_ns: int | None = None,
+                  expect_fp: str | None = None) -> RemoteEntry:
         dfd, name = self._parent_fd(path, create=False)
         try:
             # A path-only descriptor, opened without following a symlink: nothing can swap
-            # the entry between the look and the chmod, and no device is ever opened.
+            # the entry between the look and the change, and no device is ever opened.
             fd = os.open(name, _PATH_NOFOLLOW, dir_fd=dfd)
             try:
                 st = os.fstat(fd)
                 if not stat.S_ISREG(st.st_mode):
                     raise Conflict("a symlink is in the way" if stat.S_ISLNK(st.st_mode)
                                    else "not a regular file", remote=self.name, path=path)
-                proc = f"/proc/self/fd/{fd}"   # fchmod refuses a path-only descriptor
-                os.chmod(proc, mode & 0o777)
+                if expect_fp is not None and _fp(st) != expect_fp:
+                    raise RemoteChanged("the file changed since the plan", remote=self.name,
+                                        path=path)
+                # fchmod and futimens refuse a path-only descriptor; its /proc link is the
+                # file itself, never a symlink's target.
+                proc = f"/proc/self/fd/{fd}"
+                if mode is not None:
+                    os.chmod(proc, mode & 0o777)
+                if mtime_ns is not None:
+                    os.utime(proc, ns=(mtime_ns, mtime_ns))   # as put() stamps it
+                    st = os.fstat(fd)
                 if self.fsync:
                     self._sync_inode(proc, dfd, path)
             finally:

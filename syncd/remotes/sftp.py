@@ -30,6 +30,7 @@ from syncd.errors import (
     NotFound,
     PathEscape,
     PermanentError,
+    RemoteChanged,
     RemoteError,
     SourceChanged,
     TransientError,
@@ -154,7 +155,7 @@ class _Conn:
 
 class SFTPRemote:
     caps = Capabilities(dirs=True, move=True, mtime_precision_ns=_SEC, atomic_put=True,
-                        cpu_bound=False, modes=True)
+                        cpu_bound=False, modes=True, mtimes=True)
 
     def __init__(self, name: str, opts: SFTPOptions, env: dict[str, str] | None = None):
         self.name = name
@@ -845,21 +846,27 @@ class SFTPRemote:
                            else "not a regular file", remote=self.name, path=path)
         return ap, a
 
-    def set_mode(self, path: str, mode: int) -> RemoteEntry:
+    def set_attrs(self, path: str, *, mode: int | None = None, mtime_ns: int | None = None,
+                  expect_fp: str | None = None) -> RemoteEntry:
         with self._session(path) as ss:
             # Plain SETSTAT follows a symlink: one swapped in after the LSTAT would be
-            # followed. lsetstat@openssh.com does not. Without it, no chmod: the caller
-            # sends the whole file (a rename replaces a symlink, never follows it).
+            # followed. lsetstat@openssh.com does not. Without it, nothing is changed: the
+            # caller sends the whole file (a rename replaces a symlink, never follows it).
             if not ss.has_lsetstat:
-                raise PermanentError("the server cannot change a mode without following "
+                raise PermanentError("the server cannot change attributes without following "
                                      f"symlinks (no lsetstat@openssh.com; {self.where})",
                                      remote=self.name, path=path)
             ap, a = self._regular_file(ss, path)
+            if expect_fp is not None and self._entry(path, a).fp != expect_fp:
+                raise RemoteChanged("the file changed since the plan", remote=self.name,
+                                    path=path)
+            mtime = None if mtime_ns is None else mtime_ns // _SEC
             try:
-                ss.status(ss.lsetstat(ap, w.encode_attrs(perms=mode & 0o777)))
+                ss.status(ss.lsetstat(ap, w.encode_attrs(
+                    perms=None if mode is None else mode & 0o777, mtime=mtime)))
             except w.StatusError as e:
                 raise self._status_error(e, path, writing=True) from None
-            return self._entry(path, a)
+            return self._entry(path, a if mtime is None else a._replace(mtime=mtime))
 
     def get(self, path: str, dest: str) -> RemoteEntry:
         with self._session(path) as ss:

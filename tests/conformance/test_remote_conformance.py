@@ -16,7 +16,15 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from syncd.errors import Conflict, NotFound, PathEscape, RemoteError, SourceChanged, SyncdError
+from syncd.errors import (
+    Conflict,
+    NotFound,
+    PathEscape,
+    RemoteChanged,
+    RemoteError,
+    SourceChanged,
+    SyncdError,
+)
 from syncd.model import TMP_PREFIX, TRASH_DIR, Kind, RemoteEntry
 from syncd.remotes import base
 from syncd.remotes.base import Remote, Source
@@ -806,8 +814,8 @@ def test_fingerprint_tells_kind(remote: Remote, upload: Upload) -> None:
         assert (e.fp == DIR_FP) == (e.kind == Kind.DIR), e
 
 
-def test_set_mode_changes_the_permission_bits_alone(remote: Remote, peek: Peek,
-                                                     upload: Upload) -> None:
+def test_set_attrs_changes_the_permission_bits_alone(remote: Remote, peek: Peek,
+                                                      upload: Upload) -> None:
     """A chmod synced without the content: bits changed, same file (inode), same bytes,
     same fingerprint; a missing file is NotFound; a symlink or directory there is a
     Conflict, and a symlink's target keeps its mode."""
@@ -819,20 +827,58 @@ def test_set_mode_changes_the_permission_bits_alone(remote: Remote, peek: Peek,
     e = upload("d/m.txt", b"mode", mtime_ns=1_700_000_000_000_000_000)
     p = Path(root) / "d" / "m.txt"
     ino = p.stat().st_ino
-    got = remote.set_mode("d/m.txt", 0o640)
+    got = remote.set_attrs("d/m.txt", mode=0o640)
     assert p.stat().st_mode & 0o777 == 0o640 and p.stat().st_ino == ino
     assert got.fp == e.fp == remote.stat("d/m.txt").fp
     assert peek.read("d/m.txt") == b"mode"
     with pytest.raises(NotFound):
-        remote.set_mode("d/none.txt", 0o600)
+        remote.set_attrs("d/none.txt", mode=0o600)
     remote.mkdir("d/sub")
     with pytest.raises(Conflict):
-        remote.set_mode("d/sub", 0o700)
+        remote.set_attrs("d/sub", mode=0o700)
     if peek.supports_symlinks:
         peek.outside_write("victim.txt", b"victim")
         victim = Path(peek.outside_abs("victim.txt"))
         os.chmod(victim, 0o644)
         peek.symlink("d/link.txt", str(victim))
         with pytest.raises(Conflict):
-            remote.set_mode("d/link.txt", 0o600)
+            remote.set_attrs("d/link.txt", mode=0o600)
         assert victim.stat().st_mode & 0o777 == 0o644
+
+
+def test_set_attrs_changes_the_mtime_alone(remote: Remote, peek: Peek, upload: Upload) -> None:
+    """A touch synced without the content: the mtime (at the backend's precision) and the
+    fingerprint change as a listing shows them, same file, same bytes, same mode. With
+    expect_fp, a file that is not that version is left alone (RemoteChanged); a symlink
+    there is a Conflict and its target keeps its mtime."""
+    if not remote.caps.mtimes:
+        pytest.skip("this backend cannot set an mtime alone (caps.mtimes is off)")
+    root = getattr(peek, "root", None)
+    if root is None:   # pragma: no cover - every backend with mtimes has a local view
+        pytest.skip("no local view of this backend's files")
+    e = upload("d/t.txt", b"touch", mtime_ns=1_700_000_000_000_000_000)
+    p = Path(root) / "d" / "t.txt"
+    ino, mode = p.stat().st_ino, p.stat().st_mode
+    new = 1_750_000_000_123_456_789
+    prec = remote.caps.mtime_precision_ns
+    with pytest.raises(RemoteChanged):
+        remote.set_attrs("d/t.txt", mtime_ns=new, expect_fp=e.fp + "x")
+    assert remote.stat("d/t.txt").fp == e.fp
+    got = remote.set_attrs("d/t.txt", mtime_ns=new, expect_fp=e.fp)
+    assert p.stat().st_mtime_ns == new // prec * prec
+    assert (p.stat().st_ino, p.stat().st_mode) == (ino, mode)
+    assert got.fp != e.fp and got._replace(path="t.txt") == listing(remote, "d")["t.txt"]
+    assert got.fp == remote.stat("d/t.txt").fp
+    assert peek.read("d/t.txt") == b"touch"
+    with pytest.raises(NotFound):
+        remote.set_attrs("d/none.txt", mtime_ns=new)
+    if peek.supports_symlinks:
+        peek.outside_write("victim2.txt", b"victim")
+        victim = Path(peek.outside_abs("victim2.txt"))
+        before = victim.stat().st_mtime_ns
+        peek.symlink("d/link2.txt", str(victim))
+        with pytest.raises(Conflict):
+            remote.set_attrs("d/link2.txt", mtime_ns=new)
+        assert victim.stat().st_mtime_ns == before
+
+

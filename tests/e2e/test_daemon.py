@@ -129,9 +129,9 @@ def test_changes_reach_the_remote_and_sigterm_exits_0(daemon: Daemon) -> None:
     assert "daemon_stopping" in names and names[-1] == "daemon_stopped"
 
 
-def test_a_chmod_reaches_the_remote_as_a_mode_change(daemon: Daemon) -> None:
-    """inotify reports a chmod as an attribute change (no write, no close): the pair is
-    scanned after the debounce, and only the mode goes over."""
+def test_a_chmod_or_touch_reaches_the_remote_as_an_attribute_change(daemon: Daemon) -> None:
+    """inotify reports a chmod or a touch as an attribute change (no write, no close): the
+    pair is scanned after the debounce, and only the mode or mtime goes over."""
     daemon.write("run.sh", b"#!/bin/sh\n")
     old = time.time() - 100   # not racy: the stat cache trusts it from the first sync on
     os.utime(daemon.src / "run.sh", (old, old))
@@ -142,10 +142,15 @@ def test_a_chmod_reaches_the_remote_as_a_mode_change(daemon: Daemon) -> None:
     os.chmod(daemon.src / "run.sh", 0o755)
     wait_for(lambda: target.stat().st_mode & 0o777 == 0o755, what="mode on the remote")
     assert target.stat().st_ino == ino
+    new = time.time_ns() - 50 * 10**9   # a touch is an attribute change too
+    os.utime(daemon.src / "run.sh", ns=(new, new))
+    wait_for(lambda: target.stat().st_mtime_ns == new, what="mtime on the remote")
+    assert target.stat().st_ino == ino
     assert daemon.stop() == 0
     done = [(e["event"], e.get("path")) for e in daemon.events()
             if str(e["event"]).endswith("_done") and e.get("path") == "run.sh"]
-    assert done == [("upload_done", "run.sh"), ("chmod_done", "run.sh")]
+    assert done == [("upload_done", "run.sh"), ("attrs_done", "run.sh"),
+                    ("attrs_done", "run.sh")]
 
 
 def test_editor_saves_end_as_one_upload_never_a_delete(daemon: Daemon) -> None:

@@ -118,7 +118,8 @@ def test_reconcile_to_sshd_mirrors_then_idle_then_exact_changes(tmp_path: Path, 
 def test_a_chmod_alone_goes_over_sftp_without_the_content(tmp_path: Path,
                                                           sshd: SSHServer) -> None:
     """chmod on a synced file: the remote file gets the new bits through SETSTAT, and is
-    the same file (inode) with the same bytes; the dry run says chmod."""
+    the same file (inode) with the same bytes; the dry run says attrs. Then a touch: the
+    remote mtime follows (SFTP keeps whole seconds), still no bytes sent."""
     s = SftpSetup(tmp_path, sshd)
     s.write("x.txt", b"ours")
     old = time.time() - 100   # not racy: trusted to the stat cache from now on
@@ -127,15 +128,24 @@ def test_a_chmod_alone_goes_over_sftp_without_the_content(tmp_path: Path,
     ino = (s.mirror / "x.txt").stat().st_ino
     os.chmod(s.src / "x.txt", 0o751)
     plan = s.reconcile("--dry-run")
-    assert [(a["op"], a["reason"]) for a in plan.summary["plan"]] == [("chmod", "mode changed")]
+    assert [(a["op"], a["reason"]) for a in plan.summary["plan"]] == [("attrs", "mode changed")]
     r = s.reconcile()
     assert r.code == 0, r.err
-    assert (r.summary["modes_set"], r.summary["uploaded"]) == (1, 0)
+    assert (r.summary["attrs_set"], r.summary["uploaded"]) == (1, 0)
     st = (s.mirror / "x.txt").stat()
     assert st.st_mode & 0o777 == 0o751 and st.st_ino == ino
     assert (s.mirror / "x.txt").read_bytes() == b"ours"
     r = s.reconcile()
-    assert (r.summary["modes_set"], r.summary["uploaded"]) == (0, 0)
+    assert (r.summary["attrs_set"], r.summary["uploaded"]) == (0, 0)
+    new = time.time_ns() - 50 * 10**9
+    os.utime(s.src / "x.txt", ns=(new, new))
+    r = s.reconcile()
+    assert r.code == 0, r.err
+    assert (r.summary["attrs_set"], r.summary["uploaded"]) == (1, 0)
+    st = (s.mirror / "x.txt").stat()
+    assert st.st_mtime_ns == new // 10**9 * 10**9 and st.st_ino == ino
+    r = s.reconcile()
+    assert (r.summary["attrs_set"], r.summary["uploaded"], r.code) == (0, 0, 0)
 
 
 def test_remote_drift_is_detected_and_overwritten(tmp_path: Path, sshd: SSHServer) -> None:

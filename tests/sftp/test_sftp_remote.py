@@ -865,9 +865,9 @@ def test_a_folder_removed_between_its_check_and_the_upload_is_a_transient_error(
     r.close()
 
 
-def test_set_mode_never_follows_a_symlink_on_the_server(srv: SSHServer, tmp_path: Path) -> None:
-    """OpenSSH offers lsetstat@openssh.com, and set_mode uses it: even a symlink swapped
-    in after set_mode's LSTAT would not lead the chmod outside the root."""
+def test_set_attrs_never_follows_a_symlink_on_the_server(srv: SSHServer, tmp_path: Path) -> None:
+    """OpenSSH offers lsetstat@openssh.com, and set_attrs uses it: even a symlink swapped
+    in after set_attrs' LSTAT would not lead the chmod or the touch outside the root."""
     from syncd.remotes import sftp_wire as w
 
     r, root, _src = _upload_setup(srv, tmp_path, "unused", b"")
@@ -879,19 +879,24 @@ def test_set_mode_never_follows_a_symlink_on_the_server(srv: SSHServer, tmp_path
         assert ss.has_lsetstat
         with pytest.raises(w.StatusError):   # Linux cannot chmod a symlink itself
             ss.status(ss.lsetstat(r._abs("link"), w.encode_attrs(perms=0o600)))
-    assert victim.stat().st_mode & 0o777 == 0o644
+        before = victim.stat().st_mtime_ns
+        ss.status(ss.lsetstat(r._abs("link"), w.encode_attrs(mtime=1_750_000_000)))
+    assert victim.stat().st_mode & 0o777 == 0o644 and victim.stat().st_mtime_ns == before
+    assert (root / "link").lstat().st_mtime == 1_750_000_000   # the link's own time
     r.close()
 
 
-def test_set_mode_without_lsetstat_is_refused_rather_than_risk_a_symlink(
+def test_set_attrs_without_lsetstat_is_refused_rather_than_risk_a_symlink(
         srv: SSHServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A server without lsetstat@openssh.com: no SETSTAT (it would follow a symlink swapped
-    in after the look); a PermanentError, on which the chmod job sends the whole file."""
+    in after the look); a PermanentError, on which the attrs job sends the whole file."""
     r, root, src = _upload_setup(srv, tmp_path, "f.bin", b"data")
     _put_file(r, src, "f.bin")
-    before = (root / "f.bin").stat().st_mode & 0o777
+    before = (root / "f.bin").stat()
     monkeypatch.setattr(sftp_wire.Session, "has_lsetstat", property(lambda self: False))
     with pytest.raises(PermanentError, match="lsetstat"):
-        r.set_mode("f.bin", 0o600 if before != 0o600 else 0o640)
-    assert (root / "f.bin").stat().st_mode & 0o777 == before
+        r.set_attrs("f.bin", mode=0o600 if before.st_mode & 0o777 != 0o600 else 0o640,
+                    mtime_ns=1_750_000_000 * 10**9)
+    after = (root / "f.bin").stat()
+    assert (after.st_mode, after.st_mtime_ns) == (before.st_mode, before.st_mtime_ns)
     r.close()

@@ -19,6 +19,7 @@ from syncd.config import parse_config
 from syncd.engine import Engine, Options
 from syncd.errors import PermanentError, TransientError
 from syncd.index import Index
+from syncd.model import Op
 from syncd.remotes.base import Capabilities, Source
 from syncd.remotes.local import LocalRemote
 
@@ -531,11 +532,11 @@ def test_a_chmod_alone_is_synced_to_a_remote_that_keeps_modes(tmp_path: Path) ->
     ino = target.stat().st_ino
     os.chmod(src / "d1" / "f1.txt", 0o750)
     res = e.reconcile(cfg.pairs[0], Options())
-    assert (res.modes_set, res.uploaded, res.uploaded_bytes) == (1, 0, 0)
+    assert (res.attrs_set, res.uploaded, res.uploaded_bytes) == (1, 0, 0)
     assert target.stat().st_mode & 0o777 == 0o750 and target.stat().st_ino == ino
     assert target.read_bytes() == (src / "d1" / "f1.txt").read_bytes()
     res = e.reconcile(cfg.pairs[0], Options())
-    assert (res.modes_set, res.uploaded, res.hashed_files) == (0, 0, 0)   # cache holds
+    assert (res.attrs_set, res.uploaded, res.hashed_files) == (0, 0, 0)   # cache holds
 
 
 def test_a_chmod_job_sends_the_file_whole_if_it_is_not_the_one_planned(tmp_path: Path) -> None:
@@ -545,7 +546,7 @@ def test_a_chmod_job_sends_the_file_whole_if_it_is_not_the_one_planned(tmp_path:
     e, cfg, src, dst = synced_long_ago(tmp_path)
     f = src / "d1" / "f1.txt"
     os.chmod(f, 0o750)
-    real = transfer._chmod
+    real = transfer._set_attrs
 
     def swap_first(o: Any, ctx: Any, rp: str, now_ns: Any) -> None:
         st = f.stat()
@@ -556,9 +557,9 @@ def test_a_chmod_job_sends_the_file_whole_if_it_is_not_the_one_planned(tmp_path:
         os.utime(f, ns=(st.st_mtime_ns, st.st_mtime_ns))
         real(o, ctx, rp, now_ns)
 
-    with mock.patch.object(transfer, "_chmod", swap_first):
+    with mock.patch.object(transfer, "_set_attrs", swap_first):
         res = e.reconcile(cfg.pairs[0], Options())
-    assert (res.modes_set, res.uploaded, res.failures) == (0, 1, [])
+    assert (res.attrs_set, res.uploaded, res.failures) == (0, 1, [])
     target = dst / "docs" / "d1" / "f1.txt"
     assert target.read_bytes() == f.read_bytes() and target.stat().st_mode & 0o777 == 0o750
 
@@ -593,15 +594,15 @@ def test_a_chmod_job_sends_the_file_whole_if_the_remote_one_changed(tmp_path: Pa
     e, cfg, src, dst = synced_long_ago(tmp_path)
     os.chmod(src / "d1" / "f1.txt", 0o750)
     target = dst / "docs" / "d1" / "f1.txt"
-    real = transfer._chmod
+    real = transfer._set_attrs
 
     def remote_write_first(o: Any, ctx: Any, rp: str, now_ns: Any) -> None:
         target.write_bytes(b"written on the remote meanwhile")
         real(o, ctx, rp, now_ns)
 
-    with mock.patch.object(transfer, "_chmod", remote_write_first):
+    with mock.patch.object(transfer, "_set_attrs", remote_write_first):
         res = e.reconcile(cfg.pairs[0], Options())
-    assert (res.modes_set, res.uploaded, res.failures) == (0, 1, [])
+    assert (res.attrs_set, res.uploaded, res.failures) == (0, 1, [])
     assert target.read_bytes() == (src / "d1" / "f1.txt").read_bytes()
     assert target.stat().st_mode & 0o777 == 0o750
 
@@ -613,12 +614,12 @@ def test_a_refused_chmod_sends_the_whole_file(tmp_path: Path) -> None:
     e, cfg, src, dst = synced_long_ago(tmp_path)
     os.chmod(src / "d1" / "f1.txt", 0o750)
 
-    def refuse(self: LocalRemote, path: str, mode: int) -> Any:
+    def refuse(self: LocalRemote, path: str, **_: Any) -> Any:
         raise PermanentError("Operation not permitted", remote=self.name, path=path)
 
-    with mock.patch.object(LocalRemote, "set_mode", refuse):
+    with mock.patch.object(LocalRemote, "set_attrs", refuse):
         res = e.reconcile(cfg.pairs[0], Options())
-    assert (res.modes_set, res.uploaded, res.failures) == (0, 1, [])
+    assert (res.attrs_set, res.uploaded, res.failures) == (0, 1, [])
     assert (dst / "docs" / "d1" / "f1.txt").stat().st_mode & 0o777 == 0o750
 
 
@@ -629,21 +630,21 @@ def test_a_mode_change_that_did_not_reach_the_remote_is_planned_again(tmp_path: 
     f = src / "d1" / "f1.txt"
     os.chmod(f, 0o750)
 
-    def unreachable(self: LocalRemote, path: str, mode: int) -> Any:
+    def unreachable(self: LocalRemote, path: str, **_: Any) -> Any:
         raise TransientError("connection reset", remote=self.name, path=path)
 
-    with mock.patch.object(LocalRemote, "set_mode", unreachable):
+    with mock.patch.object(LocalRemote, "set_attrs", unreachable):
         res = e.reconcile(cfg.pairs[0], Options())
-    assert res.status == "failed" and res.modes_set == 0
+    assert res.status == "failed" and res.attrs_set == 0
     target = dst / "docs" / "d1" / "f1.txt"
     assert target.stat().st_mode & 0o777 != 0o750
     for _ in range(2):   # a full reconcile, and a local-only one as the daemon's
         res = e.reconcile(cfg.pairs[0], Options())
-        if res.modes_set:
+        if res.attrs_set:
             break
-    assert res.modes_set == 1 and target.stat().st_mode & 0o777 == 0o750
+    assert res.attrs_set == 1 and target.stat().st_mode & 0o777 == 0o750
     res = e.reconcile(cfg.pairs[0], Options())
-    assert (res.modes_set, res.uploaded, res.hashed_files) == (0, 0, 0)
+    assert (res.attrs_set, res.uploaded, res.hashed_files) == (0, 0, 0)
 
 
 def test_a_chmod_on_a_remote_without_modes_is_seen_once(tmp_path: Path) -> None:
@@ -653,10 +654,75 @@ def test_a_chmod_on_a_remote_without_modes_is_seen_once(tmp_path: Path) -> None:
     assert not e.remotes["nas"].caps.modes
     os.chmod(src / "d1" / "f1.txt", 0o750)
     res = e.reconcile(cfg.pairs[0], Options())
-    assert (res.uploaded, res.modes_set, res.hashed_files) == (0, 0, 1)
+    assert (res.uploaded, res.attrs_set, res.hashed_files) == (0, 0, 1)
     row = e.index.db.execute("SELECT b_mode FROM entries WHERE path = 'd1/f1.txt'").fetchone()
     assert row == (None,)
     clean, _ = e.index.load_prior("p")
     assert "d1/f1.txt" in clean
     res = e.reconcile(cfg.pairs[0], Options())
-    assert (res.uploaded, res.modes_set, res.hashed_files) == (0, 0, 0)
+    assert (res.uploaded, res.attrs_set, res.hashed_files) == (0, 0, 0)
+
+
+def test_a_touch_alone_sets_the_remote_mtime(tmp_path: Path) -> None:
+    """Content and mode unchanged, mtime moved (touch, or a tool that rewrote the same
+    bytes): the file is read again (hashed), and only its mtime goes to the remote, as
+    rclone and rsync -a do: same remote file, no bytes sent. Then it is clean again."""
+    e, cfg, src, dst = synced_long_ago(tmp_path)
+    f, target = src / "d1" / "f1.txt", dst / "docs" / "d1" / "f1.txt"
+    ino = target.stat().st_ino
+    new = time.time_ns() - 50 * 10**9 + 123
+    os.utime(f, ns=(new, new))
+    plan = e.reconcile(cfg.pairs[0], Options(dry_run=True)).plan
+    assert [(a.op, a.path, a.reason) for a in plan] == [(Op.ATTRS, "d1/f1.txt", "mtime changed")]
+    res = e.reconcile(cfg.pairs[0], Options())
+    assert (res.attrs_set, res.uploaded, res.uploaded_bytes) == (1, 0, 0)
+    assert target.stat().st_mtime_ns == new and target.stat().st_ino == ino
+    assert target.read_bytes() == f.read_bytes()
+    res = e.reconcile(cfg.pairs[0], Options())
+    assert (res.attrs_set, res.uploaded, res.hashed_files) == (0, 0, 0)   # cache holds
+    # Mode and mtime at once: one job sets both.
+    os.chmod(f, 0o700)
+    os.utime(f, ns=(new + 10**9, new + 10**9))
+    plan = e.reconcile(cfg.pairs[0], Options(dry_run=True)).plan
+    assert [(a.op, a.reason) for a in plan] == [(Op.ATTRS, "mode and mtime changed")]
+    res = e.reconcile(cfg.pairs[0], Options())
+    assert (res.attrs_set, res.uploaded) == (1, 0)
+    assert (target.stat().st_mtime_ns, target.stat().st_mode & 0o777) == (new + 10**9, 0o700)
+
+
+def test_an_mtime_change_that_did_not_reach_the_remote_is_planned_again(tmp_path: Path) -> None:
+    """The touch's job failed (remote unreachable): the index holds the content as synced
+    but not the mtime, so the next scan plans it again instead of calling it clean."""
+    e, cfg, src, dst = synced_long_ago(tmp_path)
+    f, target = src / "d1" / "f1.txt", dst / "docs" / "d1" / "f1.txt"
+    new = time.time_ns() - 50 * 10**9
+    os.utime(f, ns=(new, new))
+
+    def unreachable(self: LocalRemote, path: str, **_: Any) -> Any:
+        raise TransientError("connection reset", remote=self.name, path=path)
+
+    with mock.patch.object(LocalRemote, "set_attrs", unreachable):
+        res = e.reconcile(cfg.pairs[0], Options())
+    assert res.status == "failed" and res.attrs_set == 0 and target.stat().st_mtime_ns != new
+    for _ in range(2):   # a full reconcile, and a local-only one as the daemon's
+        res = e.reconcile(cfg.pairs[0], Options())
+        if res.attrs_set:
+            break
+    assert res.attrs_set == 1 and target.stat().st_mtime_ns == new
+    res = e.reconcile(cfg.pairs[0], Options())
+    assert (res.attrs_set, res.uploaded, res.hashed_files) == (0, 0, 0)
+
+
+def test_a_touch_on_a_remote_that_cannot_set_mtimes_is_seen_once(tmp_path: Path) -> None:
+    """The remote cannot set an mtime alone (S3, FTP): a touch syncs nothing, and the
+    base takes the local mtime, so later scans see the file clean."""
+    e, cfg, src, dst = synced_long_ago(tmp_path, Faulty)
+    assert not e.remotes["nas"].caps.mtimes
+    new = time.time_ns() - 50 * 10**9
+    os.utime(src / "d1" / "f1.txt", ns=(new, new))
+    res = e.reconcile(cfg.pairs[0], Options())
+    assert (res.uploaded, res.attrs_set, res.hashed_files) == (0, 0, 1)
+    row = e.index.db.execute("SELECT b_mtime FROM entries WHERE path = 'd1/f1.txt'").fetchone()
+    assert row == (new,)
+    res = e.reconcile(cfg.pairs[0], Options())
+    assert (res.uploaded, res.attrs_set, res.hashed_files) == (0, 0, 0)

@@ -171,7 +171,7 @@ def test_a_mode_change_alone_sends_only_the_mode() -> None:
     moded = loc("A")._replace(mode=0o600)
     b = base("A")._replace(mode=0o644)
     (a,) = plan_push({"f": moded}, {"f": b}, {"f": rem("f", "A")}, Policy(modes=True))
-    assert (a.op, a.reason, a.hash, a.remote_fp) == (Op.CHMOD, "mode changed", h("A"), "fp-A")
+    assert (a.op, a.reason, a.hash, a.remote_fp) == (Op.ATTRS, "mode changed", h("A"), "fp-A")
     (a,) = plan_push({"f": loc("B")._replace(mode=0o600)}, {"f": b}, {"f": rem("f", "A")},
                      Policy(modes=True))
     assert (a.op, a.reason) == (Op.UPLOAD, "changed")
@@ -179,6 +179,31 @@ def test_a_mode_change_alone_sends_only_the_mode() -> None:
                      Policy(modes=True))
     assert (a.op, a.reason) == (Op.UPLOAD, "remote drift")
     assert plan_push({"f": moded}, {"f": b}, {"f": rem("f", "A")}, Policy(modes=False)) == []
+
+
+def test_an_mtime_change_alone_sends_only_the_attributes() -> None:
+    """Content as the base holds it, remote as recorded, another mtime (touch): the
+    attributes alone, where the remote can set an mtime; with the mode when that changed
+    too. Where it cannot (S3, FTP), nothing: the engine settles the base instead."""
+    touched = loc("A")._replace(mtime_ns=loc("A").mtime_ns + 7)
+    b = base("A")._replace(mode=touched.mode)
+    (a,) = plan_push({"f": touched}, {"f": b}, {"f": rem("f", "A")},
+                     Policy(modes=True, mtimes=True))
+    assert (a.op, a.reason, a.mtime_ns, a.remote_fp) == (Op.ATTRS, "mtime changed",
+                                                          touched.mtime_ns, "fp-A")
+    (a,) = plan_push({"f": touched._replace(mode=0o600)}, {"f": b}, {"f": rem("f", "A")},
+                     Policy(modes=True, mtimes=True))
+    assert (a.op, a.reason) == (Op.ATTRS, "mode and mtime changed")
+    assert plan_push({"f": touched}, {"f": b}, {"f": rem("f", "A")}, Policy(modes=True)) == []
+    assert plan_push({"f": loc("A")}, {"f": b}, {"f": rem("f", "A")},
+                     Policy(modes=True, mtimes=True)) == []
+
+
+def test_a_queued_chmod_of_an_older_syncd_reads_back_as_attrs() -> None:
+    from syncd.index import action_from_json
+
+    a = action_from_json("f", '["chmod","mode changed",3,null,5,"","fp",1]')
+    assert (a.op, a.reason, a.remote_fp) == (Op.ATTRS, "mode changed", "fp")
 
 
 def test_trash_destination_is_dated_under_pair() -> None:

@@ -428,10 +428,10 @@ def test_a_temp_name_clash_fails_and_leaves_the_other_file(tmp_path: Path,
     assert theirs.read_bytes() == b"another writer's upload"
 
 
-def test_set_mode_of_a_file_this_user_cannot_read(tmp_path: Path,
+def test_set_attrs_of_a_file_this_user_cannot_read(tmp_path: Path,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     """A remote file we may chmod but not read (its owner is us, its mode 0o200, say): the
-    mode is set, never through a symlink, and made durable by a sync of the file system
+    mode and mtime are set, never through a symlink, and made durable by a sync of the file system
     instead of an fsync. (Tests run as root, who reads everything: the refusal is
     simulated.)"""
     import os
@@ -452,11 +452,14 @@ def test_set_mode_of_a_file_this_user_cannot_read(tmp_path: Path,
 
     monkeypatch.setattr(local_mod.os, "open", no_read)
     r = LocalRemote("nas", root)
-    e = r.set_mode("d/f", 0o640)
+    e = r.set_attrs("d/f", mode=0o640, mtime_ns=1_750_000_000_000_000_001)
     assert (root / "d" / "f").stat().st_mode & 0o777 == 0o640 and e.size == 7
+    assert (root / "d" / "f").stat().st_mtime_ns == e.mtime_ns == 1_750_000_000_000_000_001
+    outside = (tmp_path / "outside").stat().st_mtime_ns
     with pytest.raises(local_mod.Conflict):
-        r.set_mode("d/link", 0o600)
+        r.set_attrs("d/link", mode=0o600, mtime_ns=1)
     assert (tmp_path / "outside").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "outside").stat().st_mtime_ns == outside
 
 
 def test_jobs_cross_to_worker_processes_as_plain_tuples_and_come_back_equal() -> None:
