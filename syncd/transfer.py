@@ -92,14 +92,37 @@ def _execute_chunk(jobs: list[Job], pairs: dict[str, PairCtx]) -> list[Outcome]:
     ctx = pairs[jobs[0].pair]
     put_many = getattr(ctx.remote, "put_many", None)
     if len(uploads) < 2 or put_many is None or any(j.pair != ctx.name for j in uploads):
-        return [execute(j, pairs[j.pair]) for j in jobs]
+        return _execute_rest(jobs, pairs)
     started, sent = _send_batch(uploads, pairs, put_many)
     batch: dict[int, Outcome] = {}
     for o, src, r in sent:
         if src is not None:
             _uploaded(o, src, r, started)
         batch[o.job.id] = o
-    return [batch[j.id] if j.id in batch else execute(j, pairs[j.pair]) for j in jobs]
+    rest = iter(_execute_rest([j for j in jobs if j.id not in batch], pairs))
+    return [batch[j.id] if j.id in batch else next(rest) for j in jobs]
+
+
+def _execute_rest(jobs: list[Job], pairs: dict[str, PairCtx]) -> list[Outcome]:
+    """Jobs one by one (execute), but a pair's attrs jobs together (_attrs_many), in the
+    order given."""
+    by_pair: dict[str, list[tuple[Outcome, str]]] = {}
+    for j in jobs:
+        if j.action.op == Op.ATTRS and not j.action.replaces:
+            by_pair.setdefault(j.pair, []).append((Outcome(j), ""))
+    done: dict[int, Outcome] = {}
+    for pair, items in by_pair.items():
+        if len(items) < 2:
+            continue
+        ctx = pairs[pair]
+        items = [(o, join(ctx.remote_path, o.job.path)) for o, _ in items]
+        t0 = time.perf_counter()
+        _attrs_many(items, ctx)
+        ms = int((time.perf_counter() - t0) * 1000)
+        for o, _ in items:
+            o.duration_ms = ms
+            done[o.job.id] = o
+    return [done[j.id] if j.id in done else execute(j, pairs[j.pair]) for j in jobs]
 
 
 def _stage_chunk(jobs: list[Job], pairs: dict[str, PairCtx]
@@ -121,7 +144,7 @@ def _stage_chunk(jobs: list[Job], pairs: dict[str, PairCtx]
         else:   # the remote fingerprint is filled in once published
             _uploaded(o, src, RemoteEntry(r.path, FILE, 0, 0, ""), started)
             staged.append((o, r))
-    done += [execute(j, pairs[j.pair]) for j in rest]
+    done += _execute_rest(rest, pairs)
     return done, staged
 
 
@@ -356,45 +379,78 @@ def _upload(o: Outcome, ctx: PairCtx, rp: str, now_ns: Callable[[], int]) -> Non
     _uploaded(o, src, entry, started)
 
 
+AttrsReq = tuple[str, int | None, int | None, str | None]   # path, mode, mtime_ns, expect_fp
+
+
 def _set_attrs(o: Outcome, ctx: PairCtx, rp: str, now_ns: Callable[[], int]) -> None:
-    """Set the remote file's permission bits and mtime, after reading the local file
-    again: the whole file goes instead if its content is no longer the one the plan
-    compared (the plan comes from a scan that may be seconds old, and a file replaced
-    since can have the same size, mtime and even inode), or if the remote file changed
-    meanwhile."""
-    a = o.job.action
-    caps = ctx.remote.caps
+    _attrs_many([(o, rp)], ctx, now_ns)
+
+
+def _attrs_many(items: list[tuple[Outcome, str]], ctx: PairCtx,
+                now_ns: Callable[[], int] = time.time_ns) -> None:
+    """Set remote files' permission bits and mtimes (attrs jobs of one pair: outcome and
+    remote path each), after reading each local file again: a file goes whole instead if
+    its content is no longer the one the plan compared (the plan comes from a scan that
+    may be seconds old, and a file replaced since can have the same size, mtime and even
+    inode), if the remote file changed meanwhile, or if the remote refused. Several go to
+    the remote in one call where it has set_attrs_many (SFTP pipelines them; the local
+    remote makes them durable together). Fills in each outcome; never raises."""
+    remote, caps = ctx.remote, ctx.remote.caps
     started = now_ns()
-    try:
-        digest, before, after = hash_file(os.path.join(ctx.local_root, o.job.path),
-                                          ctx.follow_symlinks)
-    except FileNotFoundError:
-        o.keep_base, o.note = True, "vanished before its attributes were set"
-        return
-    except OSError:
-        digest = b""   # the upload below says what is wrong, as for any upload
-    why = "content changed since the plan"
-    if digest and digest == a.hash and stable(before, after):
+    ready: list[tuple[Outcome, str, bytes, os.stat_result]] = []
+    whole: list[tuple[Outcome, str, str]] = []   # sent whole instead, and why
+    for o, rp in items:
         try:
-            e = ctx.remote.set_attrs(rp, mode=after.st_mode & 0o7777 if caps.modes else None,
-                                     mtime_ns=after.st_mtime_ns if caps.mtimes else None,
-                                     expect_fp=a.remote_fp)
-        except UnavailableError:
-            raise
-        except RemoteChanged:
-            why = "remote file changed since the plan"
-        except PermanentError as err:
+            digest, before, after = hash_file(os.path.join(ctx.local_root, o.job.path),
+                                              ctx.follow_symlinks)
+        except FileNotFoundError:
+            o.keep_base, o.note = True, "vanished before its attributes were set"
+            continue
+        except OSError:
+            digest = b""   # the upload below says what is wrong, as for any upload
+        if digest and digest == o.job.action.hash and stable(before, after):
+            ready.append((o, rp, digest, after))
+        else:
+            whole.append((o, rp, "content changed since the plan"))
+    reqs: list[AttrsReq] = [(rp, after.st_mode & 0o7777 if caps.modes else None,
+                             after.st_mtime_ns if caps.mtimes else None, o.job.action.remote_fp)
+                            for o, rp, _, after in ready]
+    many = getattr(remote, "set_attrs_many", None)
+    if many is not None and len(reqs) > 1:
+        try:
+            results = many(reqs)
+        except Exception as e:   # a backend returns errors per item; this is a bug's net
+            results = [e] * len(reqs)
+    else:
+        results = [_attrs_one(remote, r) for r in reqs]
+    for (o, rp, digest, after), r in zip(ready, results, strict=True):
+        if isinstance(r, RemoteChanged):
+            whole.append((o, rp, "remote file changed since the plan"))
+        elif isinstance(r, PermanentError) and not isinstance(r, UnavailableError):
             # Gone, a symlink there (put() replaces it), or refused (a file of another
             # owner, a server that would follow symlinks): the whole file, as before
             # attributes went alone, needs only write access to the folder. Failing here
             # would leave them unsynced.
-            why = f"attributes not settable alone: {err.reason}"
+            whole.append((o, rp, f"attributes not settable alone: {r.reason}"))
+        elif isinstance(r, Exception):
+            o.error = r
         else:
-            _synced(o, after, digest, e.fp, started)
-            return
-    _upload(o, ctx, rp, now_ns)   # hashes what it sends, as any upload
-    if o.error is None and not o.keep_base:
-        o.note = f"{why}: sent whole"
+            _synced(o, after, digest, r.fp, started)
+    for o, rp, why in whole:
+        try:
+            _upload(o, ctx, rp, now_ns)   # hashes what it sends, as any upload
+        except Exception as e:   # as execute() would record it
+            o.error = e
+        if o.error is None and not o.keep_base:
+            o.note = f"{why}: sent whole"
+
+
+def _attrs_one(remote: Remote, r: AttrsReq) -> RemoteEntry | Exception:
+    path, mode, mtime_ns, expect_fp = r
+    try:
+        return remote.set_attrs(path, mode=mode, mtime_ns=mtime_ns, expect_fp=expect_fp)
+    except Exception as e:   # returned, as set_attrs_many does
+        return e
 
 
 class Reporter(Protocol):

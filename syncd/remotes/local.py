@@ -277,6 +277,48 @@ class LocalRemote:
 
     def set_attrs(self, path: str, *, mode: int | None = None, mtime_ns: int | None = None,
                   expect_fp: str | None = None) -> RemoteEntry:
+        return self._set_attrs(path, mode, mtime_ns, expect_fp, sync=self.fsync)[0]
+
+    def set_attrs_many(self, items: Sequence[tuple[str, int | None, int | None, str | None]]
+                       ) -> list[RemoteEntry | Exception]:
+        """set_attrs for each (path, mode, mtime_ns, expect_fp); with fsync, a few are
+        synced one by one, more by one syncfs per filesystem after all of them (as
+        flush() does for uploads: a `chmod -R` must not cost an fsync per file). Per
+        item its entry or error."""
+        each = not self.fsync or len(items) <= FSYNC_EACH_MAX or _syncfs is None
+        out: list[RemoteEntry | Exception] = []
+        devs: dict[int, list[int]] = {}   # st_dev -> positions in out
+        for path, mode, mtime_ns, expect_fp in items:
+            try:
+                e, dev = self._set_attrs(path, mode, mtime_ns, expect_fp,
+                                         sync=self.fsync and each)
+            except RemoteError as err:
+                out.append(err)
+                continue
+            devs.setdefault(dev, []).append(len(out))
+            out.append(e)
+        if not each:
+            for dev, pos in devs.items():
+                paths = [out[i].path for i in pos]   # type: ignore[union-attr]
+                dfd = self._dev_fd(dev, paths)
+                if dfd < 0:   # every folder of these files went meanwhile: so did they
+                    e: RemoteError = TransientError("the folder vanished meanwhile",
+                                                    remote=self.name, path=paths[0])
+                else:
+                    try:
+                        if _syncfs(dfd) == 0:
+                            continue
+                        e = self._disk_error("syncfs", ctypes.get_errno(), "",
+                                             f" (making {len(pos)} attribute change(s) durable)")
+                    finally:
+                        os.close(dfd)
+                for i in pos:
+                    out[i] = e
+        return out
+
+    def _set_attrs(self, path: str, mode: int | None, mtime_ns: int | None,
+                   expect_fp: str | None, sync: bool) -> tuple[RemoteEntry, int]:
+        """set_attrs; also returns the file's st_dev (what a syncfs must cover)."""
         dfd, name = self._parent_fd(path, create=False)
         try:
             # A path-only descriptor, opened without following a symlink: nothing can swap
@@ -298,7 +340,7 @@ class LocalRemote:
                 if mtime_ns is not None:
                     os.utime(proc, ns=(mtime_ns, mtime_ns))   # as put() stamps it
                     st = os.fstat(fd)
-                if self.fsync:
+                if sync:
                     self._sync_inode(proc, dfd, path)
             finally:
                 os.close(fd)
@@ -306,7 +348,7 @@ class LocalRemote:
             raise self._err(e, path) from None
         finally:
             os.close(dfd)
-        return RemoteEntry(path, _FILE, st.st_size, st.st_mtime_ns, _fp(st))
+        return RemoteEntry(path, _FILE, st.st_size, st.st_mtime_ns, _fp(st)), st.st_dev
 
     def _sync_inode(self, proc: str, dfd: int, path: str) -> None:
         """Make a metadata change of the file at `proc` durable: an fsync of it, or where

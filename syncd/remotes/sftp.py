@@ -848,25 +848,86 @@ class SFTPRemote:
 
     def set_attrs(self, path: str, *, mode: int | None = None, mtime_ns: int | None = None,
                   expect_fp: str | None = None) -> RemoteEntry:
-        with self._session(path) as ss:
-            # Plain SETSTAT follows a symlink: one swapped in after the LSTAT would be
-            # followed. lsetstat@openssh.com does not. Without it, nothing is changed: the
-            # caller sends the whole file (a rename replaces a symlink, never follows it).
-            if not ss.has_lsetstat:
-                raise PermanentError("the server cannot change attributes without following "
-                                     f"symlinks (no lsetstat@openssh.com; {self.where})",
-                                     remote=self.name, path=path)
-            ap, a = self._regular_file(ss, path)
-            if expect_fp is not None and self._entry(path, a).fp != expect_fp:
-                raise RemoteChanged("the file changed since the plan", remote=self.name,
-                                    path=path)
-            mtime = None if mtime_ns is None else mtime_ns // _SEC
+        r = self.set_attrs_many([(path, mode, mtime_ns, expect_fp)])[0]
+        if isinstance(r, Exception):
+            raise r
+        return r
+
+    def set_attrs_many(self, items: Sequence[tuple[str, int | None, int | None, str | None]]
+                       ) -> list[RemoteEntry | Exception]:
+        """set_attrs for each (path, mode, mtime_ns, expect_fp), pipelined: the parents'
+        checks, every LSTAT, then every LSETSTAT, each in one round trip. Per item its
+        entry or error."""
+        results: list[RemoteEntry | Exception | None] = [None] * len(items)
+        try:
+            with self._session(items[0][0] if items else "") as ss:
+                self._set_attrs_batch(ss, items, results)
+        except RemoteError as e:   # the connection went: everything unfinished is retried
+            for i, r in enumerate(results):
+                if r is None:
+                    _fail(results, i, e, items[i][0])
+        return [r if r is not None else PermanentError("not attempted", remote=self.name)
+                for r in results]
+
+    def _set_attrs_batch(self, ss: w.Session,
+                         items: Sequence[tuple[str, int | None, int | None, str | None]],
+                         results: list[RemoteEntry | Exception | None]) -> None:
+        # Plain SETSTAT follows a symlink: one swapped in after the LSTAT would be
+        # followed. lsetstat@openssh.com does not. Without it, nothing is changed: the
+        # caller sends the whole file (a rename replaces a symlink, never follows it).
+        if not ss.has_lsetstat:
+            for i, (path, *_) in enumerate(items):
+                results[i] = PermanentError(
+                    "the server cannot change attributes without following symlinks (no "
+                    f"lsetstat@openssh.com; {self.where})", remote=self.name, path=path)
+            return
+        parents: dict[int, str] = {}
+        for i, (path, *_) in enumerate(items):
             try:
-                ss.status(ss.lsetstat(ap, w.encode_attrs(
-                    perms=None if mode is None else mode & 0o777, mtime=mtime)))
+                check_rel_path(self.name, path)
+            except PathEscape as e:
+                results[i] = e
+                continue
+            parents[i] = path.rpartition("/")[0]
+        bad = self._check_dirs(ss, set(parents.values()), create=False)
+        looks = []
+        for i, parent in parents.items():
+            err = bad.get(parent)
+            if isinstance(err, NotFound):
+                err = NotFound(f"no such file or directory ({self.where})", remote=self.name,
+                               path=items[i][0])
+            if err is not None:
+                results[i] = err
+            else:
+                looks.append((i, ss.lstat(self._abs(items[i][0]))))
+        changes = []
+        for i, rid in looks:
+            path, mode, mtime_ns, expect_fp = items[i]
+            try:
+                a = ss.attrs(rid)
             except w.StatusError as e:
-                raise self._status_error(e, path, writing=True) from None
-            return self._entry(path, a if mtime is None else a._replace(mtime=mtime))
+                results[i] = self._status_error(e, path)
+                continue
+            if a.kind != w.S_IFREG:
+                results[i] = Conflict("a symlink is in the way" if a.kind == w.S_IFLNK
+                                      else "not a regular file", remote=self.name, path=path)
+                continue
+            if expect_fp is not None and self._entry(path, a).fp != expect_fp:
+                results[i] = RemoteChanged("the file changed since the plan", remote=self.name,
+                                           path=path)
+                continue
+            mtime = None if mtime_ns is None else mtime_ns // _SEC
+            attrs = w.encode_attrs(perms=None if mode is None else mode & 0o777, mtime=mtime)
+            changes.append((i, a if mtime is None else a._replace(mtime=mtime),
+                            ss.lsetstat(self._abs(path), attrs)))
+        for i, a, rid in changes:
+            path = items[i][0]
+            try:
+                ss.status(rid)
+            except w.StatusError as e:
+                results[i] = self._status_error(e, path, writing=True)
+                continue
+            results[i] = self._entry(path, a)
 
     def get(self, path: str, dest: str) -> RemoteEntry:
         with self._session(path) as ss:

@@ -846,6 +846,36 @@ def test_set_attrs_changes_the_permission_bits_alone(remote: Remote, peek: Peek,
         assert victim.stat().st_mode & 0o777 == 0o644
 
 
+def test_set_attrs_many_answers_each_file_on_its_own(remote: Remote, peek: Peek,
+                                                     upload: Upload) -> None:
+    """The batched form (optional): per item its entry or its own error, in order, and
+    only the good ones are changed: a missing file or folder (NotFound), another version
+    (RemoteChanged), a directory (Conflict), a path escape (PathEscape)."""
+    many = getattr(remote, "set_attrs_many", None)
+    if many is None or not (remote.caps.modes and remote.caps.mtimes):
+        pytest.skip("backend has no batched set_attrs (optional capability)")
+    root = Path(peek.root)   # type: ignore[attr-defined]
+    ents = [upload(f"b/f{i}.txt", b"x" * i, mtime_ns=1_700_000_000_000_000_000)
+            for i in range(12)]
+    remote.mkdir("b/sub")
+    new = 1_760_000_000 * 10**9
+    reqs = [(f"b/f{i}.txt", 0o600, new, ents[i].fp) for i in range(10)]
+    reqs += [("b/none.txt", 0o600, new, None), ("b/f10.txt", 0o600, new, "other"),
+             ("b/sub", 0o700, new, None), ("nodir/f.txt", 0o600, new, None),
+             ("../x.txt", 0o600, new, None)]
+    got = many(reqs)
+    assert len(got) == len(reqs)
+    for i in range(10):
+        e = got[i]
+        assert isinstance(e, RemoteEntry) and e == remote.stat(f"b/f{i}.txt"), (i, e)
+        st = (root / "b" / f"f{i}.txt").stat()
+        assert (st.st_mode & 0o777, st.st_mtime_ns) == (0o600, new)
+    assert [type(e) for e in got[10:]] == [NotFound, RemoteChanged, Conflict, NotFound,
+                                           PathEscape]
+    assert remote.stat("b/f10.txt").fp == ents[10].fp   # left alone
+    assert (root / "b" / "f11.txt").stat().st_mtime_ns == 1_700_000_000_000_000_000
+
+
 def test_set_attrs_changes_the_mtime_alone(remote: Remote, peek: Peek, upload: Upload) -> None:
     """A touch synced without the content: the mtime (at the backend's precision) and the
     fingerprint change as a listing shows them, same file, same bytes, same mode. With

@@ -690,6 +690,34 @@ def test_a_touch_alone_sets_the_remote_mtime(tmp_path: Path) -> None:
     assert (target.stat().st_mtime_ns, target.stat().st_mode & 0o777) == (new + 10**9, 0o700)
 
 
+def test_a_chmod_or_touch_over_a_tree_goes_to_the_remote_in_batches(tmp_path: Path) -> None:
+    """`chmod -R` / `touch` over many files: the attrs jobs of a chunk go to the remote in
+    one set_attrs_many call (SFTP pipelines them; the local remote syncs them together),
+    not one call per file; a file replaced meanwhile still goes whole, alone."""
+    e, cfg, src, dst = synced_long_ago(tmp_path)
+    new = time.time_ns() - 50 * 10**9
+    for rel in FILES:
+        os.chmod(src / rel, 0o700)
+        os.utime(src / rel, ns=(new, new))
+    real = LocalRemote.set_attrs_many
+    calls: list[int] = []
+
+    def count(self: LocalRemote, items: Any) -> Any:
+        calls.append(len(items))
+        return real(self, items)
+
+    with mock.patch.object(LocalRemote, "set_attrs_many", count):
+        res = e.reconcile(cfg.pairs[0], Options())
+    assert (res.attrs_set, res.uploaded, res.uploaded_bytes, res.failures) == (
+        len(FILES), 0, 0, [])
+    assert sum(calls) == len(FILES) and max(calls) > 1
+    for rel in FILES:
+        st = (dst / "docs" / rel).stat()
+        assert (st.st_mode & 0o777, st.st_mtime_ns) == (0o700, new), rel
+    res = e.reconcile(cfg.pairs[0], Options())
+    assert (res.attrs_set, res.uploaded, res.hashed_files) == (0, 0, 0)
+
+
 def test_an_mtime_change_that_did_not_reach_the_remote_is_planned_again(tmp_path: Path) -> None:
     """The touch's job failed (remote unreachable): the index holds the content as synced
     but not the mtime, so the next scan plans it again instead of calling it clean."""

@@ -475,3 +475,45 @@ def test_jobs_cross_to_worker_processes_as_plain_tuples_and_come_back_equal() ->
     back = transfer._jobs(pickle.loads(pickle.dumps(plain)))
     assert back == jobs and all(type(j) is Job and type(j.action) is Action for j in back)
     assert transfer._jobs(jobs) is jobs   # a thread pool's chunk: untouched
+
+
+def test_set_attrs_many_syncs_a_few_one_by_one_and_more_with_one_syncfs(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A `chmod -R` must not cost an fsync per file: up to FSYNC_EACH_MAX changes are
+    fsynced each, more take one syncfs of their file system after all of them; a failed
+    syncfs fails every change it covered (retried), and fsync = false syncs nothing."""
+    root = tmp_path / "root"
+    (root / "d").mkdir(parents=True)
+    n = local_mod.FSYNC_EACH_MAX + 4
+    for i in range(n):
+        (root / "d" / f"f{i}").write_bytes(b"x")
+    calls: list[str] = []
+    real_syncfs, real_inode = local_mod._syncfs, LocalRemote._sync_inode
+
+    def syncfs(fd: int) -> int:
+        calls.append("syncfs")
+        return real_syncfs(fd)
+
+    def inode(self: LocalRemote, proc: str, dfd: int, path: str) -> None:
+        calls.append("fsync")
+        real_inode(self, proc, dfd, path)
+
+    monkeypatch.setattr(local_mod, "_syncfs", syncfs)
+    monkeypatch.setattr(LocalRemote, "_sync_inode", inode)
+    r = LocalRemote("nas", root)
+    few = [(f"d/f{i}", 0o600, None, None) for i in range(local_mod.FSYNC_EACH_MAX)]
+    assert all(not isinstance(e, Exception) for e in r.set_attrs_many(few))
+    assert calls == ["fsync"] * local_mod.FSYNC_EACH_MAX
+    calls.clear()
+    many = [(f"d/f{i}", 0o640, 10**18, None) for i in range(n)]
+    got = r.set_attrs_many(many)
+    assert calls == ["syncfs"] and all(e.mtime_ns == 10**18 for e in got)  # type: ignore[union-attr]
+    assert all((root / "d" / f"f{i}").stat().st_mode & 0o777 == 0o640 for i in range(n))
+    monkeypatch.setattr(local_mod, "_syncfs", lambda fd: -1)
+    got = r.set_attrs_many(many)
+    assert all(isinstance(e, local_mod.TransientError) and "syncfs failed" in str(e)
+               for e in got)
+    calls.clear()
+    assert not any(isinstance(e, Exception)
+                   for e in LocalRemote("nas", root, fsync=False).set_attrs_many(many))
+    assert calls == []
