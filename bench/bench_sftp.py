@@ -7,7 +7,8 @@ files) on the same workloads and the same server, in the same run.
 Workloads (seeded, untimed to generate): small = 10,000 × 4 KiB in 100 dirs; large = one
 1 GiB random file; mixed = 2,000 files, log-uniform 1 KiB–8 MiB, in 20 dirs. For each run
 and tool: first sync to a fresh remote directory, a no-op right after, then (small, mixed)
-10 files modified and synced again. Whole processes are timed (start-up, SSH handshake
+10 files modified and synced again, then (small) every file touched (new mtime, same
+content) and synced again. Whole processes are timed (start-up, SSH handshake
 included), `sync` before every timed run, medians of R runs; ratio = tool / rclone.
 Prints a Markdown table; JSON in bench/out/sftp-last.json.
 """
@@ -64,6 +65,16 @@ def generate(src: Path, name: str, small_files: int, large_size: int, mixed_file
         lo, hi = math.log(1024), math.log(8 << 20)
         for i in range(mixed_files):
             put(f"m{i % 20:02d}/f{i:05d}.bin", int(math.exp(rng.uniform(lo, hi))))
+
+
+def touch_all(root: Path, round_: int) -> None:
+    """Every file gets a new mtime, same content (`touch`, or a tool that rewrites the
+    same bytes): syncd sends the mtimes alone, rsync -a its delta check, rclone (no
+    hash over an SFTP-only account) the files."""
+    t = MTIME + 1000 + round_
+    for p in root.rglob("*"):
+        if p.is_file():
+            os.utime(p, (t, t))
 
 
 def modify_ten(root: Path, round_: int) -> None:
@@ -241,6 +252,14 @@ def bench_workload(t: Tools, name: str, runs: int) -> dict[str, list[float]]:
                 add("rclone_ten", t.rclone_sync(src, dsts["rclone"], f"rclone-{name}-ten-{r}"))
             if name == "small" and t.rsync:
                 add("rsync_ten", t.rsync_run(src, dsts["rsync"], f"rsync-{name}-ten-{r}"))
+        if name == "small":
+            touch_all(src, r)
+            add("syncd_touch", t.syncd(cfg, f"syncd-{name}-touch-{r}", 0))
+            if t.rclone:
+                add("rclone_touch", t.rclone_sync(src, dsts["rclone"],
+                                                  f"rclone-{name}-touch-{r}"))
+            if t.rsync:
+                add("rsync_touch", t.rsync_run(src, dsts["rsync"], f"rsync-{name}-touch-{r}"))
         if not keep:
             for d in dsts.values():
                 shutil.rmtree(d, ignore_errors=True)
@@ -260,9 +279,10 @@ def render(report: dict[str, Any]) -> str:
              + (" + uncommitted changes" if report["syncd"].get("dirty") else ""), "",
              "| workload | syncd | rclone | syncd / rclone | other peer | peer / rclone | syncd CPU s |",
              "|---|---|---|---|---|---|---|"]
-    labels = {"first": "first sync", "noop": "no-op", "ten": "10 files modified"}
+    labels = {"first": "first sync", "noop": "no-op", "ten": "10 files modified",
+              "touch": "every file touched (new mtime, same content)"}
     for name, res in report["results"].items():
-        for kind in ("first", "noop", "ten"):
+        for kind in ("first", "noop", "ten", "touch"):
             s = med(res.get(f"syncd_{kind}"))
             if s is None:
                 continue
