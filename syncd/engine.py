@@ -34,7 +34,15 @@ from syncd.model import (
     phase,
     printable,
 )
-from syncd.plan import DRIFT_REASONS, Facts, Policy, check_safety, plan_push, under
+from syncd.plan import (
+    DRIFT_REASONS,
+    Facts,
+    Policy,
+    check_safety,
+    plan_push,
+    same_mtime,
+    under,
+)
 from syncd.queue import Queue
 from syncd.remotes import open_remote
 from syncd.remotes.base import Capabilities, Remote
@@ -484,8 +492,7 @@ class Engine:
                         if s.kind == DIR and (p not in prior or prior[p][1] != DIR)]
             if changed or removed:
                 self.index.save_scan(pair.name, changed, removed)
-            if not (caps.modes and caps.mtimes):
-                self._settle_attrs(pair.name, caps, states, base)
+            self._settle_attrs(pair.name, caps, states, base)
         if (meta is None or meta.st_dev != w.root_dev) and not opts.dry_run:
             self.index.set_pair_meta(pair.name, root, w.root_dev)
 
@@ -597,18 +604,20 @@ class Engine:
 
     def _settle_attrs(self, pair: str, caps: Capabilities, states: dict[str, LocalState],
                       base: dict[str, Base]) -> None:
-        """A chmod or touch this remote cannot carry alone is nothing to sync: the bases
-        of those files take the local mode or mtime, so they are clean again and not
-        planned at every scan."""
+        """A chmod or touch this remote cannot carry alone is nothing to sync (nor is an
+        mtime change finer than it keeps): the bases of those files take the local mode or
+        mtime, so they are clean again and not planned at every scan."""
         modes: list[str] = []
         mtimes: list[tuple[str, int]] = []
+        precision = caps.mtime_precision_ns
         for p, s in states.items():
             b = base.get(p)
             if s.kind != FILE or b is None or b.hash != s.hash:
                 continue
             if not caps.modes and b.mode is not None and b.mode != s.mode:
                 modes.append(p)
-            if not caps.mtimes and b.mtime_ns != s.mtime_ns:
+            if b.mtime_ns != s.mtime_ns and (not caps.mtimes or same_mtime(
+                    b.mtime_ns, s.mtime_ns, precision)):
                 mtimes.append((p, s.mtime_ns))
         if modes or mtimes:
             self.index.settle_attrs(pair, modes, mtimes)

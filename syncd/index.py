@@ -105,6 +105,15 @@ MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE pairs ADD COLUMN target TEXT;
     """,
+    # v7: a chmod or touch alone is one 'attrs' job (mode-only jobs were 'chmod'), and a
+    # file counts as synced only with its mtime too (b_mtime = l_mtime): one touched since
+    # its last upload gets its mtime sent once. An older syncd refuses this index (its
+    # version) rather than failing on an 'attrs' job.
+    """
+    UPDATE jobs SET args = '["attrs",' || substr(args, 10) WHERE args LIKE '["chmod",%';
+    UPDATE jobs SET next_args = '["attrs",' || substr(next_args, 10)
+        WHERE next_args LIKE '["chmod",%';
+    """,
 )
 
 
@@ -148,8 +157,6 @@ def action_to_json(a: Action) -> str:
 
 def action_from_json(path: str, s: str) -> Action:
     op, reason, size, h, mtime_ns, dest, fp, kind, *rest = json.loads(s)
-    if op == "chmod":   # queued by a syncd that synced modes alone, mtimes not yet
-        op = Op.ATTRS
     return Action(Op(op), path, reason, size, bytes.fromhex(h) if h else None, mtime_ns, dest,
                   fp, kind, rest[0] if rest else 0)
 

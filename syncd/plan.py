@@ -153,8 +153,8 @@ def _file(path: str, l: LocalState, b: Base | None, r: R | None, p: Policy) -> l
         changed = []
         if p.modes and b.mode is not None and b.mode != l.mode:
             changed.append("mode")
-        if p.mtimes and b.mtime_ns != l.mtime_ns:
-            changed.append("mtime")
+        if p.mtimes and not same_mtime(b.mtime_ns, l.mtime_ns, p.mtime_precision_ns):
+            changed.append("mtime")   # (finer than the remote keeps: the engine settles it)
         if changed:
             return [Action(Op.ATTRS, path, " and ".join(changed) + " changed", l.size,
                            l.hash, l.mtime_ns, remote_fp=r.fp)]

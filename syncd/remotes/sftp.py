@@ -18,7 +18,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -595,6 +595,10 @@ class SFTPRemote:
             raise TransientError(f"SFTP subsystem on {self.where} failed to start: {e} (is "
                                  "'Subsystem sftp' enabled in sshd_config?)",
                                  remote=self.name) from None
+        if self.caps.mtimes and not ss.has_lsetstat:
+            # Without lsetstat@openssh.com no attribute is set alone (set_attrs): a touch
+            # then is nothing to sync, as on S3 (a chmod still sends the whole file).
+            self.caps = replace(self.caps, mtimes=False)
         return ss
 
     def _give(self, ss: w.Session, reusable: bool) -> None:
@@ -918,16 +922,25 @@ class SFTPRemote:
                 continue
             mtime = None if mtime_ns is None else mtime_ns // _SEC
             attrs = w.encode_attrs(perms=None if mode is None else mode & 0o777, mtime=mtime)
-            changes.append((i, a if mtime is None else a._replace(mtime=mtime),
-                            ss.lsetstat(self._abs(path), attrs)))
-        for i, a, rid in changes:
+            # Read back in the same round trip: the entry is what the server stored (a
+            # time it wrapped or rounded included), as its listings will show it.
+            ap = self._abs(path)
+            changes.append((i, ss.lsetstat(ap, attrs), ss.lstat(ap)))
+        for i, set_rid, look_rid in changes:
             path = items[i][0]
             try:
-                ss.status(rid)
+                ss.status(set_rid)
             except w.StatusError as e:
+                ss.discard([look_rid])
                 results[i] = self._status_error(e, path, writing=True)
                 continue
-            results[i] = self._entry(path, a)
+            try:
+                a = ss.attrs(look_rid)
+            except w.StatusError as e:   # gone right after the change
+                results[i] = self._status_error(e, path)
+                continue
+            results[i] = self._entry(path, a) if a.kind == w.S_IFREG else RemoteChanged(
+                "the file was replaced meanwhile", remote=self.name, path=path)
 
     def get(self, path: str, dest: str) -> RemoteEntry:
         with self._session(path) as ss:

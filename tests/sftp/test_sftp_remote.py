@@ -899,4 +899,11 @@ def test_set_attrs_without_lsetstat_is_refused_rather_than_risk_a_symlink(
                     mtime_ns=1_750_000_000 * 10**9)
     after = (root / "f.bin").stat()
     assert (after.st_mode, after.st_mtime_ns) == (before.st_mode, before.st_mtime_ns)
+    # Such a server cannot take a touch alone: the remote says so once it has a session
+    # (the planner then records a touch instead of sending the file for it).
+    fresh = SFTPRemote("t", opts(srv, root))
+    assert fresh.caps.mtimes
+    fresh.check()
+    assert not fresh.caps.mtimes and fresh.caps.modes and SFTPRemote.caps.mtimes
+    fresh.close()
     r.close()

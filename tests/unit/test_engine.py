@@ -752,5 +752,7 @@ def test_a_touch_on_a_remote_that_cannot_set_mtimes_is_seen_once(tmp_path: Path)
     assert (res.uploaded, res.attrs_set, res.hashed_files) == (0, 0, 1)
     row = e.index.db.execute("SELECT b_mtime FROM entries WHERE path = 'd1/f1.txt'").fetchone()
     assert row == (new,)
+    clean, _ = e.index.load_prior("p")
+    assert "d1/f1.txt" in clean
     res = e.reconcile(cfg.pairs[0], Options())
     assert (res.uploaded, res.attrs_set, res.hashed_files) == (0, 0, 0)

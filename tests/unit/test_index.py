@@ -170,6 +170,25 @@ def test_v5_migration_keeps_every_clean_file_clean(tmp_path: Path) -> None:
     assert idx.load_bases("p")["a"].mode == 0o644   # what it was last sent with
 
 
+def test_v7_migration_turns_queued_chmod_jobs_into_attrs_jobs(tmp_path: Path) -> None:
+    """A mode-only job queued by a syncd before v7 ('chmod', and a newer intent waiting
+    behind a leased job) is an 'attrs' job after the upgrade; other jobs are untouched."""
+    db = tmp_path / "i.sqlite3"
+    v6 = Index(db, migrations=MIGRATIONS[:6])
+    chmod = '["chmod","mode changed",3,"{}",5,"","3:5",1]'.format("ab" * 16)
+    for i, (args, nxt) in enumerate(((chmod, None), ('["upload","new",3,null,5,"","",1]', chmod))):
+        v6.db.execute("INSERT INTO jobs (pair, path, phase, args, state, created, updated, "
+                      "next_args) VALUES ('p', ?, 0, ?, 'pending', 0, 0, ?)", (f"f{i}", args, nxt))
+    v6.close()
+    idx = Index(db)
+    rows = idx.db.execute("SELECT args, next_args FROM jobs ORDER BY path").fetchall()
+    assert rows == [(chmod.replace('"chmod"', '"attrs"'), None),
+                    ('["upload","new",3,null,5,"","",1]', chmod.replace('"chmod"', '"attrs"'))]
+    (job,) = [j for j in idx.lease("me", now=0, until=100, limit=10) if j.path == "f0"]
+    assert (job.action.op, job.action.reason, job.action.hash) == (
+        Op.ATTRS, "mode changed", bytes.fromhex("ab" * 16))
+
+
 def test_recording_a_target_can_rewrite_the_bases_fingerprints(tmp_path: Path) -> None:
     # An FTP pair from before targets were recorded: its LIST fingerprints changed form,
     # and are rewritten when the target is first recorded (not on later changes).

@@ -199,11 +199,16 @@ def test_an_mtime_change_alone_sends_only_the_attributes() -> None:
                      Policy(modes=True, mtimes=True)) == []
 
 
-def test_a_queued_chmod_of_an_older_syncd_reads_back_as_attrs() -> None:
-    from syncd.index import action_from_json
-
-    a = action_from_json("f", '["chmod","mode changed",3,null,5,"","fp",1]')
-    assert (a.op, a.reason, a.remote_fp) == (Op.ATTRS, "mode changed", "fp")
+def test_an_mtime_change_finer_than_the_remote_keeps_is_not_sent() -> None:
+    """SFTP keeps whole seconds: a touch within the same second changes nothing there
+    (the engine settles the base instead); one to another second is sent."""
+    b = base("A")._replace(mtime_ns=5 * 10**9 + 100, mode=0o644)
+    p = Policy(modes=True, mtimes=True, mtime_precision_ns=10**9)
+    same_second = loc("A")._replace(mtime_ns=5 * 10**9 + 900)
+    assert plan_push({"f": same_second}, {"f": b}, {"f": rem("f", "A")}, p) == []
+    (a,) = plan_push({"f": loc("A")._replace(mtime_ns=6 * 10**9)}, {"f": b},
+                     {"f": rem("f", "A")}, p)
+    assert (a.op, a.reason) == (Op.ATTRS, "mtime changed")
 
 
 def test_trash_destination_is_dated_under_pair() -> None:
