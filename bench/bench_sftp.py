@@ -212,7 +212,8 @@ def bench_workload(t: Tools, name: str, runs: int) -> dict[str, list[float]]:
         res.setdefault(key + "_cpu", []).append(p.user_s + p.sys_s)
         res.setdefault(key + "_other", []).append(p.other_cpu_s)
         bl.log(f"{name}: {key:<22} {p.wall_s:7.2f}s  cpu {p.user_s + p.sys_s:6.2f}s  "
-               f"rss {p.maxrss_kib / 1024:4.0f} MiB  other cpu {p.other_cpu_s:.2f}s")
+               f"rss {p.maxrss_kib / 1024:4.0f} MiB  other cpu {p.other_cpu_s:.2f}s"
+               + (f"  direct reclaim {p.reclaimed} pages" if p.reclaimed else ""))
 
     for r in range(runs):
         dsts = {k: t.wd / "dst" / name / f"{k}-{r}" for k in ("syncd", "rclone", "rsync", "sftp")}

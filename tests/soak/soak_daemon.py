@@ -1,7 +1,8 @@
 """Crash soak: `syncd run` is killed with SIGKILL at random moments while files are
-written and rewritten, restarted each time, then left to converge. Reports files lost,
-files corrupt (remote content that was never a version of the local file), partial files
-seen under a final name, and jobs left stuck. Every figure must be 0.
+written and rewritten (and some only chmod-ed or touched), restarted each time, then left
+to converge. Reports files lost, files corrupt (remote content that was never a version of
+the local file), partial files seen under a final name, files whose remote mode or mtime
+is not the local one once converged, and jobs left stuck. Every figure must be 0.
 
     .venv/bin/python -m tests.soak.soak_daemon [--kills 200] [--remote local|sftp] [--seed N]
 
@@ -42,11 +43,13 @@ class Report:
     # counted apart from partial_seen, which must stay empty.
     transient_states_published: int = 0
     temps_left: int = 0
+    attr_changes: int = 0           # chmods and touches alone (no new content)
+    attrs_wrong: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
         return not (self.lost or self.corrupt or self.partial_seen or self.stuck_jobs
-                    or self.temps_left)
+                    or self.temps_left or self.attrs_wrong)
 
 
 def content(rel: str, version: int, rng: random.Random) -> bytes:
@@ -95,11 +98,21 @@ max_delete = "100%"
         v = 0
         while not stop.is_set():
             rel = f"d{wrng.randrange(4)}/f{wrng.randrange(FILES)}.bin"
+            p = src / rel
+            pick = wrng.random()
+            if pick < 0.2 and p.exists():   # metadata alone: the attrs path
+                if pick < 0.1:
+                    os.chmod(p, wrng.choice((0o600, 0o640, 0o644, 0o700, 0o755)))
+                else:
+                    t = time.time_ns() - wrng.randrange(10**9, 10**12)
+                    os.utime(p, ns=(t, t))
+                rep.attr_changes += 1
+                time.sleep(wrng.uniform(0.0, 0.02))
+                continue
             v += 1
             data = content(rel, v, wrng)
             with vlock:
                 versions.setdefault(rel, set()).add(data)
-            p = src / rel
             p.parent.mkdir(parents=True, exist_ok=True)
             if wrng.random() < 0.5:       # in place: truncate + write
                 with vlock:
@@ -158,8 +171,10 @@ max_delete = "100%"
         threads[0].join()
         # Converge: the last writes are in; wait (bounded) until the remote equals local.
         t0 = time.monotonic()
+        # Whole seconds on SFTP, nanoseconds locally: the remote's mtime precision.
+        prec = 1 if remote == "local" else 10**9
         while time.monotonic() - t0 < 120:
-            if _tree(mirror) == _tree(src):
+            if _tree(mirror) == _tree(src) and _attrs(mirror, prec) == _attrs(src, prec):
                 break
             time.sleep(0.1)
         rep.converged_s = time.monotonic() - t0
@@ -186,6 +201,9 @@ max_delete = "100%"
     for rel, data in remote_t.items():
         if rel not in local and data not in versions.get(rel, set()):
             rep.corrupt.append(rel)
+    want, got = _attrs(src, prec), _attrs(mirror, prec)
+    rep.attrs_wrong = [f"{rel}: local {want[rel]}, remote {got.get(rel)}" for rel in want
+                       if rel in got and got[rel] != want[rel]]
     st = subprocess.run([str(SYNCD), "status", "--config", str(cfg), "--json"],
                         capture_output=True, text=True, check=True)
     for p in json.loads(st.stdout)["pairs"]:
@@ -201,6 +219,15 @@ def _tree(root: Path) -> dict[str, bytes]:
         if p.is_file() and not p.name.startswith((".syncd-tmp-", ".tmp-")) \
                 and ".syncd-trash" not in p.parts:
             out[p.relative_to(root).as_posix()] = p.read_bytes()
+    return out
+
+
+def _attrs(root: Path, precision_ns: int) -> dict[str, tuple[int, int]]:
+    """(permission bits, mtime at the remote's precision) of each file under root."""
+    out = {}
+    for rel in _tree(root):
+        st = (root / rel).stat()
+        out[rel] = (st.st_mode & 0o777, st.st_mtime_ns // precision_ns)
     return out
 
 
