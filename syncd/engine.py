@@ -405,6 +405,9 @@ class Engine:
                 if isinstance(listed, BaseException):
                     raise listed
                 diff = listed if listed is not None else listing.result()
+                if diff.caps is not None and diff.caps != remote.caps:
+                    # What the (maybe forked) lister's session learnt of the server.
+                    remote.caps = diff.caps   # type: ignore[misc]
                 if diff.unnamed:
                     log.warning("remote_entries_skipped", remote=pair.remote,
                                 count=len(diff.unnamed),
@@ -598,7 +601,9 @@ class Engine:
                 d = fast(pair.path, expected, keep_fn)
             else:
                 d = diff_listing(remote.list(pair.path), expected, keep_fn)
-            return drop_unnamed(drop_ignored_dirs(d, expected, matcher.ignored_dirs))
+            d = drop_unnamed(drop_ignored_dirs(d, expected, matcher.ignored_dirs))
+            d.caps = remote.caps
+            return d
 
         return run
 

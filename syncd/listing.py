@@ -38,6 +38,9 @@ class RemoteDiff:
     files: int = 0          # files on the remote (for max_delete percentages)
     entries: int = 0
     unnamed: list[str] = field(default_factory=list)   # left out: see drop_unnamed
+    # The remote's capabilities as the lister's session found them (an SFTP server
+    # without lsetstat sets no mtime alone): the plan follows them, not the class's.
+    caps: Any = None
 
 
 def diff_listing(entries: Iterable[RemoteEntry], expected: dict[str, str],

@@ -8,6 +8,7 @@ import contextlib
 import multiprocessing
 import os
 import signal
+import stat
 import threading
 import time
 from collections import deque
@@ -65,14 +66,20 @@ def _take_chunk(q: deque[Job], max_bytes: int = CHUNK_BYTES, max_files: int = CH
     """Jobs from the head of `q` for one worker hand-off; with `pair`, only that pair's
     jobs of phase <= max_phase (the chunk stops at the first other one)."""
     chunk = [q.popleft()]
-    size = chunk[0].action.size
-    while q and len(chunk) < max_files and size + q[0].action.size <= max_bytes:
+    size = _sends(chunk[0].action)
+    while q and len(chunk) < max_files and size + _sends(q[0].action) <= max_bytes:
         if pair is not None and (q[0].pair != pair or phase(q[0].action) > max_phase):
             break
         j = q.popleft()
-        size += j.action.size
+        size += _sends(j.action)
         chunk.append(j)
     return chunk
+
+
+def _sends(a: Action) -> int:
+    """Bytes a job is expected to send: an attrs or adopt job carries the file's size but
+    sends none (a chmod -R over big files must still go in batches)."""
+    return a.size if a.op == Op.UPLOAD else 0
 
 
 def _worker_init() -> None:
@@ -103,12 +110,21 @@ def _execute_chunk(jobs: list[Job], pairs: dict[str, PairCtx]) -> list[Outcome]:
     return [batch[j.id] if j.id in batch else next(rest) for j in jobs]
 
 
+def _attrs_job(a: Action, ctx: PairCtx) -> bool:
+    """Whether a job goes through _attrs_many: an attrs job, or the adoption of a file on
+    a remote that keeps modes (the remote copy then gets the local mode, which a listing
+    does not show, so that a base never records a mode the remote may not have)."""
+    if a.replaces:
+        return False
+    return a.op == Op.ATTRS or (a.op == Op.ADOPT and a.kind == FILE and ctx.remote.caps.modes)
+
+
 def _execute_rest(jobs: list[Job], pairs: dict[str, PairCtx]) -> list[Outcome]:
-    """Jobs one by one (execute), but a pair's attrs jobs together (_attrs_many), in the
-    order given."""
+    """Jobs one by one (execute), but a pair's attrs jobs (and adoptions of files on a
+    remote that keeps modes) together (_attrs_many), in the order given."""
     by_pair: dict[str, list[tuple[Outcome, str]]] = {}
     for j in jobs:
-        if j.action.op == Op.ATTRS and not j.action.replaces:
+        if _attrs_job(j.action, pairs[j.pair]):
             by_pair.setdefault(j.pair, []).append((Outcome(j), ""))
     done: dict[int, Outcome] = {}
     for pair, items in by_pair.items():
@@ -290,6 +306,8 @@ def execute(job: Job, ctx: PairCtx, now_ns: Callable[[], int] = time.time_ns) ->
         elif a.op == Op.MKDIR:
             e = ctx.remote.mkdir(rp)
             o.base = Base(DIR, 0, 0, None, e.fp)
+        elif a.op == Op.ADOPT and a.kind == FILE and ctx.remote.caps.modes:
+            _attrs_many([(o, rp)], ctx, now_ns)
         elif a.op == Op.ADOPT:
             o.base = Base(a.kind, a.size, a.mtime_ns, a.hash, a.remote_fp)
         elif a.op in (Op.DELETE, Op.CLEANUP):
@@ -400,15 +418,26 @@ def _attrs_many(items: list[tuple[Outcome, str]], ctx: PairCtx,
     ready: list[tuple[Outcome, str, bytes, os.stat_result]] = []
     whole: list[tuple[Outcome, str, str]] = []   # sent whole instead, and why
     for o, rp in items:
+        a = o.job.action
+        path = os.path.join(ctx.local_root, o.job.path)
         try:
-            digest, before, after = hash_file(os.path.join(ctx.local_root, o.job.path),
-                                              ctx.follow_symlinks)
+            if a.op == Op.ADOPT:
+                # The scan's hash is trusted, as for any adoption; the file must still
+                # be the one it hashed (size, mtime), or it goes whole.
+                after = os.stat(path, follow_symlinks=ctx.follow_symlinks)
+                same = (stat.S_ISREG(after.st_mode) and after.st_size == a.size
+                        and after.st_mtime_ns == a.mtime_ns)
+                digest = a.hash if same and a.hash else b""
+            else:
+                digest, before, after = hash_file(path, ctx.follow_symlinks)
+                if not stable(before, after):
+                    digest = b""
         except FileNotFoundError:
             o.keep_base, o.note = True, "vanished before its attributes were set"
             continue
         except OSError:
             digest = b""   # the upload below says what is wrong, as for any upload
-        if digest and digest == o.job.action.hash and stable(before, after):
+        if digest and digest == a.hash:
             ready.append((o, rp, digest, after))
         else:
             whole.append((o, rp, "content changed since the plan"))

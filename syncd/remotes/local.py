@@ -300,10 +300,16 @@ class LocalRemote:
         if not each:
             for dev, pos in devs.items():
                 paths = [out[i].path for i in pos]   # type: ignore[union-attr]
-                dfd = self._dev_fd(dev, paths)
+                try:
+                    dfd = self._dev_fd(dev, paths)
+                except OSError as oe:   # the root itself cannot be opened (unmounted?)
+                    dfd, e0 = -1, TransientError(f"the root {self.root} cannot be opened: "
+                                                 f"{oe.strerror}", remote=self.name)
+                else:
+                    e0 = None
                 if dfd < 0:   # every folder of these files went meanwhile: so did they
-                    e: RemoteError = TransientError("the folder vanished meanwhile",
-                                                    remote=self.name, path=paths[0])
+                    e: RemoteError = e0 or TransientError("the folder vanished meanwhile",
+                                                          remote=self.name, path=paths[0])
                 else:
                     try:
                         if _syncfs(dfd) == 0:

@@ -907,3 +907,47 @@ def test_set_attrs_without_lsetstat_is_refused_rather_than_risk_a_symlink(
     assert not fresh.caps.mtimes and fresh.caps.modes and SFTPRemote.caps.mtimes
     fresh.close()
     r.close()
+
+
+def test_a_touch_on_a_server_without_lsetstat_is_recorded_not_sent(
+        srv: SSHServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The plan follows what the listing's session learnt of the server (it runs in a
+    forked child; the planning process may have no session yet): without lsetstat a touch
+    is recorded, as on S3, never a whole upload for each touched file."""
+    import time
+    import tomllib
+
+    from syncd.config import parse_config
+    from syncd.engine import Engine, Options
+    from syncd.index import Index
+
+    src, root = tmp_path / "src", tmp_path / "root"
+    src.mkdir()
+    root.mkdir()
+    old = time.time() - 100
+    for i in range(5):
+        (src / f"f{i}").write_bytes(b"x" * i)
+        os.utime(src / f"f{i}", (old, old))
+    cfg = parse_config({
+        "daemon": {"state_dir": str(tmp_path / "state")},
+        "remotes": {"box": tomllib.loads(srv.remote_toml(root))},
+        "sync": [{"name": "p", "local": str(src), "remote": "box", "path": "m"}],
+    }, "test.toml", {})
+    monkeypatch.setattr(sftp_wire.Session, "has_lsetstat", property(lambda self: False))
+    e = Engine(cfg, Index.open(cfg.daemon.state_dir))
+    assert e.reconcile(cfg.pairs[0], Options()).uploaded == 5
+    e.close()
+    new = time.time_ns() - 50 * 10**9
+    for i in range(5):
+        os.utime(src / f"f{i}", ns=(new, new))
+    # A fresh process, whose background connect (prepare) has not finished when it plans
+    # (a big tree, a slow link): the parent has no session of its own yet.
+    monkeypatch.setattr(SFTPRemote, "prepare", lambda self: None)
+    e = Engine(cfg, Index.open(cfg.daemon.state_dir))
+    assert e.remotes.get("box") is None or e.remotes["box"].caps.mtimes
+    res = e.reconcile(cfg.pairs[0], Options())
+    assert (res.status, res.uploaded, res.attrs_set) == ("ok", 0, 0)
+    assert not e.remotes["box"].caps.mtimes
+    res = e.reconcile(cfg.pairs[0], Options())
+    assert (res.uploaded, res.attrs_set, res.hashed_files) == (0, 0, 0)
+    e.close()

@@ -44,6 +44,7 @@ class Report:
     transient_states_published: int = 0
     temps_left: int = 0
     attr_changes: int = 0           # chmods and touches alone (no new content)
+    attrs_jobs: int = 0             # attrs jobs the daemons logged done (the path was used)
     attrs_wrong: list[str] = field(default_factory=list)
 
     @property
@@ -204,6 +205,8 @@ max_delete = "100%"
     want, got = _attrs(src, prec), _attrs(mirror, prec)
     rep.attrs_wrong = [f"{rel}: local {want[rel]}, remote {got.get(rel)}" for rel in want
                        if rel in got and got[rel] != want[rel]]
+    with open(work / "daemon.log", encoding="utf-8", errors="replace") as f:
+        rep.attrs_jobs = sum(1 for line in f if '"attrs_done"' in line)
     st = subprocess.run([str(SYNCD), "status", "--config", str(cfg), "--json"],
                         capture_output=True, text=True, check=True)
     for p in json.loads(st.stdout)["pairs"]:

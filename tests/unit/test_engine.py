@@ -180,6 +180,45 @@ def test_lost_index_adopts_equal_remote_files_without_sending(tmp_path: Path) ->
     assert res.status == "ok" and res.uploaded == 0 and res.adopted == 12 + 3 and remote.puts == []
 
 
+def test_adopting_on_a_remote_that_keeps_modes_gives_the_remote_copy_the_local_mode(
+        tmp_path: Path) -> None:
+    """A listing shows no modes: an adopted file (the index lost, say by a crash between
+    an upload and its record) gets the local mode on the remote, in batches, and its base
+    records it, or a chmod made meanwhile would never reach the remote (found by the
+    crash soak). Still no bytes sent."""
+    cfg, src, dst = setup(tmp_path, FILES)
+    clock = Clock()
+    assert engine(cfg, None, clock).reconcile(cfg.pairs[0], Options()).uploaded == 12
+    for f in (tmp_path / "state").iterdir():
+        f.unlink()
+    for rel in FILES:
+        os.chmod(src / rel, 0o600)
+    e = engine(cfg, None, clock)
+    res = e.reconcile(cfg.pairs[0], Options())
+    assert (res.status, res.uploaded, res.uploaded_bytes, res.adopted) == ("ok", 0, 0, 12 + 3)
+    assert all((dst / "docs" / rel).stat().st_mode & 0o777 == 0o600 for rel in FILES)
+    _, _, base = e.index.load("p")
+    assert {base[rel].mode for rel in FILES} == {0o600}
+    res = e.reconcile(cfg.pairs[0], Options())
+    assert (res.uploaded, res.adopted, res.attrs_set, res.failures) == (0, 0, 0, [])
+
+
+def test_attrs_jobs_of_big_files_still_go_in_batches() -> None:
+    """A chunk is cut by the bytes its jobs send: an attrs job sends none, whatever the
+    file's size (a chmod -R over big files must not cost one remote call each)."""
+    from collections import deque
+
+    from syncd.model import Action, Job
+
+    big = 1 << 30
+    q = deque(Job(i, "p", f"f{i}", Action(Op.ATTRS, f"f{i}", "mode changed", big), 0, 0, None)
+              for i in range(10))
+    assert len(transfer._take_chunk(q, max_bytes=4 << 20, max_files=256)) == 10
+    q = deque(Job(i, "p", f"f{i}", Action(Op.UPLOAD, f"f{i}", "new", big), 0, 0, None)
+              for i in range(10))
+    assert len(transfer._take_chunk(q, max_bytes=4 << 20, max_files=256)) == 1
+
+
 def test_nothing_under_an_ignored_dir_is_deleted_even_if_a_rule_reincludes_it(tmp_path: Path) -> None:
     cfg, src, dst = setup(tmp_path, FILES)
     cfg = cfg.__class__(cfg.source, cfg.daemon, cfg.remotes, (cfg.pairs[0].__class__(

@@ -517,3 +517,11 @@ def test_set_attrs_many_syncs_a_few_one_by_one_and_more_with_one_syncfs(
     assert not any(isinstance(e, Exception)
                    for e in LocalRemote("nas", root, fsync=False).set_attrs_many(many))
     assert calls == []
+
+    def gone(self: LocalRemote, dev: int, paths: Any) -> int:
+        raise FileNotFoundError(2, "No such file or directory")
+
+    monkeypatch.setattr(LocalRemote, "_dev_fd", gone)   # the root unmounted mid-batch
+    got = r.set_attrs_many(many)
+    assert all(isinstance(e, local_mod.TransientError) and "cannot be opened" in str(e)
+               for e in got)
