@@ -465,11 +465,28 @@ def _attrs_many(items: list[tuple[Outcome, str]], ctx: PairCtx,
             o.error = r
         else:
             _synced(o, after, digest, r.fp, started)
-    for o, rp, why in whole:
+    put_many = getattr(remote, "put_many", None)
+    if len(whole) > 1 and put_many is not None:
+        # Together, as a chunk of uploads goes (a chmod -R on a server without lsetstat).
         try:
-            _upload(o, ctx, rp, now_ns)   # hashes what it sends, as any upload
-        except Exception as e:   # as execute() would record it
-            o.error = e
+            started, sent = _send_batch([o.job for o, _, _ in whole], {ctx.name: ctx},
+                                        put_many)
+        except Exception as e:   # a backend returns errors per item; this is a bug's net
+            sent = [(Outcome(o.job, error=e), None, None) for o, _, _ in whole]
+        by_id = {o2.job.id: (o2, src, r) for o2, src, r in sent}
+        for o, _, _ in whole:
+            o2, src, r = by_id[o.job.id]
+            if src is not None:
+                _uploaded(o2, src, r, started)
+            (o.base, o.local, o.racy, o.error, o.bytes, o.note, o.keep_base, o.sent) = (
+                o2.base, o2.local, o2.racy, o2.error, o2.bytes, o2.note, o2.keep_base, o2.sent)
+    else:
+        for o, rp, _ in whole:
+            try:
+                _upload(o, ctx, rp, now_ns)   # hashes what it sends, as any upload
+            except Exception as e:   # as execute() would record it
+                o.error = e
+    for o, _, why in whole:
         if o.error is None and not o.keep_base:
             o.note = f"{why}: sent whole"
 

@@ -950,4 +950,18 @@ def test_a_touch_on_a_server_without_lsetstat_is_recorded_not_sent(
     assert not e.remotes["box"].caps.mtimes
     res = e.reconcile(cfg.pairs[0], Options())
     assert (res.uploaded, res.attrs_set, res.hashed_files) == (0, 0, 0)
+    # A chmod -R there: each file goes whole (a mode cannot be set without following a
+    # symlink), but together, as a chunk of uploads goes, not one upload per call.
+    for i in range(5):
+        os.chmod(src / f"f{i}", 0o600)
+    real, batches = SFTPRemote.put_many, []
+
+    def spy(self: SFTPRemote, items: list[tuple[str, Source]]) -> list[object]:
+        batches.append(len(items))
+        return real(self, items)
+
+    monkeypatch.setattr(SFTPRemote, "put_many", spy)
+    res = e.reconcile(cfg.pairs[0], Options())
+    assert (res.status, res.uploaded, res.attrs_set) == ("ok", 5, 0) and max(batches) > 1
+    assert all((root / "m" / f"f{i}").stat().st_mode & 0o777 == 0o600 for i in range(5))
     e.close()
