@@ -10,7 +10,7 @@ import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
 
 import typer
 
@@ -458,5 +458,27 @@ GC_THRESHOLDS = (50_000, 20, 10)
 
 
 def main() -> None:
+    _exit(run_cli())
+
+
+def run_cli() -> int:
+    """The command line, to its exit code (main() then ends the process)."""
     gc.set_threshold(*GC_THRESHOLDS)
-    app()
+    try:
+        app()
+    except SystemExit as e:
+        if e.code is None or isinstance(e.code, int):
+            return e.code or 0
+        print(e.code, file=sys.stderr)   # as the interpreter would have printed it
+        return 1
+    return 0
+
+
+def _exit(code: int) -> NoReturn:
+    """End the process without the interpreter's teardown: every command has closed what
+    it opened (index, remotes, pools, threads it waits for) before returning, and freeing
+    a 100k-file run's objects one by one took ~30 ms of a 0.55 s no-op. Output first."""
+    for f in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            f.flush()
+    os._exit(code)
