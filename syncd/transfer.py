@@ -82,15 +82,39 @@ def _sends(a: Action) -> int:
     return a.size if a.op == Op.UPLOAD else 0
 
 
-def _worker_init() -> None:
+def _worker_init(syncd_pid: int = 0) -> None:
     # Ctrl-C goes to the whole process group; the parent decides how to stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    # Die with the fork server (which exits with syncd): a worker orphaned by `kill -9`
-    # must not go on publishing files while a restarted syncd uploads the same paths.
+    # Die with syncd: a worker orphaned by `kill -9` must not go on publishing files while
+    # a restarted syncd uploads the same paths, nor idle forever. Its parent is the fork
+    # server, which would not notice syncd go (the workers hold its "alive" pipe open), so
+    # dying with the parent (PR_SET_PDEATHSIG) is not enough: the worker watches syncd's
+    # process itself.
     with contextlib.suppress(Exception):
         import ctypes
 
         ctypes.CDLL(None).prctl(1, int(signal.SIGKILL))   # PR_SET_PDEATHSIG
+    if syncd_pid:
+        _watch_syncd(syncd_pid)
+
+
+def _watch_syncd(pid: int) -> None:
+    """End this process when process `pid` (syncd) is gone (Linux pidfd; else only
+    PR_SET_PDEATHSIG guards)."""
+    import select
+
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        os._exit(1)   # gone already
+    except (AttributeError, OSError):
+        return
+
+    def wait() -> None:
+        select.select([fd], [], [])   # readable once the process has exited
+        os._exit(1)
+
+    threading.Thread(target=wait, name="syncd-watch", daemon=True).start()
 
 
 def _execute_chunk(jobs: list[Job], pairs: dict[str, PairCtx]) -> list[Outcome]:
@@ -804,7 +828,8 @@ class Runner:
         can_fork_server = "forkserver" in multiprocessing.get_all_start_methods()
         if processes and ctx.remote.caps.cpu_bound and can_fork_server:
             pool = ProcessPoolExecutor(max_workers=_workers(ctx.transfers, processes=True),
-                                       mp_context=_forkserver(), initializer=_worker_init)
+                                       mp_context=_forkserver(), initializer=_worker_init,
+                                       initargs=(os.getpid(),))
             try:   # a sandbox may forbid what multiprocessing needs: find out now, not mid-run
                 pool.submit(int).result(timeout=30)
                 return pool

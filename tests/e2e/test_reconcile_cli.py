@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import sqlite3
@@ -542,3 +543,49 @@ def test_the_command_line_collects_garbage_less_often(monkeypatch: pytest.Monkey
     finally:
         gc.set_threshold(*old)
     assert capsys.readouterr().out.startswith("syncd ")
+
+
+def _session_members(sid: int) -> list[int]:
+    """Processes of session `sid` (a syncd started in a session of its own, with the fork
+    server and worker processes it made)."""
+    out = []
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[3]) == sid and fields[0] != "Z":   # fields[3]: session; [0]: state
+            out.append(int(d))
+    return out
+
+
+def test_kill_9_of_syncd_leaves_no_worker_process_behind(setup: Setup) -> None:
+    """Worker processes come from a fork server that outlived a `kill -9` of syncd for
+    good, and so did the workers (they hold its "alive" pipe open, and a parent-death
+    signal only follows the fork server): each worker now watches syncd itself."""
+    import signal
+    import time
+
+    populate(setup, {f"d{i % 40}/f{i}.bin": os.urandom(8_000) for i in range(6_000)})
+    p = subprocess.Popen([str(SYNCD), "reconcile", "--config", str(setup.config)],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                         stdin=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 30
+        while len(_session_members(p.pid)) < 3 and time.monotonic() < deadline:
+            time.sleep(0.005)   # syncd, its fork server and a worker at least
+        members = _session_members(p.pid)
+        assert p.poll() is None and len(members) >= 3, "no worker processes seen"
+        os.kill(p.pid, signal.SIGKILL)
+        p.wait()
+        deadline = time.monotonic() + 15
+        while _session_members(p.pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _session_members(p.pid) == []
+    finally:
+        for pid in _session_members(p.pid):   # never leave them to the next test
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
