@@ -491,19 +491,18 @@ def _attrs_many(items: list[tuple[Outcome, str]], ctx: PairCtx,
             _synced(o, after, digest, r.fp, started)
     put_many = getattr(remote, "put_many", None)
     if len(whole) > 1 and put_many is not None:
-        # Together, as a chunk of uploads goes (a chmod -R on a server without lsetstat).
-        try:
-            started, sent = _send_batch([o.job for o, _, _ in whole], {ctx.name: ctx},
-                                        put_many)
-        except Exception as e:   # a backend returns errors per item; this is a bug's net
-            sent = [(Outcome(o.job, error=e), None, None) for o, _, _ in whole]
-        by_id = {o2.job.id: (o2, src, r) for o2, src, r in sent}
-        for o, _, _ in whole:
-            o2, src, r = by_id[o.job.id]
-            if src is not None:
-                _uploaded(o2, src, r, started)
-            (o.base, o.local, o.racy, o.error, o.bytes, o.note, o.keep_base, o.sent) = (
-                o2.base, o2.local, o2.racy, o2.error, o2.bytes, o2.note, o2.keep_base, o2.sent)
+        # Together, as a chunk of uploads goes (a chmod -R on a server without lsetstat),
+        # in groups of a chunk's bytes: each group's temp files exist at once.
+        limit = CHUNK_BYTES if caps.cpu_bound else NET_CHUNK_BYTES
+        group: list[tuple[Outcome, str, str]] = []
+        size = 0
+        for item in whole:
+            if group and size + item[0].job.action.size > limit:
+                _upload_group(group, ctx, put_many)
+                group, size = [], 0
+            group.append(item)
+            size += item[0].job.action.size
+        _upload_group(group, ctx, put_many)
     else:
         for o, rp, _ in whole:
             try:
@@ -513,6 +512,25 @@ def _attrs_many(items: list[tuple[Outcome, str]], ctx: PairCtx,
     for o, _, why in whole:
         if o.error is None and not o.keep_base:
             o.note = f"{why}: sent whole"
+
+
+def _upload_group(group: list[tuple[Outcome, str, str]], ctx: PairCtx,
+                  put_many: Callable[[list[tuple[str, Source]]], list[Any]]) -> None:
+    """Send these jobs' files whole in one put_many call; fills in their outcomes."""
+    try:
+        started, sent = _send_batch([o.job for o, _, _ in group], {ctx.name: ctx}, put_many)
+    except Exception as e:   # a backend returns errors per item; this is a bug's net
+        started, sent = 0, [(Outcome(o.job, error=e), None, None) for o, _, _ in group]
+    by_id = {o2.job.id: (o2, src, r) for o2, src, r in sent}
+    for o, _, _ in group:
+        o2, src, r = by_id[o.job.id]
+        if src is not None:
+            try:
+                _uploaded(o2, src, r, started)
+            except Exception as e:
+                o2.error = e
+        (o.base, o.local, o.racy, o.error, o.bytes, o.note, o.keep_base, o.sent) = (
+            o2.base, o2.local, o2.racy, o2.error, o2.bytes, o2.note, o2.keep_base, o2.sent)
 
 
 def _attrs_one(remote: Remote, r: AttrsReq) -> RemoteEntry | Exception:

@@ -757,6 +757,38 @@ def test_a_chmod_or_touch_over_a_tree_goes_to_the_remote_in_batches(tmp_path: Pa
     assert (res.attrs_set, res.uploaded, res.hashed_files) == (0, 0, 0)
 
 
+def test_attrs_jobs_sent_whole_go_in_groups_of_a_chunks_bytes(tmp_path: Path) -> None:
+    """A remote that refuses attributes alone gets the files whole, several per put_many
+    call, but no more bytes per call than a chunk of uploads (each call has all its temp
+    files at once on the remote)."""
+    big = {f"d{i}/f{i}.bin": os.urandom(1_500_000) for i in range(6)}
+    cfg, src, dst = setup(tmp_path, big)
+    old = time.time() - 100
+    for rel in big:
+        os.utime(src / rel, (old, old))
+    e = engine(cfg, None, Clock())
+    assert e.reconcile(cfg.pairs[0], Options()).uploaded == 6
+    for rel in big:
+        os.chmod(src / rel, 0o600)
+
+    def refuse(self: LocalRemote, items: Any) -> Any:
+        return [PermanentError("Operation not permitted", remote=self.name, path=p)
+                for p, *_ in items]
+
+    real, calls = LocalRemote.put_many, []
+
+    def spy(self: LocalRemote, items: Any) -> Any:
+        calls.append(sum(src.size for _, src in items))
+        return real(self, items)
+
+    with mock.patch.object(LocalRemote, "set_attrs_many", refuse), \
+            mock.patch.object(LocalRemote, "put_many", spy):
+        res = e.reconcile(cfg.pairs[0], Options())
+    assert (res.uploaded, res.attrs_set, res.failures) == (6, 0, [])
+    assert len(calls) >= 2 and max(calls) <= transfer.CHUNK_BYTES and sum(calls) == 9_000_000
+    assert all((dst / "docs" / rel).stat().st_mode & 0o777 == 0o600 for rel in big)
+
+
 def test_an_mtime_change_that_did_not_reach_the_remote_is_planned_again(tmp_path: Path) -> None:
     """The touch's job failed (remote unreachable): the index holds the content as synced
     but not the mtime, so the next scan plans it again instead of calling it clean."""
