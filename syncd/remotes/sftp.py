@@ -17,7 +17,7 @@ import struct
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -846,32 +846,55 @@ class SFTPRemote:
         except w.StatusError as e:
             raise self._status_error(e, path) from None
         if a.kind != w.S_IFREG:
-            raise Conflict("a symlink is in the way" if a.kind == w.S_IFLNK
-                           else "not a regular file", remote=self.name, path=path)
+            raise self._not_regular(a, path)
         return ap, a
+
+    def _not_regular(self, a: w.Attrs, path: str) -> Conflict:
+        return Conflict("a symlink is in the way" if a.kind == w.S_IFLNK
+                        else "not a regular file", remote=self.name, path=path)
 
     def set_attrs(self, path: str, *, mode: int | None = None, mtime_ns: int | None = None,
                   expect_fp: str | None = None) -> RemoteEntry:
-        r = self.set_attrs_many([(path, mode, mtime_ns, expect_fp)])[0]
-        if isinstance(r, Exception):
-            raise r
-        return r
+        return _one(self.set_attrs_many([(path, mode, mtime_ns, expect_fp)]))
 
     def set_attrs_many(self, items: Sequence[tuple[str, int | None, int | None, str | None]]
                        ) -> list[RemoteEntry | Exception]:
         """set_attrs for each (path, mode, mtime_ns, expect_fp), pipelined: the parents'
         checks, every LSTAT, then every LSETSTAT, each in one round trip. Per item its
         entry or error."""
+        return self._batch(items, self._set_attrs_batch)
+
+    def _batch(self, items: Sequence[tuple[Any, ...]],
+               run: Callable[[w.Session, Any, list[Any]], None]
+               ) -> list[RemoteEntry | Exception]:
+        """`run(session, items, results)` on one session, which fills in each item's result
+        (items[i][0] is its path); per item its RemoteEntry or error."""
         results: list[RemoteEntry | Exception | None] = [None] * len(items)
         try:
             with self._session(items[0][0] if items else "") as ss:
-                self._set_attrs_batch(ss, items, results)
+                run(ss, items, results)
         except RemoteError as e:   # the connection went: everything unfinished is retried
             for i, r in enumerate(results):
                 if r is None:
                     _fail(results, i, e, items[i][0])
         return [r if r is not None else PermanentError("not attempted", remote=self.name)
                 for r in results]
+
+    def _checked(self, ss: w.Session, paths: Sequence[str],
+                 results: list[RemoteEntry | Exception | None], create: bool) -> list[int]:
+        """Positions of the paths that are valid and whose parent directory is a real one
+        under the root (made when `create`); the others get their error in `results`."""
+        parents: dict[int, str] = {}
+        for i, path in enumerate(paths):
+            try:
+                check_rel_path(self.name, path)
+            except PathEscape as e:
+                results[i] = e
+                continue
+            parents[i] = path.rpartition("/")[0]
+        bad = self._check_dirs(ss, set(parents.values()), create=create)
+        return [i for i, parent in parents.items()
+                if not _fail(results, i, bad.get(parent), paths[i])]
 
     def _set_attrs_batch(self, ss: w.Session,
                          items: Sequence[tuple[str, int | None, int | None, str | None]],
@@ -885,25 +908,8 @@ class SFTPRemote:
                     "the server cannot change attributes without following symlinks (no "
                     f"lsetstat@openssh.com; {self.where})", remote=self.name, path=path)
             return
-        parents: dict[int, str] = {}
-        for i, (path, *_) in enumerate(items):
-            try:
-                check_rel_path(self.name, path)
-            except PathEscape as e:
-                results[i] = e
-                continue
-            parents[i] = path.rpartition("/")[0]
-        bad = self._check_dirs(ss, set(parents.values()), create=False)
-        looks = []
-        for i, parent in parents.items():
-            err = bad.get(parent)
-            if isinstance(err, NotFound):
-                err = NotFound(f"no such file or directory ({self.where})", remote=self.name,
-                               path=items[i][0])
-            if err is not None:
-                results[i] = err
-            else:
-                looks.append((i, ss.lstat(self._abs(items[i][0]))))
+        ok = self._checked(ss, [it[0] for it in items], results, create=False)
+        looks = [(i, ss.lstat(self._abs(items[i][0]))) for i in ok]
         changes = []
         for i, rid in looks:
             path, mode, mtime_ns, expect_fp = items[i]
@@ -913,8 +919,7 @@ class SFTPRemote:
                 results[i] = self._status_error(e, path)
                 continue
             if a.kind != w.S_IFREG:
-                results[i] = Conflict("a symlink is in the way" if a.kind == w.S_IFLNK
-                                      else "not a regular file", remote=self.name, path=path)
+                results[i] = self._not_regular(a, path)
                 continue
             if expect_fp is not None and self._entry(path, a).fp != expect_fp:
                 results[i] = RemoteChanged("the file changed since the plan", remote=self.name,
@@ -1005,40 +1010,17 @@ class SFTPRemote:
         return RemoteEntry(path, _DIR, 0, 0, DIR_FP)
 
     def put(self, path: str, source: Source) -> RemoteEntry:
-        r = self.put_many([(path, source)])[0]
-        if isinstance(r, Exception):
-            raise r
-        return r
+        return _one(self.put_many([(path, source)]))
 
     def put_many(self, items: Sequence[tuple[str, Source]]) -> list[RemoteEntry | Exception]:
         """Upload several files with their requests interleaved on one channel: all temp
         files opened at once, written, stamped and closed at once, then each one whose
         bytes were confirmed is renamed into place. Per item: its RemoteEntry or error."""
-        results: list[RemoteEntry | Exception | None] = [None] * len(items)
-        try:
-            with self._session(items[0][0] if items else "") as ss:
-                self._put_batch(ss, items, results)
-        except RemoteError as e:   # the connection went: everything unfinished is retried
-            for i, r in enumerate(results):
-                if r is None:
-                    _fail(results, i, e, items[i][0])
-        return [r if r is not None else PermanentError("not attempted", remote=self.name)
-                for r in results]
+        return self._batch(items, self._put_batch)
 
     def _put_batch(self, ss: w.Session, items: Sequence[tuple[str, Source]],
                    results: list[RemoteEntry | Exception | None]) -> None:
-        live: list[int] = []
-        parents: dict[int, str] = {}
-        for i, (path, _) in enumerate(items):
-            try:
-                check_rel_path(self.name, path)
-            except PathEscape as e:
-                results[i] = e
-                continue
-            parents[i] = path.rpartition("/")[0]
-            live.append(i)
-        bad = self._check_dirs(ss, set(parents.values()), create=True)
-        live = [i for i in live if not _fail(results, i, bad.get(parents[i]), items[i][0])]
+        live = self._checked(ss, [path for path, _ in items], results, create=True)
 
         # 1. open every temp file exclusively (O_EXCL never follows a planted symlink);
         #    a leftover temp of ours is removed and opened again.
@@ -1231,6 +1213,14 @@ class SFTPRemote:
                     ss.status(ss.rename(self._abs(src), self._abs(dst)))
                 else:
                     raise
+
+
+def _one(results: list[RemoteEntry | Exception]) -> RemoteEntry:
+    """The single result of a batch of one, raised if it is an error."""
+    r = results[0]
+    if isinstance(r, Exception):
+        raise r
+    return r
 
 
 def _fail(results: list[Any], i: int, err: RemoteError | None, path: str) -> bool:
