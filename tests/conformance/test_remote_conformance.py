@@ -814,18 +814,33 @@ def test_fingerprint_tells_kind(remote: Remote, upload: Upload) -> None:
         assert (e.fp == DIR_FP) == (e.kind == Kind.DIR), e
 
 
+def local_view(remote: Remote, peek: Peek, cap: str, why: str) -> Path:
+    """The local directory behind a backend with capability `cap` (else skip: `why`)."""
+    if not getattr(remote.caps, cap):
+        pytest.skip(why)
+    root = getattr(peek, "root", None)
+    if root is None:   # pragma: no cover - every backend with attributes has a local view
+        pytest.skip("no local view of this backend's files")
+    return Path(root)
+
+
+def planted_link(peek: Peek, rel: str, outside: str) -> Path:
+    """A symlink at `rel` on the remote to a new file outside its root; that file."""
+    peek.outside_write(outside, b"victim")
+    victim = Path(peek.outside_abs(outside))
+    peek.symlink(rel, str(victim))
+    return victim
+
+
 def test_set_attrs_changes_the_permission_bits_alone(remote: Remote, peek: Peek,
                                                       upload: Upload) -> None:
     """A chmod synced without the content: bits changed, same file (inode), same bytes,
     same fingerprint; a missing file is NotFound; a symlink or directory there is a
     Conflict, and a symlink's target keeps its mode."""
-    if not remote.caps.modes:
-        pytest.skip("this backend keeps no permission bits (caps.modes is off)")
-    root = getattr(peek, "root", None)
-    if root is None:   # pragma: no cover - every backend with modes has a local view
-        pytest.skip("no local view of this backend's files")
+    root = local_view(remote, peek, "modes",
+                      "this backend keeps no permission bits (caps.modes is off)")
     e = upload("d/m.txt", b"mode", mtime_ns=1_700_000_000_000_000_000)
-    p = Path(root) / "d" / "m.txt"
+    p = root / "d" / "m.txt"
     ino = p.stat().st_ino
     got = remote.set_attrs("d/m.txt", mode=0o640)
     assert p.stat().st_mode & 0o777 == 0o640 and p.stat().st_ino == ino
@@ -837,10 +852,8 @@ def test_set_attrs_changes_the_permission_bits_alone(remote: Remote, peek: Peek,
     with pytest.raises(Conflict):
         remote.set_attrs("d/sub", mode=0o700)
     if peek.supports_symlinks:
-        peek.outside_write("victim.txt", b"victim")
-        victim = Path(peek.outside_abs("victim.txt"))
+        victim = planted_link(peek, "d/link.txt", "victim.txt")
         os.chmod(victim, 0o644)
-        peek.symlink("d/link.txt", str(victim))
         with pytest.raises(Conflict):
             remote.set_attrs("d/link.txt", mode=0o600)
         assert victim.stat().st_mode & 0o777 == 0o644
@@ -881,13 +894,10 @@ def test_set_attrs_changes_the_mtime_alone(remote: Remote, peek: Peek, upload: U
     fingerprint change as a listing shows them, same file, same bytes, same mode. With
     expect_fp, a file that is not that version is left alone (RemoteChanged); a symlink
     there is a Conflict and its target keeps its mtime."""
-    if not remote.caps.mtimes:
-        pytest.skip("this backend cannot set an mtime alone (caps.mtimes is off)")
-    root = getattr(peek, "root", None)
-    if root is None:   # pragma: no cover - every backend with mtimes has a local view
-        pytest.skip("no local view of this backend's files")
+    root = local_view(remote, peek, "mtimes",
+                      "this backend cannot set an mtime alone (caps.mtimes is off)")
     e = upload("d/t.txt", b"touch", mtime_ns=1_700_000_000_000_000_000)
-    p = Path(root) / "d" / "t.txt"
+    p = root / "d" / "t.txt"
     ino, mode = p.stat().st_ino, p.stat().st_mode
     new = 1_750_000_000_123_456_789
     prec = remote.caps.mtime_precision_ns
@@ -907,10 +917,8 @@ def test_set_attrs_changes_the_mtime_alone(remote: Remote, peek: Peek, upload: U
     with pytest.raises(NotFound):
         remote.set_attrs("d/none.txt", mtime_ns=new)
     if peek.supports_symlinks:
-        peek.outside_write("victim2.txt", b"victim")
-        victim = Path(peek.outside_abs("victim2.txt"))
+        victim = planted_link(peek, "d/link2.txt", "victim2.txt")
         before = victim.stat().st_mtime_ns
-        peek.symlink("d/link2.txt", str(victim))
         with pytest.raises(Conflict):
             remote.set_attrs("d/link2.txt", mtime_ns=new)
         assert victim.stat().st_mtime_ns == before
