@@ -298,27 +298,14 @@ class LocalRemote:
             devs.setdefault(dev, []).append(len(out))
             out.append(e)
         if not each:
-            for dev, pos in devs.items():
-                paths = [out[i].path for i in pos]   # type: ignore[union-attr]
-                try:
-                    dfd = self._dev_fd(dev, paths)
-                except OSError as oe:   # the root itself cannot be opened (unmounted?)
-                    dfd, e0 = -1, TransientError(f"the root {self.root} cannot be opened: "
-                                                 f"{oe.strerror}", remote=self.name)
-                else:
-                    e0 = None
-                if dfd < 0:   # every folder of these files went meanwhile: so did they
-                    e: RemoteError = e0 or TransientError("the folder vanished meanwhile",
-                                                          remote=self.name, path=paths[0])
-                else:
-                    try:
-                        if _syncfs(dfd) == 0:
-                            continue
-                        e = self._disk_error("syncfs", ctypes.get_errno(), "",
-                                             f" (making {len(pos)} attribute change(s) durable)")
-                    finally:
-                        os.close(dfd)
-                for i in pos:
+            paths = {dev: [out[i].path for i in pos]   # type: ignore[union-attr]
+                     for dev, pos in devs.items()}
+            failed, gone = self._sync_devs(paths, "attribute change(s)")
+            for dev in gone:   # every folder of these files went meanwhile: so did they
+                failed[dev] = TransientError("its folder vanished meanwhile",
+                                             remote=self.name, path=paths[dev][0])
+            for dev, e in failed.items():
+                for i in devs[dev]:
                     out[i] = e
         return out
 
@@ -446,17 +433,37 @@ class LocalRemote:
         devs: dict[int, list[str]] = {}
         for s in staged:
             devs.setdefault(s.dev, []).append(s.path)
+        # A file system none of whose folders is left: none of its files can be published.
+        failed, _ = self._sync_devs(devs, "written file(s)")
+        if failed:
+            raise next(iter(failed.values()))
+
+    def _sync_devs(self, devs: dict[int, list[str]], what: str
+                   ) -> tuple[dict[int, RemoteError], list[int]]:
+        """One syncfs per file system (st_dev -> the relative paths on it that must be
+        durable). Returns the file systems whose sync failed, with why, and those of
+        which no folder of these paths can be opened any more."""
+        failed: dict[int, RemoteError] = {}
+        gone: list[int] = []
         for dev, paths in devs.items():
-            dfd = self._dev_fd(dev, paths)
+            try:
+                dfd = self._dev_fd(dev, paths)
+            except OSError as e:   # the root itself cannot be opened (unmounted?)
+                failed[dev] = TransientError(f"the root {self.root} cannot be opened: "
+                                             f"{e.strerror}; is the disk mounted?",
+                                             remote=self.name)
+                continue
             if dfd < 0:
-                continue   # every directory of these files is gone: none can be published
+                gone.append(dev)
+                continue
             try:
                 if _syncfs(dfd) != 0:
-                    raise self._disk_error(
+                    failed[dev] = self._disk_error(
                         "syncfs", ctypes.get_errno(), paths[0] if len(paths) == 1 else "",
-                        f" (making {len(paths)} written file(s) durable)")
+                        f" (making {len(paths)} {what} durable)")
             finally:
                 os.close(dfd)
+        return failed, gone
 
     def _disk_error(self, call: str, err: int, path: str, what: str = "") -> TransientError:
         return TransientError(f"{call} failed: {os.strerror(err)}{what}; check the disk "
