@@ -25,7 +25,6 @@ from syncd.log import structlog
 from syncd.model import (
     BEFORE_WRITES,
     Action,
-    Base,
     Job,
     Kind,
     LocalState,
@@ -38,22 +37,15 @@ from syncd.plan import (
     DRIFT_REASONS,
     Facts,
     Policy,
+    attrs_to_settle,
     check_safety,
     plan_push,
-    same_mtime,
     under,
 )
 from syncd.queue import Queue
 from syncd.remotes import open_remote
-from syncd.remotes.base import Capabilities, Remote
-from syncd.scan import (
-    Matcher,
-    Walk,
-    hash_paths,
-    local_mounts,
-    pair_matcher,
-    walk,
-)
+from syncd.remotes.base import Remote
+from syncd.scan import Matcher, Walk, hash_paths, local_mounts, pair_matcher, walk
 
 if TYPE_CHECKING:   # imported when there is something to transfer: an idle run skips it
     from syncd.transfer import PairCtx, Reporter
@@ -495,7 +487,9 @@ class Engine:
                         if s.kind == DIR and (p not in prior or prior[p][1] != DIR)]
             if changed or removed:
                 self.index.save_scan(pair.name, changed, removed)
-            self._settle_attrs(pair.name, caps, states, base)
+            modes, mtimes = attrs_to_settle(states, base, policy)
+            if modes or mtimes:
+                self.index.settle_attrs(pair.name, modes, mtimes)
         if (meta is None or meta.st_dev != w.root_dev) and not opts.dry_run:
             self.index.set_pair_meta(pair.name, root, w.root_dev)
 
@@ -606,26 +600,6 @@ class Engine:
             return d
 
         return run
-
-    def _settle_attrs(self, pair: str, caps: Capabilities, states: dict[str, LocalState],
-                      base: dict[str, Base]) -> None:
-        """A chmod or touch this remote cannot carry alone is nothing to sync (nor is an
-        mtime change finer than it keeps): the bases of those files take the local mode or
-        mtime, so they are clean again and not planned at every scan."""
-        modes: list[str] = []
-        mtimes: list[tuple[str, int]] = []
-        precision = caps.mtime_precision_ns
-        for p, s in states.items():
-            b = base.get(p)
-            if s.kind != FILE or b is None or b.hash != s.hash:
-                continue
-            if not caps.modes and b.mode is not None and b.mode != s.mode:
-                modes.append(p)
-            if b.mtime_ns != s.mtime_ns and (not caps.mtimes or same_mtime(
-                    b.mtime_ns, s.mtime_ns, precision)):
-                mtimes.append((p, s.mtime_ns))
-        if modes or mtimes:
-            self.index.settle_attrs(pair, modes, mtimes)
 
     def _trip(self, pair: PairConfig, facts: Facts, opts: Options,
               actions: list[Action] | None = None) -> None:

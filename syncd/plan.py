@@ -168,6 +168,26 @@ def _file(path: str, l: LocalState, b: Base | None, r: R | None, p: Policy) -> l
     return [up._replace(reason="differs from remote")]
 
 
+def attrs_to_settle(local: Mapping[str, LocalState], base: Mapping[str, Base],
+                    p: Policy) -> tuple[list[str], list[tuple[str, int]]]:
+    """Files whose change is one _file plans no job for: a mode where the remote keeps
+    none, an mtime where it sets none alone or that differs only finer than it keeps.
+    Their bases take it instead (paths whose recorded mode is forgotten; (path, mtime_ns)
+    to record), so they are clean again and not planned at every scan."""
+    modes: list[str] = []
+    mtimes: list[tuple[str, int]] = []
+    for path, l in local.items():
+        b = base.get(path)
+        if l.kind != FILE or b is None or b.hash != l.hash:
+            continue
+        if not p.modes and b.mode is not None and b.mode != l.mode:
+            modes.append(path)
+        if b.mtime_ns != l.mtime_ns and (
+                not p.mtimes or same_mtime(b.mtime_ns, l.mtime_ns, p.mtime_precision_ns)):
+            mtimes.append((path, l.mtime_ns))
+    return modes, mtimes
+
+
 def _dir(path: str, b: Base | None, r: R | None, p: Policy) -> list[Action]:
     if r is None:
         return [Action(Op.MKDIR, path, "new")]

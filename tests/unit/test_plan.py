@@ -463,3 +463,22 @@ def test_removals_of_case_variants_of_local_names_run_before_the_writes() -> Non
     # A remote that never folds case (S3): every removal waits for the writes, as usual.
     acts = plan_push(local, bases, remote, Policy(delete="propagate", case_sensitive=True))
     assert [a for a in acts if phase(a) < 0] == []
+
+
+def test_changes_the_remote_cannot_carry_are_settled_in_the_base() -> None:
+    """What _file plans no job for is settled instead: a mode where the remote keeps none,
+    an mtime where it sets none alone or that differs within its precision. Changed
+    content, or a change the remote can carry, is never settled."""
+    from syncd.plan import attrs_to_settle
+
+    b = base("A")._replace(mode=0o644, mtime_ns=5 * 10**9 + 100)
+    moded = loc("A")._replace(mode=0o600, mtime_ns=b.mtime_ns)
+    touched = loc("A")._replace(mode=0o644, mtime_ns=6 * 10**9)
+    same_second = loc("A")._replace(mode=0o644, mtime_ns=5 * 10**9 + 900)
+    local = {"m": moded, "t": touched, "s": same_second, "c": loc("B")}
+    bases = {p: b for p in local}
+    assert attrs_to_settle(local, bases, Policy()) == (["m"], [("t", 6 * 10**9),
+                                                              ("s", 5 * 10**9 + 900)])
+    assert attrs_to_settle(local, bases, Policy(modes=True, mtimes=True,
+                                                mtime_precision_ns=10**9)) == (
+        [], [("s", 5 * 10**9 + 900)])
