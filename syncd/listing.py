@@ -16,10 +16,13 @@ import signal
 import struct
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from syncd import errors
 from syncd.model import Kind, RemoteEntry, utf8_ok
+
+if TYPE_CHECKING:   # remotes import this module
+    from syncd.remotes.base import Capabilities
 
 FILE = int(Kind.FILE)
 # Protocol rule: a directory's fingerprint is exactly DIR_FP and no file's ever is, so a
@@ -40,7 +43,7 @@ class RemoteDiff:
     unnamed: list[str] = field(default_factory=list)   # left out: see drop_unnamed
     # The remote's capabilities as the lister's session found them (an SFTP server
     # without lsetstat sets no mtime alone): the plan follows them, not the class's.
-    caps: Any = None
+    caps: Capabilities | None = None
 
 
 def diff_listing(entries: Iterable[RemoteEntry], expected: dict[str, str],

@@ -330,7 +330,7 @@ def execute(job: Job, ctx: PairCtx, now_ns: Callable[[], int] = time.time_ns) ->
         elif a.op == Op.MKDIR:
             e = ctx.remote.mkdir(rp)
             o.base = Base(DIR, 0, 0, None, e.fp)
-        elif a.op == Op.ADOPT and a.kind == FILE and ctx.remote.caps.modes:
+        elif _attrs_job(a, ctx):   # an attrs job, or an adoption that sets the mode
             _attrs_many([(o, rp)], ctx, now_ns)
         elif a.op == Op.ADOPT:
             o.base = Base(a.kind, a.size, a.mtime_ns, a.hash, a.remote_fp)
@@ -343,8 +343,6 @@ def execute(job: Job, ctx: PairCtx, now_ns: Callable[[], int] = time.time_ns) ->
                 o.note = "not empty; kept"
         elif a.op == Op.FORGET:
             pass
-        elif a.op == Op.ATTRS:
-            _set_attrs(o, ctx, rp, now_ns)
         elif a.op == Op.CONFLICT:
             raise Conflict(a.reason, remote=ctx.remote.name, path=rp)
         else:  # pragma: no cover - a new Op without a handler is a bug
@@ -424,10 +422,6 @@ def _upload(o: Outcome, ctx: PairCtx, rp: str, now_ns: Callable[[], int]) -> Non
 AttrsReq = tuple[str, int | None, int | None, str | None]   # path, mode, mtime_ns, expect_fp
 
 
-def _set_attrs(o: Outcome, ctx: PairCtx, rp: str, now_ns: Callable[[], int]) -> None:
-    _attrs_many([(o, rp)], ctx, now_ns)
-
-
 def _attrs_many(items: list[tuple[Outcome, str]], ctx: PairCtx,
                 now_ns: Callable[[], int] = time.time_ns) -> None:
     """Set remote files' permission bits and mtimes (attrs jobs of one pair: outcome and
@@ -490,7 +484,7 @@ def _attrs_many(items: list[tuple[Outcome, str]], ctx: PairCtx,
         else:
             _synced(o, after, digest, r.fp, started)
     put_many = getattr(remote, "put_many", None)
-    if len(whole) > 1 and put_many is not None:
+    if put_many is not None:
         # Together, as a chunk of uploads goes (a chmod -R on a server without lsetstat),
         # in groups of a chunk's bytes: each group's temp files exist at once.
         limit = CHUNK_BYTES if caps.cpu_bound else NET_CHUNK_BYTES

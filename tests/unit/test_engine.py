@@ -585,18 +585,18 @@ def test_a_chmod_job_sends_the_file_whole_if_it_is_not_the_one_planned(tmp_path:
     e, cfg, src, dst = synced_long_ago(tmp_path)
     f = src / "d1" / "f1.txt"
     os.chmod(f, 0o750)
-    real = transfer._set_attrs
+    real = transfer._attrs_many
 
-    def swap_first(o: Any, ctx: Any, rp: str, now_ns: Any) -> None:
+    def swap_first(items: Any, ctx: Any, now_ns: Any) -> None:
         st = f.stat()
         data = f.read_bytes()
         f.unlink()
         f.write_bytes(bytes(b ^ 1 for b in data))   # same size, other bytes
         os.chmod(f, 0o750)
         os.utime(f, ns=(st.st_mtime_ns, st.st_mtime_ns))
-        real(o, ctx, rp, now_ns)
+        real(items, ctx, now_ns)
 
-    with mock.patch.object(transfer, "_set_attrs", swap_first):
+    with mock.patch.object(transfer, "_attrs_many", swap_first):
         res = e.reconcile(cfg.pairs[0], Options())
     assert (res.attrs_set, res.uploaded, res.failures) == (0, 1, [])
     target = dst / "docs" / "d1" / "f1.txt"
@@ -633,13 +633,13 @@ def test_a_chmod_job_sends_the_file_whole_if_the_remote_one_changed(tmp_path: Pa
     e, cfg, src, dst = synced_long_ago(tmp_path)
     os.chmod(src / "d1" / "f1.txt", 0o750)
     target = dst / "docs" / "d1" / "f1.txt"
-    real = transfer._set_attrs
+    real = transfer._attrs_many
 
-    def remote_write_first(o: Any, ctx: Any, rp: str, now_ns: Any) -> None:
+    def remote_write_first(items: Any, ctx: Any, now_ns: Any) -> None:
         target.write_bytes(b"written on the remote meanwhile")
-        real(o, ctx, rp, now_ns)
+        real(items, ctx, now_ns)
 
-    with mock.patch.object(transfer, "_set_attrs", remote_write_first):
+    with mock.patch.object(transfer, "_attrs_many", remote_write_first):
         res = e.reconcile(cfg.pairs[0], Options())
     assert (res.attrs_set, res.uploaded, res.failures) == (0, 1, [])
     assert target.read_bytes() == (src / "d1" / "f1.txt").read_bytes()
