@@ -352,7 +352,7 @@ class Index:
 
     def settle_attrs(self, pair: str, modes: Sequence[str],
                      mtimes: Sequence[tuple[str, int]]) -> None:
-        """The remote cannot carry these changes alone (see Engine._settle_attrs): the
+        """The remote cannot carry these changes alone (see plan.attrs_to_settle): the
         bases of `modes` stop recording a mode (the one they were sent with); those of
         `mtimes` (path, mtime_ns) take the local mtime."""
         with self.tx():
