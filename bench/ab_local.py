@@ -142,7 +142,7 @@ def main() -> None:
                     p = one_run(a, name, spec, wd, k, base / f"dst-{k}", state, rclone)
                 res.setdefault(name, []).append(p)
                 print(f"round {r + 1} {name:12s} wall {p.wall_s:6.2f} s  cpu {p.user_s + p.sys_s:6.2f}"
-                      f"  other {p.other_cpu_s:5.2f}", flush=True)
+                      f" (user {p.user_s:5.2f} sys {p.sys_s:5.2f})  other {p.other_cpu_s:5.2f}", flush=True)
     finally:
         if a.keep:
             print(f"kept {wd}")
@@ -152,6 +152,8 @@ def main() -> None:
     for name, ps in res.items():
         print(f"  {name:12s} wall {statistics.median(p.wall_s for p in ps):6.2f} s"
               f"  cpu {statistics.median(p.user_s + p.sys_s for p in ps):6.2f}"
+              f" (user {statistics.median(p.user_s for p in ps):5.2f}"
+              f" sys {statistics.median(p.sys_s for p in ps):5.2f})"
               f"  other {statistics.median(p.other_cpu_s for p in ps):5.2f}"
               f"  walls {[round(p.wall_s, 2) for p in ps]}")
 

@@ -226,14 +226,19 @@ def collect_status(cfg: Any) -> dict[str, Any]:
             last = meta.last_result if meta else None
             since, moved_files, moved_bytes = (index.run_counters(p.name) if index
                                                else (None, 0, 0))
+            # A first sync's uploads have no queue rows: its mark says it runs (one left
+            # by a killed syncd does not count: no syncd holds the lock then).
+            first_sync = meta.first_sync_since if meta and holder is not None else None
             state = ("stopped by guard" if last == "stopped" else
-                     "syncing" if counts.get("leased") else
+                     "syncing" if counts.get("leased") or first_sync else
                      "pending" if counts.get("pending") else "idle")
             pairs.append({
                 "pair": p.name, "state": state,
                 "last_reconcile": (time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(meta.last_reconcile))
                                    if meta and meta.last_reconcile else None),
                 "last_result": last,
+                "first_sync_since": (time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(first_sync))
+                                     if first_sync else None),
                 "tracked": index.count_base(p.name) if index else 0,
                 "queued": counts.get("pending", 0), "in_flight": counts.get("leased", 0),
                 "failed": failed,
@@ -258,7 +263,9 @@ def _print_status(report: dict[str, Any]) -> None:
     if report.get("reconcile_pid"):
         print(f"a reconcile is running (PID {report['reconcile_pid']})")
     for p in report["pairs"]:
-        print(f"pair {p['pair']}: {p['state']}; last reconcile {p['last_reconcile'] or 'never'}"
+        state = p["state"] + (f" (first sync since {p['first_sync_since']})"
+                              if p.get("first_sync_since") else "")
+        print(f"pair {p['pair']}: {state}; last reconcile {p['last_reconcile'] or 'never'}"
               f" ({p['last_result'] or '-'}); {p['tracked']} entries tracked; "
               f"queued {p['queued']}, in flight {p['in_flight']}, failed {len(p['failed'])}")
         ss = p["since_start"]

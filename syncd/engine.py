@@ -702,9 +702,13 @@ class Engine:
                 return [], more
             if set_totals is not None:
                 set_totals(*st.totals(dirs))
-            return self.queue.enqueue_leased(pair.name, plan_push(dict(batch), {}, {}, policy)), more
+            return self.queue.unqueued(pair.name, plan_push(dict(batch), {}, {}, policy)), more
 
-        self._drain(pair, self._ctx(pair, remote, root), feed, reporter, processes, res)
+        self.index.set_first_sync(pair.name, self.clock())
+        try:
+            self._drain(pair, self._ctx(pair, remote, root), feed, reporter, processes, res)
+        finally:
+            self.index.set_first_sync(pair.name, None)
 
     def _ctx(self, pair: PairConfig, remote: Remote, root: str) -> PairCtx:
         from syncd.transfer import PairCtx

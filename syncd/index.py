@@ -114,6 +114,11 @@ MIGRATIONS: tuple[str, ...] = (
     UPDATE jobs SET next_args = '["attrs",' || substr(next_args, 10)
         WHERE next_args LIKE '["chmod",%';
     """,
+    # v8: when the pair's running first sync began: its uploads run without queue rows
+    # (Queue.unqueued), so `syncd status` learns of it here. NULL when none runs.
+    """
+    ALTER TABLE pairs ADD COLUMN first_sync_since REAL;
+    """,
 )
 
 
@@ -129,6 +134,7 @@ class PairMeta:
     last_result: str | None
     mounts: tuple[str, ...] = ()
     target: str | None = None
+    first_sync_since: float | None = None
 
 
 class Done(NamedTuple):
@@ -141,6 +147,18 @@ class Done(NamedTuple):
     local: LocalState | None = None
     racy: bool = False
     keep_base: bool = False       # the job changed nothing (e.g. the file vanished first)
+
+
+class Unqueued(NamedTuple):
+    """A job that ran without a queue row (Queue.unqueued) and did not succeed: its row
+    is written now, pending (a retry, not before `not_before`) or failed (parked)."""
+
+    action: Action
+    phase: int
+    state: str          # 'pending' | 'failed'
+    attempts: int
+    not_before: float
+    error: str
 
 
 _q = json.encoder.encode_basestring_ascii   # in C: a JSON string literal, quotes included
@@ -238,11 +256,16 @@ class Index:
     # --- pairs ----------------------------------------------------------------------------
 
     def pair_meta(self, pair: str) -> PairMeta | None:
-        r = self.db.execute("SELECT root, st_dev, last_reconcile, last_result, mounts, target "
-                            "FROM pairs WHERE pair = ?", (pair,)).fetchone()
+        r = self.db.execute("SELECT root, st_dev, last_reconcile, last_result, mounts, target, "
+                            "first_sync_since FROM pairs WHERE pair = ?", (pair,)).fetchone()
         if r is None:
             return None
-        return PairMeta(*r[:4], tuple(json.loads(r[4])) if r[4] else (), r[5])
+        return PairMeta(*r[:4], tuple(json.loads(r[4])) if r[4] else (), r[5], r[6])
+
+    def set_first_sync(self, pair: str, since: float | None) -> None:
+        """Mark the pair's first sync as running since `since` (None: it ended)."""
+        with self.tx():
+            self._upsert_pair(pair, first_sync_since=since)
 
     def set_pair_target(self, pair: str, target: str, forget_bases: bool,
                         map_fp: Callable[[str], str] | None = None) -> None:
@@ -559,27 +582,40 @@ class Index:
                                 "WHERE id=? AND state='leased'", ((i,) for i in job_ids))
 
     def finish(self, pair: str, done: Sequence[Done], retry: Sequence[tuple[int, float, str, int]],
-               failed: Sequence[tuple[int, str, int]], now: float) -> None:
+               failed: Sequence[tuple[int, str, int]], now: float,
+               unqueued: Sequence[Unqueued] = ()) -> None:
         """One transaction: bases move with the acks of the jobs that moved them;
         retries get their not_before; permanent failures are parked. A newer intent that
-        arrived while a job ran (next_args) becomes the pending job in every case."""
+        arrived while a job ran (next_args) becomes the pending job in every case.
+        Jobs that ran without a row (negative ids) have nothing to ack; those that did not
+        succeed (`unqueued`) get their row now, replacing any the path had."""
         db = self.db
         with self.tx():
             self._set_bases(pair, done)
+            db.executemany(
+                "INSERT INTO jobs (pair, path, phase, args, state, attempts, not_before, "
+                "last_error, created, updated) VALUES (?,?,?,?,?,?,?,?,?,?) "
+                "ON CONFLICT(pair, path) DO UPDATE SET phase=excluded.phase, "
+                "args=excluded.args, state=excluded.state, attempts=excluded.attempts, "
+                "not_before=excluded.not_before, last_error=excluded.last_error, "
+                "next_args=NULL, lease_owner=NULL, lease_until=NULL, updated=excluded.updated",
+                ((pair, u.action.path, u.phase, action_to_json(u.action), u.state, u.attempts,
+                  u.not_before, u.error, now, now) for u in unqueued))
             db.executemany("UPDATE jobs SET state='pending', attempts=?, not_before=?, last_error=?, "
                            "lease_owner=NULL, lease_until=NULL, updated=? WHERE id=?",
                            ((a, nb, err, now, i) for i, nb, err, a in retry))
             db.executemany("UPDATE jobs SET state='failed', attempts=?, last_error=?, "
                            "lease_owner=NULL, lease_until=NULL, updated=? WHERE id=?",
                            ((a, err, now, i) for i, err, a in failed))
-            ids = [d.job_id for d in done] + [r[0] for r in retry] + [f[0] for f in failed]
+            ids = [d.job_id for d in done if d.job_id > 0] + [r[0] for r in retry] + \
+                [f[0] for f in failed]
             for chunk in _chunks(ids):
                 db.execute(
                     "UPDATE jobs SET args=next_args, next_args=NULL, state='pending', attempts=0, "
                     "not_before=?, last_error=NULL, lease_owner=NULL, lease_until=NULL, updated=? "
                     f"WHERE id IN ({','.join('?' * len(chunk))}) AND next_args IS NOT NULL",
                     (now, now, *chunk))
-            for chunk in _chunks([d.job_id for d in done]):
+            for chunk in _chunks([d.job_id for d in done if d.job_id > 0]):
                 db.execute(f"DELETE FROM jobs WHERE id IN ({','.join('?' * len(chunk))}) "
                            "AND state='leased'", chunk)
 

@@ -580,6 +580,17 @@ class Runner:
         self.sleep = sleep
         self.reporter = reporter
         self.log = log or slog.get()
+        # Fed jobs without a queue row (Queue.unqueued) not settled yet, per pair and
+        # phase: the phase gate cannot see them in the queue.
+        self.unqueued_open: dict[str, dict[int, int]] = {}
+
+    def _lowest_open_phase(self, pair: str) -> int | None:
+        """The lowest phase of the pair's unfinished jobs, queued or fed without a row."""
+        phases = [p for p, n in self.unqueued_open.get(pair, {}).items() if n]
+        low = self.queue.index.min_open_phase(pair)
+        if low is not None:
+            phases.append(low)
+        return min(phases, default=None)
 
     def run(self, names: Sequence[str],
             feed: Callable[[], tuple[list[Job], bool]] | None = None) -> RunStats:
@@ -603,6 +614,10 @@ class Runner:
             for j in jobs:
                 rr = self.pairs[j.pair].remote.name
                 fed.setdefault(rr, deque()).append(j)
+                if j.id < 0:
+                    by_phase = self.unqueued_open.setdefault(j.pair, {})
+                    p = phase(j.action)
+                    by_phase[p] = by_phase.get(p, 0) + 1
 
         def take_fed(r: str) -> list[Job] | None:
             """The next chunk of fed jobs that may start now, or None."""
@@ -612,7 +627,7 @@ class Runner:
             head = q[0]
             p = phase(head.action)
             if p > gate.get(head.pair, PHASE_MIN):
-                low = self.queue.index.min_open_phase(head.pair)
+                low = self._lowest_open_phase(head.pair)
                 if low is not None and low < p:
                     return None   # an earlier phase is unfinished
                 gate[head.pair] = p
@@ -856,6 +871,11 @@ class Runner:
             if not outcomes:
                 continue
             s = self.queue.settle(pair, outcomes)
+            by_phase = self.unqueued_open.get(pair)
+            if by_phase:
+                for o in outcomes:
+                    if o.job.id < 0:
+                        by_phase[phase(o.job.action)] -= 1
             for o in s.done:
                 stats.add(o)
                 if self.log_each:

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from syncd.errors import NotFound, PermanentError, SourceChanged, TransientError
 from syncd.index import Index
-from syncd.model import Action, Op
+from syncd.model import Action, Base, Op
 from syncd.queue import Outcome, Queue, next_try
 
 
@@ -75,6 +75,32 @@ def test_enqueue_leased_hands_back_new_jobs_leased_to_us(idx: Index) -> None:
     assert q(idx, c, owner="other").reclaim() == 3   # a new process: every lease is stale
     assert qu.enqueue_leased("p", [up("x"), up("x", "again")]) == []
     assert {j.path for j in qu.lease(10)} >= {"x"}
+
+
+def test_unqueued_jobs_get_a_row_only_when_they_do_not_succeed(idx: Index) -> None:
+    """A streamed first sync's jobs (Queue.unqueued) run without queue rows: success moves
+    the base and writes no job; a transient error becomes a pending row with its backoff,
+    a permanent one a parked failure; release() has no row to give back."""
+    c = Clock()
+    qu = q(idx, c)
+    jobs = qu.unqueued("p", [up("a"), up("b"), up("c"), up("d")])
+    assert [j.path for j in jobs] == ["a", "b", "c", "d"] and all(j.id < 0 for j in jobs)
+    assert len({j.id for j in jobs + qu.unqueued("p", [up("a")])}) == 5
+    assert idx.job_counts("p") == {}
+    base = Base(1, 1, 1, b"h" * 16, "1:1", 0o644)
+    s = qu.settle("p", [Outcome(jobs[0], base=base),
+                        Outcome(jobs[1], error=TransientError("timeout", path="b")),
+                        Outcome(jobs[2], error=PermanentError("denied", path="c"))])
+    assert len(s.done) == len(s.retried) == len(s.failed) == 1
+    assert idx.load_bases("p") == {"a": base}
+    assert idx.all_jobs("p") == [("b", "pending", 1, "path 'b': timeout"),
+                                 ("c", "failed", 1, "path 'c': denied")]
+    qu.release([j.id for j in jobs])
+    assert qu.lease(10) == []                    # not before its backoff
+    c.t += 1.0
+    (j,) = qu.lease(10)
+    assert (j.path, j.id > 0, j.attempts, j.action) == ("b", True, 1, up("b"))
+    assert [f.path for f in idx.failed_jobs("p")] == ["c"]
 
 
 def test_new_intent_waits_behind_an_inflight_job(idx: Index) -> None:

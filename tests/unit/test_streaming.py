@@ -183,8 +183,9 @@ def test_rich_reporter_takes_new_totals() -> None:
 
 def test_an_error_while_streaming_ends_the_walk_too(tmp_path: Path,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    """A failure in the transfer half (here: the queue's database) stops the walk at its
-    next directory instead of letting it run to the end of a large tree first."""
+    """A failure in the transfer half (here: a database error while feeding the runner)
+    stops the walk at its next directory instead of letting it run to the end of a large
+    tree first."""
     files = {f"d{i:02d}/f": b"x" for i in range(50)}
     cfg, src, dst = setup(tmp_path, files)
     listed: list[int] = []
@@ -203,17 +204,17 @@ def test_an_error_while_streaming_ends_the_walk_too(tmp_path: Path,
     monkeypatch.setattr(eng, "walk", walk)
     e = engine(cfg, None, Clock())
     calls = {"n": 0}
-    real_enqueue = e.queue.enqueue_leased
+    real_feed = e.queue.unqueued
 
-    def enqueue_leased(pair: str, actions: Any) -> Any:
+    def unqueued(pair: str, actions: Any) -> Any:
         calls["n"] += 1
         if calls["n"] == 2:
             import sqlite3
 
             raise sqlite3.OperationalError("database is locked")
-        return real_enqueue(pair, actions)
+        return real_feed(pair, actions)
 
-    monkeypatch.setattr(e.queue, "enqueue_leased", enqueue_leased)
+    monkeypatch.setattr(e.queue, "unqueued", unqueued)
     res = e.reconcile(cfg.pairs[0], Options())
     assert res.status == "failed" and "database is locked" in res.message
     assert len(listed) < 51, "the walk went on to the end after the failure"
@@ -227,3 +228,41 @@ def test_a_root_on_another_device_than_recorded_trips_the_guard_first(tmp_path: 
     e.index.set_pair_meta("p", str(src), src.stat().st_dev + 1)
     res = e.reconcile(cfg.pairs[0], Options())
     assert res.status == "stopped" and res.uploaded == 0 and not (dst / "docs").exists()
+
+
+class AskingStatus(Faulty):
+    """Takes `syncd status` at its first put, while the first sync runs."""
+
+    def __init__(self, root: Path, cfg: Any):
+        super().__init__(root)
+        self.cfg = cfg
+        self.report: dict[str, Any] | None = None
+
+    def put(self, path: str, source: Source) -> Any:
+        if self.report is None:
+            from syncd.cli import collect_status
+
+            self.report = collect_status(self.cfg)
+        return super().put(path, source)
+
+
+def test_status_shows_a_running_first_sync(tmp_path: Path) -> None:
+    """A first sync's uploads have no queue rows: `syncd status` shows the pair syncing
+    from the first-sync mark, and not once the run is over, nor from a mark a killed
+    syncd left behind (no syncd holds the state dir's lock then)."""
+    from syncd.cli import collect_status
+    from syncd.engine import StateLock
+
+    cfg, src, dst = setup(tmp_path, FILES)
+    remote = AskingStatus(dst, cfg)
+    e = engine(cfg, remote, Clock())
+    with StateLock(cfg.daemon.state_dir):
+        assert e.reconcile(cfg.pairs[0], Options()).status == "ok"
+        (p,) = remote.report["pairs"] if remote.report else [None]
+        assert p["state"] == "syncing" and p["first_sync_since"] and p["in_flight"] == 0
+        (p,) = collect_status(cfg)["pairs"]
+        assert p["state"] == "idle" and p["first_sync_since"] is None
+        e.index.set_first_sync("p", 1.8e9)   # as a syncd killed mid-sync leaves it
+        assert collect_status(cfg)["pairs"][0]["state"] == "syncing"
+    (p,) = collect_status(cfg)["pairs"]
+    assert p["state"] == "idle" and p["first_sync_since"] is None
