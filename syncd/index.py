@@ -158,7 +158,7 @@ class Unqueued(NamedTuple):
     state: str          # 'pending' | 'failed'
     attempts: int
     not_before: float
-    error: str
+    error: str | None
 
 
 _q = json.encoder.encode_basestring_ascii   # in C: a JSON string literal, quotes included
@@ -566,8 +566,12 @@ class Index:
 
     def reclaim(self, now: float, owner: str | None = None) -> int:
         """Return leases to pending: those whose time ran out, and (given the live `owner`,
-        which holds the state-dir lock) every lease held by any other, dead, process."""
+        which holds the state-dir lock) every lease held by any other, dead, process. The
+        lock holder also drops first-sync marks (set_first_sync) a dead process left."""
         with self.tx():
+            if owner is not None:
+                self.db.execute("UPDATE pairs SET first_sync_since = NULL "
+                                "WHERE first_sync_since IS NOT NULL")
             q = "UPDATE jobs SET state='pending', lease_owner=NULL, lease_until=NULL " \
                 "WHERE state='leased' AND (lease_until < ?"
             params: list[Any] = [now]
@@ -588,7 +592,8 @@ class Index:
         retries get their not_before; permanent failures are parked. A newer intent that
         arrived while a job ran (next_args) becomes the pending job in every case.
         Jobs that ran without a row (negative ids) have nothing to ack; those that did not
-        succeed (`unqueued`) get their row now, replacing any the path had."""
+        succeed (`unqueued`) get their row now, replacing any the path had unless that
+        one is leased (running elsewhere: its own outcome decides)."""
         db = self.db
         with self.tx():
             self._set_bases(pair, done)
@@ -598,7 +603,8 @@ class Index:
                 "ON CONFLICT(pair, path) DO UPDATE SET phase=excluded.phase, "
                 "args=excluded.args, state=excluded.state, attempts=excluded.attempts, "
                 "not_before=excluded.not_before, last_error=excluded.last_error, "
-                "next_args=NULL, lease_owner=NULL, lease_until=NULL, updated=excluded.updated",
+                "next_args=NULL, lease_owner=NULL, lease_until=NULL, updated=excluded.updated "
+                "WHERE state != 'leased'",
                 ((pair, u.action.path, u.phase, action_to_json(u.action), u.state, u.attempts,
                   u.not_before, u.error, now, now) for u in unqueued))
             db.executemany("UPDATE jobs SET state='pending', attempts=?, not_before=?, last_error=?, "

@@ -71,10 +71,21 @@ class Queue:
         """Jobs that run without a row in the queue (negative ids), for a streamed first
         sync: its crash recovery is the plan of the next run (every file without a base
         is uploaded or adopted), so a row per file (written, then deleted a moment later)
-        would only cost, ~20 % of that run's time. One that fails gets its row then, a
-        retry (pending, with its backoff) or a parked failure, as any job would."""
+        would only cost, ~18 % of that run's time. One that does not succeed gets its row
+        then, a retry (pending, with its backoff) or a parked failure, as any job would;
+        so does one given back unfinished (release).
+
+        Only phase-0 jobs (uploads, mkdirs: what a plan into an empty remote holds): the
+        runner's phase gate and lease() read phases from the queue's rows, and nothing
+        of a lower phase exists to wait for, so none of these jobs need be seen there."""
         now = self.clock()
-        return [Job(next(_unqueued_ids), pair, a.path, a, 0, now, None) for a in actions]
+        jobs = []
+        for a in actions:
+            if phase(a) != 0:
+                raise ValueError(f"{a.op.value} of {a.path!r} is of phase {phase(a)}: only "
+                                 "phase-0 jobs may run without a queue row")
+            jobs.append(Job(next(_unqueued_ids), pair, a.path, a, 0, now, None))
+        return jobs
 
     def reclaim(self, exclusive: bool = True) -> int:
         """Leases of crashed processes go back to pending. With the state-dir lock held
@@ -85,11 +96,19 @@ class Queue:
         now = self.clock()
         return self.index.lease(self.owner, now, now + self.lease_timeout, limit, pairs)
 
-    def release(self, job_ids: Sequence[int]) -> None:
-        """Give leased-but-unstarted jobs back (e.g. when a run stops early)."""
-        ids = [i for i in job_ids if i > 0]   # an unqueued job has no row to go back to
+    def release(self, jobs: Sequence[Job]) -> None:
+        """Give leased-but-unfinished jobs back (e.g. when a run stops early): pending
+        again, and a job that ran without a row (unqueued) gets one."""
+        ids = [j.id for j in jobs if j.id > 0]
         if ids:
             self.index.release(ids)
+        rows: dict[str, list[Unqueued]] = {}
+        for j in jobs:
+            if j.id < 0:
+                rows.setdefault(j.pair, []).append(
+                    Unqueued(j.action, phase(j.action), "pending", j.attempts, 0.0, None))
+        for pair, new in rows.items():
+            self.index.finish(pair, [], [], [], self.clock(), new)
 
     def classify(self, o: Outcome) -> tuple[str, float | str]:
         """("done", 0) | ("retry", not_before) | ("failed", message): by type, not text."""

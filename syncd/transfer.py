@@ -580,17 +580,6 @@ class Runner:
         self.sleep = sleep
         self.reporter = reporter
         self.log = log or slog.get()
-        # Fed jobs without a queue row (Queue.unqueued) not settled yet, per pair and
-        # phase: the phase gate cannot see them in the queue.
-        self.unqueued_open: dict[str, dict[int, int]] = {}
-
-    def _lowest_open_phase(self, pair: str) -> int | None:
-        """The lowest phase of the pair's unfinished jobs, queued or fed without a row."""
-        phases = [p for p, n in self.unqueued_open.get(pair, {}).items() if n]
-        low = self.queue.index.min_open_phase(pair)
-        if low is not None:
-            phases.append(low)
-        return min(phases, default=None)
 
     def run(self, names: Sequence[str],
             feed: Callable[[], tuple[list[Job], bool]] | None = None) -> RunStats:
@@ -614,10 +603,6 @@ class Runner:
             for j in jobs:
                 rr = self.pairs[j.pair].remote.name
                 fed.setdefault(rr, deque()).append(j)
-                if j.id < 0:
-                    by_phase = self.unqueued_open.setdefault(j.pair, {})
-                    p = phase(j.action)
-                    by_phase[p] = by_phase.get(p, 0) + 1
 
         def take_fed(r: str) -> list[Job] | None:
             """The next chunk of fed jobs that may start now, or None."""
@@ -627,7 +612,9 @@ class Runner:
             head = q[0]
             p = phase(head.action)
             if p > gate.get(head.pair, PHASE_MIN):
-                low = self._lowest_open_phase(head.pair)
+                # Fed jobs without queue rows (Queue.unqueued) are all of phase 0, the
+                # lowest a streamed first sync has: none of them is waited for here.
+                low = self.queue.index.min_open_phase(head.pair)
                 if low is not None and low < p:
                     return None   # an earlier phase is unfinished
                 gate[head.pair] = p
@@ -809,35 +796,36 @@ class Runner:
                 p.shutdown(wait=True, cancel_futures=True)
             for fl in flushers.values():
                 fl.shutdown(wait=True, cancel_futures=True)
-            unfinished: list[int] = []
+            unfinished: list[Job] = []
             leftover: dict[str, list[Staged]] = {r: [s for _, s in b] for r, b in unflushed.items()}
             for b in unflushed.values():
-                unfinished += [o.job.id for o, _ in b]
+                unfinished += [o.job for o, _ in b]
             for f, (r, kind, payload) in inflight.items():   # what finished while we stopped
                 ok = f.done() and not f.cancelled() and f.exception() is None
                 if kind == "publish" and ok:
                     published(payload, f.result())
                 elif kind in ("flush", "publish"):   # durable or not, never published
-                    unfinished += [o.job.id for o, _ in payload]
+                    unfinished += [o.job for o, _ in payload]
                     leftover.setdefault(r, []).extend(s for _, s in payload)
                 elif ok:
                     if kind == "stage":
                         outcomes, staged = _unpack_staged(payload, f.result())
-                        unfinished += [o.job.id for o, _ in staged]
+                        unfinished += [o.job for o, _ in staged]
                         leftover.setdefault(r, []).extend(s for _, s in staged)
                     else:
                         outcomes = _unpack(payload, f.result())
                     for o in outcomes:
                         add(o)
                 else:
-                    unfinished += [j.id for j in payload]
+                    unfinished += list(payload)
             for r, staged_left in leftover.items():
                 if staged_left:   # a temp left behind is cleaned up by the next reconcile
                     remotes[r].discard(staged_left)  # type: ignore[attr-defined]
             if count:
                 self._commit(buffered, stats)
-            # Jobs leased but never finished go back to the queue at once.
-            self.queue.release(unfinished + [j.id for q in (*ready.values(), *fed.values())
+            # Jobs leased but never finished go back to the queue at once (those that
+            # had no row get one).
+            self.queue.release(unfinished + [j for q in (*ready.values(), *fed.values())
                                              for j in q])
         return stats
 
@@ -871,11 +859,6 @@ class Runner:
             if not outcomes:
                 continue
             s = self.queue.settle(pair, outcomes)
-            by_phase = self.unqueued_open.get(pair)
-            if by_phase:
-                for o in outcomes:
-                    if o.job.id < 0:
-                        by_phase[phase(o.job.action)] -= 1
             for o in s.done:
                 stats.add(o)
                 if self.log_each:

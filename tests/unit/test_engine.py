@@ -295,47 +295,6 @@ def test_plan_fed_to_the_queue_in_batches_keeps_phase_order(tmp_path: Path,
     assert len(puts) == len(set(puts)) == 8
 
 
-class SlowPuts(Recording):
-    """Every put but the first takes a while; each records when it is done."""
-
-    def put(self, path: str, source: Source) -> Any:
-        if self.ops:
-            time.sleep(0.2)
-        r = super().put(path, source)
-        self.ops.append(("put-done", path))
-        return r
-
-
-def test_fed_jobs_without_queue_rows_keep_phase_order(tmp_path: Path) -> None:
-    """Jobs fed without queue rows (a streamed first sync: Queue.unqueued) are not in the
-    queue's phase check: the runner counts them itself, so a delete (a later phase) fed
-    while uploads are still in flight waits for every one of them."""
-    from syncd.model import Action
-    from syncd.queue import Queue
-    from syncd.transfer import Runner
-
-    src, dst = tmp_path / "src", tmp_path / "dst"
-    src.mkdir()
-    dst.mkdir()
-    for i in range(4):
-        (src / f"f{i}").write_bytes(b"x")
-    (dst / "gone").write_bytes(b"old")
-    remote = SlowPuts(dst)
-    qu = Queue(Index(tmp_path / "i.sqlite3"), "me")
-    # Sizes as the plan gives them: 20 MiB each, one upload per chunk, all in flight at once.
-    batches = [[Action(Op.UPLOAD, f"f{i}", "new", 20 << 20) for i in range(4)],
-               [Action(Op.DELETE, "gone", "deleted locally")]]
-
-    def feed() -> tuple[list[Any], bool]:
-        return (qu.unqueued("p", batches.pop(0)) if batches else []), bool(batches)
-
-    stats = Runner(qu, {"p": transfer.PairCtx("p", str(src), "", remote, 4)}).run(["p"], feed)
-    assert stats.done == {Op.UPLOAD.value: 4, Op.DELETE.value: 1} and not stats.failed
-    ops = remote.ops
-    assert ops.index(("delete", "gone")) > max(ops.index(("put-done", f"f{i}")) for i in range(4))
-    assert not (dst / "gone").exists() and qu.index.job_counts("p") == {}
-
-
 def test_lost_and_found_at_the_pair_root_is_never_touched(tmp_path: Path) -> None:
     """A pair rooted at a mount point: the remote's lost+found holds what fsck recovered and
     is neither deleted nor trashed; the local one is not uploaded. A pattern can re-include

@@ -80,10 +80,10 @@ def test_enqueue_leased_hands_back_new_jobs_leased_to_us(idx: Index) -> None:
 def test_unqueued_jobs_get_a_row_only_when_they_do_not_succeed(idx: Index) -> None:
     """A streamed first sync's jobs (Queue.unqueued) run without queue rows: success moves
     the base and writes no job; a transient error becomes a pending row with its backoff,
-    a permanent one a parked failure; release() has no row to give back."""
+    a permanent one a parked failure; one given back unfinished becomes a pending row."""
     c = Clock()
     qu = q(idx, c)
-    jobs = qu.unqueued("p", [up("a"), up("b"), up("c"), up("d")])
+    jobs = qu.unqueued("p", [up("a"), up("b"), up("c"), Action(Op.MKDIR, "d")])
     assert [j.path for j in jobs] == ["a", "b", "c", "d"] and all(j.id < 0 for j in jobs)
     assert len({j.id for j in jobs + qu.unqueued("p", [up("a")])}) == 5
     assert idx.job_counts("p") == {}
@@ -95,12 +95,34 @@ def test_unqueued_jobs_get_a_row_only_when_they_do_not_succeed(idx: Index) -> No
     assert idx.load_bases("p") == {"a": base}
     assert idx.all_jobs("p") == [("b", "pending", 1, "path 'b': timeout"),
                                  ("c", "failed", 1, "path 'c': denied")]
-    qu.release([j.id for j in jobs])
-    assert qu.lease(10) == []                    # not before its backoff
-    c.t += 1.0
+    qu.release(jobs[3:])                         # a stop: never ran
+    assert [(j.path, j.attempts, j.action.op) for j in qu.lease(10)] == [("d", 0, Op.MKDIR)]
+    c.t += 1.0                                   # b's backoff is over
     (j,) = qu.lease(10)
     assert (j.path, j.id > 0, j.attempts, j.action) == ("b", True, 1, up("b"))
     assert [f.path for f in idx.failed_jobs("p")] == ["c"]
+
+
+def test_only_phase_0_jobs_run_without_a_queue_row(idx: Index) -> None:
+    """The phase gate reads phases from queue rows: a job that others must wait for (a
+    delete waits for every upload) never runs without one."""
+    qu = q(idx, Clock())
+    with pytest.raises(ValueError, match="phase 1"):
+        qu.unqueued("p", [up("a"), Action(Op.DELETE, "x", "deleted locally")])
+
+
+def test_a_failed_unqueued_job_leaves_a_running_job_of_its_path_alone(idx: Index) -> None:
+    """A failure's row does not replace a row of the same path that another runner has
+    leased (that job's own outcome decides what comes next)."""
+    c = Clock()
+    qu = q(idx, c)
+    qu.enqueue("p", [up("a", "planned")])
+    (running,) = qu.lease(10)
+    (j,) = qu.unqueued("p", [up("a")])
+    qu.settle("p", [Outcome(j, error=PermanentError("denied"))])
+    assert idx.all_jobs("p") == [("a", "leased", 0, None)]
+    qu.settle("p", [Outcome(running, base=Base(1, 1, 1, b"h" * 16, "1:1"))])
+    assert idx.job_counts("p") == {}
 
 
 def test_new_intent_waits_behind_an_inflight_job(idx: Index) -> None:

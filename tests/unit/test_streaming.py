@@ -249,7 +249,8 @@ class AskingStatus(Faulty):
 def test_status_shows_a_running_first_sync(tmp_path: Path) -> None:
     """A first sync's uploads have no queue rows: `syncd status` shows the pair syncing
     from the first-sync mark, and not once the run is over, nor from a mark a killed
-    syncd left behind (no syncd holds the state dir's lock then)."""
+    syncd left behind: not while no syncd holds the state dir's lock, and the next to
+    take it drops the mark (with the dead process's leases)."""
     from syncd.cli import collect_status
     from syncd.engine import StateLock
 
@@ -262,7 +263,11 @@ def test_status_shows_a_running_first_sync(tmp_path: Path) -> None:
         assert p["state"] == "syncing" and p["first_sync_since"] and p["in_flight"] == 0
         (p,) = collect_status(cfg)["pairs"]
         assert p["state"] == "idle" and p["first_sync_since"] is None
-        e.index.set_first_sync("p", 1.8e9)   # as a syncd killed mid-sync leaves it
-        assert collect_status(cfg)["pairs"][0]["state"] == "syncing"
+    e.index.set_first_sync("p", 1.8e9)   # as a syncd killed mid-sync leaves it
     (p,) = collect_status(cfg)["pairs"]
     assert p["state"] == "idle" and p["first_sync_since"] is None
+    with StateLock(cfg.daemon.state_dir):   # the next syncd
+        e.queue.reclaim(exclusive=True)
+        (p,) = collect_status(cfg)["pairs"]
+        assert p["state"] == "idle" and p["first_sync_since"] is None
+    assert e.index.pair_meta("p").first_sync_since is None  # type: ignore[union-attr]
