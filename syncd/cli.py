@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import gc
 import json
 import os
@@ -48,16 +49,39 @@ def _guard(fn: Callable[[], int]) -> None:
         _err("interrupted; queued work stays queued for the next run")
         code = 130
     except BrokenPipeError:   # `syncd ... | head`: the reader is gone, nothing to say
-        with contextlib.suppress(OSError):
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        _drop_stdout()
         code = 141
+    except OSError as e:
+        if e.errno not in _OUTPUT_ERRNOS:
+            _internal(e)
+            code = EXIT_INTERNAL
+        else:   # syncd's own file errors are SyncdErrors: this is the output (> /dev/full)
+            _drop_stdout()
+            _err(f"writing the output failed: {e.strerror}")
+            code = EXIT_OUTPUT
     except Exception as e:  # a bug: say so in one line, keep the traceback in the log
-        from syncd import log
-
-        log.get().error("internal_error", error=f"{type(e).__name__}: {e}", exc_info=e)
-        _err(f"internal error: {type(e).__name__}: {e} (this is a bug; please report it)")
+        _internal(e)
         code = EXIT_INTERNAL
     raise typer.Exit(code)
+
+
+# Errors of an uncaught write: the output is a full disk or a failing device.
+_OUTPUT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EFBIG})
+EXIT_OUTPUT = 120   # what Python's own exit says when its final flush fails
+
+
+def _drop_stdout() -> None:
+    """Point stdout at /dev/null: the exit's own flush must not fail again."""
+    with contextlib.suppress(OSError, ValueError):
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
+def _internal(e: BaseException) -> None:
+    """A bug: one line to the user, the traceback in the log."""
+    from syncd import log
+
+    log.get().error("internal_error", error=f"{type(e).__name__}: {e}", exc_info=e)
+    _err(f"internal error: {type(e).__name__}: {e} (this is a bug; please report it)")
 
 
 def _load(config: str | None) -> Any:
@@ -453,7 +477,11 @@ def version() -> None:
     """Print the syncd version."""
     from syncd import __version__
 
-    print(f"syncd {__version__}")
+    def go() -> int:
+        print(f"syncd {__version__}", flush=True)
+        return 0
+
+    _guard(go)
 
 
 # CPython's default collector thresholds (700, 10, 10) start a young collection for every
@@ -494,7 +522,8 @@ def _exit(code: int) -> NoReturn:
         except (OSError, ValueError) as e:
             if not isinstance(e, BrokenPipeError):
                 with contextlib.suppress(OSError):
-                    os.write(2, f"syncd: writing the output failed: {e}\n".encode())
+                    why = getattr(e, "strerror", None) or e
+                    os.write(2, f"syncd: error: writing the output failed: {why}\n".encode())
             code = code or (141 if isinstance(e, BrokenPipeError) else 120)
             with contextlib.suppress(OSError, ValueError):   # the exit's own flush: quiet
                 os.dup2(os.open(os.devnull, os.O_WRONLY), f.fileno())

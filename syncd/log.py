@@ -129,4 +129,8 @@ class _Forward(logging.Handler):
 
 
 def get(name: str | None = None) -> Any:
+    if not structlog.is_configured():
+        # Before setup() (a command that logs nothing of its own, such as `config check`,
+        # meeting an internal error): still to stderr, never into the command's output.
+        setup()
     return structlog.get_logger(name) if name else structlog.get_logger()

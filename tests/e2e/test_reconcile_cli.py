@@ -511,6 +511,24 @@ def test_output_into_a_closed_pipe_is_not_a_bug(setup: Setup) -> None:
     assert "rc=141" in p.stdout and "internal error" not in p.stderr, (p.stdout, p.stderr)
 
 
+@pytest.mark.parametrize("args", [["version"], ["config", "check"], ["status"]])
+@pytest.mark.parametrize("unbuffered", ["", "1"])
+def test_output_onto_a_full_disk_is_an_error_not_a_bug(setup: Setup, args: list[str],
+                                                       unbuffered: str) -> None:
+    """stdout on a full device (/dev/full): exit 120 with one line saying so, no
+    traceback, whether the write fails in the command (unbuffered) or at the exit."""
+    if not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full on this system")
+    conf = [] if args == ["version"] else ["--config", str(setup.config)]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SYNCD_")}
+    env["PYTHONUNBUFFERED"] = unbuffered
+    with open("/dev/full", "w") as full:
+        p = subprocess.run([str(SYNCD), *args, *conf], stdout=full, stderr=subprocess.PIPE,
+                           text=True, timeout=120, env=env)
+    assert p.returncode == 120, p.stderr
+    assert p.stderr.strip() == "syncd: error: writing the output failed: No space left on device"
+
+
 def test_daemon_intervals_that_would_spin_are_refused(setup: Setup) -> None:
     cfg = setup.config.read_text().replace("[daemon]\n", '[daemon]\nfull_reconcile_interval = "0s"\n')
     setup.config.write_text(cfg)
