@@ -5,6 +5,7 @@ in the same transaction that acks the job)."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import multiprocessing
 import os
 import signal
@@ -32,6 +33,7 @@ from syncd.errors import (
     NotFound,
     PermanentError,
     RemoteChanged,
+    SourceChanged,
     SyncdError,
     TransientError,
     UnavailableError,
@@ -386,9 +388,16 @@ def _open_source(o: Outcome, ctx: PairCtx) -> Source | None:
     except FileNotFoundError:
         # Gone since the scan: nothing to send; the next scan plans its deletion.
         o.keep_base, o.note = True, "vanished before upload"
+    except SourceChanged:
+        # A directory, FIFO or socket since the scan: retrying cannot send it (it used to
+        # wait out ~6 min of backoff); the next scan plans what it is now.
+        o.keep_base, o.note = True, "no longer a regular file before upload"
     except OSError as e:
-        o.error = PermanentError(f"cannot read local file: {e.strerror}", path=abspath)
-    except Exception as e:   # e.g. SourceChanged: no longer a regular file
+        if e.errno == errno.ELOOP and not ctx.follow_symlinks:   # now a symlink (O_NOFOLLOW)
+            o.keep_base, o.note = True, "no longer a regular file before upload"
+        else:
+            o.error = PermanentError(f"cannot read local file: {e.strerror}", path=abspath)
+    except Exception as e:
         o.error = e
     return None
 

@@ -295,6 +295,44 @@ def test_plan_fed_to_the_queue_in_batches_keeps_phase_order(tmp_path: Path,
     assert len(puts) == len(set(puts)) == 8
 
 
+@pytest.mark.parametrize("becomes", ["directory", "symlink"])
+def test_a_file_that_is_no_longer_one_at_its_upload_waits_for_the_next_scan(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, becomes: str) -> None:
+    """A file replaced by a directory (or a symlink) between the plan and its upload: the
+    job ends at once, like a file that vanished (it used to be retried for ~6 minutes of
+    backoff, then parked), and the next run syncs what the path is now."""
+    import syncd.engine as eng
+
+    cfg, src, dst = setup(tmp_path, FILES)
+    clock = Clock()
+    assert engine(cfg, None, clock).reconcile(cfg.pairs[0], Options()).status == "ok"
+    f = src / "d0" / "f0.txt"
+    f.write_bytes(b"changed")
+    real = eng.plan_push
+
+    def plan(*a: Any, **kw: Any) -> Any:
+        out = real(*a, **kw)
+        if f.is_file():
+            f.unlink()
+            if becomes == "directory":
+                f.mkdir()
+                (f / "inner").write_bytes(b"i")
+            else:
+                f.symlink_to(src / "d1" / "f1.txt")
+        return out
+
+    monkeypatch.setattr(eng, "plan_push", plan)
+    res = engine(cfg, None, clock).reconcile(cfg.pairs[0], Options())
+    assert res.status == "ok" and res.retries == 0 and not res.failures, res.failures
+    assert (dst / "docs" / "d0" / "f0.txt").read_bytes() == FILES["d0/f0.txt"]  # untouched
+    monkeypatch.undo()
+    res = engine(cfg, None, clock).reconcile(cfg.pairs[0], Options())
+    assert res.status == "ok" and not res.failures
+    want = {k: v for k, v in tree(src).items() if becomes == "directory" or k != "d0/f0.txt"}
+    mirror = {k: v for k, v in tree(dst / "docs").items() if not k.startswith(".syncd-trash")}
+    assert mirror == want
+
+
 def test_lost_and_found_at_the_pair_root_is_never_touched(tmp_path: Path) -> None:
     """A pair rooted at a mount point: the remote's lost+found holds what fsck recovered and
     is neither deleted nor trashed; the local one is not uploaded. A pattern can re-include
