@@ -4,6 +4,7 @@ scan → list → hash what must be compared → plan → safety → enqueue →
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import os
 import socket
@@ -24,6 +25,7 @@ from syncd.listing import Listing, RemoteDiff, diff_listing, drop_ignored_dirs, 
 from syncd.log import structlog
 from syncd.model import (
     BEFORE_WRITES,
+    TRASH_DIR,
     Action,
     Job,
     Kind,
@@ -171,21 +173,13 @@ class StateLock:
             os.close(fd)
 
 
-_last_stamp: tuple[str, int] = ("", 0)   # the last second a stamp was made for, and how often
-_stamps_lock = threading.Lock()
+TRASH_PREFIX = TRASH_DIR + "/"
 
 
 def trash_stamp(now: float) -> str:
-    """The trash folder name of one reconcile: its UTC second, plus '-2', '-3'... for later
-    reconciles in the same second (the daemon's debounce is 250 ms). Two runs sharing one
-    folder would trash the same path onto each other, and a rename replaces its target:
-    the first trashed version would be lost."""
-    base = time.strftime("%Y-%m-%dT%H%M%SZ", time.gmtime(now))
-    global _last_stamp
-    with _stamps_lock:
-        n = _last_stamp[1] + 1 if _last_stamp[0] == base else 1
-        _last_stamp = (base, n)
-    return base if n == 1 else f"{base}-{n}"
+    """The trash folder name of a reconcile at `now`: its UTC second. A run that trashes
+    has it made unique by Index.reserve_trash_stamp."""
+    return time.strftime("%Y-%m-%dT%H%M%SZ", time.gmtime(now))
 
 
 def _touched_folders(actions: Sequence[Action]) -> set[str]:
@@ -464,6 +458,14 @@ class Engine:
                         tmp_owner=getattr(remote, "tmp_owner", ""), modes=caps.modes,
                         mtimes=caps.mtimes, case_sensitive=caps.case_sensitive)
         actions = plan_push(states, base, remote_map, policy)
+        if not opts.dry_run and any(a.dest.startswith(TRASH_PREFIX) for a in actions):
+            # Two runs in one second (the daemon's, or one-shot runs one after the other)
+            # or a clock set back would share a trash folder, and a move replaces its
+            # target on most remotes: the version trashed first would be lost.
+            stamp = self.index.reserve_trash_stamp(pair.name, policy.trash_stamp)
+            if stamp != policy.trash_stamp:
+                policy = dataclasses.replace(policy, trash_stamp=stamp)
+                actions = plan_push(states, base, remote_map, policy)
         t.append(time.perf_counter())
         log.debug("reconcile_phases", load_ms=_ms(t[0], t[1]), walk_ms=_ms(t[1], t[2]),
                   listing_wait_ms=_ms(t[2], t[3]), plan_ms=_ms(t[3], t[4]), planned=len(states),

@@ -119,6 +119,10 @@ MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE pairs ADD COLUMN first_sync_since REAL;
     """,
+    # v9: the last trash folder name a run of the pair took (reserve_trash_stamp).
+    """
+    ALTER TABLE pairs ADD COLUMN trash_stamp TEXT;
+    """,
 )
 
 
@@ -261,6 +265,21 @@ class Index:
         if r is None:
             return None
         return PairMeta(*r[:4], tuple(json.loads(r[4])) if r[4] else (), r[5], r[6])
+
+    def reserve_trash_stamp(self, pair: str, stamp: str) -> str:
+        """`stamp` (a run's UTC second, '2026-12-02T125900Z') for the pair's trash folder,
+        or, when an earlier run took that name or a later one (a run a moment before, a
+        clock set back), the next after the latest taken: '…Z-2', '-3'. Recorded, so no
+        later run of this state dir takes it again."""
+        with self.tx():
+            r = self.db.execute("SELECT trash_stamp FROM pairs WHERE pair = ?",
+                                (pair,)).fetchone()
+            last = r[0] if r else None
+            if last is not None and _stamp_order(stamp) <= _stamp_order(last):
+                second, n = _stamp_order(last)
+                stamp = f"{second}-{n + 1}"
+            self._upsert_pair(pair, trash_stamp=stamp)
+        return stamp
 
     def set_first_sync(self, pair: str, since: float | None) -> None:
         """Mark the pair's first sync as running since `since` (None: it ended)."""
@@ -760,6 +779,15 @@ class UploadLog:
         if db is not None and self._local.pid == os.getpid():
             db.close()
         self._local.db = None
+
+
+def _stamp_order(stamp: str) -> tuple[str, int]:
+    """A trash stamp as (second, n): '…Z' is n 1, '…Z-3' n 3. Seconds in this format sort
+    as text."""
+    second, sep, n = stamp.rpartition("Z-")
+    if sep and n.isdigit():
+        return second + "Z", int(n)
+    return stamp, 1
 
 
 def _chunks(ids: list[int], n: int = 500) -> Iterator[list[int]]:

@@ -384,25 +384,34 @@ def test_remote_names_that_are_not_utf8_are_left_alone(tmp_path: Path) -> None:
             assert f.read() == b"theirs"
 
 
-def test_trashing_one_path_twice_in_one_second_keeps_both_versions(tmp_path: Path) -> None:
-    """Two reconciles in the same second (the daemon debounces 250 ms) shared a trash
+@pytest.mark.parametrize("how", ["one process", "one process per run", "clock set back"])
+def test_trashing_one_path_twice_keeps_both_versions(tmp_path: Path, how: str) -> None:
+    """Two reconciles in the same second (the daemon debounces 250 ms; one-shot runs, each
+    its own process, one after the other) or after the clock was set back shared a trash
     folder: the second trashing of a path renamed over the first trashed version."""
     from syncd.engine import trash_stamp
 
     cfg, src, dst = setup(tmp_path, {"f.txt": b"version-1"})
     clock = Clock()
     e = engine(cfg, None, clock)
-    for version in (b"version-1", b"version-2"):
+    stamps = []
+    for version in (b"version-1", b"version-2", b"version-3"):
+        if how != "one process":
+            e.close()
+            e = engine(cfg, None, clock)
         (src / "f.txt").write_bytes(version)
         assert e.reconcile(cfg.pairs[0], Options()).status == "ok"
         (src / "f.txt").unlink()
         (src / "keep.txt").write_bytes(b"so the root is not empty")
+        if how == "clock set back":
+            clock.t -= 3600
         res = e.reconcile(cfg.pairs[0], Options())
         assert res.status == "ok" and res.trashed == 1
+        stamps.append(e.index.db.execute("SELECT trash_stamp FROM pairs").fetchone()[0])
     trashed = {k: v for k, v in tree(dst / "docs").items() if k.startswith(".syncd-trash")}
-    assert sorted(trashed.values()) == [b"version-1", b"version-2"]
-    assert trash_stamp(5.0) == "1970-01-01T000005Z" and trash_stamp(5.5) == "1970-01-01T000005Z-2"
-    assert trash_stamp(6.0) == "1970-01-01T000006Z"
+    assert sorted(trashed.values()) == [b"version-1", b"version-2", b"version-3"]
+    assert len(set(stamps)) == 3, stamps
+    assert trash_stamp(5.0) == trash_stamp(5.5) == "1970-01-01T000005Z"
 
 
 class CaseInsensitive(LocalRemote):
