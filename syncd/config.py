@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import math
 import os
+import posixpath
 import re
 import tomllib
 from collections.abc import Callable
@@ -562,15 +563,18 @@ def _parse_max_delete(v: _V, raw: Any, key: str) -> MaxDelete:
 
 def _check_overlaps(v: _V, pairs: tuple[PairConfig, ...], remotes: dict[str, RemoteConfig]) -> None:
     """Two pairs writing the same remote subtree would fight; refuse it up front."""
+    places = [_place(remotes[p.remote], p.path) for p in pairs]
     for i, a in enumerate(pairs):
         for j in range(i + 1, len(pairs)):
             b = pairs[j]
-            if a.remote != b.remote:
+            (sa, da), (sb, db) = places[i], places[j]
+            if sa != sb or not (da == db or db.startswith(da + "/") or da.startswith(db + "/")
+                                or da in ("", "/") or db in ("", "/")):
                 continue
-            pa, pb = a.path + "/", b.path + "/"
-            if pa.startswith(pb) or pb.startswith(pa) or not a.path or not b.path:
-                raise v.fail(f"sync[{j}].path", f"remote path '{b.path}' overlaps pair "
-                             f"'{a.name}' (path '{a.path}') on remote '{a.remote}'")
+            where = (f"on remote '{a.remote}'" if a.remote == b.remote else
+                     f"on remote '{a.remote}', the same place as remote '{b.remote}'")
+            raise v.fail(f"sync[{j}].path", f"remote path '{b.path}' overlaps pair "
+                         f"'{a.name}' (path '{a.path}') {where}")
     for i, p in enumerate(pairs):
         r = remotes[p.remote]
         if r.type == "local":
@@ -578,6 +582,24 @@ def _check_overlaps(v: _V, pairs: tuple[PairConfig, ...], remotes: dict[str, Rem
             if _inside(root, p.local) or _inside(p.local, root):
                 raise v.fail(f"sync[{i}].local", f"local root {p.local} and remote directory "
                              f"{root} overlap; one would sync into the other")
+
+
+def _place(r: RemoteConfig, pair_path: str) -> tuple[str, str]:
+    """(server, directory) a pair writes in, for comparing pairs across remote sections:
+    two names for one directory, or one remote's root inside another's, are one place."""
+    o = r.options
+    if r.type == "local":
+        return "local", str(Path(o["path"], pair_path).resolve())
+    if r.type in ("sftp", "ftp"):
+        root = o.get("root") or ""
+        # A relative root is under the login's home: another user, another place.
+        who = "" if root.startswith("/") else f"{o.get('user')}@"
+        d = posixpath.normpath(posixpath.join(root or ".", pair_path))
+        return f"{r.type} {who}{str(o.get('host')).lower()}:{o.get('port')}", d
+    if r.type == "s3":
+        d = "/".join(x for x in (str(o.get("prefix") or "").strip("/"), pair_path) if x)
+        return f"s3 {o.get('endpoint_url') or 'aws'} {o.get('bucket')}", d
+    return f"{r.type} {r.name}", pair_path
 
 
 def _inside(a: Path, b: Path) -> bool:

@@ -122,6 +122,34 @@ def test_duplicate_pair_names_and_overlap(tmp_path: Path) -> None:
     assert e.key == "sync[1].path" and "overlaps" in str(e)
 
 
+@pytest.mark.parametrize("second", [
+    ('type = "local"\npath = "{tmp}/nas/"', "docs"),            # the same directory, again
+    ('type = "local"\npath = "{tmp}/nas/docs"', ""),           # one root inside the other
+    ('type = "local"\npath = "{tmp}/nas/docs"', "sub"),
+    ('type = "local"\npath = "{tmp}/./nas"', "docs/x"),
+])
+def test_two_remote_sections_for_one_place_overlap_too(tmp_path: Path,
+                                                       second: tuple[str, str]) -> None:
+    """Pairs on two remote sections naming one directory (or one inside the other) would
+    fight over it as much as two pairs on one section: refused, the other remote named."""
+    remote, path = second
+    text = GOOD + f'\n[remotes.again]\n{remote}\n\n[[sync]]\nname = "two"\n' \
+        f'local = "{{tmp}}/two"\nremote = "again"\npath = "{path}"\n'
+    e = load_err(tmp_path, text)
+    assert e.key == "sync[1].path" and "the same place as remote 'again'" in str(e), str(e)
+
+
+def test_remote_sections_for_other_places_do_not_overlap(tmp_path: Path) -> None:
+    ok = GOOD + ('\n[remotes.other]\ntype = "local"\npath = "{tmp}/nas2"\n\n[[sync]]\n'
+                 'name = "two"\nlocal = "{tmp}/two"\nremote = "other"\npath = "docs"\n'
+                 '\n[remotes.s]\ntype = "sftp"\nhost = "h"\nuser = "a"\nroot = "up"\n'
+                 '\n[remotes.t]\ntype = "sftp"\nhost = "h"\nuser = "b"\nroot = "up"\n'
+                 '\n[[sync]]\nname = "s1"\nlocal = "{tmp}/s1"\nremote = "s"\n'
+                 '\n[[sync]]\nname = "s2"\nlocal = "{tmp}/s2"\nremote = "t"\n')
+    cfg = load_config(write(tmp_path, ok), env={})
+    assert [p.name for p in cfg.pairs] == ["docs", "two", "s1", "s2"]
+
+
 def test_local_inside_remote_dir_is_refused(tmp_path: Path) -> None:
     e = load_err(tmp_path, GOOD.replace('local = "{tmp}/docs"', 'local = "{tmp}/nas/docs/x"'))
     assert e.key == "sync[0].local" and "overlap" in str(e)
