@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from syncd import log as slog
 from syncd.config import Config, PairConfig
-from syncd.errors import LockedError, RemoteError, SafetyError, UnavailableError
+from syncd.errors import LockedError, NotFound, RemoteError, SafetyError, UnavailableError
 from syncd.index import Index
 from syncd.listing import Listing, RemoteDiff, diff_listing, drop_ignored_dirs, drop_unnamed
 from syncd.log import structlog
@@ -479,7 +479,9 @@ class Engine:
                       remote_entries=diff.entries if opts.list_remote else -1,
                       lost_mounts=lost,
                       bases_present=sum(1 for p in diff.gone if p in w.seen)
-                      if diff.entries == 0 and not moved else 0)
+                      if opts.list_remote and not moved else 0,
+                      remote_dir_missing=not opts.list_remote and self._remote_dir_gone(
+                          pair, remote, actions))
         self._trip(pair, facts, opts, actions)
         if mounts is not None and tuple(mounts) != recorded and not opts.dry_run:
             self.index.set_pair_mounts(pair.name, mounts)
@@ -602,6 +604,24 @@ class Engine:
             return d
 
         return run
+
+    def _remote_dir_gone(self, pair: PairConfig, remote: Remote, actions: list[Action]) -> bool:
+        """A run without the remote listing (the daemon's event-driven ones) that would write:
+        is the pair's remote directory, where entries were synced before, gone? Then the
+        remote's storage is likely unmounted, and writing would create the directory on
+        the bare mount point (one stat, only when there is something to write)."""
+        if not pair.path or not remote.caps.dirs or not any(
+                a.op in (Op.UPLOAD, Op.MKDIR) for a in actions):
+            return False
+        if self.index.count_base(pair.name) == 0:
+            return False
+        try:
+            remote.stat(pair.path)
+        except NotFound:
+            return True
+        except RemoteError:
+            return False   # the transfers meet it and say so
+        return False
 
     def _trip(self, pair: PairConfig, facts: Facts, opts: Options,
               actions: list[Action] | None = None) -> None:

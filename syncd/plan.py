@@ -222,6 +222,7 @@ class Facts:
     remote_entries: int = -1            # what the remote listing held; -1: not listed
     lost_mounts: tuple[str, ...] = ()   # mount points inside the root, no longer mounted
     bases_present: int = 0              # synced entries missing remotely, still here locally
+    remote_dir_missing: bool = False    # a run without listing found the pair's directory gone
 
 
 @dataclass(frozen=True, slots=True)
@@ -245,6 +246,21 @@ def check_safety(actions: list[Action], f: Facts, allow_mass_delete: bool = Fals
                         "before are still in the local tree (an unmounted disk or share shows "
                         "its empty mount point): check that the remote's storage is mounted",
                         "--allow-device-change")
+        if (f.remote_entries > 0 and 2 * f.bases_present > f.base_entries
+                and f.remote_entries < f.bases_present):
+            # Most of what was synced is gone and the remote holds less than that: an
+            # unmounted share plus the few files written onto its bare mount point since
+            # (a daemon's event-driven runs do not list the remote), which would otherwise
+            # disarm the empty-remote check above and have the whole tree sent there.
+            return Trip(f"{f.bases_present} of the {f.base_entries} entries synced to the "
+                        f"remote path before are missing there (still in the local tree), "
+                        f"and it holds only {f.remote_entries}: an unmounted disk or share "
+                        "shows its bare mount point: check that the remote's storage is "
+                        "mounted", "--allow-device-change")
+        if f.remote_dir_missing:
+            return Trip("the pair's remote directory is gone though entries were synced "
+                        "there (an unmounted disk or share shows its bare mount point): "
+                        "check that the remote's storage is mounted", "--allow-device-change")
         for m in f.lost_mounts:
             if any(a.path == m or a.path.startswith(m + "/") for a in actions
                    if a.op in DELETING_OPS or a.op == Op.RMDIR):

@@ -674,6 +674,35 @@ def test_a_pair_pointed_elsewhere_syncs_there_afresh(tmp_path: Path) -> None:
     assert res.status == "stopped" and "remote path is empty" in res.message
 
 
+def test_an_unmounted_share_gets_nothing_from_runs_without_listing(tmp_path: Path) -> None:
+    """The daemon's event-driven runs do not list the remote. With the share under a local
+    remote unmounted, one of them wrote a changed file onto the bare mount point, making
+    the remote path non-empty, and the next full reconcile sent the whole tree there. Now
+    the run without listing finds the pair's directory gone and stops; and a full
+    reconcile that finds most synced entries missing, next to a few strays, stops too."""
+    files = {f"d{i % 4}/f{i}.txt": b"x%d" % i for i in range(40)}
+    cfg, src, dst = setup(tmp_path, files)
+    assert engine(cfg, None, Clock()).reconcile(cfg.pairs[0], Options()).status == "ok"
+    (dst / "docs").rename(tmp_path / "share-away")      # "unmounted"
+    (src / "d0" / "f0.txt").write_bytes(b"edited")
+    res = engine(cfg, None, Clock()).reconcile(cfg.pairs[0], Options(list_remote=False))
+    assert res.status == "stopped" and "remote directory is gone" in res.message
+    assert not (dst / "docs").exists()
+    # What an older syncd left on the bare mount point: one file. Full reconcile: stop.
+    (dst / "docs" / "d0").mkdir(parents=True)
+    (dst / "docs" / "d0" / "f0.txt").write_bytes(b"edited")
+    res = engine(cfg, None, Clock()).reconcile(cfg.pairs[0], Options())
+    assert res.status == "stopped" and "are missing there" in res.message, res.message
+    assert set(tree(dst / "docs")) == {"d0/f0.txt"}
+    # Mounted again: both kinds of run go on.
+    shutil.rmtree(dst / "docs")
+    (tmp_path / "share-away").rename(dst / "docs")
+    res = engine(cfg, None, Clock()).reconcile(cfg.pairs[0], Options(list_remote=False))
+    assert res.status == "ok" and res.uploaded == 1
+    assert engine(cfg, None, Clock()).reconcile(cfg.pairs[0], Options()).status == "ok"
+    assert tree(dst / "docs") == tree(src)
+
+
 def test_a_chmod_job_sends_the_file_whole_if_the_remote_one_changed(tmp_path: Path) -> None:
     """The remote file changed between the plan and the job (someone wrote it): the mode
     alone would leave their bytes under our name, so the job sends the whole file."""

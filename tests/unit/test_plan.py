@@ -311,6 +311,18 @@ def test_safety_trips_on_an_empty_remote_path_with_history() -> None:
     # The override for deletes does not cover it.
     assert check_safety([], facts(remote_entries=0, bases_present=7),
                         allow_mass_delete=True) is not None
+    # The same share after a few files were written onto its bare mount point (a daemon's
+    # event-driven runs do not list): most of what was synced is missing, and the remote
+    # holds less than that.
+    t = check_safety([], facts(remote_entries=2, bases_present=9, base_entries=10))
+    assert t is not None and "9 of the 10 entries" in t.reason and "holds only 2" in t.reason
+    # Some remote files gone (drift), or a remote holding more than what is missing: sync.
+    assert check_safety([], facts(remote_entries=8, bases_present=2, base_entries=10)) is None
+    assert check_safety([], facts(remote_entries=9, bases_present=6, base_entries=10)) is None
+    # A run without listing that found the pair's remote directory gone.
+    t = check_safety([], facts(remote_dir_missing=True))
+    assert t is not None and "remote directory is gone" in t.reason
+    assert check_safety([], facts(remote_dir_missing=True), allow_device_change=True) is None
 
 
 def test_safety_trips_when_a_lost_mount_point_would_lose_its_files() -> None:
