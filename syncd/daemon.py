@@ -216,6 +216,7 @@ class Daemon:
             # -> /data/Documents): it would watch the link and see nothing.
             roots[p.name] = (os.path.realpath(p.local), m.covers)
         self.roots = roots
+        self._pairs = {p.name: p for p in self.cfg.pairs}
         self.watcher = Watcher(self.debouncer, self.log)
         present = {n for n, r in roots.items() if os.path.isdir(r[0])}
         failed = self.watcher.start({n: roots[n] for n in present})
@@ -232,6 +233,17 @@ class Daemon:
         w = self.watcher
         if w is None:
             return
+        for name, (old, ignored) in list(self.roots.items()):
+            real = os.path.realpath(self._pairs[name].local)
+            if real != old:
+                # The root is a symlink that now leads elsewhere (a release switched, the
+                # data moved to another disk and a link left in its place): the watch
+                # still follows the old directory. Watch where the path leads now.
+                self.roots[name] = (real, ignored)
+                if name in w.watched:
+                    w.lose(name, "root_replaced")
+                else:
+                    self.rewatch.add(name)
         w.check_roots()
         w.reap()
         for name, why in w.take_lost().items():

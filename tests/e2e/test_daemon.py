@@ -239,6 +239,33 @@ def test_a_root_that_is_a_symlink_is_watched(tmp_path: Path) -> None:
         assert d.stop() == 0
 
 
+def test_a_root_symlink_pointed_elsewhere_is_followed(tmp_path: Path) -> None:
+    # current -> release1, then switched to release2 (or the data moved to another disk,
+    # a link left in its place): the watch followed the old directory and saw nothing of
+    # the new one until the hourly full reconcile.
+    rel1, rel2 = tmp_path / "release1", tmp_path / "release2"
+    rel1.mkdir()
+    (rel1 / "a.txt").write_bytes(b"alpha")
+    d = Daemon(tmp_path)
+    d.src.rmdir()
+    d.src.symlink_to(rel1)
+    d.start()
+    try:
+        wait_for(lambda: (d.mirror / "a.txt").exists(), what="initial sync")
+        shutil.copytree(rel1, rel2)
+        tmp_link = tmp_path / "next"
+        tmp_link.symlink_to(rel2)
+        tmp_link.replace(d.src)                 # switched atomically
+        (rel2 / "b.txt").write_bytes(b"in the new target")
+        wait_for(lambda: (d.mirror / "b.txt").exists(), timeout=15, what="b.txt synced")
+        wait_for(lambda: any(e.get("event") == "watch_restored" and e.get("path") == str(rel2)
+                             for e in d.events()), what="watch on the new target")
+        (rel2 / "c.txt").write_bytes(b"seen by the new watch")
+        wait_for(lambda: (d.mirror / "c.txt").exists(), timeout=5, what="c.txt synced")
+    finally:
+        assert d.stop() == 0
+
+
 def test_a_replaced_root_is_watched_again(daemon: Daemon, tmp_path: Path) -> None:
     # The root moved aside and a copy put back (a restore, a remount): the old watch
     # follows the old directory. Noticed within WATCH_CHECK_S, scanned, watched again.
