@@ -231,7 +231,11 @@ def walk(root: str, clean: dict[str, int], prior: dict[str, PriorRow], ignore: M
     seen_add = seen.add
     seen_prior = 0
     FILE, DIR = int(Kind.FILE), int(Kind.DIR)
-    seen_dirs = {(root_st.st_dev, root_st.st_ino)}
+    # Per directory still to list, the (st_dev, st_ino) of it and its ancestors: a followed
+    # symlink back to one of them is a loop. Another path to a directory that is not an
+    # ancestor (a link beside its target) is not, and is synced there too, as rsync -L does.
+    ancestors: dict[str, frozenset[tuple[int, int]]] = {
+        "": frozenset({(root_st.st_dev, root_st.st_ino)})}
     literal = ignore.ignored_dirs if ignore.literal_only else None
     # No rule check for files when every rule names a directory by its literal path
     # (directories then take a set lookup: `literal`).
@@ -239,6 +243,7 @@ def walk(root: str, clean: dict[str, int], prior: dict[str, PriorRow], ignore: M
     stack: list[str] = [""]
     while stack:
         prefix = stack.pop()
+        above = ancestors.pop(prefix, None)
         top = os.path.join(root, prefix) if prefix else root
         try:
             it = os.scandir(top)
@@ -316,12 +321,12 @@ def walk(root: str, clean: dict[str, int], prior: dict[str, PriorRow], ignore: M
                                 continue
                         elif not no_ignore and ignore(rel + "/"):
                             continue
-                        if s is not None:
+                        if s is not None and above is not None:
                             key = (s.st_dev, s.st_ino)
-                            if key in seen_dirs:  # only reachable through followed symlinks
+                            if key in above:   # only reachable through followed symlinks
                                 w.skipped.append((rel, "symlink loop"))
                                 continue
-                            seen_dirs.add(key)
+                            ancestors[rel + "/"] = above | {key}
                         seen_add(rel)
                         stack.append(rel + "/")
                         p = get_prior(rel)

@@ -230,6 +230,23 @@ def test_symlinks_skipped_by_default_followed_when_asked(tmp_path: Path) -> None
     assert ("loop", "symlink loop") in w.skipped and ("broken", "broken symlink") in w.skipped
 
 
+@pytest.mark.parametrize("link", ["alias", "zzz"])
+def test_a_followed_link_beside_its_target_is_not_a_loop(tmp_path: Path, link: str) -> None:
+    """data/ and a symlink to it beside it (latest -> data): two paths to one directory,
+    not a loop; both are synced, as rsync -L does. Only a link back to an ancestor is a
+    loop. (Every directory seen anywhere used to count: whichever path the listing gave
+    first was synced, the other skipped, and the real folder could lose its remote copy.)"""
+    root = tmp_path / "root"
+    mk(root / "data" / "sub", "a.txt", b"a")
+    (root / link).symlink_to(root / "data")
+    (root / "data" / "sub" / "up").symlink_to(root / "data")
+    w, _ = full_scan(root, follow_symlinks=True)
+    files = {r for r, st in w.states.items() if st.kind == Kind.FILE}
+    assert files == {"data/sub/a.txt", f"{link}/sub/a.txt"}
+    assert set(w.skipped) == {("data/sub/up", "symlink loop"),
+                              (f"{link}/sub/up", "symlink loop")}
+
+
 def test_non_utf8_name_is_reported_not_crashed(tmp_path: Path) -> None:
     mk(tmp_path, "good.txt")
     with open(os.path.join(os.fsencode(tmp_path), b"bad\xff.txt"), "wb") as f:
