@@ -368,6 +368,9 @@ class Daemon:
             sd_notify("READY=1\n" + self._status())
             return
         self.log.info("config_reloaded", pairs=[p.name for p in new.pairs])
+        added = [p.name for p in new.pairs if p.name not in {q.name for q in self.cfg.pairs}]
+        if added:   # `syncd status` counts what they move from now on
+            self.index.start_run_counters(added, time.time())
         if self.watcher is not None:
             self.watcher.stop()
         self.engine.close()

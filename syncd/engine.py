@@ -70,7 +70,7 @@ class Options:
 @dataclass
 class PairResult:
     pair: str
-    status: str = "ok"           # ok | failed | stopped | unavailable | planned
+    status: str = "ok"           # ok | failed | stopped | unavailable | planned | interrupted
     message: str = ""
     uploaded: int = 0
     uploaded_bytes: int = 0
@@ -93,7 +93,8 @@ class PairResult:
 
     @property
     def exit_code(self) -> int:
-        return {"ok": 0, "planned": 0, "failed": 1, "stopped": 4, "unavailable": 3}[self.status]
+        return {"ok": 0, "planned": 0, "failed": 1, "stopped": 4, "unavailable": 3,
+                "interrupted": 130}[self.status]
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -274,6 +275,9 @@ class Engine:
             structlog.contextvars.unbind_contextvars("pair")
         if res.status == "ok" and res.failures:
             res.status = "failed"
+        if res.status == "ok" and self._stopping():
+            # A shutdown cut the run short: what it did not do is planned by the next run.
+            res.status = "interrupted"
         if not opts.dry_run and res.status != "planned":
             self.index.set_pair_result(pair.name, self.clock(), res.status)
         self.log.info("reconcile_done", pair=pair.name, status=res.status, uploaded=res.uploaded,

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from tests.e2e.conftest import SYNCD, tree, write_file
+from tests.e2e.conftest import SYNCD, run_syncd, tree, write_file
 from tests.servers import FTPServer, S3Server, SSHServer
 
 pytestmark = pytest.mark.e2e
@@ -314,6 +314,10 @@ def test_sighup_bad_config_keeps_running_good_config_applies(daemon: Daemon, tmp
     time.sleep(1.5)   # a second reload for one SIGHUP would have been logged by now
     events = [e.get("event") for e in daemon.events()]
     assert events.count("config_reload_failed") == 1 and events.count("config_reloaded") == 1
+    # The added pair counts what it moved since the reload (its start time was missing).
+    r = run_syncd("status", "--json", "--config", str(daemon.config))
+    more = next(p for p in json.loads(r.out)["pairs"] if p["pair"] == "more")
+    assert more["since_start"]["since"] and more["since_start"]["files"] >= 2, more
     assert daemon.stop() == 0
 
 

@@ -120,6 +120,8 @@ def test_a_stop_mid_walk_loses_nothing(tmp_path: Path, monkeypatch: pytest.Monke
     assert 0 < len(published) < len(FILES) and res.uploaded == len(published)
     assert all(FILES[k] == v for k, v in published.items())
     assert e.index.job_counts("p").get("leased", 0) == 0
+    # Recorded as cut short, not as in sync (status showed "ok" after a shutdown).
+    assert res.status == "interrupted" and e.index.pair_meta("p").last_result == "interrupted"  # type: ignore[union-attr]
     res = engine(cfg, None, Clock()).reconcile(cfg.pairs[0], Options())
     assert res.status == "ok" and tree(dst / "docs") == FILES
 
