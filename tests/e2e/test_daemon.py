@@ -445,6 +445,24 @@ def test_systemd_units() -> None:
             tmp.unlink()
 
 
+def test_a_file_that_keeps_failing_is_retried_without_listing_the_remote(
+        daemon: Daemon) -> None:
+    """A name that is not UTF-8 fails every run. After the initial full reconcile failed
+    for it, every retry (each retry_max) was a full reconcile listing the whole remote
+    (costly on S3 or a slow server); files that fail are retried by local runs, the
+    remote is listed again at the hourly full reconcile."""
+    daemon.write("good.txt", b"fine")
+    with open(os.path.join(os.fsencode(daemon.src), b"bad\xff.txt"), "wb") as f:
+        f.write(b"x")
+    daemon.start()
+    wait_for(lambda: (daemon.mirror / "good.txt").exists(), what="initial sync")
+    wait_for(lambda: sum(e.get("event") == "pair_retry_scheduled" for e in daemon.events()) >= 3,
+             what="retries")
+    retries = [e for e in daemon.events() if e.get("event") == "pair_retry_scheduled"]
+    assert [e["full"] for e in retries] == [False] * len(retries), retries
+    assert daemon.stop() == 0
+
+
 def test_remote_down_while_files_change_then_back_converges(tmp_path: Path, sshd: SSHServer) -> None:
     root = tmp_path / "remote-root"
     root.mkdir()
