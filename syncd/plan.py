@@ -65,6 +65,11 @@ def plan_push(local: Mapping[str, LocalState], base: Mapping[str, Base],
             out.extend(_file(path, l, b, r, policy))
         elif policy.dirs:
             out.extend(_dir(path, b, r, policy))
+        elif r is not None and r.kind == FILE:
+            # No directories on this remote (S3): the file where the local tree now has a
+            # folder would stay beside the folder's keys for good. Removed as a file
+            # deleted locally is (after the uploads; keys do not collide).
+            out.extend(_remove_file(path, r, b, policy, "a local directory replaces it"))
     for path in base:
         if path not in local and path not in remote:
             out.append(Action(Op.FORGET, path, "gone on both sides"))
@@ -80,19 +85,14 @@ def plan_push(local: Mapping[str, LocalState], base: Mapping[str, Base],
                 out.append(Action(Op.CLEANUP, path, "stale temp file of syncd"))
             continue
         b = bget(path)
-        if policy.delete == "keep":
+        why = "deleted locally" if b is not None else "not in the local tree"
+        if r.kind != DIR:
+            out.extend(_remove_file(path, r, b, policy, why))
+        elif policy.delete == "keep":
             if b is not None:
                 out.append(Action(Op.FORGET, path, "deleted locally; delete = keep"))
-            continue
-        why = "deleted locally" if b is not None else "not in the local tree"
-        if r.kind == DIR:
-            if policy.dirs:
-                rmdirs.append(Action(Op.RMDIR, path, why))
-        elif policy.delete == "propagate":
-            out.append(Action(Op.DELETE, path, why, r.size))
-        else:
-            out.append(Action(Op.TRASH, path, why, r.size,
-                              dest=f"{TRASH_DIR}/{policy.trash_stamp}/{path}"))
+        elif policy.dirs:
+            rmdirs.append(Action(Op.RMDIR, path, why))
     rmdirs.sort(key=lambda a: a.path.count("/"), reverse=True)  # children before parents
     out.extend(rmdirs)
     if not policy.case_sensitive and any(a.op in _REMOVING for a in out):
@@ -186,6 +186,15 @@ def attrs_to_settle(local: Mapping[str, LocalState], base: Mapping[str, Base],
                 not p.mtimes or same_mtime(b.mtime_ns, l.mtime_ns, p.mtime_precision_ns)):
             mtimes.append((path, l.mtime_ns))
     return modes, mtimes
+
+
+def _remove_file(path: str, r: R, b: Base | None, p: Policy, why: str) -> list[Action]:
+    """A remote file the local tree no longer has there, per the delete policy."""
+    if p.delete == "keep":
+        return [Action(Op.FORGET, path, f"{why}; delete = keep")] if b is not None else []
+    if p.delete == "propagate":
+        return [Action(Op.DELETE, path, why, r.size)]
+    return [Action(Op.TRASH, path, why, r.size, dest=f"{TRASH_DIR}/{p.trash_stamp}/{path}")]
 
 
 def _dir(path: str, b: Base | None, r: R | None, p: Policy) -> list[Action]:

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from tests.e2e.conftest import Run, run_syncd, write_file
+from tests.e2e.conftest import Run, kind_change_run, run_syncd, tree, write_file
 from tests.e2e.test_reconcile_cli import FILES as BASE_FILES
 from tests.servers import S3Server
 
@@ -105,6 +105,18 @@ def test_s3_drift_detected_from_the_listing_and_overwritten(tmp_path: Path, s3se
     assert r.code == 0 and r.summary["uploaded"] == 1
     assert any(e.get("event") == "remote_drift" for e in r.events())
     assert s.objects() == {"x.txt": b"ours"}
+
+
+def test_kind_changes_converge_on_s3(tmp_path: Path, s3server: S3Server) -> None:
+    """A folder replaced by a file and a file by a folder: one run, exact mirror. On S3
+    (no directories) the object of a file that became a folder stayed beside the
+    folder's keys for good, and the index went on recording it as a file."""
+    s = S3Setup(tmp_path, s3server, "kinds")
+    r = kind_change_run(s, keepers=6)   # 4 removals <= max_delete = 50%
+    assert r.code == 0 and r.summary["failed"] == [], r.err
+    assert s.objects() == tree(s.src)
+    again = s.reconcile()
+    assert again.code == 0 and again.summary["uploaded"] == again.summary["deleted"] == 0
 
 
 def test_missing_bucket_exits_3_naming_it(tmp_path: Path, s3server: S3Server) -> None:
