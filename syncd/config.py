@@ -454,7 +454,7 @@ def _parse_s3(v: _V, r: dict[str, Any], key: str) -> dict[str, Any]:
         "endpoint_url": v.string(r, "endpoint_url", key, ""),
         "profile": v.string(r, "profile", key, ""),
         "addressing_style": v.choice(r, "addressing_style", key, ("auto", "path", "virtual"), "auto"),
-        "storage_class": v.string(r, "storage_class", key, "STANDARD"),
+        "storage_class": _storage_class(v, r, key),
         "sse": v.choice(r, "sse", key, ("", "AES256", "aws:kms"), ""),
         "sse_kms_key_id": v.string(r, "sse_kms_key_id", key, ""),
         "multipart_threshold": v.parsed(r, "multipart_threshold", key, "64MiB", parse_size),
@@ -559,6 +559,18 @@ def _parse_max_delete(v: _V, raw: Any, key: str) -> MaxDelete:
         except ValueError:
             pass
     raise v.fail(key, f"{raw!r} is not a count (e.g. 100) or a percentage (e.g. \"50%\")")
+
+
+def _storage_class(v: _V, r: dict[str, Any], key: str) -> str:
+    """AWS's names are upper case (STANDARD_IA); S3-compatible services may define their
+    own, so only the form is checked: a lower-case or spaced name fails every upload."""
+    sc = v.string(r, "storage_class", key, "STANDARD")
+    if not re.fullmatch(r"[A-Z][A-Z0-9_]*", sc):
+        raise v.fail(f"{key}.storage_class",
+                     f"{sc!r} is not a storage class name: upper case, e.g. STANDARD, "
+                     "STANDARD_IA, INTELLIGENT_TIERING, GLACIER_IR (the service's own names "
+                     "for S3-compatible ones)")
+    return sc
 
 
 def _check_overlaps(v: _V, pairs: tuple[PairConfig, ...], remotes: dict[str, RemoteConfig]) -> None:

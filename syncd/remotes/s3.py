@@ -103,6 +103,16 @@ def _syncable(rel: str) -> bool:
     return True
 
 
+def _need(resp: Any, field: str, remote: str) -> Any:
+    """A field an S3 answer always has: missing, the endpoint is not S3 (a web page, a
+    proxy answering 200), which a bare KeyError would report as a syncd bug."""
+    try:
+        return resp[field]
+    except (KeyError, TypeError):
+        raise PermanentError(f"the endpoint's answer has no {field}: is endpoint_url an S3 "
+                             "service (not a web page or a proxy)?", remote=remote) from None
+
+
 def _fp(size: int, etag: str) -> str:
     return f"{size}:" + etag.strip('"')
 
@@ -309,7 +319,8 @@ class S3Remote:
             raise self._err(e, key) from None
         # mtime 0 everywhere: a listing cannot carry the stored source mtime (metadata), and
         # entries of one object must not differ by where they came from.
-        return RemoteEntry(path, _FILE, h["ContentLength"], 0, _fp(h["ContentLength"], h["ETag"]))
+        size = h["ContentLength"]
+        return RemoteEntry(path, _FILE, size, 0, _fp(size, _need(h, "ETag", self.name)))
 
     def put(self, path: str, source: Source) -> RemoteEntry:
         key = self._key(path)
@@ -332,7 +343,7 @@ class S3Remote:
                                        Metadata=self._meta(source), **self._extra())
         except Exception as e:
             raise self._err(e, key) from None
-        return RemoteEntry(path, _FILE, len(body), 0, _fp(len(body), r["ETag"]))
+        return RemoteEntry(path, _FILE, len(body), 0, _fp(len(body), _need(r, "ETag", self.name)))
 
     def _part_size(self, size: int) -> int:
         # S3 takes at most 10,000 parts: grow them for very large files (whole MiB).
@@ -395,7 +406,7 @@ class S3Remote:
                 raise
             raise err from None
         self._forget(rec_id)
-        return RemoteEntry(path, _FILE, source.sent, 0, _fp(source.sent, r["ETag"]))
+        return RemoteEntry(path, _FILE, source.sent, 0, _fp(source.sent, _need(r, "ETag", self.name)))
 
     def _completed(self, path: str, key: str, source: Source) -> RemoteEntry | None:
         """The object, if it is the one this upload was completing (our hash metadata and
@@ -424,7 +435,7 @@ class S3Remote:
                 failed = failed or exc
                 continue
             r = f.result()
-            parts[n] = (r["ETag"], r.get("ChecksumCRC32"))
+            parts[n] = (_need(r, "ETag", self.name), r.get("ChecksumCRC32"))
             if self.uploads is not None and rec_id:
                 with contextlib.suppress(Exception):   # a lost record only costs a resend
                     self.uploads.part_done(rec_id, n, r["ETag"], r.get("ChecksumCRC32"))
@@ -458,14 +469,19 @@ class S3Remote:
         except Exception as e:
             self._forget(rec_id)
             raise self._err(e, key) from None
+        try:
+            uid = _need(up, "UploadId", self.name)
+        except PermanentError:
+            self._forget(rec_id)
+            raise
         if self.uploads is not None:
             try:
-                self.uploads.started(rec_id, up["UploadId"])
+                self.uploads.started(rec_id, uid)
             except IndexError_ as e:
-                self._abort(key, up["UploadId"], rec_id)
+                self._abort(key, uid, rec_id)
                 raise TransientError(str(e),
                                      remote=self.name, path=key) from None
-        return rec_id, up["UploadId"]
+        return rec_id, uid
 
     def _resume(self, key: str, source: Source, part_size: int,
                 ) -> tuple[int, str | None, dict[int, tuple[str, str | None]]]:
@@ -557,7 +573,7 @@ class S3Remote:
         except Exception as e:
             raise self._err(e, key) from None
         size = r["ContentLength"]
-        return RemoteEntry(path, _FILE, size, 0, _fp(size, r["ETag"]))
+        return RemoteEntry(path, _FILE, size, 0, _fp(size, _need(r, "ETag", self.name)))
 
     def mkdir(self, path: str) -> RemoteEntry:
         self._key(path)   # validate; directories are implicit in S3

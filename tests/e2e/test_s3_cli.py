@@ -119,6 +119,48 @@ def test_kind_changes_converge_on_s3(tmp_path: Path, s3server: S3Server) -> None
     assert again.code == 0 and again.summary["uploaded"] == again.summary["deleted"] == 0
 
 
+def test_an_endpoint_that_is_not_s3_is_named_not_a_bug(tmp_path: Path) -> None:
+    """endpoint_url pointing at a web page or a proxy that answers 200 to anything: the
+    uploads used to fail as 'internal error (KeyError): ETag'."""
+    import http.server
+    import threading
+
+    class Page(http.server.BaseHTTPRequestHandler):
+        def _page(self) -> None:
+            n = int(self.headers.get("Content-Length") or 0)
+            if n:
+                self.rfile.read(n)
+            body = b"<html><body>Welcome</body></html>"
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(body)
+
+        do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _page
+
+        def log_message(self, *a: Any) -> None:
+            pass
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Page)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        src = tmp_path / "src"
+        write_file(src, "f.txt", b"x")
+        cfg = tmp_path / "c.toml"
+        cfg.write_text(f'[daemon]\nstate_dir = "{tmp_path / "state"}"\nmax_attempts = 1\n'
+                       f'[remotes.b]\ntype = "s3"\nbucket = "web-page"\nregion = "us-east-1"\n'
+                       f'endpoint_url = "http://127.0.0.1:{srv.server_port}"\n'
+                       f'addressing_style = "path"\n'
+                       f'[[sync]]\nname = "p"\nlocal = "{src}"\nremote = "b"\n')
+        r = run_syncd("reconcile", "--config", str(cfg), env=S3Server.ENV)
+    finally:
+        srv.shutdown()
+    assert r.code in (1, 3) and "internal error" not in r.err, r.err
+    assert "is endpoint_url an S3 service" in r.err or "is endpoint_url an S3 service" in r.out
+
+
 def test_missing_bucket_exits_3_naming_it(tmp_path: Path, s3server: S3Server) -> None:
     s = S3Setup(tmp_path, s3server, "e2e-exists")
     s.config.write_text(s.config.read_text().replace('bucket = "e2e-exists"',

@@ -297,12 +297,20 @@ def test_s3_remote_defaults_and_bad_keys(tmp_path: Path) -> None:
 def test_archive_storage_class_cannot_trash(tmp_path: Path) -> None:
     # Trash is a server-side copy, which S3 refuses for archived objects: every delete
     # would fail on every run. Refused up front, with what to do.
-    glacier = S3.replace('prefix = "hosts/web1"', 'storage_class = "deep_archive"')
+    glacier = S3.replace('prefix = "hosts/web1"', 'storage_class = "DEEP_ARCHIVE"')
     e = load_err(tmp_path, glacier)
     assert e.key == "sync[0].delete" and "DEEP_ARCHIVE" in str(e) and '"keep"' in str(e)
     cfg = load_config(write(tmp_path, glacier.replace("max_delete = 10", 'delete = "keep"')),
                       env={"HOME": "/h"})
     assert cfg.pairs[0].delete == "keep"
+
+
+@pytest.mark.parametrize("sc", ["standard_ia", "Standard", "FAST EST", ""])
+def test_a_storage_class_not_in_s3_form_is_refused(tmp_path: Path, sc: str) -> None:
+    """AWS refuses these on every upload (InvalidStorageClass): each file failed, after a
+    `config check` that said OK."""
+    e = load_err(tmp_path, S3.replace('prefix = "hosts/web1"', f'storage_class = "{sc}"'))
+    assert e.key.endswith(".storage_class") and "upper case" in str(e), str(e)
 
 
 FTP = GOOD.replace('''type = "local"
