@@ -460,7 +460,8 @@ class Engine:
                         dirs=caps.dirs, mtime_precision_ns=caps.mtime_precision_ns,
                         now_ns=int(self.clock() * 1e9),
                         tmp_owner=getattr(remote, "tmp_owner", ""), modes=caps.modes,
-                        mtimes=caps.mtimes, case_sensitive=caps.case_sensitive)
+                        mtimes=caps.mtimes, case_sensitive=caps.case_sensitive,
+                        resumes_temps=caps.resumes_temps)
         actions = plan_push(states, base, remote_map, policy)
         if not opts.dry_run and any(a.dest.startswith(TRASH_PREFIX) for a in actions):
             # Two runs in one second (the daemon's, or one-shot runs one after the other)

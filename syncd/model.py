@@ -111,6 +111,13 @@ PHASE_REPLACE_DIR = 1003
 BEFORE_WRITES = "same name as a local path but for case or Unicode form: removed first"
 PHASE_CASE_REMOVE = -3000
 PHASE_CASE_RMDIR = -2000
+# Temps of this state dir's own interrupted uploads, on a remote whose uploads never go on
+# from one (names unique per attempt: none can be one this run writes): removed before the
+# writes, whatever else fails, since on a full remote disk they hold the space the retried
+# upload needs. Where uploads resume from their temp (FTP), they go after the uploads, as
+# other deletes: a resumed upload renames its temp away, a failed one keeps it to go on.
+OWN_TEMP = "temp file of an interrupted upload"
+PHASE_OWN_TEMPS = -2
 
 
 def phase(a: Action) -> int:
@@ -126,8 +133,10 @@ def phase(a: Action) -> int:
         return 0
     if a.reason == BEFORE_WRITES:
         return PHASE_CASE_RMDIR - a.path.count("/") if a.op == Op.RMDIR else PHASE_CASE_REMOVE
+    if a.op is Op.CLEANUP and a.reason == OWN_TEMP:
+        return PHASE_OWN_TEMPS
     if a.op in (Op.DELETE, Op.TRASH, Op.CLEANUP):
-        return 1   # CLEANUP too: a temp name may belong to an upload of this same run
+        return 1   # another's stale temp: after the uploads, like any delete
     if a.op == Op.RMDIR:
         return 2 + max(0, 1000 - a.path.count("/"))
     return 0

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from syncd.model import (
     BEFORE_WRITES,
     DELETING_OPS,
+    OWN_TEMP,
     TMP_PREFIX,
     TRASH_DIR,
     Action,
@@ -39,6 +40,7 @@ class Policy:
     tmp_owner: str = ""
     modes: bool = False             # the remote keeps permission bits: a chmod is synced
     mtimes: bool = False            # the remote's mtimes can be set alone: so is a touch
+    resumes_temps: bool = False     # uploads go on from their own temps (see OWN_TEMP)
     case_sensitive: bool = False    # the remote never folds case (S3): no BEFORE_WRITES
 
 
@@ -80,7 +82,8 @@ def plan_push(local: Mapping[str, LocalState], base: Mapping[str, Base],
         if r.kind == FILE and path.rpartition("/")[2].startswith(TMP_PREFIX):
             name = path.rpartition("/")[2]
             if policy.tmp_owner and name.startswith(f"{TMP_PREFIX}{policy.tmp_owner}-"):
-                out.append(Action(Op.CLEANUP, path, "temp file of an interrupted upload"))
+                out.append(Action(Op.CLEANUP, path, OWN_TEMP if not policy.resumes_temps
+                                  else f"{OWN_TEMP}, kept for its resume until the uploads ran"))
             elif 0 < r.mtime_ns < policy.now_ns - STALE_TMP_NS:   # 0: the remote gives no time
                 out.append(Action(Op.CLEANUP, path, "stale temp file of syncd"))
             continue

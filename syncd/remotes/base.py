@@ -32,6 +32,8 @@ class Capabilities:
     mtimes: bool = False            # set_attrs() changes a file's mtime alone
     case_sensitive: bool = False    # names differing by case only are always two (S3); else
                                     # maybe one (an SMB share, macOS): see plan.BEFORE_WRITES
+    resumes_temps: bool = False     # put() may go on from its own temp of an interrupted
+                                    # upload (FTP's APPE): such a temp is kept for it
 
 
 class Staged(NamedTuple):

@@ -151,7 +151,7 @@ def _fp(size: int, mtime_s: int) -> str:
 
 class FTPRemote:
     caps = Capabilities(dirs=True, move=True, mtime_precision_ns=_SEC, atomic_put=True,
-                        cpu_bound=False)
+                        cpu_bound=False, resumes_temps=True)
 
     def __init__(self, name: str, opts: FTPOptions, env: dict[str, str] | None = None):
         self.name = name
@@ -552,9 +552,19 @@ class FTPRemote:
                 try:
                     return self._list_dir(ftp, f"{top}/{rel_dir}" if rel_dir else top)
                 except ftplib.error_perm as e:
-                    if str(e).startswith("550"):   # vanished while we listed
-                        return []
-                    raise
+                    if not str(e).startswith("550"):
+                        raise
+                    # 550 is also "cannot be read": a folder still there that we may not
+                    # list (an upload-only drop box) must not look empty, or its files
+                    # are sent again on every run.
+                    if rel_dir and self._stat(ftp, f"{top}/{rel_dir}") is not None:
+                        if rel_dir == "lost+found":
+                            return []   # root's, on a pair rooted at a mount point
+                        raise PermanentError(f"the folder cannot be listed: {e}",
+                                             remote=self.name,
+                                             path="/".join(x for x in (prefix, rel_dir) if x)
+                                             ) from None
+                    return []   # vanished while we listed
 
         with ThreadPoolExecutor(max_workers=min(LIST_WORKERS, self._max)) as pool:
             while level:

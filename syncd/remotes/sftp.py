@@ -809,7 +809,11 @@ class SFTPRemote:
                     opened -= 1
                     if e.code == w.NO_SUCH_FILE:   # vanished while we listed
                         continue
-                    raise
+                    if e.code == w.PERMISSION_DENIED and rel_dir == "lost+found":
+                        continue   # root's, on a pair rooted at a mount point: never ours
+                    # Name the folder that cannot be listed, not the pair's path.
+                    where = "/".join(x for x in (prefix, rel_dir) if x)
+                    raise self._status_error(e, where) from None
                 inflight.append((ss.readdir(h), rel_dir, h))
                 continue
             names = ss.names(rid)

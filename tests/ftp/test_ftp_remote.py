@@ -184,3 +184,38 @@ def test_resume_whose_temp_vanished_starts_over_and_never_publishes_a_torn_file(
         r.close()
     finally:
         srv.stop()
+
+
+def test_a_folder_that_cannot_be_listed_is_named_not_taken_for_empty(
+        ftpserver: FTPServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 550 on listing a folder that is still there (an upload-only drop box) made it
+    look empty: its files were sent again on every run, with exit 0. Now the listing
+    fails naming that folder; a folder that really vanished meanwhile is still just gone;
+    the root's lost+found of a pair rooted at a mount point is passed over."""
+    import ftplib
+
+    for d in ("pair/drop", "pair/gone", "pair/lost+found", "pair/ok"):
+        (ftpserver.root / d).mkdir(parents=True)
+    (ftpserver.root / "pair/ok/f.txt").write_bytes(b"f")
+    r = make(ftpserver)
+    real = r._list_dir
+    refused = {"drop", "lost+found"}
+
+    def list_dir(ftp: object, ap: str) -> object:
+        name = ap.rstrip("/").rpartition("/")[2]
+        if name == "gone":
+            (ftpserver.root / "pair/gone").rmdir()   # vanishes as we list it
+            raise ftplib.error_perm("550 No such file or directory.")
+        if name in refused:
+            raise ftplib.error_perm("550 Permission denied.")
+        return real(ftp, ap)
+
+    monkeypatch.setattr(r, "_list_dir", list_dir)
+    with pytest.raises(PermanentError) as e:
+        list(r.list("pair"))
+    assert e.value.path == "pair/drop" and "cannot be listed" in str(e.value)
+    refused.discard("drop")
+    (ftpserver.root / "pair/gone").mkdir()
+    got = {x.path for x in r.list("pair")}
+    assert got == {"drop", "gone", "lost+found", "ok", "ok/f.txt"}   # gone: after its listing
+    r.close()

@@ -965,3 +965,40 @@ def test_a_touch_on_a_server_without_lsetstat_is_recorded_not_sent(
     assert (res.status, res.uploaded, res.attrs_set) == ("ok", 5, 0) and max(batches) > 1
     assert all((root / "m" / f"f{i}").stat().st_mode & 0o777 == 0o600 for i in range(5))
     e.close()
+
+
+def test_a_folder_the_login_cannot_list_is_named(srv: SSHServer, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """A remote subfolder the login may not open failed the listing as 'path <the
+    pair's>: permission denied', naming nothing a user could fix; root's lost+found of a
+    pair rooted at a mount point (mode 0700) stopped every sync, the first one too. (The
+    server runs as this user, root here: the refusal is injected at the wire.)"""
+    for d in ("pair/drop", "pair/lost+found", "pair/ok"):
+        (tmp_path / d).mkdir(parents=True)
+    (tmp_path / "pair/ok/f.txt").write_bytes(b"f")
+    refused = {b"drop", b"lost+found"}
+    rids: dict[int, bytes] = {}
+    real_open, real_handle = sftp_wire.Session.opendir, sftp_wire.Session.handle
+
+    def opendir(self: sftp_wire.Session, path: bytes) -> int:
+        rid = real_open(self, path)
+        rids[rid] = path
+        return rid
+
+    def handle(self: sftp_wire.Session, rid: int) -> bytes:
+        h = real_handle(self, rid)
+        if rids.get(rid, b"").rpartition(b"/")[2] in refused:
+            raise sftp_wire.StatusError(sftp_wire.PERMISSION_DENIED, "Permission denied")
+        return h
+
+    monkeypatch.setattr(sftp_wire.Session, "opendir", opendir)
+    monkeypatch.setattr(sftp_wire.Session, "handle", handle)
+    r = SFTPRemote("t", opts(srv, tmp_path))
+    try:
+        with pytest.raises(PermanentError) as e:
+            list(r.list("pair"))
+        assert e.value.path == "pair/drop" and "ermission denied" in str(e.value)
+        refused.discard(b"drop")
+        assert {x.path for x in r.list("pair")} == {"drop", "lost+found", "ok", "ok/f.txt"}
+    finally:
+        r.close()

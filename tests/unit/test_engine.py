@@ -333,6 +333,26 @@ def test_a_file_that_is_no_longer_one_at_its_upload_waits_for_the_next_scan(
     assert mirror == want
 
 
+def test_own_temps_go_first_even_when_an_upload_fails(tmp_path: Path) -> None:
+    """A temp left by this state dir's interrupted upload holds remote space (on a full
+    disk, the very space the retried upload needs). Its cleanup was a delete, skipped
+    while any transfer failed: on a nearly full server the pair stayed stuck for good.
+    Now it runs before the writes, whatever fails."""
+    from syncd.model import TMP_PREFIX
+    from syncd.remotes.base import owner_tag
+
+    cfg, src, dst = setup(tmp_path, FILES)
+    assert engine(cfg, None, Clock()).reconcile(cfg.pairs[0], Options()).status == "ok"
+    remote = Faulty(dst, permanent=frozenset({"docs/d1/f1.txt"}))
+    remote.tmp_owner = owner_tag(cfg.daemon.state_dir)  # as open_remote sets it
+    own = dst / "docs" / "d0" / f"{TMP_PREFIX}{remote.tmp_owner}-00000000abcd"
+    own.write_bytes(b"half of an upload a crash cut")
+    (src / "d1" / "f1.txt").write_bytes(b"changed: its upload fails")
+    res = engine(cfg, remote, Clock()).reconcile(cfg.pairs[0], Options())
+    assert res.status == "failed" and [p for p, _ in res.failures] == ["d1/f1.txt"]
+    assert not own.exists()
+
+
 def test_lost_and_found_at_the_pair_root_is_never_touched(tmp_path: Path) -> None:
     """A pair rooted at a mount point: the remote's lost+found holds what fsck recovered and
     is neither deleted nor trashed; the local one is not uploaded. A pattern can re-include

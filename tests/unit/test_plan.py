@@ -446,6 +446,12 @@ def test_own_temps_cleaned_at_once_foreign_only_when_stale() -> None:
               f"d/{TMP_PREFIX}zz99-2": RemoteEntry(f"d/{TMP_PREFIX}zz99-2", int(Kind.FILE), 1, young, "1:y")}
     acts = plan_push({}, {}, remote, Policy(now_ns=now, tmp_owner="ab12", delete="propagate"))
     assert [(a.op, a.path) for a in acts] == [(Op.CLEANUP, f"d/{TMP_PREFIX}ab12-1")]
+    # Before the writes (a full disk needs that space; no upload goes on from it), except
+    # where uploads resume from their own temps (FTP): after them, as deletes are.
+    assert phase(acts[0]) < 0
+    acts = plan_push({}, {}, remote, Policy(now_ns=now, tmp_owner="ab12", delete="propagate",
+                                            resumes_temps=True))
+    assert [a.op for a in acts] == [Op.CLEANUP] and phase(acts[0]) == 1
 
 
 def test_foreign_temps_on_a_remote_without_times_are_never_judged_stale() -> None:
