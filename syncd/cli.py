@@ -327,8 +327,9 @@ def run_reconcile(cfg: Any, names: list[str], *, dry_run: bool = False, as_json:
 
 
 def _exit_code(codes: list[int]) -> int:
-    """Most urgent first: unreachable remote, then a stopped pair, then failures."""
-    for c in (EXIT_REMOTE, EXIT_SAFETY, EXIT_FAILURES):
+    """Most urgent first: unreachable remote, then a stopped pair, then failures, then a
+    run cut short."""
+    for c in (EXIT_REMOTE, EXIT_SAFETY, EXIT_FAILURES, 130):
         if c in codes:
             return c
     return EXIT_OK
@@ -348,7 +349,8 @@ def _print_results(results: list[Any]) -> None:
                 print(f"  FAILED         {path}: {why}", file=out)
             continue
         head = {"ok": "in sync", "failed": "finished with failures", "stopped": "STOPPED",
-                "unavailable": "REMOTE UNAVAILABLE"}[r.status]
+                "unavailable": "REMOTE UNAVAILABLE",
+                "interrupted": "INTERRUPTED (the next run plans the rest)"}.get(r.status, r.status)
         print(f"pair {r.pair}: {head} — uploaded {r.uploaded} files "
               f"({format_bytes(r.uploaded_bytes)}), deleted {r.deleted}, trashed {r.trashed}, "
               f"adopted {r.adopted}, " + (f"attributes set {r.attrs_set}, " if r.attrs_set else "")

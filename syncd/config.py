@@ -565,7 +565,7 @@ def _storage_class(v: _V, r: dict[str, Any], key: str) -> str:
     """AWS's names are upper case (STANDARD_IA); S3-compatible services may define their
     own, so only the form is checked: a lower-case or spaced name fails every upload."""
     sc = v.string(r, "storage_class", key, "STANDARD")
-    if not re.fullmatch(r"[A-Z][A-Z0-9_]*", sc):
+    if sc and not re.fullmatch(r"[A-Z][A-Z0-9_-]*", sc):   # "": the bucket's default
         raise v.fail(f"{key}.storage_class",
                      f"{sc!r} is not a storage class name: upper case, e.g. STANDARD, "
                      "STANDARD_IA, INTELLIGENT_TIERING, GLACIER_IR (the service's own names "
@@ -607,6 +607,7 @@ def _place(r: RemoteConfig, pair_path: str) -> tuple[str, str]:
         # A relative root is under the login's home: another user, another place.
         who = "" if root.startswith("/") else f"{o.get('user')}@"
         d = posixpath.normpath(posixpath.join(root or ".", pair_path))
+        d = "" if d == "." else d   # the login's home itself: the whole remote
         return f"{r.type} {who}{str(o.get('host')).lower()}:{o.get('port')}", d
     if r.type == "s3":
         d = "/".join(x for x in (str(o.get("prefix") or "").strip("/"), pair_path) if x)

@@ -337,10 +337,13 @@ class Daemon:
             d = self.cfg.daemon
             n = self.failures[name] = self.failures.get(name, 0) + 1
             delay = min(d.retry_max, d.retry_initial * 2 ** min(n, 30))
-            # Listed again only if the remote, or the run itself (its message), failed:
-            # files that failed (a name that is not UTF-8, a parked upload) are retried
-            # by local runs, not by a full listing of the remote every retry_max.
-            relist = res.status == "unavailable" or (full and bool(res.message))
+            # A full run is retried as one if the remote, the run itself (its message) or
+            # a transfer failed: a local run plans from the index, and would not redo what
+            # only the listing showed (drift, remote-only entries, deletes held back by
+            # the failure). Failures of the scan alone (a name that is not UTF-8) are
+            # retried by local runs, not by listing the remote every retry_max.
+            relist = res.status == "unavailable" or (
+                full and (bool(res.message) or res.transfer_failures > 0))
             self.retry_at[name] = (time.monotonic() + delay, relist)
             self.log.info("pair_retry_scheduled", pair=name, in_s=round(delay, 3), attempt=n,
                           full=relist)

@@ -71,6 +71,7 @@ class Options:
 class PairResult:
     pair: str
     status: str = "ok"           # ok | failed | stopped | unavailable | planned | interrupted
+    transfer_failures: int = 0   # of `failures`, those of jobs (not of the scan)
     message: str = ""
     uploaded: int = 0
     uploaded_bytes: int = 0
@@ -486,7 +487,8 @@ class Engine:
                       bases_present=sum(1 for p in diff.gone if p in w.seen)
                       if opts.list_remote and not moved else 0,
                       remote_dir_missing=not opts.list_remote and self._remote_dir_gone(
-                          pair, remote, actions))
+                          pair, remote, actions),
+                      remote_mountable=remote.caps.dirs)
         self._trip(pair, facts, opts, actions)
         if mounts is not None and tuple(mounts) != recorded and not opts.dry_run:
             self.index.set_pair_mounts(pair.name, mounts)
@@ -541,7 +543,10 @@ class Engine:
             return
         ctx = self._ctx(pair, remote, root)
         reported = len(res.failures)   # the scan's own (unsyncable names), not transfers
-        self._run(pair, ctx, first, res)
+        try:
+            self._run(pair, ctx, first, res)
+        finally:
+            res.transfer_failures = len(res.failures) - reported
         if later:
             if len(res.failures) > reported or scan_errors:
                 why = "a scan error" if scan_errors else "failed transfers"

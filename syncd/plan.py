@@ -235,6 +235,7 @@ class Facts:
     lost_mounts: tuple[str, ...] = ()   # mount points inside the root, no longer mounted
     bases_present: int = 0              # synced entries missing remotely, still here locally
     remote_dir_missing: bool = False    # a run without listing found the pair's directory gone
+    remote_mountable: bool = True       # storage that can be unmounted (a directory tree)
 
 
 @dataclass(frozen=True, slots=True)
@@ -258,7 +259,8 @@ def check_safety(actions: list[Action], f: Facts, allow_mass_delete: bool = Fals
                         "before are still in the local tree (an unmounted disk or share shows "
                         "its empty mount point): check that the remote's storage is mounted",
                         "--allow-device-change")
-        if (f.remote_entries > 0 and 2 * f.bases_present > f.base_entries
+        if (f.remote_mountable and f.remote_entries > 0
+                and 2 * f.bases_present > f.base_entries
                 and f.remote_entries < f.bases_present):
             # Most of what was synced is gone and the remote holds less than that: an
             # unmounted share plus the few files written onto its bare mount point since
@@ -267,8 +269,10 @@ def check_safety(actions: list[Action], f: Facts, allow_mass_delete: bool = Fals
             return Trip(f"{f.bases_present} of the {f.base_entries} entries synced to the "
                         f"remote path before are missing there (still in the local tree), "
                         f"and it holds only {f.remote_entries}: an unmounted disk or share "
-                        "shows its bare mount point: check that the remote's storage is "
-                        "mounted", "--allow-device-change")
+                        "shows its bare mount point (plus what was written there since). "
+                        "Check that the remote's storage is mounted; if most of the remote "
+                        "was deleted and should be sent again, run once with the override",
+                        "--allow-device-change")
         if f.remote_dir_missing:
             return Trip("the pair's remote directory is gone though entries were synced "
                         "there (an unmounted disk or share shows its bare mount point): "

@@ -237,6 +237,16 @@ root = "/srv/backup"
 key_file = "~/.ssh/id_ed25519"''')
 
 
+@pytest.mark.parametrize("root", ['root = "/srv/backup"\n', ""])
+def test_sftp_pairs_overlap_under_any_root(tmp_path: Path, root: str) -> None:
+    """A pair on the whole remote and one under it fight; with no root (the login's home)
+    the review found them accepted."""
+    text = SFTP.replace('root = "/srv/backup"\n', root).replace('path = "docs"', 'path = ""')
+    text += '\n[[sync]]\nname = "two"\nlocal = "{tmp}/two"\nremote = "nas"\npath = "docs"\n'
+    e = load_err(tmp_path, text, env={"HOME": "/home/x"})
+    assert e.key == "sync[1].path" and "overlaps" in str(e)
+
+
 def test_sftp_remote_parses_with_defaults(tmp_path: Path) -> None:
     cfg = load_config(write(tmp_path, SFTP), env={"HOME": "/home/x"})
     o = cfg.remotes["nas"].options
@@ -305,7 +315,7 @@ def test_archive_storage_class_cannot_trash(tmp_path: Path) -> None:
     assert cfg.pairs[0].delete == "keep"
 
 
-@pytest.mark.parametrize("sc", ["standard_ia", "Standard", "FAST EST", ""])
+@pytest.mark.parametrize("sc", ["standard_ia", "Standard", "FAST EST"])
 def test_a_storage_class_not_in_s3_form_is_refused(tmp_path: Path, sc: str) -> None:
     """AWS refuses these on every upload (InvalidStorageClass): each file failed, after a
     `config check` that said OK."""

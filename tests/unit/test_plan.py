@@ -319,6 +319,9 @@ def test_safety_trips_on_an_empty_remote_path_with_history() -> None:
     # Some remote files gone (drift), or a remote holding more than what is missing: sync.
     assert check_safety([], facts(remote_entries=8, bases_present=2, base_entries=10)) is None
     assert check_safety([], facts(remote_entries=9, bases_present=6, base_entries=10)) is None
+    # Storage that cannot be unmounted (S3: a bucket): most objects gone is drift to repair.
+    assert check_safety([], facts(remote_entries=2, bases_present=9, base_entries=10,
+                                  remote_mountable=False)) is None
     # A run without listing that found the pair's remote directory gone.
     t = check_safety([], facts(remote_dir_missing=True))
     assert t is not None and "remote directory is gone" in t.reason
