@@ -463,6 +463,31 @@ def test_a_file_that_keeps_failing_is_retried_without_listing_the_remote(
     assert daemon.stop() == 0
 
 
+def test_a_full_run_whose_transfer_failed_is_retried_as_a_full_one(daemon: Daemon) -> None:
+    """A local retry plans from the index: it would not redo what only the listing showed
+    (here a remote file that differs: drift). So a full run that failed a transfer is
+    retried as a full one, and converges once the remote file can be replaced."""
+    if os.geteuid() != 0 or not shutil.which("chattr"):
+        pytest.skip("an immutable remote file needs root and chattr (e2fsprogs)")
+    daemon.write("locked.txt", b"local version")
+    locked = daemon.mirror / "locked.txt"
+    locked.parent.mkdir(parents=True)
+    locked.write_bytes(b"remote version")
+    if subprocess.run(["chattr", "+i", str(locked)], capture_output=True).returncode != 0:
+        pytest.skip("this file system has no immutable flag")
+    try:
+        daemon.start()
+        wait_for(lambda: sum(e.get("event") == "pair_retry_scheduled"
+                             for e in daemon.events()) >= 2, what="retries")
+        retries = [e for e in daemon.events() if e.get("event") == "pair_retry_scheduled"]
+        assert retries[0]["full"] is True, retries
+    finally:
+        subprocess.run(["chattr", "-i", str(locked)], check=True)
+    wait_for(lambda: locked.read_bytes() == b"local version", timeout=20,
+             what="drift repaired by a full retry")
+    assert daemon.stop() == 0
+
+
 def test_remote_down_while_files_change_then_back_converges(tmp_path: Path, sshd: SSHServer) -> None:
     root = tmp_path / "remote-root"
     root.mkdir()
