@@ -8,6 +8,9 @@ from typing import NamedTuple
 
 # Names syncd reserves inside a pair's remote path; never synced, never listed as entries.
 TRASH_DIR = ".syncd-trash"
+# A file system's top-level folder of what fsck recovered: never a pair's (scan.BUILTIN_IGNORE),
+# and root's (mode 0700) on a remote pair rooted at a mount point: not listed there either.
+LOST_FOUND = "lost+found"
 TMP_PREFIX = ".syncd-tmp-"
 
 
@@ -117,6 +120,7 @@ PHASE_CASE_RMDIR = -2000
 # upload needs. Where uploads resume from their temp (FTP), they go after the uploads, as
 # other deletes: a resumed upload renames its temp away, a failed one keeps it to go on.
 OWN_TEMP = "temp file of an interrupted upload"
+OWN_TEMP_RESUMABLE = OWN_TEMP + ", kept for its resume until the uploads ran"
 PHASE_OWN_TEMPS = -2
 
 

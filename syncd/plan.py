@@ -11,6 +11,7 @@ from syncd.model import (
     BEFORE_WRITES,
     DELETING_OPS,
     OWN_TEMP,
+    OWN_TEMP_RESUMABLE,
     TMP_PREFIX,
     TRASH_DIR,
     Action,
@@ -82,8 +83,8 @@ def plan_push(local: Mapping[str, LocalState], base: Mapping[str, Base],
         if r.kind == FILE and path.rpartition("/")[2].startswith(TMP_PREFIX):
             name = path.rpartition("/")[2]
             if policy.tmp_owner and name.startswith(f"{TMP_PREFIX}{policy.tmp_owner}-"):
-                out.append(Action(Op.CLEANUP, path, OWN_TEMP if not policy.resumes_temps
-                                  else f"{OWN_TEMP}, kept for its resume until the uploads ran"))
+                out.append(Action(Op.CLEANUP, path,
+                                  OWN_TEMP_RESUMABLE if policy.resumes_temps else OWN_TEMP))
             elif 0 < r.mtime_ns < policy.now_ns - STALE_TMP_NS:   # 0: the remote gives no time
                 out.append(Action(Op.CLEANUP, path, "stale temp file of syncd"))
             continue

@@ -19,7 +19,7 @@ from typing import Any
 import pathspec
 import xxhash
 
-from syncd.model import TMP_PREFIX, TRASH_DIR, Kind, LocalState, printable, utf8_ok
+from syncd.model import LOST_FOUND, TMP_PREFIX, TRASH_DIR, Kind, LocalState, printable, utf8_ok
 
 # A file modified this close to the moment it was hashed may change again without its
 # mtime changing (coarse timestamps: ext4 ticks, FAT's 2 s); re-hash it on the next scan.
@@ -121,7 +121,7 @@ def _literal_dir(line: str) -> str | None:
 # Outside every pair, on both sides, unless a pattern re-includes it ("!/lost+found/"): a
 # filesystem's top-level lost+found belongs to fsck. A pair rooted at a mount point would
 # otherwise delete from the remote the files fsck recovered there, or upload the local ones.
-BUILTIN_IGNORE = ("/lost+found/",)
+BUILTIN_IGNORE = (f"/{LOST_FOUND}/",)
 
 
 def pair_matcher(patterns: Iterable[str], root: str | os.PathLike[str] | None = None,

@@ -5,7 +5,6 @@ in the same transaction that acks the job)."""
 from __future__ import annotations
 
 import contextlib
-import errno
 import multiprocessing
 import os
 import signal
@@ -389,14 +388,11 @@ def _open_source(o: Outcome, ctx: PairCtx) -> Source | None:
         # Gone since the scan: nothing to send; the next scan plans its deletion.
         o.keep_base, o.note = True, "vanished before upload"
     except SourceChanged:
-        # A directory, FIFO or socket since the scan: retrying cannot send it (it used to
-        # wait out ~6 min of backoff); the next scan plans what it is now.
+        # A directory, FIFO, socket or symlink since the scan: retrying cannot send it (it
+        # used to wait out ~6 min of backoff); the next scan plans what it is now.
         o.keep_base, o.note = True, "no longer a regular file before upload"
     except OSError as e:
-        if e.errno == errno.ELOOP and not ctx.follow_symlinks:   # now a symlink (O_NOFOLLOW)
-            o.keep_base, o.note = True, "no longer a regular file before upload"
-        else:
-            o.error = PermanentError(f"cannot read local file: {e.strerror}", path=abspath)
+        o.error = PermanentError(f"cannot read local file: {e.strerror}", path=abspath)
     except Exception as e:
         o.error = e
     return None

@@ -6,6 +6,7 @@ yields paths relative to the prefix it was given. Backends raise only syncd erro
 
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -14,7 +15,7 @@ from typing import Any, NamedTuple, Protocol
 
 import xxhash
 
-from syncd.errors import PathEscape, SourceChanged
+from syncd.errors import PathEscape, PermanentError, SourceChanged
 from syncd.model import TMP_PREFIX, RemoteEntry
 
 
@@ -60,7 +61,12 @@ class Source:
         flags = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0)
         if not follow_symlinks:
             flags |= getattr(os, "O_NOFOLLOW", 0)
-        self.fd = os.open(abspath, flags)
+        try:
+            self.fd = os.open(abspath, flags)
+        except OSError as e:
+            if e.errno == errno.ELOOP and not follow_symlinks:   # a symlink since the scan
+                raise SourceChanged(rel, "is no longer a regular file") from None
+            raise
         try:
             self.before = os.fstat(self.fd)
             if not _isreg(self.before.st_mode):
@@ -243,6 +249,13 @@ def check_rel_path(remote: str, path: str, backslash: bool = False) -> list[str]
         raise PathEscape("path with '.', '..' or empty components refused", remote=remote,
                          path=path)
     return parts
+
+
+def unlistable(remote: str, path: str, why: str) -> PermanentError:
+    """A remote folder the login may not list: it must not pass for empty (its files would
+    be sent again every run, its deletes planned blind), so the listing fails, naming it."""
+    return PermanentError(f"this folder cannot be listed ({why}); give the login read "
+                          "access to it", remote=remote, path=path)
 
 
 def temp_name(name: str, owner: str = "") -> str:

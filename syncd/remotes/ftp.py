@@ -34,8 +34,8 @@ from syncd.errors import (
 )
 from syncd.index import IndexError_
 from syncd.listing import DIR_FP
-from syncd.model import TRASH_DIR, Kind, RemoteEntry
-from syncd.remotes.base import Capabilities, Source, check_rel_path, temp_name
+from syncd.model import LOST_FOUND, TRASH_DIR, Kind, RemoteEntry
+from syncd.remotes.base import Capabilities, Source, check_rel_path, temp_name, unlistable
 
 if TYPE_CHECKING:
     from syncd.index import UploadLog
@@ -558,12 +558,10 @@ class FTPRemote:
                     # list (an upload-only drop box) must not look empty, or its files
                     # are sent again on every run.
                     if rel_dir and self._stat(ftp, f"{top}/{rel_dir}") is not None:
-                        if rel_dir == "lost+found":
-                            return []   # root's, on a pair rooted at a mount point
-                        raise PermanentError(f"the folder cannot be listed: {e}",
-                                             remote=self.name,
-                                             path="/".join(x for x in (prefix, rel_dir) if x)
-                                             ) from None
+                        if rel_dir == LOST_FOUND:
+                            return []
+                        raise unlistable(self.name, "/".join(x for x in (prefix, rel_dir) if x),
+                                         str(e)) from None
                     return []   # vanished while we listed
 
         with ThreadPoolExecutor(max_workers=min(LIST_WORKERS, self._max)) as pool:

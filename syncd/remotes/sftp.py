@@ -37,9 +37,9 @@ from syncd.errors import (
     UnavailableError,
 )
 from syncd.listing import DIR_FP
-from syncd.model import TRASH_DIR, Kind, RemoteEntry
+from syncd.model import LOST_FOUND, TRASH_DIR, Kind, RemoteEntry
 from syncd.remotes import sftp_wire as w
-from syncd.remotes.base import Capabilities, Source, check_rel_path, temp_name
+from syncd.remotes.base import Capabilities, Source, check_rel_path, temp_name, unlistable
 from syncd.remotes.ssh_send import DataSender
 
 _FILE, _DIR = int(Kind.FILE), int(Kind.DIR)
@@ -809,11 +809,12 @@ class SFTPRemote:
                     opened -= 1
                     if e.code == w.NO_SUCH_FILE:   # vanished while we listed
                         continue
-                    if e.code == w.PERMISSION_DENIED and rel_dir == "lost+found":
-                        continue   # root's, on a pair rooted at a mount point: never ours
-                    # Name the folder that cannot be listed, not the pair's path.
-                    where = "/".join(x for x in (prefix, rel_dir) if x)
-                    raise self._status_error(e, where) from None
+                    if e.code != w.PERMISSION_DENIED:
+                        raise
+                    if rel_dir == LOST_FOUND:
+                        continue
+                    raise unlistable(self.name, "/".join(x for x in (prefix, rel_dir) if x),
+                                     str(e)) from None
                 inflight.append((ss.readdir(h), rel_dir, h))
                 continue
             names = ss.names(rid)
