@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from syncd.errors import SyncdError
-from syncd.model import Action, Base, Job, LocalState, Op, stat_sig
+from syncd.model import Action, Base, Job, LocalState, Op, phase, stat_sig
 
 DB_NAME = "index.sqlite3"
 
@@ -158,7 +158,6 @@ class Unqueued(NamedTuple):
     is written now, pending (a retry, not before `not_before`) or failed (parked)."""
 
     action: Action
-    phase: int
     state: str          # 'pending' | 'failed'
     attempts: int
     not_before: float
@@ -616,16 +615,7 @@ class Index:
         db = self.db
         with self.tx():
             self._set_bases(pair, done)
-            db.executemany(
-                "INSERT INTO jobs (pair, path, phase, args, state, attempts, not_before, "
-                "last_error, created, updated) VALUES (?,?,?,?,?,?,?,?,?,?) "
-                "ON CONFLICT(pair, path) DO UPDATE SET phase=excluded.phase, "
-                "args=excluded.args, state=excluded.state, attempts=excluded.attempts, "
-                "not_before=excluded.not_before, last_error=excluded.last_error, "
-                "next_args=NULL, lease_owner=NULL, lease_until=NULL, updated=excluded.updated "
-                "WHERE state != 'leased'",
-                ((pair, u.action.path, u.phase, action_to_json(u.action), u.state, u.attempts,
-                  u.not_before, u.error, now, now) for u in unqueued))
+            self._write_unqueued(pair, unqueued, now)
             db.executemany("UPDATE jobs SET state='pending', attempts=?, not_before=?, last_error=?, "
                            "lease_owner=NULL, lease_until=NULL, updated=? WHERE id=?",
                            ((a, nb, err, now, i) for i, nb, err, a in retry))
@@ -643,6 +633,23 @@ class Index:
             for chunk in _chunks([d.job_id for d in done if d.job_id > 0]):
                 db.execute(f"DELETE FROM jobs WHERE id IN ({','.join('?' * len(chunk))}) "
                            "AND state='leased'", chunk)
+
+    def add_unqueued(self, pair: str, unqueued: Sequence[Unqueued], now: float) -> None:
+        """Rows for jobs that ran without one (see finish), outside a finish."""
+        with self.tx():
+            self._write_unqueued(pair, unqueued, now)
+
+    def _write_unqueued(self, pair: str, unqueued: Sequence[Unqueued], now: float) -> None:
+        self.db.executemany(
+            "INSERT INTO jobs (pair, path, phase, args, state, attempts, not_before, "
+            "last_error, created, updated) VALUES (?,?,?,?,?,?,?,?,?,?) "
+            "ON CONFLICT(pair, path) DO UPDATE SET phase=excluded.phase, "
+            "args=excluded.args, state=excluded.state, attempts=excluded.attempts, "
+            "not_before=excluded.not_before, last_error=excluded.last_error, "
+            "next_args=NULL, lease_owner=NULL, lease_until=NULL, updated=excluded.updated "
+            "WHERE state != 'leased'",
+            ((pair, u.action.path, phase(u.action), action_to_json(u.action), u.state,
+              u.attempts, u.not_before, u.error, now, now) for u in unqueued))
 
     def job_counts(self, pair: str) -> dict[str, int]:
         rows = self.db.execute("SELECT state, count(*) FROM jobs WHERE pair=? GROUP BY state",

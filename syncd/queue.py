@@ -106,9 +106,9 @@ class Queue:
         for j in jobs:
             if j.id < 0:
                 rows.setdefault(j.pair, []).append(
-                    Unqueued(j.action, phase(j.action), "pending", j.attempts, 0.0, None))
+                    Unqueued(j.action, "pending", j.attempts, 0.0, None))
         for pair, new in rows.items():
-            self.index.finish(pair, [], [], [], self.clock(), new)
+            self.index.add_unqueued(pair, new, self.clock())
 
     def classify(self, o: Outcome) -> tuple[str, float | str]:
         """("done", 0) | ("retry", not_before) | ("failed", message): by type, not text."""
@@ -142,16 +142,15 @@ class Queue:
                 assert isinstance(val, float)
                 s.retried.append((o, val))
                 if j.id < 0:
-                    new_rows.append(Unqueued(j.action, phase(j.action), "pending",
-                                             j.attempts + 1, val, str(o.error)))
+                    new_rows.append(Unqueued(j.action, "pending", j.attempts + 1, val,
+                                             str(o.error)))
                 else:
                     retry.append((j.id, val, str(o.error), j.attempts + 1))
             else:
                 assert isinstance(val, str)
                 s.failed.append((o, val))
                 if j.id < 0:
-                    new_rows.append(Unqueued(j.action, phase(j.action), "failed",
-                                             j.attempts + 1, 0.0, val))
+                    new_rows.append(Unqueued(j.action, "failed", j.attempts + 1, 0.0, val))
                 else:
                     failed.append((j.id, val, j.attempts + 1))
         self.index.finish(pair, done, retry, failed, self.clock(), new_rows)
