@@ -216,7 +216,6 @@ class Daemon:
             # -> /data/Documents): it would watch the link and see nothing.
             roots[p.name] = (os.path.realpath(p.local), m.covers)
         self.roots = roots
-        self._pairs = {p.name: p for p in self.cfg.pairs}
         self.watcher = Watcher(self.debouncer, self.log)
         present = {n for n, r in roots.items() if os.path.isdir(r[0])}
         failed = self.watcher.start({n: roots[n] for n in present})
@@ -233,8 +232,10 @@ class Daemon:
         w = self.watcher
         if w is None:
             return
-        for name, (old, ignored) in list(self.roots.items()):
-            real = os.path.realpath(self._pairs[name].local)
+        for p in self.cfg.pairs:
+            name = p.name
+            old, ignored = self.roots[name]
+            real = os.path.realpath(p.local)
             if real != old:
                 # The root is a symlink that now leads elsewhere (a release switched, the
                 # data moved to another disk and a link left in its place): the watch
@@ -376,7 +377,8 @@ class Daemon:
             sd_notify("READY=1\n" + self._status())
             return
         self.log.info("config_reloaded", pairs=[p.name for p in new.pairs])
-        added = [p.name for p in new.pairs if p.name not in {q.name for q in self.cfg.pairs}]
+        known = {p.name for p in self.cfg.pairs}
+        added = [p.name for p in new.pairs if p.name not in known]
         if added:   # `syncd status` counts what they move from now on
             self.index.start_run_counters(added, time.time())
         if self.watcher is not None:

@@ -479,15 +479,16 @@ class Engine:
         mounts = local_mounts(root)
         recorded = meta.mounts if meta else ()
         lost = tuple(m for m in recorded if m not in mounts) if mounts is not None else ()
-        facts = Facts(True, len(w.seen), self.index.count_base(pair.name), diff.files, w.root_dev,
+        based = self.index.count_base(pair.name)
+        facts = Facts(True, len(w.seen), based, diff.files, w.root_dev,
                       meta.st_dev if meta else None, pair.max_delete.limit(diff.files),
                       str(pair.max_delete),
                       remote_entries=diff.entries if opts.list_remote else -1,
                       lost_mounts=lost,
                       bases_present=sum(1 for p in diff.gone if p in w.seen)
                       if opts.list_remote and not moved else 0,
-                      remote_dir_missing=not opts.list_remote and self._remote_dir_gone(
-                          pair, remote, actions),
+                      remote_dir_missing=not opts.list_remote and based > 0
+                      and self._remote_dir_gone(pair, remote, actions),
                       remote_mountable=remote.caps.dirs)
         self._trip(pair, facts, opts, actions)
         if mounts is not None and tuple(mounts) != recorded and not opts.dry_run:
@@ -616,14 +617,12 @@ class Engine:
         return run
 
     def _remote_dir_gone(self, pair: PairConfig, remote: Remote, actions: list[Action]) -> bool:
-        """A run without the remote listing (the daemon's event-driven ones) that would write:
-        is the pair's remote directory, where entries were synced before, gone? Then the
+        """A run without the remote listing (the daemon's event-driven ones) that would write,
+        for a pair with entries synced before: is its remote directory gone? Then the
         remote's storage is likely unmounted, and writing would create the directory on
         the bare mount point (one stat, only when there is something to write)."""
         if not pair.path or not remote.caps.dirs or not any(
                 a.op in (Op.UPLOAD, Op.MKDIR) for a in actions):
-            return False
-        if self.index.count_base(pair.name) == 0:
             return False
         try:
             remote.stat(pair.path)

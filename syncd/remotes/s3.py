@@ -438,7 +438,7 @@ class S3Remote:
             parts[n] = (_need(r, "ETag", self.name), r.get("ChecksumCRC32"))
             if self.uploads is not None and rec_id:
                 with contextlib.suppress(Exception):   # a lost record only costs a resend
-                    self.uploads.part_done(rec_id, n, r["ETag"], r.get("ChecksumCRC32"))
+                    self.uploads.part_done(rec_id, n, *parts[n])
         if failed is not None:
             for f in futs:   # not started yet: no point now
                 f.cancel()
