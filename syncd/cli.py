@@ -47,17 +47,17 @@ def _guard(fn: Callable[[], int]) -> None:
         code = e.exit_code
     except KeyboardInterrupt:
         _err("interrupted; queued work stays queued for the next run")
-        code = 130
+        code = EXIT_INTERRUPTED
     except BrokenPipeError:   # `syncd ... | head`: the reader is gone, nothing to say
-        _drop_stdout()
-        code = 141
+        _to_devnull(sys.stdout)
+        code = EXIT_PIPE
     except OSError as e:
         if e.errno not in _OUTPUT_ERRNOS:
             _internal(e)
             code = EXIT_INTERNAL
         else:   # syncd's own file errors are SyncdErrors: this is the output (> /dev/full)
-            _drop_stdout()
-            _err(f"writing the output failed: {e.strerror}")
+            _to_devnull(sys.stdout)
+            _output_failed(e)
             code = EXIT_OUTPUT
     except Exception as e:  # a bug: say so in one line, keep the traceback in the log
         _internal(e)
@@ -67,13 +67,25 @@ def _guard(fn: Callable[[], int]) -> None:
 
 # Errors of an uncaught write: the output is a full disk or a failing device.
 _OUTPUT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EFBIG})
-EXIT_OUTPUT = 120   # what Python's own exit says when its final flush fails
+EXIT_OUTPUT = 120        # what Python's own exit says when its final flush fails
+EXIT_INTERRUPTED = 130
+EXIT_PIPE = 141          # the shell's code for a writer killed by SIGPIPE
 
 
-def _drop_stdout() -> None:
-    """Point stdout at /dev/null: the exit's own flush must not fail again."""
+def _to_devnull(f: Any) -> None:
+    """Point a standard stream at /dev/null: the exit's own flush must not fail again."""
     with contextlib.suppress(OSError, ValueError):
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, f.fileno())
+        os.close(null)
+
+
+def _output_failed(e: BaseException) -> None:
+    """Say, on the raw descriptor (stderr's buffer may be the one failing), that the
+    command's output could not be written."""
+    why = getattr(e, "strerror", None) or e
+    with contextlib.suppress(OSError):
+        os.write(2, f"syncd: error: writing the output failed: {why}\n".encode())
 
 
 def _internal(e: BaseException) -> None:
@@ -329,7 +341,7 @@ def run_reconcile(cfg: Any, names: list[str], *, dry_run: bool = False, as_json:
 def _exit_code(codes: list[int]) -> int:
     """Most urgent first: unreachable remote, then a stopped pair, then failures, then a
     run cut short."""
-    for c in (EXIT_REMOTE, EXIT_SAFETY, EXIT_FAILURES, 130):
+    for c in (EXIT_REMOTE, EXIT_SAFETY, EXIT_FAILURES, EXIT_INTERRUPTED):
         if c in codes:
             return c
     return EXIT_OK
@@ -523,12 +535,9 @@ def _exit(code: int) -> NoReturn:
             f.flush()
         except (OSError, ValueError) as e:
             if not isinstance(e, BrokenPipeError):
-                with contextlib.suppress(OSError):
-                    why = getattr(e, "strerror", None) or e
-                    os.write(2, f"syncd: error: writing the output failed: {why}\n".encode())
-            code = code or (141 if isinstance(e, BrokenPipeError) else 120)
-            with contextlib.suppress(OSError, ValueError):   # the exit's own flush: quiet
-                os.dup2(os.open(os.devnull, os.O_WRONLY), f.fileno())
+                _output_failed(e)
+            code = code or (EXIT_PIPE if isinstance(e, BrokenPipeError) else EXIT_OUTPUT)
+            _to_devnull(f)
     if code != 0:
         sys.exit(code)
     os._exit(0)
