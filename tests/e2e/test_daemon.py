@@ -418,7 +418,7 @@ def test_systemd_units() -> None:
     """The units say what the README promises; systemd-analyze checks them where present."""
     import shutil
 
-    unit = Path(__file__).parents[2] / "systemd" / "syncd.service"
+    unit = Path(__file__).parents[2] / "syncd" / "data" / "systemd" / "syncd.service"
     text = unit.read_text()
     for directive in ("Type=notify", "ExecReload=/bin/kill -HUP $MAINPID", "Restart=on-failure",
                       "StateDirectory=syncd", "ConfigurationDirectory=syncd", "User=syncd",

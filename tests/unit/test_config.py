@@ -219,7 +219,7 @@ def test_parse_duration_rejects(bad: str) -> None:
 def test_example_config_parses_and_documents_every_key() -> None:
     from syncd.config import DAEMON_KEYS, PAIR_KEYS, REMOTE_COMMON_KEYS, REMOTE_TYPE_KEYS
 
-    example = Path(__file__).parents[2] / "config.example.toml"
+    example = Path(__file__).parents[2] / "syncd" / "data" / "config.example.toml"
     cfg = load_config(example, env={"HOME": "/home/someone"})
     assert cfg.pairs[0].local == Path("/home/someone/Documents")
     text = example.read_text()
