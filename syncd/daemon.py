@@ -252,7 +252,7 @@ class Daemon:
                              fallback="periodic scans")
             # Scanned at once all the same: lose() touched the debouncer.
             self.next_poll[name] = now + FALLBACK_SCAN_S
-            if why == "root_replaced":
+            if why in ("root_replaced", "overflow"):
                 self.rewatch.add(name)
         for name in list(self.rewatch):
             root, ignored = self.roots[name]

@@ -133,21 +133,22 @@ class Watcher:
         back to periodic scans), after logging why."""
         from watchdog.observers import Observer
 
-        _install_hooks()
+        _install_hooks(self.log)
         # Only inotify reports a file's close after writing; elsewhere (macOS FSEvents,
         # polling) a modified file would look open for ever: do not track writers there.
         self._track = Observer.__name__ == "InotifyObserver"
         self.observer = Observer()
-        failed = [pair for pair, (root, ignored) in roots.items()
-                  if not self._schedule(pair, root, ignored)]
         try:
             self.observer.start()
         except OSError as e:
-            for pair, root in self.watched.items():
+            for pair, (root, _) in roots.items():
                 self._log_watch_error(pair, root, e)
-            failed += list(self.watched)
-            self.watched.clear()
-        return failed
+            self.observer = None
+            return list(roots)
+        # Scheduled on the running observer, one pair at a time: a pair past the watch
+        # limit fails alone (schedule() raises for it), never the observer's start.
+        return [pair for pair, (root, ignored) in roots.items()
+                if not self._schedule(pair, root, ignored)]
 
     def watch(self, pair: str, root: str, ignored: Callable[[str], bool]) -> bool:
         """Watch a pair again (its root is back); False if it cannot be watched yet."""
@@ -167,6 +168,12 @@ class Watcher:
             h = self.observer.schedule(_handler(self, pair, root, ignored), root, recursive=True)
         except OSError as e:
             _WATCHERS.pop(key, None)
+            if e.errno == errno.ENOSPC and os.path.isdir(root):
+                # Out of watches while registering the tree (watchdog >= 7.1.1 says so
+                # itself): as a folder refused by the hook, the pair is lost to the limit.
+                self._over_limit(pair, root, str(e))
+                self.lose(pair, "watch_limit", scheduled=False)
+                return True
             if not quiet:
                 self._log_watch_error(pair, root, e)
             return False
@@ -181,7 +188,7 @@ class Watcher:
             self.lose(pair, "watch_limit")
         return True
 
-    def _over_limit(self, pair: str, root: str, path: str) -> None:
+    def _over_limit(self, pair: str, root: str, error: str) -> None:
         """A directory under the pair's root could not be watched (from watchdog's hook).
         Logged once per pair and scheduling: scheduling a big tree past the limit refuses
         every directory after the limit, and each log line counts the tree's folders."""
@@ -191,12 +198,30 @@ class Watcher:
             if scheduling:
                 self._over.add(pair)   # _schedule() loses it once it is recorded
         if first:
-            self._log_limit(pair, root, f"cannot watch {path}")
+            self._log_limit(pair, root, error)
         if not scheduling:
             self.lose(pair, "watch_limit")
 
-    def lose(self, pair: str, why: str) -> None:
-        """Stop trusting a pair's watch (from any thread); the daemon polls it instead."""
+    def overflowed(self, pair: str, rewatch: bool) -> None:
+        """The kernel dropped events of the pair (from watchdog's threads): scanned in full.
+        `rewatch`: watchdog did not rebuild its watches itself (a folder made meanwhile
+        has none), so the watch is placed again."""
+        self.log.warning("watch_overflow", pair=pair,
+                         note="the kernel dropped file events: rescanning the pair")
+        if rewatch:
+            self.lose(pair, "overflow")
+        else:
+            self.debouncer.touch(pair)
+
+    def lose(self, pair: str, why: str, scheduled: bool = True) -> None:
+        """Stop trusting a pair's watch (from any thread); the daemon polls it instead.
+        `scheduled=False`: it never got one (refused while being scheduled)."""
+        if not scheduled:
+            with self._lock:
+                self._lost[pair] = why
+                self._over.discard(pair)
+            self.debouncer.touch(pair)
+            return
         with self._lock:
             root = self.watched.pop(pair, None)
             if root is None:
@@ -275,6 +300,9 @@ def _handler(w: Watcher, pair: str, root: str, ignored: Callable[[str], bool]) -
             kind = event.event_type
             if kind in _IGNORED_EVENTS:
                 return
+            if kind == "events_lost":   # watchdog >= 7.1.1, after rebuilding its watches
+                w.overflowed(pair, rewatch=False)
+                return
             for p in (event.src_path, getattr(event, "dest_path", "")):
                 if not p:
                     continue
@@ -295,51 +323,35 @@ def _handler(w: Watcher, pair: str, root: str, ignored: Callable[[str], bool]) -
 
 # root (bytes, as watchdog keeps it) -> (watcher, pair), for the hooks below
 _WATCHERS: dict[bytes, tuple[Watcher, str]] = {}
-_hooks_installed = False
+_off_logged = False
 
 
-def _install_hooks() -> None:
-    """Two things watchdog's inotify observer handles silently, made visible: a queue
-    overflow (it re-adds its watches and drops the pending events: the pair must be
-    rescanned) and a subdirectory it cannot watch (skipped without a word, e.g. at the
-    inotify watch limit: changes there would wait for the full reconcile). Wrapped only
-    where watchdog has the methods, as 7.x does; tests check that they are in place."""
-    global _hooks_installed
-    if _hooks_installed:
-        return
-    _hooks_installed = True
-    try:
-        from watchdog.observers.inotify import InotifyWatchGroup
-    except ImportError:   # not Linux: no inotify
-        return
-    overflow = getattr(InotifyWatchGroup, "on_queue_overflow", None)
-    add = getattr(InotifyWatchGroup, "_add_callback", None)
-    if overflow is not None:
-        def on_queue_overflow(group: Any) -> None:
-            overflow(group)
-            hit = _WATCHERS.get(getattr(group, "path", b""))
-            if hit is not None:
-                hit[0].log.warning("watch_overflow", pair=hit[1],
-                                   note="the kernel dropped file events: rescanning the pair")
-                hit[0].debouncer.touch(hit[1])
+def _install_hooks(log: Any) -> None:
+    """What watchdog's inotify observer handles silently, made visible through
+    syncd.compat.watchdog; a feature that is off on this watchdog is logged once."""
+    global _off_logged
+    from syncd.compat import watchdog as compat
 
-        InotifyWatchGroup.on_queue_overflow = on_queue_overflow  # type: ignore[method-assign]
-    if add is not None:
-        def _add_callback(group: Any, path: bytes) -> None:
-            add(group, path)
-            root = getattr(group, "path", None)
-            watched = getattr(group, "_active_callbacks_by_path", None)
-            if root is None or watched is None or path == root or path in watched:
-                return
-            # Not a directory that vanished meanwhile, nor one this user cannot read (the
-            # scan reports that one): what is left is the watch limit.
-            if (os.path.isdir(path) and not os.path.islink(path)
-                    and os.access(path, os.R_OK | os.X_OK)):
-                hit = _WATCHERS.get(root)
-                if hit is not None:
-                    hit[0]._over_limit(hit[1], os.fsdecode(root), os.fsdecode(path))
+    plan = compat.install(_on_limit, _on_overflow)
+    if plan is not None and not _off_logged:
+        _off_logged = True
+        for off in plan.off():
+            off.log(log)
 
-        InotifyWatchGroup._add_callback = _add_callback  # type: ignore[method-assign]
+
+def _on_limit(root: bytes, path: bytes) -> None:
+    hit = _WATCHERS.get(root)
+    if hit is not None:
+        hit[0]._over_limit(hit[1], os.fsdecode(root), f"cannot watch {os.fsdecode(path)}")
+
+
+def _on_overflow(root: bytes | None) -> None:
+    """From watchdog's threads. root None: every watched root (the watchdog that says so
+    keeps its watches as they were, so each is placed again)."""
+    hits = list(_WATCHERS.values()) if root is None else [_WATCHERS.get(root)]
+    for hit in hits:
+        if hit is not None:
+            hit[0].overflowed(hit[1], rewatch=root is None)
 
 
 def _count_dirs(root: str) -> int:
