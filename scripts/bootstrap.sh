@@ -35,9 +35,10 @@ fi
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 pip() {
     # pip's notes about extra index locations configured on this machine are noise here.
-    "$VENV/bin/python" -m pip --disable-pip-version-check -q "$@" 2>&1 \
-        | grep -v "^WARNING: Location '.*' is ignored" >&2
-    return "${PIPESTATUS[0]}"
+    local rc=0
+    "$VENV/bin/python" -m pip --disable-pip-version-check -q "$@" > "$VENV/.pip.log" 2>&1 || rc=$?
+    grep -v "^WARNING: Location '.*' is ignored" "$VENV/.pip.log" >&2 || true
+    return "$rc"
 }
 
 if [ "$what" = latest ]; then

@@ -16,8 +16,8 @@ case "${1:-}" in
         VENV=.venv-with
         rm -f "$VENV/.syncd-lock"
         bash scripts/bootstrap.sh test
-        "$VENV/bin/python" -m pip install -q --disable-pip-version-check "$spec" 2>&1 \
-            | grep -v "^WARNING: Location '.*' is ignored" >&2 || true
+        "$VENV/bin/python" -m pip install -q --disable-pip-version-check "$spec" \
+            > "$VENV/.pip.log" 2>&1 || { cat "$VENV/.pip.log" >&2; exit 1; }
         rm -f "$VENV/.syncd-lock"   # no longer the lock: the next run reinstalls it
         ;;
     *) bash scripts/bootstrap.sh test ;;

@@ -66,10 +66,8 @@ def plan_for(version: str, has_events_lost: bool) -> Plan:
     """Pure: the hooks for `version` (has_events_lost: watchdog.events has
     EventsLostEvent, the public overflow report)."""
     limit = {"7.0.0": "wrap-dict", "7.1.0": "wrap-dict", "7.1.1": "wrap-tree"}.get(version, "")
-    if has_events_lost:
-        overflow = "event"
-    else:
-        overflow = {"7.0.0": "wrap-parse", "7.1.0": "wrap-group"}.get(version, "")
+    hooked = {"7.0.0": "wrap-parse", "7.1.0": "wrap-group"}.get(version, "")
+    overflow = "event" if has_events_lost else hooked
     return Plan(version, limit, overflow)
 
 

@@ -262,3 +262,77 @@ def test_many_folders_past_the_limit_log_once(tmp_path: Path,
         assert [e for e, _ in log.events].count("watch_limit") == 1
     finally:
         w.stop()
+
+
+def test_a_folder_made_past_the_watch_limit_while_watched_is_reported(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # watchdog adds the new folder's watch from its own thread, and says nothing (or only
+    # a line of its own log) when the kernel refuses it: the compat hook must see it.
+    log = Log()
+    w = Watcher(Debouncer(0.0, 1.0), log)
+    try:
+        assert w.start({"p": (str(tmp_path), lambda _r: False)}) == []
+        refuse_watches_of(b"/deep", monkeypatch)
+        (tmp_path / "deep").mkdir()
+        deadline, lost = time.monotonic() + 10, {}   # a bound, not a speed check
+        while not lost and time.monotonic() < deadline:
+            time.sleep(0.05)
+            lost = w.take_lost()
+        assert lost == {"p": "watch_limit"} and "p" not in w.watched
+        assert [e for e, _ in log.events] == ["watch_limit"]
+    finally:
+        w.stop()
+
+
+def test_the_hooks_each_verified_watchdog_gets() -> None:
+    from syncd.compat.watchdog import VERIFIED, plan_for
+
+    assert plan_for("7.0.0", False) == compat_plan("7.0.0", "wrap-dict", "wrap-parse")
+    assert plan_for("7.1.0", False) == compat_plan("7.1.0", "wrap-dict", "wrap-group")
+    assert plan_for("7.1.1", True) == compat_plan("7.1.1", "wrap-tree", "event")
+    for v in VERIFIED:
+        assert plan_for(v, v >= "7.1.1").off() == []
+
+
+def compat_plan(version: str, limit: str, overflow: str) -> Any:
+    from syncd.compat.watchdog import Plan
+
+    return Plan(version, limit, overflow)
+
+
+def test_an_unverified_watchdog_turns_the_hooks_off_and_says_so_once(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from watchdog.observers.inotify import InotifyWatchGroup
+
+    from syncd import watch
+    from syncd.compat import watchdog as compat
+
+    assert compat.plan_for("7.2.0", True).off() and not compat.plan_for("7.2.0", True).limit
+    off = compat.plan_for("6.0.0", False).off()
+    assert [f.feature for f in off] == ["watch_limit_detection", "overflow_detection"]
+    assert all("requirements/run.lock" in f.fix for f in off)
+
+    compat.uninstall()
+    real_add = InotifyWatchGroup.__dict__["_add_callback"]
+    monkeypatch.setattr(compat, "installed_version", lambda _dist: "7.99.0")
+    monkeypatch.setattr(watch, "_off_logged", False)
+    try:
+        log = Log()
+        for _ in range(2):   # a second watcher (a reload) says nothing more
+            w = Watcher(Debouncer(0.0, 1.0), log)
+            try:
+                assert w.start({"p": (str(tmp_path), lambda _r: False)}) == []
+                assert "p" in w.watched   # watching works; only the hooks are off
+            finally:
+                w.stop()
+        # Not wrapped: watchdog's own method.
+        assert InotifyWatchGroup.__dict__["_add_callback"] is real_add
+        offs = [kw for e, kw in log.events if e == "compat_feature_off"]
+        import watchdog.events
+
+        public_overflow = hasattr(watchdog.events, "EventsLostEvent")
+        assert [kw["feature"] for kw in offs] == ["watch_limit_detection"] + (
+            [] if public_overflow else ["overflow_detection"])
+        assert offs[0]["library"] == "watchdog" and offs[0]["version"] == "7.99.0"
+    finally:
+        compat.uninstall()   # the next Watcher installs the hooks of the real version
