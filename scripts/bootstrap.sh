@@ -63,7 +63,8 @@ else
             pip uninstall -y $extra
         fi
         pip install --no-deps --no-build-isolation -e .
-        "$VENV/bin/python" -m pip check --disable-pip-version-check >&2
+        "$VENV/bin/python" -m pip check --disable-pip-version-check >/dev/null \
+            || { "$VENV/bin/python" -m pip check >&2; exit 1; }
         echo "$want" > "$stamp"
     fi
 fi

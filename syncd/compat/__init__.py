@@ -8,6 +8,7 @@ Nothing outside this package reads or writes a library's underscore names.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 
@@ -27,6 +28,7 @@ class FeatureOff:
                     fix=self.fix)
 
 
+@functools.cache
 def installed_version(dist: str) -> str:
     from importlib.metadata import PackageNotFoundError, version
 

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from syncd import log as slog
+from syncd.compat.paramiko import DataSender, drop_handshake_timer
 from syncd.errors import (
     AuthError,
     Conflict,
@@ -40,7 +41,6 @@ from syncd.listing import DIR_FP
 from syncd.model import LOST_FOUND, TRASH_DIR, Kind, RemoteEntry
 from syncd.remotes import sftp_wire as w
 from syncd.remotes.base import Capabilities, Source, check_rel_path, temp_name, unlistable
-from syncd.remotes.ssh_send import DataSender
 
 _FILE, _DIR = int(Kind.FILE), int(Kind.DIR)
 _SEC = 1_000_000_000
@@ -242,7 +242,7 @@ class SFTPRemote:
             self._verify_host_key(t.get_remote_server_key(), known, revoked)
             self._authenticate(t)
             t.set_keepalive(KEEPALIVE_S)
-            _drop_handshake_timer(t)
+            drop_handshake_timer(t)
             return t
         except BaseException:
             t.close()
@@ -587,7 +587,7 @@ class SFTPRemote:
             raise TransientError(f"opening an SFTP channel on {self.where} failed: {e}",
                                  remote=self.name) from None
         ss = w.Session(ch)
-        ss.sender = DataSender.for_channel(ch)
+        ss.sender = DataSender.for_channel(ch, self.log)
         try:
             ss.start()
         except w.WireError as e:
@@ -1233,26 +1233,6 @@ def _fail(results: list[Any], i: int, err: RemoteError | None, path: str) -> boo
         return False
     results[i] = type(err)(err.reason, remote=err.remote, path=path)
     return True
-
-
-class _SpentTimer:
-    """Stands in for paramiko's handshake timer once the handshake is over: cancel() is
-    free. Not None: paramiko's transport thread reads the attribute twice in
-    complete_handshake, and a stand-in cannot go missing between the two reads."""
-
-    def cancel(self) -> None:
-        pass
-
-
-def _drop_handshake_timer(t: Any) -> None:
-    """paramiko calls Packetizer.complete_handshake after every packet it reads, and that
-    cancels the handshake timer again each time (a lock and an Event per packet: ~3% of
-    the Python time of an upload). Once the handshake is complete the timer has no use,
-    and handshake_timed_out() says False whatever stands in its place."""
-    pk = getattr(t, "packetizer", None)
-    if (getattr(pk, "_Packetizer__handshake_complete", False)
-            and isinstance(getattr(pk, "_Packetizer__timer", None), threading.Timer)):
-        pk._Packetizer__timer = _SpentTimer()
 
 
 def _paramiko() -> Any:

@@ -13,9 +13,11 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from syncd.compat.paramiko import _BLOCK_ENGINE_OUT
 from syncd.errors import (
     AuthError,
     HostKeyError,
@@ -26,7 +28,6 @@ from syncd.errors import (
 from syncd.remotes import sftp_wire
 from syncd.remotes.base import Source
 from syncd.remotes.sftp import SFTPOptions, SFTPRemote, fingerprint
-from syncd.remotes.ssh_send import _BLOCK_ENGINE_OUT
 from tests.servers import SSHServer
 
 
@@ -481,7 +482,7 @@ def _upload_setup(server: SSHServer, tmp_path: Path, name: str, data: bytes
 
 
 def test_fast_data_sender_is_used_and_exact_across_rekeys(srv: SSHServer, tmp_path: Path) -> None:
-    """The AES-GCM fast path (ssh_send.DataSender) carries uploads on the pinned paramiko,
+    """The AES-GCM fast path (compat.paramiko.DataSender) carries uploads on a verified paramiko,
     and its packets stay valid through key re-exchanges: the rekey threshold is lowered
     to 1 MiB so a 9 MiB upload rekeys several times mid-stream (a wrong nonce, sequence
     number or length would make sshd drop the connection or corrupt the file)."""
@@ -515,7 +516,7 @@ def test_fast_sender_finishes_partial_socket_writes(srv: SSHServer, tmp_path: Pa
     dead socket is EOFError, as paramiko's own write path says."""
     import socket
 
-    from syncd.remotes import ssh_send
+    from syncd.compat import paramiko as ssh_send
 
     r, root, src = _upload_setup(srv, tmp_path, "f.bin", os.urandom(3 << 20) + b"end")
     real = os.writev
@@ -576,8 +577,8 @@ def test_non_gcm_cipher_goes_through_paramiko(tmp_path: Path, sshd: SSHServer) -
 def test_fast_sender_refuses_a_channel_without_the_internals(srv: SSHServer, tmp_path: Path) -> None:
     """Another paramiko (an internal renamed) gets no fast sender, and its uploads go
     through sendall and stay exact."""
-    from syncd.remotes import ssh_send
-    from syncd.remotes.ssh_send import DataSender
+    from syncd.compat import paramiko as ssh_send
+    from syncd.compat.paramiko import DataSender
 
     class Bare:
         transport = None
@@ -1002,3 +1003,84 @@ def test_a_folder_the_login_cannot_list_is_named(srv: SSHServer, tmp_path: Path,
         assert {x.path for x in r.list("pair")} == {"drop", "lost+found", "ok", "ok/f.txt"}
     finally:
         r.close()
+
+
+def test_fast_sender_self_check_agrees_with_paramiko() -> None:
+    """The known-answer check passes on the installed paramiko, and fails when the fast
+    path would seal under another nonce, number its packets otherwise, or pad otherwise."""
+    from paramiko.packet import Packetizer
+
+    from syncd.compat import paramiko as compat
+
+    assert compat.self_check(Packetizer) is None
+    real_seal = compat.seal
+
+    def nonce_reused(eng: Any, iv: bytes, *a: Any) -> Any:   # every packet one nonce
+        out, nxt = real_seal(eng, iv, *a)
+        first = real_seal(eng, iv, a[0], a[1], a[2][:1])[0]
+        return first + real_seal(eng, iv, a[0], a[1], a[2][1:])[0], nxt
+
+    def iv_not_advanced(eng: Any, iv: bytes, *a: Any) -> Any:
+        return real_seal(eng, iv, *a)[0], iv
+
+    def other_channel(eng: Any, iv: bytes, bsize: int, chan: int, chunks: Any) -> Any:
+        return real_seal(eng, iv, bsize, chan + 1, chunks)
+
+    try:
+        for fake, says in ((nonce_reused, "nonce"), (iv_not_advanced, "next nonce"),
+                           (other_channel, "other bytes")):
+            compat.seal = fake   # type: ignore[assignment]
+            why = compat.self_check(Packetizer)
+            assert why is not None and says in why, (fake.__name__, why)
+    finally:
+        compat.seal = real_seal   # type: ignore[assignment]
+
+
+def test_fast_sender_falls_back_when_its_self_check_fails(
+        srv: SSHServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A paramiko whose packets the fast path would not reproduce (here: a sealing that
+    advances the nonce twice) gets no fast sender: uploads go through paramiko's own path
+    and stay exact, and the log says so once, naming the reason."""
+    from structlog.testing import capture_logs
+
+    from syncd.compat import paramiko as compat
+
+    real_seal = compat.seal
+
+    def skips_a_nonce(eng: Any, iv: bytes, *a: Any) -> Any:
+        out, nxt = real_seal(eng, iv, *a)
+        return real_seal(eng, nxt, *a)[0], nxt
+
+    monkeypatch.setattr(compat, "seal", skips_a_nonce)
+    monkeypatch.setattr(compat, "_off_said", set())
+    with capture_logs() as logs:
+        r, root, src = _upload_setup(srv, tmp_path, "f.bin", os.urandom(2 << 20) + b"end")
+        with r._session("") as ss:
+            assert ss.sender is None
+        _put_file(r, src, "f.bin")
+        _put_file(r, src, "g.bin")
+        r.close()
+    assert (root / "f.bin").read_bytes() == src.read_bytes()
+    assert (root / "g.bin").read_bytes() == src.read_bytes()
+    off = [e for e in logs if e["event"] == "compat_feature_off"]
+    assert len(off) == 1 and off[0]["feature"] == "ssh_fast_send"
+    assert "nonce" in off[0]["effect"] and off[0]["library"] == "paramiko"
+
+
+def test_fast_sender_is_off_on_an_unverified_paramiko(
+        srv: SSHServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from structlog.testing import capture_logs
+
+    from syncd.compat import paramiko as compat
+
+    monkeypatch.setattr(compat, "installed_version", lambda _d: "9.0.0")
+    monkeypatch.setattr(compat, "_off_said", set())
+    with capture_logs() as logs:
+        r, root, src = _upload_setup(srv, tmp_path, "f.bin", os.urandom(1 << 20))
+        with r._session("") as ss:
+            assert ss.sender is None
+        _put_file(r, src, "f.bin")
+        r.close()
+    assert (root / "f.bin").read_bytes() == src.read_bytes()
+    (off,) = [e for e in logs if e["event"] == "compat_feature_off"]
+    assert "paramiko 9.0.0 is not one" in off["effect"] and off["version"] == "9.0.0"

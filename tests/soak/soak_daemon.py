@@ -157,6 +157,15 @@ max_delete = "100%"
                                 stdout=subprocess.DEVNULL,
                                 stderr=(work / "daemon.log").open("ab"))
 
+    # Whole seconds on SFTP, nanoseconds locally: the remote's mtime precision.
+    prec = 1 if remote == "local" else 10**9
+
+    def converge(t0: float) -> None:   # wait (bounded) until the remote equals local
+        while time.monotonic() - t0 < 120:
+            if _tree(mirror) == _tree(src) and _attrs(mirror, prec) == _attrs(src, prec):
+                return
+            time.sleep(0.1)
+
     threads = [threading.Thread(target=writer), threading.Thread(target=monitor)]
     for t in threads:
         t.start()
@@ -170,15 +179,21 @@ max_delete = "100%"
             proc = start()
         stop.set()
         threads[0].join()
-        # Converge: the last writes are in; wait (bounded) until the remote equals local.
+        # Converge: the last writes are in.
         t0 = time.monotonic()
-        # Whole seconds on SFTP, nanoseconds locally: the remote's mtime precision.
-        prec = 1 if remote == "local" else 10**9
-        while time.monotonic() - t0 < 120:
-            if _tree(mirror) == _tree(src) and _attrs(mirror, prec) == _attrs(src, prec):
-                break
-            time.sleep(0.1)
+        converge(t0)
         rep.converged_s = time.monotonic() - t0
+        # Attribute changes alone, to a daemon that stays up: the attrs path must carry
+        # them (during the kills each may be overtaken by a write of the same file, or by
+        # a kill, and go as an upload).
+        for i, p in enumerate(sorted(src.rglob("*.bin"))[:4]):
+            if i % 2:
+                os.chmod(p, p.stat().st_mode & 0o777 ^ 0o040)
+            else:
+                t = p.stat().st_mtime_ns - 10**9 * (i + 1)
+                os.utime(p, ns=(t, t))
+            rep.attr_changes += 1
+        converge(time.monotonic())
         # Temps of uploads cut by a kill: the last start's full reconcile removes them.
         while list(mirror.rglob(".syncd-tmp-*")) and time.monotonic() - t0 < 120:
             time.sleep(0.1)
