@@ -48,6 +48,7 @@ fi
 # A missing server is a failure here, never a silent skip.
 export SYNCD_TEST_REQUIRE_SERVERS=1
 "$VENV/bin/ruff" check syncd tests bench
+"$VENV/bin/mypy"   # what it checks: [tool.mypy] in pyproject.toml
 # A hung test (or a thread left running at exit) must fail the run, not hold CI until its
 # own limit: pytest dumps every thread's stack after 5 minutes in one test, and the whole
 # suite (about 5 minutes here) is stopped after 30.

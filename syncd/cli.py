@@ -437,7 +437,11 @@ def _probe_remotes(cfg: Any) -> dict[str, dict[str, Any]]:
         r = open_remote(rc, str(cfg.daemon.state_dir))
         try:
             describe = getattr(r, "describe", None)
-            info = describe() if describe is not None else (r.check() or {})
+            if describe is not None:
+                info = describe()
+            else:
+                r.check()
+                info = {}
             out[name] = {"ok": True, **info}
         except RemoteError as e:
             out[name] = {"ok": False, "error": str(e)}

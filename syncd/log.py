@@ -101,7 +101,7 @@ def setup(fmt: str = "auto", level: str = "info") -> None:
     structlog.configure(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
-        logger_factory=structlog.WriteLoggerFactory(file=_StderrFile()),  # type: ignore[arg-type]
+        logger_factory=structlog.WriteLoggerFactory(file=_StderrFile()),
         cache_logger_on_first_use=True,
     )
     # Libraries' own log records (paramiko's "Socket exception: ..." on a dropped

@@ -56,7 +56,7 @@ class Matcher:
             for p in pathspec.GitIgnoreSpec.from_lines([line]).patterns:
                 if p.include is None:
                     continue
-                rx = p.regex.pattern  # type: ignore[attr-defined]
+                rx = p.regex.pattern  # type: ignore[union-attr]
                 if not inside and body.endswith("/**") and rx.endswith("/"):
                     inside = ".+"
                 self._rules.append((re.compile(f"(?:{rx}){inside}\\Z"), bool(p.include)))

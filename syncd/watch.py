@@ -136,7 +136,7 @@ class Watcher:
         _install_hooks(self.log)
         # Only inotify reports a file's close after writing; elsewhere (macOS FSEvents,
         # polling) a modified file would look open for ever: do not track writers there.
-        self._track = Observer.__name__ == "InotifyObserver"
+        self._track = getattr(Observer, "__name__", "") == "InotifyObserver"
         self.observer = Observer()
         try:
             self.observer.start()

@@ -34,7 +34,7 @@ from syncd.compat import FeatureOff, installed_version
 
 # Versions whose Packetizer the fast path and the timer stand-in were read against and run
 # on (tests/sftp against a real sshd: scripts/test.sh --with paramiko==VERSION tests/sftp).
-VERIFIED = ("3.4.0", "3.5.1", "4.0.0", "5.0.0", "5.1.0")
+VERIFIED = ("3.5.0", "3.5.1", "4.0.0", "5.0.0", "5.0.1", "5.1.0")
 
 _MSG_CHANNEL_DATA = 94
 _HDR = struct.Struct(">IBBII")   # packet length, padding length, message, channel, data length
@@ -223,7 +223,7 @@ def fast_send_unusable(channel: Any) -> str | None:
     version = installed_version("paramiko")
     if version not in VERIFIED:
         return f"paramiko {version} is not one the fast send path was verified on"
-    t = getattr(channel, "transport", None)
+    t: Any = getattr(channel, "transport", None)
     pk = getattr(t, "packetizer", None)
     if pk is None or not all(hasattr(pk, a) for a in _NEEDED):
         return "paramiko's packetizer lacks the state the fast send path uses"
@@ -366,7 +366,7 @@ def drop_handshake_timer(t: Any) -> None:
     versions: elsewhere the timer is left alone (a few percent of CPU, nothing else)."""
     if installed_version("paramiko") not in VERIFIED:
         return
-    pk = getattr(t, "packetizer", None)
+    pk: Any = getattr(t, "packetizer", None)
     if (getattr(pk, "_Packetizer__handshake_complete", False)
             and isinstance(getattr(pk, "_Packetizer__timer", None), threading.Timer)):
         pk._Packetizer__timer = _SpentTimer()

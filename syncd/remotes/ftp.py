@@ -215,7 +215,7 @@ class FTPRemote:
             ftp = ftplib.FTP(timeout=o.timeout, encoding="utf-8")
         else:
             ftp = _FTPS(context=self._context(), timeout=o.timeout, encoding="utf-8")
-            ftp.implicit = o.tls == "implicit"  # type: ignore[attr-defined]
+            ftp.implicit = o.tls == "implicit"
         try:
             ftp.connect(o.host, o.port, o.timeout)
             ftp.login(o.user, self._password())

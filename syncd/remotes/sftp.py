@@ -263,10 +263,11 @@ class SFTPRemote:
         the keys marked @revoked there, whatever host they are written for (OpenSSH: such a
         key "must not ever be accepted"; "@revoked * <key>" is the usual form, and a
         wildcard host is something paramiko's lookup does not match)."""
-        from paramiko.hostkeys import HostKeyEntry, HostKeys
+        from paramiko.hostkeys import HostKeyEntry
 
         out: dict[str, Any] = {}
         revoked: list[Any] = []
+        names = self._host_names()
         for f in self._known_files():
             try:
                 lines = f.read_text(encoding="utf-8", errors="replace").splitlines()
@@ -275,7 +276,6 @@ class SFTPRemote:
             except OSError as e:
                 raise HostKeyError(f"cannot read known_hosts file {f}: {e.strerror}",
                                    remote=self.name) from None
-            hk = HostKeys()
             for n, line in enumerate(lines, 1):
                 line = line.strip()
                 is_revoked = line.startswith("@revoked ")
@@ -288,13 +288,8 @@ class SFTPRemote:
                     if e is not None:
                         if is_revoked:
                             revoked.append(e.key)
-                        else:
-                            hk._entries.append(e)
-            for name in self._host_names():
-                found = hk.lookup(name)
-                if found:
-                    for typ in found:
-                        out.setdefault(typ, found[typ])
+                        elif e.key is not None and _names_host(e.hostnames, names):
+                            out.setdefault(e.key.get_name(), e.key)
         return out, revoked
 
     def _verify_host_key(self, key: Any, known: dict[str, Any], revoked: list[Any]) -> None:
@@ -1233,6 +1228,21 @@ def _fail(results: list[Any], i: int, err: RemoteError | None, path: str) -> boo
         return False
     results[i] = type(err)(err.reason, remote=err.remote, path=path)
     return True
+
+
+def _names_host(patterns: list[str], names: list[str]) -> bool:
+    """Whether a known_hosts line's host field names one of `names`: plainly, or hashed
+    (|1|salt|hash, OpenSSH's HashKnownHosts) as HostKeys.hash_host computes it."""
+    import hmac
+
+    from paramiko.hostkeys import HostKeys
+
+    for p in patterns:
+        for name in names:
+            if p == name or (p.startswith("|1|") and hmac.compare_digest(
+                    HostKeys.hash_host(name, p), p)):
+                return True
+    return False
 
 
 def _paramiko() -> Any:
