@@ -7,7 +7,6 @@ import errno
 import gc
 import json
 import os
-import shlex
 import signal
 import sys
 from collections.abc import Callable
@@ -442,6 +441,8 @@ def config_init(path: Annotated[Path | None, typer.Argument(
     with SFTP and S3 examples. Never overwrites a file."""
 
     def go() -> int:
+        import shlex
+
         from syncd.config import init_config_path
         from syncd.starter import write_starting_config
 
