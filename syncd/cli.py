@@ -20,8 +20,8 @@ from syncd.errors import LockedError, SyncdError, UsageError
 
 EXIT_OK, EXIT_FAILURES, EXIT_USAGE, EXIT_REMOTE, EXIT_SAFETY, EXIT_INTERNAL = 0, 1, 2, 3, 4, 70
 
-# add_completion: --install-completion / --show-completion; typer imports its completion
-# modules either way, so they cost no start-up time.
+# add_completion: --install-completion / --show-completion. typer imports its completion
+# modules either way: the two options add no import to start-up.
 app = typer.Typer(add_completion=True, no_args_is_help=True, rich_markup_mode=None,
                   pretty_exceptions_enable=False,
                   help="syncd keeps local directories in sync with remote storage.")
@@ -556,8 +556,9 @@ def completion(shell: Annotated[Shell, typer.Argument(help="bash | zsh | fish")]
     or let `syncd --install-completion` set up the shell it runs in."""
 
     def go() -> int:
-        # typer's own script for the shell, the one --show-completion prints: it speaks the
-        # protocol (_SYNCD_COMPLETE) typer answers.
+        # typer's own script, the one --show-completion prints: it speaks the protocol
+        # (_SYNCD_COMPLETE) typer answers. Not documented typer API (typer is pinned <0.21);
+        # tests/e2e/test_completion.py runs the script it returns.
         from typer.completion import get_completion_script
 
         print(get_completion_script(prog_name="syncd", complete_var="_SYNCD_COMPLETE",
