@@ -10,6 +10,7 @@ import os
 import signal
 import sys
 from collections.abc import Callable
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
@@ -19,10 +20,13 @@ from syncd.errors import LockedError, SyncdError, UsageError
 
 EXIT_OK, EXIT_FAILURES, EXIT_USAGE, EXIT_REMOTE, EXIT_SAFETY, EXIT_INTERNAL = 0, 1, 2, 3, 4, 70
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
+# add_completion: --install-completion / --show-completion. typer imports its completion
+# modules either way: the two options add no import to start-up.
+app = typer.Typer(add_completion=True, no_args_is_help=True, rich_markup_mode=None,
                   pretty_exceptions_enable=False,
                   help="syncd keeps local directories in sync with remote storage.")
-config_app = typer.Typer(no_args_is_help=True, help="Inspect and validate the config file.")
+config_app = typer.Typer(no_args_is_help=True,
+                         help="Write a starting config, show every key, validate the config.")
 app.add_typer(config_app, name="config")
 
 ConfigOpt = Annotated[str | None, typer.Option(
@@ -428,6 +432,53 @@ def config_check(config: ConfigOpt = None,
     _guard(go)
 
 
+@config_app.command("init")
+def config_init(path: Annotated[Path | None, typer.Argument(
+        help="Where to write it (default: $SYNCD_CONFIG if set, else "
+             "$XDG_CONFIG_HOME/syncd/config.toml, i.e. ~/.config/syncd/config.toml).",
+        show_default=False)] = None) -> None:
+    """Write a commented starting config to edit: one local-directory remote and one pair,
+    with SFTP and S3 examples. Never overwrites a file."""
+
+    def go() -> int:
+        import shlex
+
+        from syncd.config import init_config_path
+        from syncd.starter import write_starting_config
+
+        default = init_config_path().absolute()
+        target = path.expanduser().absolute() if path is not None else default
+        write_starting_config(target, private_dir=target == default)
+        # Only the default place is found without --config.
+        opt = "" if target == default else f" --config {shlex.quote(str(target))}"
+        steps = [(f"syncd config check{opt}", "validates it, prints it resolved"),
+                 (f"syncd reconcile --dry-run{opt}", "shows what would be synced, changes nothing"),
+                 (f"syncd reconcile{opt}", f"syncs once; `syncd run{opt}` keeps syncing")]
+        width = max(len(cmd) for cmd, _ in steps)
+        print(f"wrote a starting config: {target}\nnext steps:\n"
+              "  1. edit it: the pair's local tree (local) and the remote's path, or use one "
+              "of its SFTP / S3 examples")
+        for n, (cmd, why) in enumerate(steps, 2):
+            print(f"  {n}. {cmd:<{width}}   ({why})")
+        print("every key, its default and what it does: syncd config example")
+        return EXIT_OK
+
+    _guard(go)
+
+
+@config_app.command("example")
+def config_example() -> None:
+    """Print the full config reference: every key, its default and what it does."""
+
+    def go() -> int:
+        from syncd.starter import REFERENCE, package_text
+
+        print(package_text(REFERENCE), end="")
+        return EXIT_OK
+
+    _guard(go)
+
+
 def _probe_remotes(cfg: Any) -> dict[str, dict[str, Any]]:
     from syncd.errors import RemoteError
     from syncd.remotes import open_remote
@@ -486,6 +537,37 @@ def demo(directory: Annotated[Path, typer.Option(
               f"destination: {cfg.remotes['demo-nas'].options['path']}\n"
               f"edit files under the source and run:  {sys.argv[0]} reconcile --config {cfg_path}")
         return code
+
+    _guard(go)
+
+
+class Shell(StrEnum):
+    bash = "bash"
+    zsh = "zsh"
+    fish = "fish"
+
+
+@app.command()
+def completion(shell: Annotated[Shell, typer.Argument(help="bash | zsh | fish")]) -> None:
+    """Print the shell completion script for bash, zsh or fish.
+
+    \b
+    Load it into this shell:  eval "$(syncd completion bash)"
+    Install it for good:
+      bash: syncd completion bash > ~/.local/share/bash-completion/completions/syncd
+      zsh:  eval "$(syncd completion zsh)"   (in ~/.zshrc, after compinit)
+      fish: syncd completion fish > ~/.config/fish/completions/syncd.fish
+    or let `syncd --install-completion` set up the shell it runs in."""
+
+    def go() -> int:
+        # typer's own script, the one --show-completion prints: it speaks the protocol
+        # (_SYNCD_COMPLETE) typer answers. Not documented typer API (typer is pinned <0.21);
+        # tests/e2e/test_completion.py runs the script it returns.
+        from typer.completion import get_completion_script
+
+        print(get_completion_script(prog_name="syncd", complete_var="_SYNCD_COMPLETE",
+                                    shell=shell.value))
+        return EXIT_OK
 
     _guard(go)
 

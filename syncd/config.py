@@ -127,8 +127,7 @@ def find_config(explicit: str | None, env: dict[str, str] | None = None) -> Path
         return Path(explicit).expanduser()
     if env.get("SYNCD_CONFIG"):
         return Path(env["SYNCD_CONFIG"]).expanduser()
-    xdg = env.get("XDG_CONFIG_HOME") or str(Path(env.get("HOME", "~")).expanduser() / ".config")
-    candidates = [Path(xdg) / "syncd" / "config.toml", Path("/etc/syncd/config.toml")]
+    candidates = [user_config_path(env), SYSTEM_CONFIG]
     for c in candidates:
         try:
             if c.exists():
@@ -139,8 +138,28 @@ def find_config(explicit: str | None, env: dict[str, str] | None = None) -> Path
     tried = ", ".join(str(c) for c in candidates)
     raise ConfigError(
         f"no config file found (tried --config, $SYNCD_CONFIG, {tried}); "
-        "create one from config.example.toml or run `syncd demo`"
+        f"`syncd config init` writes a starting config to {candidates[0]}, "
+        "`syncd demo` tries syncd on a demo folder"
     )
+
+
+SYSTEM_CONFIG = Path("/etc/syncd/config.toml")
+
+
+def user_config_path(env: dict[str, str] | None = None) -> Path:
+    """A user's own config: $XDG_CONFIG_HOME/syncd/config.toml (~/.config without it)."""
+    env = dict(os.environ) if env is None else env
+    xdg = env.get("XDG_CONFIG_HOME") or str(Path(env.get("HOME", "~")).expanduser() / ".config")
+    return Path(xdg) / "syncd" / "config.toml"
+
+
+def init_config_path(env: dict[str, str] | None = None) -> Path:
+    """Where `syncd config init` writes by default: the first place the lookup reads that
+    belongs to the user ($SYNCD_CONFIG if set, else the XDG location)."""
+    env = dict(os.environ) if env is None else env
+    if env.get("SYNCD_CONFIG"):
+        return Path(env["SYNCD_CONFIG"]).expanduser()
+    return user_config_path(env)
 
 
 def load_config(path: Path, env: dict[str, str] | None = None) -> Config:

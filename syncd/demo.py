@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 CONFIG = """\
-# syncd demo config, written by `syncd demo`. See config.example.toml for every key.
+# syncd demo config, written by `syncd demo`. Every key: `syncd config example`.
 [daemon]
 state_dir = "state"        # relative paths are relative to this file
 log_format = "auto"
