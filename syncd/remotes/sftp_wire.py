@@ -141,7 +141,7 @@ class Session:
         self.max_read = MIN_WRITE
         self._chunk = max(1024, int(getattr(channel, "out_max_packet_size", 32768)) - 64)
         # Something with .send(data) that writes all of data faster than ch.sendall
-        # (ssh_send.DataSender); None: the channel's own sendall.
+        # (compat.paramiko.DataSender); None: the channel's own sendall.
         self.sender: Any = None
 
     # --- framing --------------------------------------------------------------------------

@@ -516,7 +516,7 @@ def test_fast_sender_finishes_partial_socket_writes(srv: SSHServer, tmp_path: Pa
     dead socket is EOFError, as paramiko's own write path says."""
     import socket
 
-    from syncd.compat import paramiko as ssh_send
+    from syncd.compat import paramiko as compat_paramiko
 
     r, root, src = _upload_setup(srv, tmp_path, "f.bin", os.urandom(3 << 20) + b"end")
     real = os.writev
@@ -530,14 +530,14 @@ def test_fast_sender_finishes_partial_socket_writes(srv: SSHServer, tmp_path: Pa
             return real(fd, [parts[0], bytes(parts[1])[:5]])   # cut mid-packet
         return real(fd, parts)
 
-    monkeypatch.setattr(ssh_send.os, "writev", stingy)
+    monkeypatch.setattr(compat_paramiko.os, "writev", stingy)
     with r._session("") as ss:
         sender = ss.sender
         assert sender is not None
     _put_file(r, src, "f.bin")
     assert (root / "f.bin").read_bytes() == src.read_bytes()
     assert calls["n"] >= 10 and sender.direct < calls["n"]
-    monkeypatch.setattr(ssh_send.os, "writev", real)
+    monkeypatch.setattr(compat_paramiko.os, "writev", real)
     sock = sender.t.sock
     sock.shutdown(socket.SHUT_WR)            # the peer can no longer be written to
     with pytest.raises(EOFError):
@@ -577,7 +577,7 @@ def test_non_gcm_cipher_goes_through_paramiko(tmp_path: Path, sshd: SSHServer) -
 def test_fast_sender_refuses_a_channel_without_the_internals(srv: SSHServer, tmp_path: Path) -> None:
     """Another paramiko (an internal renamed) gets no fast sender, and its uploads go
     through sendall and stay exact."""
-    from syncd.compat import paramiko as ssh_send
+    from syncd.compat import paramiko as compat_paramiko
     from syncd.compat.paramiko import DataSender
 
     class Bare:
@@ -591,12 +591,12 @@ def test_fast_sender_refuses_a_channel_without_the_internals(srv: SSHServer, tmp
     with r._session("") as ss:
         assert DataSender.for_channel(ss.ch) is not None
         pk = ss.ch.get_transport().packetizer
-        iv = getattr(pk, ssh_send._IV_OUT)
-        delattr(pk, ssh_send._IV_OUT)          # as if paramiko had renamed it
+        iv = getattr(pk, compat_paramiko._IV_OUT)
+        delattr(pk, compat_paramiko._IV_OUT)          # as if paramiko had renamed it
         try:
             assert DataSender.for_channel(ss.ch) is None
         finally:
-            setattr(pk, ssh_send._IV_OUT, iv)
+            setattr(pk, compat_paramiko._IV_OUT, iv)
     r.close()
 
 
