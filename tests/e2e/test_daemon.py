@@ -491,8 +491,8 @@ def test_status_while_running_and_after(daemon: Daemon) -> None:
 
 
 def test_systemd_units() -> None:
-    """The units say what the README promises; systemd-analyze checks them where present."""
-    import shutil
+    """The units say what docs/service.md promises; systemd-analyze checks them (and their
+    exposure) where present."""
 
     unit = Path(__file__).parents[2] / "syncd" / "data" / "systemd" / "syncd.service"
     text = unit.read_text()
@@ -502,23 +502,41 @@ def test_systemd_units() -> None:
                       "CapabilityBoundingSet=\n",
                       "RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6", "WatchdogSec="):
         assert directive in text, directive
+    user = (unit.parent / "syncd-user.service").read_text()
+    assert "Type=notify" in user and "ExecReload=/bin/kill -HUP $MAINPID" in user
+    assert "ExecStart=%h/.local/bin/syncd run" in user   # where `pipx install` puts it
+    for body in (text, user):
+        # READY=1 comes early now: a start that hangs is a failure, not a long first sync.
+        assert "TimeoutStartSec=90s" in body and "TimeoutStartSec=infinity" not in body
+    # A user manager cannot depend on the system's network-online.target.
+    assert "network-online" not in "".join(x for x in user.splitlines(True)
+                                           if not x.startswith("#"))
+    assert "#LoadCredential=sftp_key:" in text and "#EnvironmentFile=" in text
     analyze = shutil.which("systemd-analyze")
     if analyze is None:
         pytest.skip("systemd-analyze not installed: only the directives were checked")
     true = shutil.which("true") or "/bin/true"
-    user = (unit.parent / "syncd-user.service").read_text()
-    assert "Type=notify" in user and "ExecReload=/bin/kill -HUP $MAINPID" in user
+    tmpdir = Path(os.environ.get("TMPDIR", "/tmp")) / f"syncd-units-{os.getpid()}"
+    tmpdir.mkdir(mode=0o700)
+    # An offline user manager needs a runtime dir, not a session.
+    user_env = {**os.environ, "XDG_RUNTIME_DIR": str(tmpdir)}
     # Both units, with ExecStart pointed at an existing binary (verify checks it exists).
-    # The user unit is checked as a system unit: `--user` needs a user session manager.
-    for name, body in (("system", text.replace("/usr/local/bin/syncd", true)),
-                       ("user", user.replace("%h/.local/bin/syncd", true))):
-        tmp = Path(os.environ.get("TMPDIR", "/tmp")) / f"syncd-{name}-{os.getpid()}.service"
-        tmp.write_text(body)
-        try:
-            r = subprocess.run([analyze, "verify", str(tmp)], capture_output=True, text=True)
+    try:
+        for name, body, flags, limit in (
+                ("system", text.replace("/usr/local/bin/syncd", true), [], 1.5),
+                ("user", user.replace("%h/.local/bin/syncd", true), ["--user"], 1.5)):
+            tmp = tmpdir / f"syncd-{name}.service"
+            tmp.write_text(body)
+            r = subprocess.run([analyze, "verify", *flags, str(tmp)], capture_output=True,
+                               text=True, env=user_env)
             assert r.returncode == 0, f"{name} unit: {r.stderr}"
-        finally:
-            tmp.unlink()
+            r = subprocess.run([analyze, "security", *flags, "--offline=yes", str(tmp)],
+                               capture_output=True, text=True, env=user_env)
+            m = re.search(r"Overall exposure level for \S+: ([\d.]+)", r.stdout)
+            assert m, f"{name} unit: {r.stdout[-300:]} {r.stderr}"
+            assert float(m[1]) <= limit, f"{name} unit exposure {m[1]} > {limit}"
+    finally:
+        shutil.rmtree(tmpdir)
 
 
 def test_a_file_that_keeps_failing_is_retried_without_listing_the_remote(
