@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from syncd import credentials
 from syncd.errors import ConfigError
 from syncd.units import parse_duration
 
@@ -254,24 +255,32 @@ class _V:
             raise self.fail(_join(key, k), f"\"{v}\" is too short: must be at least {least}")
         return out
 
-    def path(self, table: dict[str, Any], k: str, key: str, default: str | None = None) -> Path:
+    def path(self, table: dict[str, Any], k: str, key: str, default: str | None = None,
+             credential: bool = False) -> Path:
+        """`credential`: a file systemd may provide; "${CREDENTIALS_DIRECTORY}" in it stays
+        as written where the variable is unset (see syncd.credentials)."""
         raw = self.string(table, k, key, default)
-        expanded = self.expand(raw, _join(key, k))
+        expanded = self.expand(raw, _join(key, k), credential)
         if not expanded:
             raise self.fail(_join(key, k), "must not be empty")
         p = Path(expanded)
+        if credentials.unresolved(expanded):
+            return p   # an absolute directory once set; nothing to resolve now
         if not p.is_absolute():
             # Relative paths are relative to the config file, so a config works from any cwd.
             p = Path(self.source).absolute().parent / p
         return Path(os.path.normpath(p))
 
-    def expand(self, raw: str, key: str) -> str:
-        """~ and $VAR / ${VAR}; an unset variable is an error, not an empty string."""
+    def expand(self, raw: str, key: str, credential: bool = False) -> str:
+        """~ and $VAR / ${VAR}; an unset variable is an error, not an empty string (but
+        see `path`'s `credential`)."""
         import re
 
         def sub(m: re.Match[str]) -> str:
             name = m.group(1) or m.group(2)
             if name not in self.env:
+                if credential and name == credentials.CREDENTIALS_VAR:
+                    return credentials.CREDENTIALS_REF
                 raise self.fail(key, f"environment variable ${name} is not set")
             return self.env[name]
 
@@ -299,19 +308,23 @@ PAIR_KEYS = ("name", "local", "remote", "path", "mode", "delete", "max_delete", 
 REMOTE_COMMON_KEYS = ("type", "transfers")
 REMOTE_TYPE_KEYS: dict[str, tuple[str, ...]] = {
     "local": ("path", "fsync"),
-    "sftp": ("host", "port", "user", "root", "key_file", "passphrase_env", "password_env",
-             "use_agent", "known_hosts", "host_key_policy", "timeout", "fsync", "connections"),
+    "sftp": ("host", "port", "user", "root", "key_file", "passphrase_env", "passphrase_file",
+             "password_env", "password_file", "use_agent", "known_hosts", "host_key_policy",
+             "timeout", "fsync", "connections"),
     "s3": ("bucket", "prefix", "region", "endpoint_url", "profile", "addressing_style",
            "storage_class", "sse", "sse_kms_key_id", "multipart_threshold",
            "multipart_chunksize", "timeout"),
-    "ftp": ("host", "port", "user", "password_env", "root", "tls", "ca_file", "passive",
-            "timeout"),
+    "ftp": ("host", "port", "user", "password_env", "password_file", "root", "tls", "ca_file",
+            "passive", "timeout"),
 }
 S3_SECRET_KEYS = ("aws_access_key_id", "aws_secret_access_key", "access_key", "secret_key",
                   "secret_access_key", "session_token")
 HOST_KEY_POLICIES = ("strict", "accept-new")
-# Secrets never live in the config file: these keys get a pointer to the *_env key instead.
+# Secrets never live in the config file: these keys get a pointer to the *_file and *_env
+# keys instead.
 SECRET_KEYS = {"password": "password_env", "passphrase": "passphrase_env"}
+# Keys naming a file the secret is read from (a systemd credential, typically).
+SECRET_FILE_KEYS = ("key_file", "password_file", "passphrase_file")
 
 
 def parse_config(data: dict[str, Any], source: str, env: dict[str, str]) -> Config:
@@ -380,7 +393,9 @@ def _parse_remotes(v: _V, t: dict[str, Any]) -> dict[str, RemoteConfig]:
         for k, instead in SECRET_KEYS.items():
             if k in r and instead in REMOTE_TYPE_KEYS.get(typ, ()):
                 raise v.fail(f"{key}.{k}", f"secrets are never read from the config file; put "
-                             f"it in an environment variable and set {instead} = \"VAR_NAME\"")
+                             f"it in a file and set {k}_file = \"PATH\" (a systemd credential: "
+                             f"\"${{CREDENTIALS_DIRECTORY}}/NAME\"), or in an environment "
+                             f"variable and set {instead} = \"VAR_NAME\"")
         if typ not in IMPLEMENTED_REMOTE_TYPES:
             raise v.fail(f"{key}.type", f"remote type '{typ}' is not available in this version "
                          f"of syncd (available: {', '.join(IMPLEMENTED_REMOTE_TYPES)})")
@@ -406,7 +421,7 @@ def _parse_sftp(v: _V, r: dict[str, Any], key: str) -> dict[str, Any]:
         "port": v.integer(r, "port", key, 22, lo=1, hi=65535),
         "user": v.string(r, "user", key, ""),
         "root": v.string(r, "root", key, ".") or ".",
-        "key_file": str(v.path(r, "key_file", key)) if "key_file" in r else "",
+        "key_file": _secret_file(v, r, "key_file", key),
         "use_agent": v.boolean(r, "use_agent", key, True),
         "known_hosts": str(v.path(r, "known_hosts", key, "~/.ssh/known_hosts")),
         "host_key_policy": v.choice(r, "host_key_policy", key, HOST_KEY_POLICIES, "strict"),
@@ -414,9 +429,27 @@ def _parse_sftp(v: _V, r: dict[str, Any], key: str) -> dict[str, Any]:
         "fsync": v.boolean(r, "fsync", key, False),
         "connections": v.integer(r, "connections", key, 2, lo=1, hi=16),
     }
-    for k in ("passphrase_env", "password_env"):
-        o[k] = _env_name(v, r, k, key)
+    for secret in ("passphrase", "password"):
+        o.update(_secret_source(v, r, secret, key))
     return o
+
+
+def _secret_file(v: _V, r: dict[str, Any], k: str, key: str) -> str:
+    # "" is unset, as for the *_env keys; key_file = "" stays an error (a path was meant).
+    if k not in r or (k != "key_file" and r[k] == ""):
+        return ""
+    return str(v.path(r, k, key, credential=True))
+
+
+def _secret_source(v: _V, r: dict[str, Any], secret: str, key: str) -> dict[str, str]:
+    """SECRET_env and SECRET_file: at most one of them (which would win is not obvious)."""
+    env, file = f"{secret}_env", f"{secret}_file"
+    out = {env: _env_name(v, r, env, key), file: _secret_file(v, r, file, key)}
+    if out[env] and out[file]:
+        raise v.fail(f"{key}.{file}", f"and {env} are both set; keep one: {file} to read the "
+                     f"{secret} from a file (a systemd credential), or {env} to read it from "
+                     "an environment variable")
+    return out
 
 
 def _host(v: _V, r: dict[str, Any], key: str) -> str:
@@ -442,7 +475,7 @@ def _parse_ftp(v: _V, r: dict[str, Any], key: str) -> dict[str, Any]:
         "host": _host(v, r, key),
         "port": v.integer(r, "port", key, 990 if tls == "implicit" else 21, lo=1, hi=65535),
         "user": v.string(r, "user", key, "anonymous") or "anonymous",
-        "password_env": _env_name(v, r, "password_env", key),
+        **_secret_source(v, r, "password", key),
         "root": v.string(r, "root", key, "/") or "/",
         "tls": tls,
         "ca_file": str(v.path(r, "ca_file", key)) if r.get("ca_file") else "",
@@ -649,7 +682,8 @@ def to_display(cfg: Config) -> dict[str, Any]:
     """The resolved config as plain data, secrets masked (for `syncd config check`)."""
 
     def mask(k: str, val: Any) -> Any:
-        if any(h in k for h in SECRET_HINTS) and not k.endswith("_env") and val:
+        # A *_env or *_file key names where the secret is, not the secret.
+        if any(h in k for h in SECRET_HINTS) and not k.endswith(("_env", "_file")) and val:
             return "********"
         return str(val) if isinstance(val, Path) else val
 
@@ -682,8 +716,28 @@ def config_warnings(cfg: Config) -> list[str]:
     """Settings that work but deserve a second look (printed by `syncd config check`)."""
     out = []
     for name, r in cfg.remotes.items():
+        for k in SECRET_FILE_KEYS:
+            path = r.options.get(k) or ""
+            if credentials.unresolved(path):
+                out.append(f"remotes.{name}.{k} = \"{path}\": not checked here: "
+                           f"{credentials.UNSET_HINT}")
+            elif path and not _exists(path):
+                out.append(f"remotes.{name}.{k}: {path} does not exist (yet); syncd reads it "
+                           "when it connects (`syncd config check --connect` tries it now)")
         if r.type == "ftp" and r.options.get("tls") == "none":
             out.append(f"remotes.{name}: tls = \"none\": the password and every file cross "
                        "the network in clear text; use \"explicit\" (FTPS) if the server "
                        "offers it")
     return out
+
+
+def _exists(path: str) -> bool:
+    """False only if the file is known to be absent: a directory this user cannot search
+    (the service's own, checked by an admin) is not a reason to warn."""
+    try:
+        os.stat(path)
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return True
+    return True

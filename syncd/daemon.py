@@ -1,5 +1,11 @@
-"""`syncd run`: lifecycle of the long-running service — lock, initial reconcile, watchers,
-debounced event-driven scans, periodic full reconciles, signals and sd_notify.
+"""`syncd run`: lifecycle of the long-running service — lock, watchers, READY, the initial
+reconcile, debounced event-driven scans, periodic full reconciles, signals and sd_notify.
+
+READY=1 goes out once the lock is held and the roots are watched: from then on no change
+is missed, so systemd need not wait for a first sync that can take hours. The initial full
+reconcile of every pair runs after it, pair by pair, between the loop's other work (a
+reload, `syncd retry`, the events of pairs already reconciled), and its progress is the
+unit's STATUS= line.
 
 Events never carry decisions: they only mark a pair as changed. A marked pair gets a
 local scan checked against the index (the bases stand for the remote, no listing); the
@@ -26,6 +32,7 @@ WATCH_CHECK_S = 10.0        # watched roots are checked (replaced? unmounted?) t
 # A pair's run waits this long at most for a retry's backoff; longer, and the daemon moves
 # on to the other pairs and tries this one again later (growing delays, up to retry_max).
 PATIENCE_S = 10.0
+STATUS_EVERY_S = 1.0        # a run's progress reaches STATUS= at most this often
 
 
 def sd_notify(state: str) -> bool:
@@ -70,6 +77,10 @@ class Daemon:
         self.next_poll: dict[str, float] = {}
         self.retry_at: dict[str, tuple[float, bool]] = {}   # pair -> (when, full reconcile?)
         self.failures: dict[str, int] = {}                   # consecutive failed runs
+        self.initial: list[str] = []     # pairs whose initial full reconcile is still to run
+        self.initial_total = 0
+        self.initial_t0 = 0.0
+        self._full = False               # the kind of run under way (for STATUS=)
 
     # --- signals ----------------------------------------------------------------------------
 
@@ -154,19 +165,23 @@ class Daemon:
             self.via_pipe = True   # the handlers only keep the default action away
         threading.Thread(target=self._relay, args=(wakeup,), daemon=True, name="signals").start()
         with StateLock(self.cfg.daemon.state_dir, role="daemon"):
+            watchdog_s = _watchdog_interval()
+            if watchdog_s:   # from now on: the initial reconcile may take hours
+                threading.Thread(target=self._ping, args=(watchdog_s,), daemon=True,
+                                 name="sd-watchdog").start()
             self._open()
             try:
                 self.log.info("daemon_started", pid=os.getpid(), config=str(self.config_path),
                               pairs=[p.name for p in self.cfg.pairs])
                 self.index.start_run_counters([p.name for p in self.cfg.pairs], time.time())
                 self._start_watching()
-                # The initial full reconcile of every pair; READY once it is done, so
-                # `systemctl start` returns with the trees in sync (or the problems logged).
-                for p in self.cfg.pairs:
-                    if self.stop.is_set():
-                        break
-                    self._reconcile(p.name, full=True)
+                # Watched: a change from now on is seen, by an event or by the initial
+                # reconcile's walk. The loop runs that reconcile, after READY.
+                self.initial = [p.name for p in self.cfg.pairs]
+                self.initial_total = len(self.initial)
+                self.initial_t0 = time.monotonic()
                 sd_notify("READY=1\n" + self._status())
+                self.log.info("daemon_ready", initial_reconcile=self.initial)
                 self._loop()
             finally:
                 if self.signal_name:   # keep the log in order: stopping, then stopped
@@ -202,7 +217,7 @@ class Daemon:
         from syncd.watch import Debouncer
 
         self.engine = Engine(cfg, self.index, transfer_log_level="info", stop=self.stop,
-                             patience=PATIENCE_S)
+                             patience=PATIENCE_S, reporter_factory=self._progress)
         self.debouncer = Debouncer(cfg.daemon.debounce, cfg.daemon.max_delay)
 
     def _start_watching(self) -> None:
@@ -266,15 +281,12 @@ class Daemon:
 
     def _loop(self) -> None:
         d = self.cfg.daemon
-        watchdog_s = _watchdog_interval()
-        if watchdog_s:
-            threading.Thread(target=self._ping, args=(watchdog_s,), daemon=True,
-                             name="sd-watchdog").start()
         while not self.stop.is_set():
             deb = self.debouncer   # a reload replaces it
             now = time.monotonic()
             wake_at = min([*self.next_full.values(), *self.next_poll.values(),
-                           *(t for t, _ in self.retry_at.values()), deb.next_due() or now + 3600])
+                           *(t for t, _ in self.retry_at.values()), deb.next_due() or now + 3600,
+                           *([now] if self.initial else [])])
             # At least every WATCH_CHECK_S: a stat per root tells a replaced or unmounted one.
             deb.wake.wait(max(0.0, min(wake_at - now, WATCH_CHECK_S)))
             deb.wake.clear()
@@ -293,8 +305,19 @@ class Daemon:
                     if not self.stop.is_set():
                         self.retry_at.pop(p.name, None)
                         self._reconcile(p.name, full=True)
+            if self.initial:
+                # One pair per pass: a reload, a retry or the events of pairs done already
+                # wait for one pair's reconcile, not for all of them.
+                name = self.initial[0]
+                self._reconcile(name, full=True)   # takes it off the list
+                if self.stop.is_set():
+                    break
+                self.next_full[name] = time.monotonic() + d.full_reconcile_interval
+                now = time.monotonic()
             for name in deb.due(now):
-                self._reconcile(name, full=False)
+                # A pair still waiting for its initial reconcile: that walk sees the change.
+                if name not in self.initial:
+                    self._reconcile(name, full=False)
             for name, at in list(self.next_full.items()):
                 if now >= at and not self.stop.is_set():
                     self._reconcile(name, full=True)
@@ -303,7 +326,7 @@ class Daemon:
                 if now >= at and not self.stop.is_set():
                     self._reconcile(name, full=full)
             for name, at in list(self.next_poll.items()):
-                if now >= at and not self.stop.is_set():
+                if now >= at and not self.stop.is_set() and name not in self.initial:
                     self._reconcile(name, full=False)
                     self.next_poll[name] = time.monotonic() + FALLBACK_SCAN_S
 
@@ -311,6 +334,27 @@ class Daemon:
         # From a thread, so a long first sync does not look like a hang to systemd.
         while not self.stop.wait(interval):
             sd_notify("WATCHDOG=1")
+
+    def _initial_done(self, name: str) -> None:
+        """Any full run of a pair, done (not cut by a stop), stands for its initial one."""
+        if name not in self.initial or self.stop.is_set():
+            return
+        self.initial.remove(name)
+        if not self.initial:
+            self.log.info("initial_reconcile_done", pairs=self.initial_total,
+                          duration_ms=int((time.monotonic() - self.initial_t0) * 1000))
+
+    def _doing(self, name: str, full: bool) -> str:
+        """What the daemon is busy with, for STATUS=."""
+        verb = f"{'reconciling' if full else 'syncing'} {name}"
+        if name in self.initial:
+            done = self.initial_total - len(self.initial)
+            return f"initial reconcile {done + 1}/{self.initial_total} pairs: {verb}"
+        return verb
+
+    def _progress(self, pair: str, jobs: int, nbytes: int) -> _StatusProgress:
+        """The engine's reporter for a run with jobs to do: their count reaches STATUS=."""
+        return _StatusProgress(self._doing(pair, self._full), jobs)
 
     def _reconcile(self, name: str, full: bool) -> None:
         from syncd.engine import Options
@@ -320,8 +364,11 @@ class Daemon:
             self.retry_at.pop(name, None)
             self.failures.pop(name, None)
             return
-        sd_notify(f"STATUS={'reconciling' if full else 'syncing'} {name}")
+        self._full = full
+        sd_notify(f"STATUS={self._doing(name, full)}")
         res = self.engine.reconcile(pair, Options(list_remote=full))
+        if full:
+            self._initial_done(name)
         self.index.add_run_counters(name, res.uploaded + res.deleted + res.trashed
                                     + res.attrs_set, res.uploaded_bytes)
         pending = self.retry_at.get(name)
@@ -361,6 +408,9 @@ class Daemon:
                 else:
                     queued += n
         parts = [f"{len(self.cfg.pairs)} pairs", f"queue {queued}", f"failed {failed}"]
+        if self.initial:
+            done = self.initial_total - len(self.initial)
+            parts.insert(0, f"initial reconcile {done}/{self.initial_total} pairs done")
         if self.last_error:
             parts.append(f"last error: {self.last_error[:200]}")
         return "STATUS=" + "; ".join(parts)
@@ -390,11 +440,51 @@ class Daemon:
         self._make_engine(new)
         self._start_watching()
         now = time.monotonic()
-        self.next_full = {p.name: now for p in new.pairs}   # a full pass with the new config
+        # A full pass with the new config; pairs still waiting for their initial reconcile
+        # get that one (it is a full pass), not a second one.
         names = {p.name for p in new.pairs}
+        kept = [n for n in self.initial if n in names]
+        self.initial_total -= len(self.initial) - len(kept)   # removed: no longer counted
+        self.initial = kept
+        self.next_full = {p.name: now + (new.daemon.full_reconcile_interval
+                                         if p.name in kept else 0.0) for p in new.pairs}
         self.retry_at = {n: v for n, v in self.retry_at.items() if n in names}
         self.failures = {n: v for n, v in self.failures.items() if n in names}
         sd_notify("READY=1\n" + self._status())
+
+
+class _StatusProgress:
+    """The engine's Reporter for one daemon run: how many of its jobs are done and how
+    many wait, as a STATUS= line (at most every STATUS_EVERY_S; systemd keeps the last)."""
+
+    def __init__(self, doing: str, jobs: int):
+        self.doing = doing
+        self.total = jobs
+        self.done = 0
+        self.sent = 0
+        self.last = 0.0
+        self._send(force=True)
+
+    def advance(self, files: int, nbytes: int) -> None:
+        self.done += files
+        self.sent += nbytes
+        self._send()
+
+    def set_totals(self, files: int, nbytes: int) -> None:
+        """A first sync's walk is still finding files: what is queued grows."""
+        self.total = max(files, self.done)
+        self._send()
+
+    def _send(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self.last < STATUS_EVERY_S:
+            return
+        self.last = now
+        from syncd.units import format_bytes
+
+        left = max(0, self.total - self.done)
+        sent = f", {format_bytes(self.sent)} sent" if self.sent else ""
+        sd_notify(f"STATUS={self.doing} ({self.done:,} done, {left:,} queued{sent})")
 
 
 def _watchdog_interval() -> float:

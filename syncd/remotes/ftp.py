@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from syncd import log as slog
+from syncd.credentials import read_secret_file
 from syncd.errors import (
     AuthError,
     Conflict,
@@ -60,6 +61,7 @@ class FTPOptions:
     port: int = 21
     user: str = "anonymous"
     password_env: str = ""
+    password_file: str = ""
     root: str = "/"
     tls: str = "explicit"
     ca_file: str = ""
@@ -199,6 +201,8 @@ class FTPRemote:
         return self._ssl
 
     def _password(self) -> str:
+        if self.o.password_file:
+            return read_secret_file(self.o.password_file, self.name, "password_file")
         var = self.o.password_env
         if not var:
             return "syncd@" if self.o.user == "anonymous" else ""

@@ -24,6 +24,7 @@ from typing import Any
 
 from syncd import log as slog
 from syncd.compat.paramiko import DataSender, drop_handshake_timer
+from syncd.credentials import check_resolved, read_secret_file
 from syncd.errors import (
     AuthError,
     Conflict,
@@ -119,7 +120,9 @@ class SFTPOptions:
     root: str = "."
     key_file: str = ""
     passphrase_env: str = ""
+    passphrase_file: str = ""
     password_env: str = ""
+    password_file: str = ""
     use_agent: bool = True
     known_hosts: str = "~/.ssh/known_hosts"
     host_key_policy: str = "strict"         # strict | accept-new
@@ -358,6 +361,8 @@ class SFTPRemote:
         passphrase = None
         if o.passphrase_env:
             passphrase = self._env(o.passphrase_env, "passphrase_env")
+        elif o.passphrase_file:
+            passphrase = read_secret_file(o.passphrase_file, self.name, "passphrase_file")
         keys: list[tuple[str, Any]] = []
         if o.key_file:
             keys.append((f"key {o.key_file}", self._load_key(o.key_file, passphrase, explicit=True)))
@@ -383,6 +388,10 @@ class SFTPRemote:
             pw = self._env(o.password_env, "password_env")
             if attempt(f"password from ${o.password_env}", t.auth_password, pw):
                 return
+        elif o.password_file:
+            pw = read_secret_file(o.password_file, self.name, "password_file")
+            if attempt(f"password from {o.password_file}", t.auth_password, pw):
+                return
         if allowed is None:   # ask the server which methods it takes, for the message
             try:
                 t.auth_none(user)
@@ -393,8 +402,9 @@ class SFTPRemote:
             if t.is_authenticated():   # a server that wants no credentials at all
                 return
         methods = f"; the server accepts: {', '.join(allowed)}" if allowed else ""
+        nothing = "nothing: set key_file, password_file or password_env, or run an ssh agent"
         raise AuthError(f"authentication as '{user}' on {o.host}:{o.port} failed (tried: "
-                        f"{', '.join(tried) or 'nothing: set key_file, password_env or run an ssh agent'}"
+                        f"{', '.join(tried) or nothing}"
                         f"){methods}", remote=self.name)
 
     def _env(self, var: str, key: str) -> str:
@@ -406,6 +416,7 @@ class SFTPRemote:
 
     def _load_key(self, path: str, passphrase: str | None, explicit: bool) -> Any:
         paramiko = _paramiko()
+        check_resolved(path, self.name, "key_file")
         p = Path(path).expanduser()
         try:
             return paramiko.PKey.from_path(p, passphrase.encode() if passphrase is not None else None)
@@ -418,9 +429,9 @@ class SFTPRemote:
         except (paramiko.PasswordRequiredException, TypeError):
             if not explicit:
                 return None
-            raise AuthError(f"key file {p} is encrypted: set remotes.{self.name}.passphrase_env "
-                            "to the name of an environment variable holding its passphrase",
-                            remote=self.name) from None
+            raise AuthError(f"key file {p} is encrypted: set remotes.{self.name}.passphrase_file "
+                            "to a file holding its passphrase, or passphrase_env to the name "
+                            "of an environment variable holding it", remote=self.name) from None
         except (paramiko.SSHException, ValueError) as e:
             if not explicit:
                 return None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -337,27 +338,102 @@ def test_kill_9_during_burst_then_restart_converges(daemon: Daemon) -> None:
     assert daemon.stop() == 0
 
 
-def test_sd_notify_ready_and_stopping(tmp_path: Path) -> None:
-    sock_path = tmp_path / "notify.sock"
+def notify_socket(tmp_path: Path) -> socket.socket:
+    """A datagram socket standing in for systemd's $NOTIFY_SOCKET."""
     s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    s.bind(str(sock_path))
+    s.bind(str(tmp_path / "notify.sock"))
     s.settimeout(20)
-    d = Daemon(tmp_path, env={"NOTIFY_SOCKET": str(sock_path)})
+    return s
+
+
+def recv_until(s: socket.socket, got: list[str], cond: Callable[[str], bool]) -> str:
+    """Appends every message to `got` until one meets `cond`; returns that one."""
+    while True:
+        m = s.recv(4096).decode()
+        got.append(m)
+        if cond(m):
+            return m
+
+
+def test_sd_notify_ready_reload_and_stopping(tmp_path: Path) -> None:
+    s = notify_socket(tmp_path)
+    d = Daemon(tmp_path, env={"NOTIFY_SOCKET": str(tmp_path / "notify.sock")})
     d.write("a.txt", b"a")
     try:
         d.start()
         got: list[str] = []
-        while not any("READY=1" in m for m in got):
-            got.append(s.recv(4096).decode())
-        assert (d.mirror / "a.txt").exists()     # READY comes after the initial reconcile
-        assert any("STATUS=" in m for m in got)
+        recv_until(s, got, lambda m: "READY=1" in m)
+        wait_for(lambda: (d.mirror / "a.txt").exists(), what="initial sync")
+        recv_until(s, got, lambda m: m.startswith("STATUS=1 pairs; queue 0"))
+        assert d.proc is not None
+        d.proc.send_signal(signal.SIGHUP)
+        recv_until(s, got, lambda m: m == "RELOADING=1")
+        ready = recv_until(s, got, lambda m: "READY=1" in m)
+        assert ready.startswith("READY=1\nSTATUS=1 pairs; queue "), ready
         assert d.stop() == 0
-        while not any("STOPPING=1" in m for m in got):
-            got.append(s.recv(4096).decode())
+        recv_until(s, got, lambda m: "STOPPING=1" in m)
     finally:
         s.close()
         if d.proc is not None:
             d.proc.kill()
+
+
+def test_ready_comes_before_a_slow_initial_reconcile_whose_progress_is_the_status(
+        tmp_path: Path) -> None:
+    """READY=1 once the roots are watched; the initial reconcile runs after it, pair by
+    pair, its progress in STATUS= lines, the watchdog pinged all along. The second pair's
+    FTP server pauses each upload for ~2 s after its first 4 MiB (pyftpdlib's throttle),
+    so its first sync of three 9 MiB files (a chunk of jobs each), one at a time, lasts
+    seconds."""
+    ftp = FTPServer(tmp_path / "ftp", tls="none", extra=("--throttle", str(4 << 20)),
+                    transfer_log=False).start()
+    try:
+        (ftp.root / "slow").mkdir()
+        d = Daemon(tmp_path, env={"NOTIFY_SOCKET": str(tmp_path / "notify.sock"),
+                                  "WATCHDOG_USEC": "300000",
+                                  FTPServer.PASSWORD_ENV: FTPServer.PASSWORD})
+        slow_src = tmp_path / "slow-src"
+        d.config.write_text(d.config.read_text() + "\n" + ftp.remote_toml("ftp", root="/slow")
+                            + "transfers = 1\n" + f"""
+[[sync]]
+name = "slow"
+local = "{slow_src}"
+remote = "ftp"
+path = "docs"
+""")
+        d.write("a.txt", b"a")
+        for i in range(3):
+            write_file(slow_src, f"f{i}.bin", os.urandom(9 << 20))
+        s = notify_socket(tmp_path)
+        try:
+            d.start()
+            got: list[str] = []
+            ready = recv_until(s, got, lambda m: "READY=1" in m)
+            # The slow pair's initial reconcile has not finished: READY did not wait for it.
+            assert not any(e.get("event") == "reconcile_done" and e.get("pair") == "slow"
+                           for e in d.events())
+            assert tree(ftp.root / "slow" / "docs") != tree(slow_src)
+            assert "STATUS=initial reconcile 0/2 pairs done; 2 pairs" in ready, ready
+            done = recv_until(s, got, lambda m: m.startswith("STATUS=2 pairs; queue 0"))
+            after_ready = got[got.index(ready) + 1:got.index(done)]
+            assert "STATUS=initial reconcile 1/2 pairs: reconciling docs" in after_ready
+            assert "STATUS=initial reconcile 2/2 pairs: reconciling slow" in after_ready
+            progress = [re.fullmatch(r"STATUS=initial reconcile 2/2 pairs: reconciling slow "
+                                     r"\((\d+) done, (\d+) queued(, [\d.]+ [KMG]iB sent)?\)", m)
+                        for m in after_ready]
+            counts = [(int(m[1]), int(m[2])) for m in progress if m]
+            assert any(n > 0 and left > 0 for n, left in counts), after_ready
+            # systemd would kill a service whose pings stop during a long first sync.
+            assert after_ready.count("WATCHDOG=1") >= 3, after_ready
+            assert tree(ftp.root / "slow" / "docs") == tree(slow_src)
+            assert any(e.get("event") == "initial_reconcile_done" for e in d.events())
+            assert d.stop() == 0
+        finally:
+            s.close()
+            if d.proc is not None:
+                d.proc.kill()
+    finally:
+        ftp.stop()
 
 
 def create_change_delete_through(d: Daemon, root: Path, over: str) -> None:
@@ -415,8 +491,8 @@ def test_status_while_running_and_after(daemon: Daemon) -> None:
 
 
 def test_systemd_units() -> None:
-    """The units say what the README promises; systemd-analyze checks them where present."""
-    import shutil
+    """The units say what docs/service.md promises; systemd-analyze checks them (and their
+    exposure) where present."""
 
     unit = Path(__file__).parents[2] / "syncd" / "data" / "systemd" / "syncd.service"
     text = unit.read_text()
@@ -426,23 +502,41 @@ def test_systemd_units() -> None:
                       "CapabilityBoundingSet=\n",
                       "RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6", "WatchdogSec="):
         assert directive in text, directive
+    user = (unit.parent / "syncd-user.service").read_text()
+    assert "Type=notify" in user and "ExecReload=/bin/kill -HUP $MAINPID" in user
+    assert "ExecStart=%h/.local/bin/syncd run" in user   # where `pipx install` puts it
+    for body in (text, user):
+        # READY=1 comes early now: a start that hangs is a failure, not a long first sync.
+        assert "TimeoutStartSec=90s" in body and "TimeoutStartSec=infinity" not in body
+    # A user manager cannot depend on the system's network-online.target.
+    assert "network-online" not in "".join(x for x in user.splitlines(True)
+                                           if not x.startswith("#"))
+    assert "#LoadCredential=sftp_key:" in text and "#EnvironmentFile=" in text
     analyze = shutil.which("systemd-analyze")
     if analyze is None:
         pytest.skip("systemd-analyze not installed: only the directives were checked")
     true = shutil.which("true") or "/bin/true"
-    user = (unit.parent / "syncd-user.service").read_text()
-    assert "Type=notify" in user and "ExecReload=/bin/kill -HUP $MAINPID" in user
+    tmpdir = Path(os.environ.get("TMPDIR", "/tmp")) / f"syncd-units-{os.getpid()}"
+    tmpdir.mkdir(mode=0o700)
+    # An offline user manager needs a runtime dir, not a session.
+    user_env = {**os.environ, "XDG_RUNTIME_DIR": str(tmpdir)}
     # Both units, with ExecStart pointed at an existing binary (verify checks it exists).
-    # The user unit is checked as a system unit: `--user` needs a user session manager.
-    for name, body in (("system", text.replace("/usr/local/bin/syncd", true)),
-                       ("user", user.replace("%h/.local/bin/syncd", true))):
-        tmp = Path(os.environ.get("TMPDIR", "/tmp")) / f"syncd-{name}-{os.getpid()}.service"
-        tmp.write_text(body)
-        try:
-            r = subprocess.run([analyze, "verify", str(tmp)], capture_output=True, text=True)
+    try:
+        for name, body, flags, limit in (
+                ("system", text.replace("/usr/local/bin/syncd", true), [], 1.5),
+                ("user", user.replace("%h/.local/bin/syncd", true), ["--user"], 1.5)):
+            tmp = tmpdir / f"syncd-{name}.service"
+            tmp.write_text(body)
+            r = subprocess.run([analyze, "verify", *flags, str(tmp)], capture_output=True,
+                               text=True, env=user_env)
             assert r.returncode == 0, f"{name} unit: {r.stderr}"
-        finally:
-            tmp.unlink()
+            r = subprocess.run([analyze, "security", *flags, "--offline=yes", str(tmp)],
+                               capture_output=True, text=True, env=user_env)
+            m = re.search(r"Overall exposure level for \S+: ([\d.]+)", r.stdout)
+            assert m, f"{name} unit: {r.stdout[-300:]} {r.stderr}"
+            assert float(m[1]) <= limit, f"{name} unit exposure {m[1]} > {limit}"
+    finally:
+        shutil.rmtree(tmpdir)
 
 
 def test_a_file_that_keeps_failing_is_retried_without_listing_the_remote(

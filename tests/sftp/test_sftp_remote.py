@@ -160,7 +160,7 @@ def test_encrypted_key_with_passphrase_from_env(srv: SSHServer, tmp_path: Path) 
     with pytest.raises(AuthError) as ei:
         SFTPRemote("t", o, env={"SYNCD_T_PASS": "wrong"}).check()
     assert "s3cret" not in str(ei.value) and "wrong" not in str(ei.value).replace("wrong passphrase", "")
-    with pytest.raises(AuthError, match=r"encrypted: set remotes\.t\.passphrase_env"):
+    with pytest.raises(AuthError, match=r"encrypted: set remotes\.t\.passphrase_file .* or passphrase_env"):
         SFTPRemote("t", opts(srv, tmp_path, key_file=str(key)), env={}).check()
 
 
@@ -1084,3 +1084,51 @@ def test_fast_sender_is_off_on_an_unverified_paramiko(
     assert (root / "f.bin").read_bytes() == src.read_bytes()
     (off,) = [e for e in logs if e["event"] == "compat_feature_off"]
     assert "paramiko 9.0.0 is not one" in off["effect"] and off["version"] == "9.0.0"
+def test_passphrase_from_a_file_against_sshd(srv: SSHServer, tmp_path: Path) -> None:
+    key = tmp_path / "enc_key"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "s3cret phrase", "-f", str(key)],
+                   check=True)
+    with srv.authorized.open("a") as f:
+        f.write(key.with_suffix(".pub").read_text())
+    phrase = tmp_path / "passphrase"
+    phrase.write_text("s3cret phrase\n")   # as `echo` writes it: the newline is not in it
+    o = opts(srv, tmp_path, key_file=str(key), passphrase_file=str(phrase))
+    SFTPRemote("t", o, env={}).check()
+    phrase.write_text("wrong\n")
+    with pytest.raises(AuthError) as ei:
+        SFTPRemote("t", o, env={}).check()
+    assert "wrong passphrase" in str(ei.value) and "s3cret" not in str(ei.value)
+    phrase.unlink()
+    with pytest.raises(AuthError) as ei:
+        SFTPRemote("t", o, env={}).check()
+    assert f"remotes.t.passphrase_file = \"{phrase}\": the file does not exist" in str(ei.value)
+
+
+def test_password_from_a_file_is_used_and_never_shown(tmp_path: Path) -> None:
+    srv = _PasswordServer(tmp_path)
+    try:
+        pw = tmp_path / "pw"
+        o = SFTPOptions(host="127.0.0.1", port=srv.port, user="someone", root="/",
+                        password_file=str(pw), known_hosts=str(srv.known_hosts),
+                        use_agent=False, timeout=5.0)
+        home = {"HOME": str(tmp_path)}   # no default identity files
+        pw.write_text("correct horse\n")
+        with pytest.raises(UnavailableError) as ei:
+            SFTPRemote("t", o, env=home).check()
+        assert not isinstance(ei.value, AuthError), ei.value   # got past authentication
+        pw.write_text("wrong pony\n")
+        with pytest.raises(AuthError) as ei:
+            SFTPRemote("t", o, env=home).check()
+        assert f"password from {pw}" in str(ei.value)
+        assert "pony" not in str(ei.value) and "horse" not in str(ei.value)
+    finally:
+        srv.close()
+
+
+def test_a_key_file_in_an_unset_credentials_directory_says_what_to_do(
+        srv: SSHServer, tmp_path: Path) -> None:
+    o = opts(srv, tmp_path, key_file="${CREDENTIALS_DIRECTORY}/sftp_key")
+    with pytest.raises(AuthError) as ei:
+        SFTPRemote("t", o, env={}).check()
+    assert "remotes.t.key_file = \"${CREDENTIALS_DIRECTORY}/sftp_key\": $CREDENTIALS_DIRECTORY " \
+           "is set only when systemd starts syncd with LoadCredential=" in str(ei.value)

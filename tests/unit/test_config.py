@@ -374,3 +374,77 @@ def test_credentials_in_an_endpoint_url_and_absurd_durations_are_refused(tmp_pat
     assert e.key == "remotes.nas.timeout"
     e = load_err(tmp_path, GOOD.replace('retry_max = "5m"', 'retry_max = "99999999999d"'))
     assert e.key == "daemon.retry_max" and "too long" in str(e)
+
+
+# --- secrets from files (systemd credentials) ------------------------------------------------
+
+CRED_SFTP = SFTP.replace('key_file = "~/.ssh/id_ed25519"', '''\
+key_file = "${CREDENTIALS_DIRECTORY}/sftp_key"
+passphrase_file = "$CREDENTIALS_DIRECTORY/sftp_passphrase"
+password_file = "~/secrets/pw"''')
+
+
+def test_secret_files_expand_like_every_path(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, CRED_SFTP),
+                      env={"HOME": "/home/x", "CREDENTIALS_DIRECTORY": "/run/credentials/s"})
+    o = cfg.remotes["nas"].options
+    assert o["key_file"] == "/run/credentials/s/sftp_key"
+    assert o["passphrase_file"] == "/run/credentials/s/sftp_passphrase"
+    assert o["password_file"] == "/home/x/secrets/pw" and o["password_env"] == ""
+    rel = load_config(write(tmp_path, SFTP.replace('user = "sync"',
+                                                   'user = "sync"\npassword_file = "pw"')),
+                      env={"HOME": "/home/x"})
+    assert rel.remotes["nas"].options["password_file"] == str(tmp_path / "pw")
+    empty = load_config(write(tmp_path, SFTP.replace('user = "sync"',
+                                                     'user = "sync"\npassword_file = ""')),
+                        env={"HOME": "/home/x"})
+    assert empty.remotes["nas"].options["password_file"] == ""   # "" is unset
+
+
+def test_credentials_directory_unset_is_accepted_and_explained(tmp_path: Path) -> None:
+    """Outside systemd $CREDENTIALS_DIRECTORY is unset: `config check` must not reject the
+    service's config for it, but say what happens and how to try it."""
+    from syncd.config import config_warnings
+
+    cfg = load_config(write(tmp_path, CRED_SFTP), env={"HOME": "/home/x"})
+    o = cfg.remotes["nas"].options
+    assert o["key_file"] == "${CREDENTIALS_DIRECTORY}/sftp_key"
+    assert o["passphrase_file"] == "${CREDENTIALS_DIRECTORY}/sftp_passphrase"
+    warnings = config_warnings(cfg)
+    for k in ("key_file", "passphrase_file"):
+        (w,) = [w for w in warnings if f"remotes.nas.{k} = " in w]
+        assert "LoadCredential=" in w and "systemd-run" in w and "not checked here" in w
+    (w,) = [w for w in warnings if "remotes.nas.password_file" in w]
+    assert "/home/x/secrets/pw does not exist" in w and "--connect" in w
+    # Any other unset variable is still an error.
+    e = load_err(tmp_path, CRED_SFTP.replace("$CREDENTIALS_DIRECTORY/", "$NOPE/"),
+                 env={"HOME": "/home/x"})
+    assert e.key == "remotes.nas.passphrase_file" and "$NOPE is not set" in str(e)
+
+
+@pytest.mark.parametrize(("remote", "secret"), [
+    (SFTP, "password"), (SFTP, "passphrase"), (FTP, "password")])
+def test_a_secret_from_both_a_file_and_a_variable_is_refused(
+        tmp_path: Path, remote: str, secret: str) -> None:
+    text = remote.replace('user = "', f'{secret}_file = "/etc/syncd/s"\n'
+                                      f'{secret}_env = "SYNCD_S"\nuser = "', 1)
+    text = text.replace('password_env = "SYNCD_PARTNER_PASSWORD"\n', "")
+    e = load_err(tmp_path, text, env={"HOME": "/home/x"})
+    assert e.key == f"remotes.nas.{secret}_file"
+    assert f"and {secret}_env are both set; keep one" in str(e)
+    assert str(tmp_path / "config.toml") in str(e)
+
+
+def test_config_check_shows_where_secrets_are_never_what(tmp_path: Path) -> None:
+    (tmp_path / "pw").write_text("hunter2\n")
+    cfg = load_config(write(tmp_path, FTP.replace('password_env = "SYNCD_PARTNER_PASSWORD"',
+                                                  'password_file = "{tmp}/pw"')),
+                      env={"HOME": "/h"})
+    shown = to_display(cfg)["remotes"]["nas"]
+    assert shown["password_file"] == str(tmp_path / "pw") and shown["password_env"] == ""
+    assert "hunter2" not in repr(to_display(cfg))
+
+
+def test_a_password_in_the_config_points_at_both_ways(tmp_path: Path) -> None:
+    e = load_err(tmp_path, FTP.replace('user = "upload"', 'user = "upload"\npassword = "hunter2"'))
+    assert "password_file" in str(e) and "password_env" in str(e) and "hunter2" not in str(e)
