@@ -8,6 +8,8 @@
      ├── SourceChanged        local file changed while read    (job re-planned)
      └── RemoteError          carries remote= and path=
           ├── TransientError  worth retrying (timeouts, resets, throttling)
+          │    └── ConnectionLost   the remote, not one path: refused, reset, silent,
+          │                         TLS or handshake failure (counts toward unavailable)
           └── PermanentError  retrying will not help; the job is parked
                ├── NotFound
                ├── PathEscape        path leaves the remote root
@@ -17,7 +19,9 @@
                     ├── AuthError
                     └── HostKeyError
 
-The queue decides retry vs park by type, never by message text.
+The queue decides retry vs park by type, never by message text. ConnectionLost and
+UnavailableError are about the whole remote: a few in a row make it unavailable (the
+circuit breaker), and they never count against a job's attempts.
 """
 
 from __future__ import annotations
@@ -100,6 +104,11 @@ def _rebuild_remote_error(cls: type[RemoteError], reason: str, remote: str, path
 
 class TransientError(RemoteError):
     pass
+
+
+class ConnectionLost(TransientError):
+    """The remote itself could not be reached or stopped answering: connection refused or
+    reset, a connect, handshake or read timeout, a TLS failure. Not about one path."""
 
 
 class PermanentError(RemoteError):
