@@ -584,6 +584,44 @@ def version() -> None:
     _guard(go)
 
 
+index_app = typer.Typer(no_args_is_help=True, help="The state index: rebuild a damaged one.")
+app.add_typer(index_app, name="index")
+
+
+@index_app.command("rebuild")
+def index_rebuild(
+    config: ConfigOpt = None,
+    yes: Annotated[bool, typer.Option(
+        "--yes", help="Rebuild even an index that passes the check.")] = False,
+) -> None:
+    """Check the state index; if it is damaged (or with --yes), keep it aside in the state
+    dir and start a new one. Each pair's next run is then a first sync: files equal on
+    both sides are adopted, not sent again."""
+
+    def go() -> int:
+        from syncd.engine import StateLock
+        from syncd.index import rebuild_index
+
+        cfg = _load(config)
+        with StateLock(cfg.daemon.state_dir, role="rebuild"):
+            r = rebuild_index(cfg.daemon.state_dir, force=yes)
+        if r.kept is None:
+            print(f"no state index in {cfg.daemon.state_dir}: nothing to rebuild (the next "
+                  "run starts one)")
+            return EXIT_OK
+        why = f"damaged ({r.problem})" if r.problem else "sound (rebuilt as asked: --yes)"
+        print(f"state index {r.path} was {why}\n"
+              f"  kept as {r.kept}\n"
+              f"  a new index was started ({r.pairs_kept} pair(s) keep their recorded root "
+              "device and mounts)\n"
+              "next: `syncd reconcile --dry-run` shows what the first run will do: files "
+              "equal on both sides (size, mtime) are adopted, others sent again, and remote "
+              "files not in the local tree removed per each pair's `delete` setting")
+        return EXIT_OK
+
+    _guard(go)
+
+
 # CPython's default collector thresholds (700, 10, 10) start a young collection for every
 # 700 net new container objects and a full one each time the heap grows by a quarter: a
 # first reconcile of 100k files spent ~0.8 of its ~6 CPU-s collecting (8 full collections

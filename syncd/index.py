@@ -1,24 +1,31 @@
 """The state index in SQLite (WAL): local states, bases, pair facts and the job queue.
 
-This is the only module that speaks SQL. One `Index` belongs to one thread.
+This is the only module that speaks SQL, so SQLite's complaints about the file or the disk
+under it (damaged, full, I/O error, read-only) become syncd errors here, naming the file
+and what to do. One `Index` belongs to one thread.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import inspect
 import json
 import json.encoder
 import os
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 from syncd.errors import SyncdError
 from syncd.model import Action, Base, Job, LocalState, Op, phase, stat_sig
 
 DB_NAME = "index.sqlite3"
+_T = TypeVar("_T")
 
 # Forward-only migrations; index i takes the schema from version i to i + 1.
 MIGRATIONS: tuple[str, ...] = (
@@ -127,7 +134,78 @@ MIGRATIONS: tuple[str, ...] = (
 
 
 class IndexError_(SyncdError):
+    """The state index cannot be used: the message names the file and what to do."""
+
     exit_code = 2
+
+
+class IndexDamaged(IndexError_):
+    """The index file is not an SQLite database, or SQLite found it malformed."""
+
+
+class IndexNoSpace(IndexError_):
+    """The disk holding the state dir is full: the index cannot grow."""
+
+
+# SQLite's primary result codes (an extended code's low byte) that are about the file or
+# the disk rather than about our SQL: these are the operator's to fix, not bugs.
+_SQLITE_PERM, _SQLITE_READONLY, _SQLITE_IOERR, _SQLITE_CORRUPT = 3, 8, 10, 11
+_SQLITE_FULL, _SQLITE_CANTOPEN, _SQLITE_NOTADB = 13, 14, 26
+REBUILD_HINT = ("run `syncd index rebuild` to keep it aside and start a new index "
+                "(see docs/operations.md, \"A damaged index\")")
+
+
+def state_error(path: Path, e: sqlite3.Error) -> IndexError_ | None:
+    """The syncd error for an SQLite error on the index at `path`, or None when the error
+    is not about the file or its disk (a bug of ours: it stays what it is)."""
+    code = (getattr(e, "sqlite_errorcode", None) or 0) & 0xFF
+    state_dir = path.parent
+    if code in (_SQLITE_CORRUPT, _SQLITE_NOTADB):
+        return IndexDamaged(f"state index {path} is damaged ({e}): {REBUILD_HINT}")
+    if code == _SQLITE_FULL or (code == _SQLITE_IOERR and _disk_full(state_dir)):
+        return IndexNoSpace(f"state dir {state_dir}: no space left on its disk to write the "
+                            f"state index ({e}); free some space there (or set [daemon] "
+                            "state_dir to another disk) and run again: nothing is lost, what "
+                            "this run did not record is planned again")
+    if code == _SQLITE_IOERR:
+        name = getattr(e, "sqlite_errorname", "") or "I/O error"
+        return IndexError_(f"state index {path}: {e} ({name}); check the disk holding the "
+                           f"state dir {state_dir} (the kernel log says more); if the file "
+                           f"itself is damaged, {REBUILD_HINT}")
+    if code in (_SQLITE_PERM, _SQLITE_READONLY, _SQLITE_CANTOPEN):
+        return IndexError_(f"state index {path}: {e}; run syncd as the user that owns the "
+                           f"state dir {state_dir}, or set [daemon] state_dir to a directory "
+                           "this user can write")
+    return None
+
+
+def _disk_full(d: Path) -> bool:
+    with contextlib.suppress(OSError):
+        return os.statvfs(d).f_bavail == 0
+    return False
+
+
+def _mapped(fn: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(fn)
+    def wrapper(self: Any, *args: Any, **kw: Any) -> Any:
+        try:
+            return fn(self, *args, **kw)
+        except sqlite3.Error as e:
+            err = state_error(self.path, e)
+            if err is None:
+                raise
+            raise err from e
+    return wrapper
+
+
+def _errors_mapped(cls: type[_T]) -> type[_T]:
+    """Every method of `cls` (whose instances have `.path`, the index file) raises the
+    syncd error for an SQLite error about the file or its disk (state_error). Methods
+    return lists and dicts, never live cursors, so no SQLite error escapes later."""
+    for name, fn in list(vars(cls).items()):
+        if inspect.isfunction(fn) and (not name.startswith("__") or name == "__init__"):
+            setattr(cls, name, _mapped(fn))
+    return cls
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,6 +264,7 @@ def action_from_json(path: str, s: str) -> Action:
 _NO_BASE = "b_kind=NULL, b_size=NULL, b_mtime=NULL, b_hash=NULL, b_fp=NULL, b_mode=NULL"
 
 
+@_errors_mapped
 class Index:
     def __init__(self, path: Path, migrations: Sequence[str] = MIGRATIONS):
         self.path = path
@@ -701,6 +780,7 @@ _UPLOAD_COLS = ("id, remote, key, upload_id, source, src_size, src_mtime, src_ct
                 "hash, part_size, created")
 
 
+@_errors_mapped
 class UploadLog:
     """Multipart uploads in progress: which upload id and finished parts belong to which
     local file, so an upload cut by a crash or a network loss resumes from its parts.
@@ -756,8 +836,8 @@ class UploadLog:
                     "src_inode, hash, part_size, created) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (remote, key, source, size, mtime_ns, ctime_ns, inode, hash_, part_size, now))
         except sqlite3.Error as e:
-            raise IndexError_(f"cannot record the upload in the state index {self.path}: {e}"
-                              ) from None
+            raise (state_error(self.path, e) or IndexError_(
+                f"cannot record the upload in the state index {self.path}: {e}")) from None
         return int(cur.lastrowid or 0)
 
     def started(self, rec_id: int, upload_id: str) -> None:
@@ -765,8 +845,8 @@ class UploadLog:
             self._db().execute("UPDATE uploads SET upload_id = ? WHERE id = ?",
                                (upload_id, rec_id))
         except sqlite3.Error as e:
-            raise IndexError_(f"cannot record the upload in the state index {self.path}: {e}"
-                              ) from None
+            raise (state_error(self.path, e) or IndexError_(
+                f"cannot record the upload in the state index {self.path}: {e}")) from None
 
     def part_done(self, rec_id: int, part: int, etag: str, checksum: str | None) -> None:
         self._db().execute("INSERT OR REPLACE INTO upload_parts (upload, part, etag, checksum) "
@@ -786,6 +866,112 @@ class UploadLog:
         if db is not None and self._local.pid == os.getpid():
             db.close()
         self._local.db = None
+
+
+# --- rebuilding ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Rebuilt:
+    path: Path                 # the index (new)
+    kept: Path | None          # where the old one is now; None: there was none
+    problem: str | None        # what SQLite's check found; None: it passed
+    pairs_kept: int            # pairs whose recorded facts (root device, mounts) carried over
+
+
+def check_index(path: Path) -> str | None:
+    """What SQLite's quick_check finds wrong with the index file, None if it passes. Reads
+    the whole file (about 40 ms for 100k entries)."""
+    try:
+        db = _read_only(path)
+        try:
+            rows = db.execute("PRAGMA quick_check(5)").fetchall()
+            db.execute("SELECT version FROM schema_version").fetchone()
+        finally:
+            db.close()
+    except sqlite3.Error as e:
+        return str(e)
+    problems = [str(r[0]) for r in rows if r[0] != "ok"]
+    return "; ".join(problems) if problems else None
+
+
+def rebuild_index(state_dir: Path, force: bool = False, now: float | None = None) -> Rebuilt:
+    """Move the state dir's index aside (kept beside it, named by the UTC time) and start a
+    new one. A sound index is replaced only with `force`. The caller holds the state lock.
+
+    The new index holds no bases: each pair's next run is a first sync. What can be read
+    of the old pairs table (the root's device, the mounts inside it, where it syncs to) is
+    carried over, so the guards that compare with it stay armed."""
+    path = state_dir / DB_NAME
+    if not path.exists():
+        return Rebuilt(path, None, None, 0)
+    problem = check_index(path)
+    if problem is None and not force:
+        raise IndexError_(f"state index {path} passed SQLite's check: nothing to rebuild. To "
+                          "start a new one anyway (every pair's sync history is forgotten; "
+                          "the old file is kept), run `syncd index rebuild --yes`")
+    facts = _salvage_pairs(path)
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(time.time() if now is None else now))
+    label = "damaged" if problem is not None else "replaced"
+    kept = state_dir / f"index-{label}-{stamp}.sqlite3"
+    for n in range(2, 1000):
+        if not any(Path(f"{kept}{x}").exists() for x in ("", "-wal", "-shm")):
+            break
+        kept = state_dir / f"index-{label}-{stamp}-{n}.sqlite3"
+    try:
+        # The WAL first: one left behind would be replayed into the new index.
+        for x in ("-wal", "-shm", ""):
+            with contextlib.suppress(FileNotFoundError):
+                os.rename(f"{path}{x}", f"{kept}{x}")
+        _fsync_dir(state_dir)
+    except OSError as e:
+        raise IndexError_(f"cannot move the state index {path} aside: {e.strerror}; move it "
+                          "(and its -wal and -shm files) out of the state dir by hand") from None
+    new = Index(path)
+    try:
+        for pair, root, st_dev, mounts, target in facts:
+            new._upsert_pair(pair, root=root, st_dev=st_dev, mounts=mounts, target=target)
+    finally:
+        new.close()
+    return Rebuilt(path, kept, problem, len(facts))
+
+
+def _salvage_pairs(path: Path) -> list[tuple[str, str, int | None, str | None, str | None]]:
+    """The old index's pair rows that can be read and look right; none on any error."""
+    out = []
+    try:
+        db = _read_only(path)
+        try:
+            rows = db.execute("SELECT pair, root, st_dev, mounts, target FROM pairs").fetchall()
+        finally:
+            db.close()
+    except sqlite3.Error:
+        return []
+    for pair, root, st_dev, mounts, target in rows:
+        try:
+            ok_mounts = mounts is None or all(isinstance(m, str) for m in json.loads(mounts))
+        except (TypeError, ValueError):
+            ok_mounts = False
+        if (isinstance(pair, str) and isinstance(root, str) and ok_mounts
+                and (st_dev is None or isinstance(st_dev, int))
+                and (target is None or isinstance(target, str))):
+            out.append((pair, root, st_dev, mounts, target))
+    return out
+
+
+def _read_only(path: Path) -> sqlite3.Connection:
+    """A connection that changes nothing: no checkpoint, and no WAL removed on close (the
+    WAL of a damaged index is kept with it)."""
+    return sqlite3.connect(f"{path.absolute().as_uri()}?mode=ro", uri=True,
+                           isolation_level=None, timeout=30.0)
+
+
+def _fsync_dir(d: Path) -> None:
+    fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _stamp_order(stamp: str) -> tuple[str, int]:
@@ -831,9 +1017,20 @@ class _Tx:
         if not self.outer:
             return
         if exc_type is None:
-            self.db.execute("COMMIT")
-        else:
-            self.db.execute("ROLLBACK")
+            try:
+                self.db.execute("COMMIT")
+                return
+            except sqlite3.Error:
+                self._rollback()   # a COMMIT that failed (disk full) may leave it open
+                raise
+        self._rollback()
+
+    def _rollback(self) -> None:
+        # SQLite rolls back by itself on some errors (SQLITE_FULL, IOERR): a ROLLBACK then
+        # would fail too and hide the error that matters.
+        if self.db.in_transaction:
+            with contextlib.suppress(sqlite3.Error):
+                self.db.execute("ROLLBACK")
 
 
 def _split_sql(script: str) -> list[str]:

@@ -236,3 +236,157 @@ def test_every_local_entry_is_either_clean_or_in_the_other_rows(tmp_path: Path) 
     clean, other = idx.load_prior("p")
     assert set(clean) == {"synced"} and set(other) == {"nobase", "nohash"}
     assert other["nobase"][6] == h and other["nobase"][8] == 0   # hash kept, not synced
+
+
+# --- a damaged index, a full disk ----------------------------------------------------------
+
+
+def _real_index(path: Path, n: int = 2000) -> None:
+    """An index with `n` entries of pair 'p', checkpointed: every page in the main file."""
+    idx = Index(path)
+    idx.save_scan("p", [(f"d{i // 50}/f{i}", LocalState(F, i, i, i, 0o644, b"h" * 16), False)
+                        for i in range(n)], [])
+    idx.set_pair_meta("p", "/root", 42)
+    idx.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    idx.close()
+
+
+def _overwrite_pages(path: Path, first: int, last: int) -> None:
+    """Pages first..last (1-based, 4 KiB) replaced by random bytes."""
+    import os
+
+    with open(path, "r+b") as f:
+        f.seek((first - 1) * 4096)
+        f.write(os.urandom((last - first + 1) * 4096))
+
+
+def test_a_file_that_is_not_a_database_is_a_damaged_index_naming_it(tmp_path: Path) -> None:
+    import os
+
+    from syncd.index import IndexDamaged
+
+    path = tmp_path / "index.sqlite3"
+    path.write_bytes(os.urandom(4096))
+    with pytest.raises(IndexDamaged, match=f"state index {path} is damaged .*syncd index "
+                                           "rebuild") as e:
+        Index(path)
+    assert e.value.exit_code == 2
+
+
+def test_overwritten_pages_are_a_damaged_index_when_read(tmp_path: Path) -> None:
+    from syncd.index import IndexDamaged
+
+    path = tmp_path / "index.sqlite3"
+    _real_index(path)
+    _overwrite_pages(path, 3, 6)
+    with pytest.raises(IndexDamaged, match=r"malformed.*syncd index rebuild"):
+        idx = Index(path)
+        idx.pair_meta("p")
+        idx.load_prior("p")
+
+
+def test_a_full_disk_is_an_error_naming_the_state_dir_and_loses_nothing(tmp_path: Path) -> None:
+    from syncd.index import IndexNoSpace
+
+    path = tmp_path / "state" / "index.sqlite3"
+    path.parent.mkdir()
+    _real_index(path, n=10)
+    idx = Index(path)
+    # SQLite's own limit on the file's size: the same SQLITE_FULL a full disk gives.
+    pages = idx.db.execute("PRAGMA page_count").fetchone()[0]
+    idx.db.execute(f"PRAGMA max_page_count = {pages}")
+    many = [(f"new/{i:05}-" + "x" * 200, LocalState(F, i, i, i, 0o644, b"h" * 16), False)
+            for i in range(5000)]
+    with pytest.raises(IndexNoSpace, match=f"state dir {path.parent}: no space left") as e:
+        idx.save_scan("p", many, [])
+    assert e.value.exit_code == 2
+    assert not idx.db.in_transaction   # rolled back: the connection is usable again
+    local, _, _ = idx.load("p")
+    assert len(local) == 10            # the failed write took nothing with it
+    idx.db.execute("PRAGMA max_page_count = 1073741823")   # room again
+    idx.save_scan("p", many, [])
+    assert len(idx.load("p")[0]) == 5010
+    idx.close()
+
+
+def test_a_failed_commit_leaves_no_transaction_open(tmp_path: Path) -> None:
+    """A COMMIT SQLite refuses must not leave the transaction open: the next `tx()` would
+    join it and never commit."""
+    from syncd.index import IndexNoSpace
+
+    idx = Index(tmp_path / "index.sqlite3")
+    pages = idx.db.execute("PRAGMA page_count").fetchone()[0]
+    idx.db.execute(f"PRAGMA max_page_count = {pages}")
+    with pytest.raises(IndexNoSpace):
+        idx.set_pair_meta("p", "/" + "r" * 100_000, 1)
+    assert not idx.db.in_transaction
+    idx.db.execute("PRAGMA max_page_count = 1073741823")
+    idx.set_pair_meta("p", "/r", 1)
+    idx.close()
+    again = Index(tmp_path / "index.sqlite3")
+    assert again.pair_meta("p").root == "/r"
+
+
+def test_sql_mistakes_stay_bugs(tmp_path: Path) -> None:
+    """Only errors about the file or its disk become user errors; ours stay exceptions."""
+    from syncd.index import state_error
+
+    e = sqlite3.connect(":memory:")
+    with pytest.raises(sqlite3.OperationalError) as caught:
+        e.execute("SELECT nothing FROM nowhere")
+    assert state_error(tmp_path / "i", caught.value) is None
+
+
+def test_rebuild_keeps_the_damaged_index_and_starts_a_new_one(tmp_path: Path) -> None:
+    import os
+
+    from syncd.index import rebuild_index
+
+    state = tmp_path / "state"
+    state.mkdir()
+    path = state / "index.sqlite3"
+    path.write_bytes(b"garbage" * 600)
+    (state / "index.sqlite3-wal").write_bytes(os.urandom(1000))
+    r = rebuild_index(state, now=0)
+    assert r.problem is not None and r.kept == state / "index-damaged-19700101T000000Z.sqlite3"
+    assert r.kept.read_bytes() == b"garbage" * 600
+    assert (state / "index-damaged-19700101T000000Z.sqlite3-wal").exists()
+    idx = Index(path)
+    assert idx.schema_version == len(MIGRATIONS) and idx.count_base("p") == 0
+    idx.close()
+    # A second rebuild in the same second keeps the first one's file.
+    path.write_bytes(b"garbage again" * 600)
+    (state / "index.sqlite3-wal").unlink(missing_ok=True)
+    r2 = rebuild_index(state, now=0)
+    assert r2.kept == state / "index-damaged-19700101T000000Z-2.sqlite3"
+    assert r.kept.read_bytes() == b"garbage" * 600
+
+
+def test_rebuild_refuses_a_sound_index_without_force_and_keeps_pair_facts(tmp_path: Path) -> None:
+    from syncd.index import rebuild_index
+
+    state = tmp_path / "state"
+    state.mkdir()
+    _real_index(state / "index.sqlite3", n=10)
+    with pytest.raises(IndexError_, match=r"passed SQLite's check.*--yes"):
+        rebuild_index(state)
+    r = rebuild_index(state, force=True, now=0)
+    assert r.problem is None and r.kept is not None and r.kept.name.startswith("index-replaced-")
+    assert r.pairs_kept == 1
+    idx = Index(state / "index.sqlite3")
+    meta = idx.pair_meta("p")
+    assert meta is not None and (meta.root, meta.st_dev) == ("/root", 42)   # guards stay armed
+    assert idx.count_base("p") == 0 and idx.load("p")[0] == {}
+
+
+def test_rebuild_of_overwritten_pages(tmp_path: Path) -> None:
+    from syncd.index import rebuild_index
+
+    state = tmp_path / "state"
+    state.mkdir()
+    _real_index(state / "index.sqlite3")
+    _overwrite_pages(state / "index.sqlite3", 3, 6)
+    r = rebuild_index(state)
+    assert r.problem is not None and r.kept is not None
+    assert r.pairs_kept == 0   # page 3 holds the pairs table: nothing readable to keep
+    assert Index(state / "index.sqlite3").load("p") == ({}, set(), {})
