@@ -7,11 +7,14 @@ every `syncd reconcile`) and lets every message name the file, the key path
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import math
 import os
 import posixpath
 import re
+import socket
+import threading
 import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -346,6 +349,7 @@ def parse_config(data: dict[str, Any], source: str, env: dict[str, str]) -> Conf
                          f"(also sync[{seen[p.name]}].name)")
         seen[p.name] = i
     _check_overlaps(v, pairs, remotes)
+    _check_state_dir(v, daemon.state_dir, pairs, remotes)
     return Config(source=source, daemon=daemon, remotes=remotes, pairs=pairs)
 
 
@@ -628,24 +632,50 @@ def _storage_class(v: _V, r: dict[str, Any], key: str) -> str:
 def _check_overlaps(v: _V, pairs: tuple[PairConfig, ...], remotes: dict[str, RemoteConfig]) -> None:
     """Two pairs writing the same remote subtree would fight; refuse it up front."""
     places = [_place(remotes[p.remote], p.path) for p in pairs]
+    hosts = _Hosts()
     for i, a in enumerate(pairs):
         for j in range(i + 1, len(pairs)):
             b = pairs[j]
             (sa, da), (sb, db) = places[i], places[j]
-            if sa != sb or not (da == db or db.startswith(da + "/") or da.startswith(db + "/")
-                                or da in ("", "/") or db in ("", "/")):
+            if not (da == db or db.startswith(da + "/") or da.startswith(db + "/")
+                    or da in ("", "/") or db in ("", "/")):
+                continue
+            if sa != sb and not hosts.same_server(remotes[a.remote], remotes[b.remote]):
                 continue
             where = (f"on remote '{a.remote}'" if a.remote == b.remote else
                      f"on remote '{a.remote}', the same place as remote '{b.remote}'")
             raise v.fail(f"sync[{j}].path", f"remote path '{b.path}' overlaps pair "
                          f"'{a.name}' (path '{a.path}') {where}")
     for i, p in enumerate(pairs):
-        r = remotes[p.remote]
-        if r.type == "local":
-            root = Path(r.options["path"], p.path)
-            if _inside(root, p.local) or _inside(p.local, root):
-                raise v.fail(f"sync[{i}].local", f"local root {p.local} and remote directory "
-                             f"{root} overlap; one would sync into the other")
+        root = local_destination(remotes[p.remote], p)
+        if root is not None and (_inside(root, p.local) or _inside(p.local, root)):
+            raise v.fail(f"sync[{i}].local", f"local root {p.local} and remote directory "
+                         f"{root} overlap; one would sync into the other")
+
+
+def local_destination(r: RemoteConfig, p: PairConfig) -> Path | None:
+    """The directory a pair writes in, when its remote is a local directory."""
+    return Path(r.options["path"], p.path) if r.type == "local" else None
+
+
+def _check_state_dir(v: _V, state_dir: Path, pairs: tuple[PairConfig, ...],
+                     remotes: dict[str, RemoteConfig]) -> None:
+    """The state dir inside a pair's remote directory would be listed as remote content
+    the local tree lacks: each run would remove syncd's own index, lock and temp tag. A
+    pair rooted at the state dir itself would upload the index as it is written. (Inside
+    a local root, deeper than its top, it is harmless: every pair ignores it there.)"""
+    for i, p in enumerate(pairs):
+        dest = local_destination(remotes[p.remote], p)
+        if dest is not None and _inside(state_dir, dest):
+            raise v.fail("daemon.state_dir", f"{state_dir} is inside the remote directory "
+                         f"{dest} of pair '{p.name}' (sync[{i}]): each run would remove "
+                         "syncd's own index and lock from it. Set [daemon] state_dir to a "
+                         "directory outside every remote directory (the default is "
+                         "~/.local/state/syncd)")
+        if state_dir.resolve() == p.local.resolve():
+            raise v.fail(f"sync[{i}].local", f"local root {p.local} is the state dir "
+                         "([daemon] state_dir): syncd's own index would be synced as it is "
+                         "written. Point the pair or the state dir elsewhere")
 
 
 def _place(r: RemoteConfig, pair_path: str) -> tuple[str, str]:
@@ -656,15 +686,63 @@ def _place(r: RemoteConfig, pair_path: str) -> tuple[str, str]:
         return "local", str(Path(o["path"], pair_path).resolve())
     if r.type in ("sftp", "ftp"):
         root = o.get("root") or ""
-        # A relative root is under the login's home: another user, another place.
-        who = "" if root.startswith("/") else f"{o.get('user')}@"
         d = posixpath.normpath(posixpath.join(root or ".", pair_path))
         d = "" if d == "." else d   # the login's home itself: the whole remote
-        return f"{r.type} {who}{str(o.get('host')).lower()}:{o.get('port')}", d
+        return _server(r), d
     if r.type == "s3":
         d = "/".join(x for x in (str(o.get("prefix") or "").strip("/"), pair_path) if x)
         return f"s3 {o.get('endpoint_url') or 'aws'} {o.get('bucket')}", d
     return f"{r.type} {r.name}", pair_path
+
+
+def _server(r: RemoteConfig, host: str | None = None) -> str:
+    o = r.options
+    # A relative root is under the login's home: another user, another place.
+    who = "" if str(o.get("root") or "").startswith("/") else f"{o.get('user')}@"
+    return f"{r.type} {who}{(host or str(o.get('host'))).lower()}:{o.get('port')}"
+
+
+class _Hosts:
+    """Whether two SFTP or FTP remotes written with different host names (127.0.0.1 and
+    localhost) are one server: the same port and login and a resolved address in common.
+    Looked up only for pairs whose paths would overlap, each host once; a host that does
+    not resolve in time is compared as written."""
+
+    TIMEOUT = 2.0
+
+    def __init__(self) -> None:
+        self.known: dict[tuple[str, int], frozenset[str]] = {}
+
+    def same_server(self, a: RemoteConfig, b: RemoteConfig) -> bool:
+        if a.type != b.type or a.type not in ("sftp", "ftp"):
+            return False
+        if _server(a, "-") != _server(b, "-"):   # another port, or another login's home
+            return False
+        port = int(a.options.get("port") or 0)
+        return bool(self.addresses(str(a.options.get("host")), port)
+                    & self.addresses(str(b.options.get("host")), port))
+
+    def addresses(self, host: str, port: int) -> frozenset[str]:
+        key = (host.lower(), port)
+        if key not in self.known:
+            self.known[key] = _resolve(host, port, self.TIMEOUT)
+        return self.known[key]
+
+
+def _resolve(host: str, port: int, timeout: float) -> frozenset[str]:
+    """The addresses `host` resolves to; none when it does not resolve within `timeout`
+    (the lookup goes on in a daemon thread: a hung resolver never holds up a command)."""
+    found: list[frozenset[str]] = []
+
+    def look() -> None:
+        with contextlib.suppress(OSError, UnicodeError, ValueError):
+            found.append(frozenset(str(ai[4][0]) for ai in socket.getaddrinfo(
+                host, port, type=socket.SOCK_STREAM)))
+
+    t = threading.Thread(target=look, daemon=True, name="resolve")
+    t.start()
+    t.join(timeout)
+    return found[0] if found else frozenset()
 
 
 def _inside(a: Path, b: Path) -> bool:

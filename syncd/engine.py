@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from syncd import log as slog
-from syncd.config import Config, PairConfig
+from syncd.config import Config, PairConfig, local_destination
 from syncd.errors import LockedError, NotFound, RemoteError, SafetyError, UnavailableError
 from syncd.index import Index
 from syncd.listing import Listing, RemoteDiff, diff_listing, drop_ignored_dirs, drop_unnamed
@@ -324,7 +324,8 @@ class Engine:
             self.index.set_pair_target(pair.name, target, forget_bases=moved, map_fp=map_fp)
             meta = self.index.pair_meta(pair.name)
             moved = False
-        matcher = pair_matcher(pair.ignore, pair.local, self.cfg.daemon.state_dir)
+        matcher = pair_matcher(pair.ignore, pair.local, self.cfg.daemon.state_dir,
+                               local_destination(self.cfg.remotes[pair.remote], pair))
         if not os.path.isdir(root):
             self._trip(pair, Facts(False, 0, self.index.count_base(pair.name), 0, None, None, 0, ""),
                        opts)

@@ -125,12 +125,17 @@ BUILTIN_IGNORE = (f"/{LOST_FOUND}/",)
 
 
 def pair_matcher(patterns: Iterable[str], root: str | os.PathLike[str] | None = None,
-                 state_dir: str | os.PathLike[str] | None = None) -> Matcher:
+                 state_dir: str | os.PathLike[str] | None = None,
+                 remote_dir: str | os.PathLike[str] | None = None) -> Matcher:
     """A pair's matcher: the built-in rules first, so the pair's own patterns can override
     them. With `root` and `state_dir`: also syncd's own state dir when it lies inside the
     pair's root (`local = "~"` with the default state dir). Its database changes on every
-    run: synced, it would be uploaded half-written, and wake the daemon again forever."""
-    return Matcher((*BUILTIN_IGNORE, *_state_dir_rule(root, state_dir), *patterns))
+    run: synced, it would be uploaded half-written, and wake the daemon again forever.
+    With `remote_dir` (a directory remote's side of the pair): also the state dir inside
+    that, which the config refuses; should it get there anyway, it is never listed as
+    remote content to remove."""
+    return Matcher((*BUILTIN_IGNORE, *_state_dir_rule(root, state_dir),
+                    *_state_dir_rule(remote_dir, state_dir), *patterns))
 
 
 def _state_dir_rule(root: str | os.PathLike[str] | None,

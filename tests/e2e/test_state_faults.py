@@ -150,3 +150,18 @@ def test_a_full_disk_under_the_state_dir_is_exit_2_and_the_next_run_converges(
     con = sqlite3.connect(setup.state / "index.sqlite3")
     assert con.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
     con.close()
+
+
+def test_a_state_dir_inside_the_remote_tree_is_refused_before_anything_runs(
+        setup: Setup) -> None:
+    """state_dir = "/X/dst/state", a local remote at /X/dst, a pair with path = ""."""
+    state = setup.dst / "state"
+    text = setup.config.read_text().replace(f'state_dir = "{setup.state}"',
+                                            f'state_dir = "{state}"')
+    setup.config.write_text(text.replace('path = "docs"', 'path = ""'))
+    setup.write("a.txt", b"a")
+    for args in (("config", "check"), ("reconcile",), ("status",)):
+        r = run_syncd(*args, "--config", str(setup.config))
+        assert r.code == 2, (args, r.code, r.err)
+        assert "daemon.state_dir" in r.err and f"{state} is inside the remote directory" in r.err
+    assert not state.exists() and not (setup.dst / "a.txt").exists()

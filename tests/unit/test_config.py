@@ -448,3 +448,99 @@ def test_config_check_shows_where_secrets_are_never_what(tmp_path: Path) -> None
 def test_a_password_in_the_config_points_at_both_ways(tmp_path: Path) -> None:
     e = load_err(tmp_path, FTP.replace('user = "upload"', 'user = "upload"\npassword = "hunter2"'))
     assert "password_file" in str(e) and "password_env" in str(e) and "hunter2" not in str(e)
+
+
+# --- the state dir and the trees syncd writes ----------------------------------------------
+
+
+def test_state_dir_inside_a_pairs_remote_directory_is_refused(tmp_path: Path) -> None:
+    """Listed as remote content the local tree lacks, it would be trashed by every run."""
+    text = GOOD.replace('state_dir = "{tmp}/state"', 'state_dir = "{tmp}/nas/state"') \
+        .replace('path = "docs"', 'path = ""')
+    e = load_err(tmp_path, text)
+    assert e.key == "daemon.state_dir", str(e)
+    assert f"{tmp_path}/nas/state is inside the remote directory {tmp_path}/nas of pair " \
+           "'docs'" in str(e) and "outside every remote directory" in str(e)
+    nested = GOOD.replace('state_dir = "{tmp}/state"', 'state_dir = "{tmp}/nas/docs/s/t"')
+    assert load_err(tmp_path, nested).key == "daemon.state_dir"
+
+
+@pytest.mark.parametrize("state_dir", [
+    "{tmp}/nas/elsewhere",     # under the remote's path, beside the pair's directory
+    "{tmp}/docs/.state",       # inside the local root: every pair ignores it there
+    "{tmp}/state/x/..",        # written another way, still outside
+])
+def test_state_dir_where_no_pair_writes_is_accepted(tmp_path: Path, state_dir: str) -> None:
+    text = GOOD.replace('state_dir = "{tmp}/state"', f'state_dir = "{state_dir}"')
+    cfg = load_config(write(tmp_path, text), env={"HOME": str(tmp_path)})
+    assert cfg.pairs[0].name == "docs"
+
+
+def test_a_local_root_that_is_the_state_dir_is_refused(tmp_path: Path) -> None:
+    text = GOOD.replace('state_dir = "{tmp}/state"', 'state_dir = "{tmp}/docs/"')
+    e = load_err(tmp_path, text)
+    assert e.key == "sync[0].local" and "is the state dir" in str(e), str(e)
+
+
+TWO_SERVERS = GOOD.replace('''type = "local"
+path = "{tmp}/nas"''', '''type = "{type}"
+host = "{host_a}"
+port = {port_a}
+user = "sync"
+root = "/srv/backup"''') + '''
+[remotes.again]
+type = "{type}"
+host = "{host_b}"
+port = {port_b}
+user = "sync"
+root = "/srv/backup"
+
+[[sync]]
+name = "two"
+local = "{tmp}/two"
+remote = "again"
+path = "docs/sub"
+'''
+
+
+def _two(kind: str, host_a: str, host_b: str, port_a: int = 2222, port_b: int = 2222) -> str:
+    return (TWO_SERVERS.replace("{type}", kind).replace("{host_a}", host_a)
+            .replace("{host_b}", host_b).replace("{port_a}", str(port_a))
+            .replace("{port_b}", str(port_b)))
+
+
+@pytest.mark.parametrize("kind", ["sftp", "ftp"])
+def test_one_server_under_two_host_names_overlaps(tmp_path: Path, kind: str) -> None:
+    e = load_err(tmp_path, _two(kind, "127.0.0.1", "localhost"))
+    assert e.key == "sync[1].path" and "the same place as remote 'again'" in str(e), str(e)
+
+
+@pytest.mark.parametrize(("host_b", "port_b"), [
+    ("127.0.0.1", 2223),                      # another port: another server
+    ("no-such-host.invalid", 2222),           # does not resolve: compared as written
+])
+@pytest.mark.parametrize("kind", ["sftp", "ftp"])
+def test_other_servers_do_not_overlap(tmp_path: Path, kind: str, host_b: str,
+                                      port_b: int) -> None:
+    cfg = load_config(write(tmp_path, _two(kind, "127.0.0.1", host_b, port_b=port_b)),
+                      env={"HOME": str(tmp_path)})
+    assert [p.name for p in cfg.pairs] == ["docs", "two"]
+
+
+def test_hosts_are_looked_up_only_for_paths_that_would_overlap(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import socket
+
+    looked: list[str] = []
+
+    def getaddrinfo(host: str, *a: object, **kw: object) -> list[object]:
+        looked.append(host)
+        raise OSError("no lookups here")
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    apart = _two("sftp", "a.example", "b.example").replace('path = "docs/sub"', 'path = "x"')
+    load_config(write(tmp_path, apart), env={"HOME": str(tmp_path)})
+    assert looked == []
+    load_config(write(tmp_path, _two("sftp", "a.example", "b.example")),
+                env={"HOME": str(tmp_path)})   # would overlap: looked up, unresolved, apart
+    assert sorted(looked) == ["a.example", "b.example"]

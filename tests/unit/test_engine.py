@@ -918,3 +918,25 @@ def test_an_mtime_change_that_did_not_reach_the_remote_is_planned_again(tmp_path
     assert res.attrs_set == 1 and target.stat().st_mtime_ns == new
     res = e.reconcile(cfg.pairs[0], Options())
     assert (res.attrs_set, res.uploaded, res.hashed_files) == (0, 0, 0)
+
+
+def test_a_state_dir_inside_the_remote_directory_is_never_listed_as_remote_content(
+        tmp_path: Path) -> None:
+    """The config refuses it; should the state dir get there anyway (a config not checked,
+    a directory moved under a running syncd), it is not removed as a remote-only file."""
+    import dataclasses
+
+    cfg, src, dst = setup(tmp_path, FILES)
+    state = dst / "docs" / "state"
+    cfg = dataclasses.replace(cfg, daemon=dataclasses.replace(cfg.daemon, state_dir=state))
+    e = engine(cfg, None, Clock())
+    try:
+        res = e.reconcile(cfg.pairs[0], Options())
+        again = e.reconcile(cfg.pairs[0], Options())
+    finally:
+        e.close()
+        e.index.close()
+    assert res.status == "ok" and again.status == "ok", (res.message, again.message)
+    assert again.trashed == 0 and again.deleted == 0
+    assert {"index.sqlite3", "tmp-owner"} <= {p.name for p in state.iterdir()}
+    assert not (dst / "docs" / ".syncd-trash").exists()
