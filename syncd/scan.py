@@ -6,6 +6,7 @@ A file whose (size, mtime_ns, inode) matches the index and is not racy is never 
 from __future__ import annotations
 
 import contextlib
+import errno
 import itertools
 import os
 import re
@@ -291,6 +292,11 @@ def walk(root: str, clean: dict[str, int], prior: dict[str, PriorRow], ignore: M
                             w.skipped.append((rel, "broken symlink"))
                         continue  # vanished between listing and stat: it is simply not there
                     except OSError as e:
+                        if is_link and e.errno == errno.ELOOP:
+                            # A link that resolves to itself (x -> x, a -> b -> a) names no
+                            # file: like a link back to a directory above, nothing to sync.
+                            w.skipped.append((rel, "symlink loop"))
+                            continue
                         w.errors.append((rel, _oserr(e)))
                         w.error_prefixes.append(rel)
                         continue

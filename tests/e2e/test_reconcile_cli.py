@@ -607,3 +607,22 @@ def test_kill_9_of_syncd_leaves_no_worker_process_behind(setup: Setup) -> None:
         for pid in _session_members(p.pid):   # never leave them to the next test
             with contextlib.suppress(OSError):
                 os.kill(pid, signal.SIGKILL)
+
+
+def test_followed_links_that_resolve_to_themselves_block_nothing(setup: Setup) -> None:
+    """`ln -s loopself loopself` and a -> b -> a with follow_symlinks = true: skipped as
+    symlink loops, exit 0, and a file deleted locally is still trashed on the remote."""
+    setup.config.write_text(setup.config.read_text().replace(
+        'ignore = [".git/", "*.tmp"]', 'ignore = [".git/", "*.tmp"]\nfollow_symlinks = true'))
+    setup.write("keep.txt", b"k")
+    setup.write("gone.txt", b"g")
+    assert setup.reconcile().code == 0
+    (setup.src / "loopself").symlink_to("loopself")
+    (setup.src / "a").symlink_to("b")
+    (setup.src / "b").symlink_to("a")
+    (setup.src / "gone.txt").unlink()
+    r = setup.reconcile()
+    assert r.code == 0, r.err
+    assert r.summary["trashed"] == 1 and r.summary["failed"] == []
+    assert tree(setup.mirror) == {"keep.txt": b"k"}
+    assert not any(e.get("event") == "deletes_skipped" for e in r.events())

@@ -230,6 +230,23 @@ def test_symlinks_skipped_by_default_followed_when_asked(tmp_path: Path) -> None
     assert ("loop", "symlink loop") in w.skipped and ("broken", "broken symlink") in w.skipped
 
 
+def test_a_link_that_resolves_to_itself_is_a_skipped_loop_not_an_error(tmp_path: Path) -> None:
+    """`ln -s loopself loopself` and a -> b -> a, followed: no file to sync, and not an
+    error (an error blocks the pair's deletes and fails every run, for good)."""
+    root = tmp_path / "root"
+    mk(root, "real.txt", b"real")
+    (root / "loopself").symlink_to("loopself")
+    (root / "a").symlink_to("b")
+    (root / "b").symlink_to("a")
+    mk(root / "sub", "x.txt", b"x")
+    (root / "sub" / "deep").symlink_to(root / "sub" / "deep")
+    w, _ = full_scan(root, follow_symlinks=True)
+    assert w.errors == [] and w.error_prefixes == []
+    assert sorted(w.skipped) == [("a", "symlink loop"), ("b", "symlink loop"),
+                                 ("loopself", "symlink loop"), ("sub/deep", "symlink loop")]
+    assert {r for r, st in w.states.items() if st.kind == Kind.FILE} == {"real.txt", "sub/x.txt"}
+
+
 @pytest.mark.parametrize("link", ["alias", "zzz"])
 def test_a_followed_link_beside_its_target_is_not_a_loop(tmp_path: Path, link: str) -> None:
     """data/ and a symlink to it beside it (latest -> data): two paths to one directory,
