@@ -108,8 +108,6 @@ FULL_DISK = """\
 import sys
 from syncd import index
 
-del sys.argv[1]   # the syncd command run_syncd puts after this script
-
 _connect = index.Index._connect
 
 def limited(self):
@@ -119,21 +117,25 @@ def limited(self):
     return db
 
 index.Index._connect = limited
-from syncd.cli import main
-main()
+
+if __name__ == "__main__":   # not in the worker processes' server, which imports this
+    from syncd.cli import main
+
+    del sys.argv[1]   # the syncd command run_syncd puts after this script
+    main()
 """
 
 
+@pytest.mark.parametrize("cmd", ["reconcile", "run"])
 def test_a_full_disk_under_the_state_dir_is_exit_2_and_the_next_run_converges(
-        setup: Setup, tmp_path: Path) -> None:
+        setup: Setup, tmp_path: Path, cmd: str) -> None:
     _synced(setup)
     more = {f"more/{'n' * 120}-{i}.txt": f"more {i}\n".encode() for i in range(300)}
     for rel, data in more.items():
         setup.write(rel, data)
     script = tmp_path / "full_disk.py"
     script.write_text(FULL_DISK)
-    r = run_syncd("reconcile", "--config", str(setup.config),
-                  prefix=(sys.executable, str(script)))
+    r = run_syncd(cmd, "--config", str(setup.config), prefix=(sys.executable, str(script)))
     assert r.code == 2, (r.code, r.err)
     assert f"state dir {setup.state}: no space left" in r.err
     assert "Traceback" not in r.err and "internal error" not in r.err
