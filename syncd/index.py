@@ -152,7 +152,7 @@ class IndexNoSpace(IndexError_):
 _SQLITE_PERM, _SQLITE_READONLY, _SQLITE_IOERR, _SQLITE_CORRUPT = 3, 8, 10, 11
 _SQLITE_FULL, _SQLITE_CANTOPEN, _SQLITE_NOTADB = 13, 14, 26
 REBUILD_HINT = ("run `syncd index rebuild` to keep it aside and start a new index "
-                "(see docs/operations.md, \"A damaged index\")")
+                "(see docs/operations.md, \"A damaged index, a full disk\")")
 
 
 def state_error(path: Path, e: sqlite3.Error) -> IndexError_ | None:
