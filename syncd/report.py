@@ -28,6 +28,7 @@ class Group:
     """Failures that share one error (the path taken out of its message)."""
 
     error: str
+    first: str                  # the first failure's own message, path included
     paths: list[str] = field(default_factory=list)
 
 
@@ -37,7 +38,7 @@ def group_failures(failures: Iterable[tuple[str, str]]) -> list[Group]:
     groups: dict[str, Group] = {}
     for path, why in failures:
         key = why.replace(f"'{path}'", "'…'").replace(path, "…") if path else why
-        groups.setdefault(key, Group(key)).paths.append(path)
+        groups.setdefault(key, Group(key, why)).paths.append(path)
     return sorted(groups.values(), key=lambda g: -len(g.paths))
 
 
@@ -49,7 +50,7 @@ def failure_lines(failures: Iterable[tuple[str, str]], verbose: bool, indent: st
     for g in group_failures(failures):
         n = len(g.paths)
         if n == 1:
-            out.append(f"{indent}FAILED {safe(g.paths[0])}: {safe(g.error)}")
+            out.append(f"{indent}FAILED {safe(g.paths[0])}: {safe(g.first)}")
             continue
         more = "" if verbose else f" (e.g. {safe(g.paths[0])}; --verbose lists all)"
         out.append(f"{indent}FAILED {n} files: {safe(g.error)}{more}")

@@ -151,7 +151,7 @@ def test_the_prober_backs_off_then_restores(tmp_path: Path) -> None:
         for expect_next in (103.0, 107.0):
             now[0] = p.next_at() or 0.0
             p.tick()
-            _wait(lambda: p.next_at() == expect_next)   # probe failed: doubled delay
+            _wait(lambda e=expect_next: p.next_at() == e)   # failed: doubled delay
         now[0] = 107.0
         p.tick()
         assert woke.wait(5)
