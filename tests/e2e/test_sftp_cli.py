@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -369,13 +370,32 @@ def test_a_server_stopped_mid_run_is_one_outage_and_exit_3(tmp_path: Path, sshd:
         lines = out.splitlines()
         assert lines[0].startswith("pair docs: REMOTE UNAVAILABLE") and len(lines) == 2, out
         assert "remote 'box' unavailable since" in lines[1] and "attempts intact" in lines[1]
-        events = [Run(0, "", err).events()]
-        names = [e.get("event") for e in events[0]]
+        names = [e.get("event") for e in Run(0, "", err).events()]
         assert names.count("remote_unavailable") == 1 and "job_failed" not in names, names
         st = run_syncd("status", "--config", str(s.config), "--json")
-        (p,) = __import__("json").loads(st.out)["pairs"]
+        (p,) = json.loads(st.out)["pairs"]
         assert p["failed"] == [] and p["queued"] > 0
         srv.start()
         r = s.reconcile()
         assert r.code == 0, r.err
         assert tree(s.mirror) == files and not list(s.mirror.rglob(".syncd-tmp-*"))
+
+
+def test_a_lost_index_never_adopts_an_older_version_of_the_same_second(
+        tmp_path: Path, sshd: SSHServer) -> None:
+    """SFTP keeps whole seconds: a file rewritten with the same size within the second it
+    was sent in looks equal to the old copy. With the index lost, the next run sends it
+    again instead of adopting the old bytes for good."""
+    s = SftpSetup(tmp_path, sshd)
+    t = 1_700_000_000 * 10**9
+    s.write("f.txt", b"version one")
+    os.utime(s.src / "f.txt", ns=(t + 100_000_000, t + 100_000_000))
+    assert s.reconcile().code == 0
+    s.write("f.txt", b"version two")                     # same size, same second
+    os.utime(s.src / "f.txt", ns=(t + 900_000_000, t + 900_000_000))
+    shutil.rmtree(s.state)
+    r = s.reconcile()
+    assert r.code == 0, r.err
+    assert r.summary["adopted"] == 0 and r.summary["uploaded"] == 1
+    assert (s.mirror / "f.txt").read_bytes() == b"version two"
+    assert s.reconcile().summary["uploaded"] == 0        # and in sync from then on
