@@ -38,8 +38,14 @@ LogFormatOpt = Annotated[str | None, typer.Option(
     "--log-format", help="auto | json | console (overrides [daemon] log_format).")]
 
 
+VerboseOpt = Annotated[bool, typer.Option(
+    "--verbose", "-v", help="List every failed path (failures are grouped by error).")]
+
+
 def _err(msg: str) -> None:
-    print(f"syncd: error: {msg}", file=sys.stderr)
+    from syncd.report import safe
+
+    print(f"syncd: error: {safe(msg)}", file=sys.stderr)
 
 
 def _guard(fn: Callable[[], int]) -> None:
@@ -123,6 +129,7 @@ def reconcile(
     config: ConfigOpt = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan; change nothing.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
+    verbose: VerboseOpt = False,
     allow_mass_delete: Annotated[bool, typer.Option(
         "--allow-mass-delete", help="For this run, let a plan delete more than max_delete, "
         "or delete everything when the local root is empty.")] = False,
@@ -139,7 +146,7 @@ def reconcile(
         cfg = _load(config)
         _setup_logs(cfg, log_level, log_format)
         return run_reconcile(cfg, pairs or [], dry_run=dry_run, as_json=as_json,
-                             allow_mass_delete=allow_mass_delete,
+                             verbose=verbose, allow_mass_delete=allow_mass_delete,
                              allow_device_change=allow_device_change)
 
     _guard(go)
@@ -170,6 +177,7 @@ def run(
 def status(
     config: ConfigOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print as JSON.")] = False,
+    verbose: VerboseOpt = False,
 ) -> None:
     """Per pair: last reconcile and its result, queue depth, failed jobs with their errors.
     Safe while the daemon runs (reads the index; SQLite WAL)."""
@@ -180,7 +188,7 @@ def status(
         if as_json:
             print(json.dumps(report, indent=2))
         else:
-            _print_status(report)
+            _print_status(report, verbose)
         return EXIT_OK
 
     _guard(go)
@@ -296,7 +304,9 @@ def collect_status(cfg: Any) -> dict[str, Any]:
             "state_dir": str(state_dir), "pairs": pairs}
 
 
-def _print_status(report: dict[str, Any]) -> None:
+def _print_status(report: dict[str, Any], verbose: bool = False) -> None:
+    from syncd.report import failure_lines
+
     d = report["daemon"]
     print(f"daemon: {'running, PID ' + str(d['pid']) if d['running'] else 'not running'} "
           f"(state dir {report['state_dir']})")
@@ -312,12 +322,14 @@ def _print_status(report: dict[str, Any]) -> None:
         if ss["since"]:
             print(f"  since daemon start ({ss['since']}): {ss['files']} files, "
                   f"{ss['bytes']} bytes")
-        for f in p["failed"]:
-            print(f"  failed: {f['path']}: {f['error']} (after {f['attempts']} attempts)")
+        for line in failure_lines([(f["path"], f"{f['error']} (after {f['attempts']} attempts)")
+                                   for f in p["failed"]], verbose):
+            print(line)
 
 
 def run_reconcile(cfg: Any, names: list[str], *, dry_run: bool = False, as_json: bool = False,
-                  allow_mass_delete: bool = False, allow_device_change: bool = False) -> int:
+                  verbose: bool = False, allow_mass_delete: bool = False,
+                  allow_device_change: bool = False) -> int:
     from syncd.engine import Engine, Options, StateLock
     from syncd.index import Index
 
@@ -338,7 +350,7 @@ def run_reconcile(cfg: Any, names: list[str], *, dry_run: bool = False, as_json:
     if as_json:
         print(json.dumps({"pairs": [r.to_json() for r in results]}, indent=2))
     else:
-        _print_results(results)
+        _print_results(results, verbose)
     return _exit_code([r.exit_code for r in results])
 
 
@@ -351,7 +363,8 @@ def _exit_code(codes: list[int]) -> int:
     return EXIT_OK
 
 
-def _print_results(results: list[Any]) -> None:
+def _print_results(results: list[Any], verbose: bool = False) -> None:
+    from syncd.report import failure_lines, safe
     from syncd.units import format_bytes
 
     out = sys.stdout
@@ -359,10 +372,10 @@ def _print_results(results: list[Any]) -> None:
         if r.status == "planned":
             print(f"pair {r.pair}: plan ({len(r.plan)} actions, dry run: nothing changed)", file=out)
             for a in r.plan:
-                print(f"  {a.op.value:<14} {a.path}" + (f"  ({a.reason})" if a.reason else ""),
+                print(f"  {a.op.value:<14} {safe(a.path)}" + (f"  ({a.reason})" if a.reason else ""),
                       file=out)
-            for path, why in r.failures:
-                print(f"  FAILED         {path}: {why}", file=out)
+            for line in failure_lines(r.failures, verbose):
+                print(line, file=out)
             continue
         head = {"ok": "in sync", "failed": "finished with failures", "stopped": "STOPPED",
                 "unavailable": "REMOTE UNAVAILABLE",
@@ -373,9 +386,9 @@ def _print_results(results: list[Any]) -> None:
               + f"skipped {r.skipped}, failed {len(r.failures)}, "
               f"{r.duration_s:.2f}s", file=out)
         if r.message and r.status in ("stopped", "unavailable"):
-            print(f"  {r.message}", file=out)
-        for path, why in r.failures:
-            print(f"  FAILED {path}: {why}", file=out)
+            print(f"  {safe(r.message)}", file=out)
+        for line in failure_lines(r.failures, verbose):
+            print(line, file=out)
 
 
 def _reporter_factory() -> Callable[[str, int, int], Any] | None:

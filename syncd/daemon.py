@@ -76,6 +76,7 @@ class Daemon:
         self.next_full: dict[str, float] = {}
         self.next_poll: dict[str, float] = {}
         self.retry_at: dict[str, tuple[float, bool]] = {}   # pair -> (when, full reconcile?)
+        self.prober: Any = None
         self.failures: dict[str, int] = {}                   # consecutive failed runs
         self.initial: list[str] = []     # pairs whose initial full reconcile is still to run
         self.initial_total = 0
@@ -214,11 +215,36 @@ class Daemon:
     def _make_engine(self, cfg: Any) -> None:
         """The engine and the debouncer for a config (at start and on each reload)."""
         from syncd.engine import Engine
+        from syncd.probe import Prober
         from syncd.watch import Debouncer
 
         self.engine = Engine(cfg, self.index, transfer_log_level="info", stop=self.stop,
                              patience=PATIENCE_S, reporter_factory=self._progress)
         self.debouncer = Debouncer(cfg.daemon.debounce, cfg.daemon.max_delay)
+        self.prober = Prober(self.engine.breaker, self._probe_remote,
+                             initial=cfg.daemon.retry_initial, cap=cfg.daemon.retry_max,
+                             log=self.log, wake=lambda: self.debouncer.wake.set())
+
+    def _probe_remote(self, name: str) -> None:
+        """Connect to a remote and stat its root (from a probe's thread)."""
+        from syncd.remotes import open_remote
+
+        r = open_remote(self.cfg.remotes[name], str(self.cfg.daemon.state_dir))
+        try:
+            r.check()
+        finally:
+            r.close()
+
+    def _restored(self) -> None:
+        """Remotes a probe reached again: each of their pairs gets a full reconcile now
+        (what changed meanwhile, on either side, and the jobs that waited)."""
+        now = time.monotonic()
+        for d in self.prober.take_back():
+            self.engine.forget_remote(d.remote)
+            for p in self.cfg.pairs:
+                if p.remote == d.remote:
+                    self.retry_at[p.name] = (now, True)
+                    self.failures.pop(p.name, None)
 
     def _start_watching(self) -> None:
         from syncd.scan import pair_matcher
@@ -286,6 +312,7 @@ class Daemon:
             now = time.monotonic()
             wake_at = min([*self.next_full.values(), *self.next_poll.values(),
                            *(t for t, _ in self.retry_at.values()), deb.next_due() or now + 3600,
+                           self.prober.next_at() or now + 3600,
                            *([now] if self.initial else [])])
             # At least every WATCH_CHECK_S: a stat per root tells a replaced or unmounted one.
             deb.wake.wait(max(0.0, min(wake_at - now, WATCH_CHECK_S)))
@@ -294,6 +321,8 @@ class Daemon:
                 break
             now = time.monotonic()
             self._check_watches(now)
+            self.prober.tick()
+            self._restored()
             if self.reload.is_set():
                 self.reload.clear()
                 self._reload()
@@ -364,6 +393,12 @@ class Daemon:
             self.retry_at.pop(name, None)
             self.failures.pop(name, None)
             return
+        if self.engine.breaker.down(pair.remote) is not None:
+            # Its remote is out of service: the probe brings it back, and a full
+            # reconcile of the pair then sees everything that changed meanwhile.
+            self.retry_at.pop(name, None)
+            self._initial_done(name)
+            return
         self._full = full
         sd_notify(f"STATUS={self._doing(name, full)}")
         res = self.engine.reconcile(pair, Options(list_remote=full))
@@ -375,11 +410,13 @@ class Daemon:
         if pending is not None and (full or not pending[1]):
             # A local-only run does not stand in for a pending full retry.
             self.retry_at.pop(name, None)
-        if res.status in ("failed", "unavailable"):
+        if res.status == "unavailable":
+            # The breaker has the remote: its probes, not this pair's retries, find out
+            # when it is back.
+            self.last_error = f"{name}: {res.message}"
+            self.retry_at.pop(name, None)
+        elif res.status == "failed":
             self.last_error = f"{name}: {res.message or res.status}"
-            if res.status == "unavailable":   # forget the verdict: the next try reconnects
-                self.engine.unavailable.pop(pair.remote, None)
-                self.engine.checked.discard(pair.remote)
             # Parked jobs and an unreachable remote are tried again with growing delays
             # (capped at retry_max), not only at the next full reconcile or local change.
             d = self.cfg.daemon
@@ -390,8 +427,7 @@ class Daemon:
             # only the listing showed (drift, remote-only entries, deletes held back by
             # the failure). Failures of the scan alone (a name that is not UTF-8) are
             # retried by local runs, not by listing the remote every retry_max.
-            relist = res.status == "unavailable" or (
-                full and (bool(res.message) or res.transfer_failures > 0))
+            relist = full and (bool(res.message) or res.transfer_failures > 0)
             self.retry_at[name] = (time.monotonic() + delay, relist)
             self.log.info("pair_retry_scheduled", pair=name, in_s=round(delay, 3), attempt=n,
                           full=relist)
@@ -408,6 +444,9 @@ class Daemon:
                 else:
                     queued += n
         parts = [f"{len(self.cfg.pairs)} pairs", f"queue {queued}", f"failed {failed}"]
+        for d in self.engine.breaker.all_down().values():
+            parts.append(f"remote {d.remote} unavailable since "
+                         f"{time.strftime('%H:%M:%S', time.localtime(d.since))}")
         if self.initial:
             done = self.initial_total - len(self.initial)
             parts.insert(0, f"initial reconcile {done}/{self.initial_total} pairs done")

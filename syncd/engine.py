@@ -18,8 +18,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from syncd import log as slog
+from syncd.breaker import Breaker, Down
 from syncd.config import Config, PairConfig, local_destination
-from syncd.errors import LockedError, NotFound, RemoteError, SafetyError, UnavailableError
+from syncd.errors import (
+    ConnectionLost,
+    LockedError,
+    NotFound,
+    RemoteError,
+    SafetyError,
+    UnavailableError,
+)
 from syncd.index import Index
 from syncd.listing import Listing, RemoteDiff, diff_listing, drop_ignored_dirs, drop_unnamed
 from syncd.log import structlog
@@ -221,6 +229,9 @@ class Engine:
                            lease_timeout=d.lease_timeout)
         self.remotes: dict[str, Remote] = {}
         self.unavailable: dict[str, UnavailableError] = {}
+        # Remotes out of service for this engine's life (a reconcile), or until the
+        # daemon's probe reaches them again.
+        self.breaker = Breaker(clock=clock)
         self.checked: set[str] = set()
         self.log = slog.get()
 
@@ -230,6 +241,9 @@ class Engine:
         alongside the local walk, so connecting overlaps scanning."""
         if name in self.unavailable:
             raise self.unavailable[name]
+        d = self.breaker.down(name)
+        if d is not None:
+            raise UnavailableError(d.reason, remote=name)
         if name not in self.remotes:
             r = open_remote(self.cfg.remotes[name], str(self.cfg.daemon.state_dir))
             if r.caps.cpu_bound:
@@ -249,6 +263,15 @@ class Engine:
         for r in self.remotes.values():
             r.close()
 
+    def forget_remote(self, name: str) -> None:
+        """Drop what this engine holds of a remote (its connections, its check): the next
+        run opens it afresh. For a remote back in service after an outage."""
+        r = self.remotes.pop(name, None)
+        if r is not None:
+            r.close()
+        self.unavailable.pop(name, None)
+        self.checked.discard(name)
+
     def reconcile(self, pair: PairConfig, opts: Options) -> PairResult:
         structlog.contextvars.bind_contextvars(pair=pair.name)
         t0 = time.perf_counter()
@@ -260,9 +283,8 @@ class Engine:
         except SafetyError as e:
             res.status, res.message = "stopped", str(e)
             self.log.error("pair_stopped", reason=e.reason, override=e.override, error=str(e))
-        except UnavailableError as e:
-            res.status, res.message = "unavailable", str(e)
-            self.log.error("remote_unavailable", remote=pair.remote, error=str(e))
+        except (UnavailableError, ConnectionLost) as e:
+            res.status, res.message = "unavailable", self._unavailable(pair, e)
         except RemoteError as e:
             res.status, res.message = "failed", str(e)
             res.failures.append((e.path or ".", str(e)))
@@ -288,6 +310,18 @@ class Engine:
                       retries=res.retries, scanned=res.scanned,
                       duration_ms=int(res.duration_s * 1000))
         return res
+
+    def _unavailable(self, pair: PairConfig, e: RemoteError) -> str:
+        """The pair's remote is out of service: said once per outage (the runner says it
+        when jobs trip the breaker), and the one line a reconcile prints for the pair."""
+        from syncd.transfer import log_unavailable
+
+        d = self.breaker.trip(pair.remote, e)
+        if d is not None:
+            log_unavailable(self.log, d)
+        return down_message(self.breaker.down(pair.remote) or d,
+                            sum(n for s, n in self.index.job_counts(pair.name).items()
+                                if s != "failed"))
 
     def _settle(self, pair: PairConfig, folders: set[str] | None) -> None:
         """The remote's own last step of a run that changed it (a directory remote makes
@@ -759,7 +793,8 @@ class Engine:
 
         runner = Runner(self.queue, {pair.name: ctx}, sleep=self.sleep, reporter=reporter,
                         log=self.log, done_level=self.transfer_log_level,
-                        processes=processes, stop=self.stop, patience=self.patience)
+                        processes=processes, stop=self.stop, patience=self.patience,
+                        breaker=self.breaker)
         try:
             stats = runner.run([pair.name], feed)
         finally:
@@ -786,6 +821,9 @@ class Engine:
         res.mkdirs += d.get(Op.MKDIR.value, 0)
         res.attrs_set += d.get(Op.ATTRS.value, 0)
         res.failures += stats.failed
+        if stats.unavailable is not None:
+            down = stats.unavailable
+            raise UnavailableError(down.reason, remote=down.remote)
 
 
 class _Cancelled(Exception):
@@ -861,6 +899,18 @@ class _Streamer:
 
     def cancel(self) -> None:
         self.cancelled = True
+
+
+def down_message(d: Down | None, waiting: int) -> str:
+    """One line for a pair whose remote is unavailable: since when, why, what to do."""
+    if d is None:
+        return "remote unavailable"
+    since = time.strftime("%H:%M:%S", time.localtime(d.since))
+    todo = ("fix the login or host key (`syncd config check --connect` shows it), then "
+            "re-run" if d.auth else "re-run `syncd reconcile` once it answers; a running "
+            "`syncd run` probes it and resumes by itself")
+    return (f"remote '{d.remote}' unavailable since {since}: {d.reason}; {waiting} jobs wait "
+            f"in the queue, attempts intact; {todo}")
 
 
 def _ms(a: float, b: float) -> int:

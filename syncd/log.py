@@ -60,6 +60,19 @@ def _redact(_logger: Any, _name: str, event: dict[str, Any]) -> dict[str, Any]:
     return event
 
 
+def _escape_controls(_logger: Any, _name: str, event: dict[str, Any]) -> dict[str, Any]:
+    """On a terminal, a name's newline or ESC sequence must not print a fake line or drive
+    the terminal: string fields are escaped (JSON lines are escaped by their encoder)."""
+    from syncd.report import safe
+
+    for k, v in event.items():
+        if isinstance(v, str):
+            event[k] = safe(v)
+        elif isinstance(v, list) and any(isinstance(x, str) for x in v):
+            event[k] = [safe(x) if isinstance(x, str) else x for x in v]
+    return event
+
+
 def use_json(fmt: str, stream: TextIO | None = None) -> bool:
     if fmt == "json":
         return True
@@ -95,6 +108,7 @@ def setup(fmt: str = "auto", level: str = "info") -> None:
     else:
         processors += [
             structlog.processors.TimeStamper(fmt="%H:%M:%S", utc=False, key="ts"),
+            _escape_controls,
             structlog.dev.ConsoleRenderer(colors=True, timestamp_key="ts",
                                           exception_formatter=structlog.dev.plain_traceback),
         ]

@@ -45,6 +45,13 @@ class Policy:
     case_sensitive: bool = False    # the remote never folds case (S3): no BEFORE_WRITES
 
 
+# Adopting a remote file by size and mtime needs mtimes fine enough to tell two versions
+# apart: at whole seconds (SFTP, FTP), a file rewritten with the same size within the
+# second it was sent in looks equal to the old copy, and adopting it would keep the old
+# bytes for good. Coarser than this, an unrecorded remote file is sent again.
+ADOPT_MAX_PRECISION_NS = 1_000
+
+
 def same_mtime(a: int, b: int, precision_ns: int) -> bool:
     if precision_ns <= 1:
         return a == b
@@ -163,12 +170,16 @@ def _file(path: str, l: LocalState, b: Base | None, r: R | None, p: Policy) -> l
             return [Action(Op.ATTRS, path, " and ".join(changed) + " changed", l.size,
                            l.hash, l.mtime_ns, remote_fp=r.fp)]
         return []
-    # Never synced by us (or the index was lost): adopt an equal-looking remote file
-    # instead of re-sending it, as rsync and rclone do by size and mtime.
+    # Never synced by us (or the index was lost, or a crash came between an upload and
+    # its record): adopt an equal-looking remote file instead of re-sending it, as rsync
+    # and rclone do by size and mtime, where the remote's mtimes can tell versions apart.
     if (l.hash is not None and p.mtime_precision_ns > 0 and r.size == l.size
             and same_mtime(r.mtime_ns, l.mtime_ns, p.mtime_precision_ns)):
-        return [Action(Op.ADOPT, path, "remote already equal (size, mtime)", l.size, l.hash,
-                       l.mtime_ns, remote_fp=r.fp)]
+        if p.mtime_precision_ns <= ADOPT_MAX_PRECISION_NS:
+            return [Action(Op.ADOPT, path, "remote already equal (size, mtime)", l.size,
+                           l.hash, l.mtime_ns, remote_fp=r.fp)]
+        return [up._replace(reason="not recorded; the remote's whole-second mtime cannot "
+                                   "tell it from another version of the same size")]
     return [up._replace(reason="differs from remote")]
 
 

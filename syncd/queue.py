@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
+from syncd.breaker import connection_level
 from syncd.errors import PermanentError, SourceChanged, TransientError
 from syncd.index import Done, Index, Unqueued
 from syncd.model import Action, Base, Job, LocalState, phase
@@ -42,6 +43,9 @@ class Settled:
     done: list[Outcome] = field(default_factory=list)
     retried: list[tuple[Outcome, float]] = field(default_factory=list)
     failed: list[tuple[Outcome, str]] = field(default_factory=list)
+    # Failed for the remote's sake (refused, reset, silent, login): pending again with
+    # their attempts as they were, an outage never parks a job.
+    held: list[Outcome] = field(default_factory=list)
 
 
 class Queue:
@@ -111,10 +115,15 @@ class Queue:
             self.index.add_unqueued(pair, new, self.clock())
 
     def classify(self, o: Outcome) -> tuple[str, float | str]:
-        """("done", 0) | ("retry", not_before) | ("failed", message): by type, not text."""
+        """("done", 0) | ("retry", not_before) | ("hold", not_before) | ("failed",
+        message): by type, not text. "hold": a failure of the remote as a whole, which
+        does not count as an attempt (the circuit breaker deals with it)."""
         e = o.error
         if e is None:
             return "done", 0.0
+        if connection_level(e):
+            return "hold", next_try(1, self.clock(), self.rand, self.retry_initial,
+                                    self.retry_max)
         attempts = o.job.attempts + 1
         msg = str(e) or type(e).__name__
         if isinstance(e, (TransientError, SourceChanged)):
@@ -138,14 +147,17 @@ class Queue:
             if verdict == "done":
                 s.done.append(o)
                 done.append(Done(j.id, j.path, o.base, o.local, o.racy, o.keep_base))
-            elif verdict == "retry":
+            elif verdict in ("retry", "hold"):
                 assert isinstance(val, float)
-                s.retried.append((o, val))
-                if j.id < 0:
-                    new_rows.append(Unqueued(j.action, "pending", j.attempts + 1, val,
-                                             str(o.error)))
+                attempts = j.attempts + (verdict == "retry")
+                if verdict == "retry":
+                    s.retried.append((o, val))
                 else:
-                    retry.append((j.id, val, str(o.error), j.attempts + 1))
+                    s.held.append(o)
+                if j.id < 0:
+                    new_rows.append(Unqueued(j.action, "pending", attempts, val, str(o.error)))
+                else:
+                    retry.append((j.id, val, str(o.error), attempts))
             else:
                 assert isinstance(val, str)
                 s.failed.append((o, val))

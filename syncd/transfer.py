@@ -27,11 +27,13 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from syncd import log as slog
+from syncd.breaker import Breaker, Down, connection_level
 from syncd.errors import (
     Conflict,
     NotFound,
     PermanentError,
     RemoteChanged,
+    RemoteError,
     SourceChanged,
     SyncdError,
     TransientError,
@@ -163,7 +165,27 @@ def _execute_rest(jobs: list[Job], pairs: dict[str, PairCtx]) -> list[Outcome]:
         for o, _ in items:
             o.duration_ms = ms
             done[o.job.id] = o
-    return [done[j.id] if j.id in done else execute(j, pairs[j.pair]) for j in jobs]
+    out: list[Outcome] = []
+    lost: BaseException | None = None
+    for j in jobs:
+        if j.id in done:
+            out.append(done[j.id])
+        elif lost is not None:
+            # The remote stopped answering: the rest of the chunk is not tried (each
+            # could wait a whole timeout); it waits in the queue, attempts intact.
+            out.append(Outcome(j, error=_same_failure(lost, j.path)))
+        else:
+            o = execute(j, pairs[j.pair])
+            if connection_level(o.error):
+                lost = o.error
+            out.append(o)
+    return out
+
+
+def _same_failure(e: BaseException, path: str) -> BaseException:
+    if isinstance(e, RemoteError):
+        return type(e)(e.reason, remote=e.remote, path=path)
+    return e
 
 
 def _stage_chunk(jobs: list[Job], pairs: dict[str, PairCtx]
@@ -553,6 +575,8 @@ class RunStats:
     failed: list[tuple[str, str]] = field(default_factory=list)   # (path, error)
     retries: int = 0
     waiting: float | None = None   # run() ended with retries pending from this time on
+    held: int = 0                  # outcomes that failed for the remote's sake (no attempt)
+    unavailable: Down | None = None   # the remote became unavailable: run() stopped on it
 
     def add(self, o: Outcome) -> None:
         a = o.job.action
@@ -572,7 +596,11 @@ class Runner:
     def __init__(self, queue: Queue, pairs: dict[str, PairCtx], *,
                  sleep: Callable[[float], None] = time.sleep,
                  reporter: Reporter | None = None, log: Any = None, done_level: str = "info",
-                 processes: bool = False, stop: Any = None, patience: float | None = None):
+                 processes: bool = False, stop: Any = None, patience: float | None = None,
+                 breaker: Breaker | None = None):
+        # Shared with the engine (and the daemon): once a remote trips it, no more of its
+        # jobs start; those in flight finish, the rest wait in the queue, attempts intact.
+        self.breaker = breaker or Breaker()
         self.stop = stop   # threading.Event: set = lease nothing more, finish what is in flight
         # The longest wait for a retry's backoff before run() returns with the job still
         # pending (`stats.waiting`): the daemon's other pairs must not queue behind it.
@@ -626,6 +654,13 @@ class Runner:
             return _take_chunk(q, *limits[r], pair=head.pair, max_phase=gate[head.pair])
 
         names = list(names)
+
+        def down(r: str) -> bool:
+            return self.breaker.down(r) is not None
+
+        def live_names() -> list[str]:
+            return [n for n in names if not down(self.pairs[n].remote.name)]
+
         by_remote: dict[str, list[str]] = {}
         for n in names:
             by_remote.setdefault(self.pairs[n].remote.name, []).append(n)
@@ -659,6 +694,11 @@ class Runner:
             nonlocal count
             buffered.setdefault(o.job.pair, []).append(o)
             count += 1
+            # At once, not at the next commit: no more of the remote's jobs start.
+            d = self.breaker.record(self.pairs[o.job.pair].remote.name, o.error)
+            if d is not None:
+                log_unavailable(self.log, d)
+                stats.unavailable = d
 
         def start_flush(r: str) -> None:
             # Stopping: what is flushed already gets published; the rest is discarded.
@@ -707,6 +747,8 @@ class Runner:
                 for r, ps in by_remote.items():
                     if stopping:
                         break
+                    if down(r):
+                        continue
                     transfers = self.pairs[ps[0]].transfers
                     q = ready[r]
                     if feeding and len(fed.get(r, ())) < LEASE_BATCH // 2:
@@ -739,10 +781,13 @@ class Runner:
                         self._commit(buffered, stats)
                         count, last_commit = 0, time.monotonic()
                         continue
+                    live = live_names()
+                    if not live:
+                        break
                     if feeding and not stopping:
                         refill()
                         continue
-                    nxt = self.queue.index.next_ready_time(names)
+                    nxt = self.queue.index.next_ready_time(live)
                     if nxt is None:
                         break
                     wait_s = nxt - self.queue.clock()
@@ -832,6 +877,8 @@ class Runner:
             # had no row get one).
             self.queue.release(unfinished + [j for q in (*ready.values(), *fed.values())
                                              for j in q])
+        if stats.unavailable is None:
+            stats.unavailable = next(filter(None, map(self.breaker.down, by_remote)), None)
         return stats
 
     def _replace_broken(self, pool: Executor, ctx: PairCtx) -> Executor:
@@ -878,6 +925,7 @@ class Runner:
                 self.log.error("job_failed", pair=pair, path=o.job.path, op=o.job.action.op.value,
                                attempt=o.job.attempts + 1, error=msg,
                                exc_info=_internal(o.error))
+            stats.held += len(s.held)
             if self.reporter is not None:
                 self.reporter.advance(len(s.done) + len(s.failed),
                                       sum(o.bytes for o in s.done))
@@ -941,3 +989,10 @@ def _internal(e: BaseException | None) -> BaseException | bool:
     if e is None or isinstance(e, SyncdError):
         return False
     return e
+
+
+def log_unavailable(log: Any, d: Down) -> None:
+    """The one event of an outage: which remote, why, since when."""
+    log.error("remote_unavailable", remote=d.remote, reason=d.reason,
+              since=time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(d.since)),
+              note="its jobs wait in the queue, attempts intact")

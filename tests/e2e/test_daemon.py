@@ -595,14 +595,22 @@ def test_remote_down_while_files_change_then_back_converges(tmp_path: Path, sshd
             srv.stop()                           # ...and refuse new ones
             for i in range(20):
                 d.write(f"while-down/{i}.txt", f"{i}".encode())
-            wait_for(lambda: sum(e.get("event") in ("job_retry", "pair_retry_scheduled")
-                                 for e in d.events()) >= 3, what="retries while down")
+            # One state, not one failure per file: the remote is unavailable, probed with
+            # growing delays (capped at retry_max), and no job fails or counts an attempt.
+            wait_for(lambda: sum(e.get("event") == "remote_probe_failed"
+                                 for e in d.events()) >= 3, what="probes while down")
             assert not (root / "docs/while-down").exists()
             srv.start()                          # same port, same host key
             wait_for(lambda: tree(root / "docs") == tree(d.src), timeout=30,
                      what="convergence once the server is back")
-            delays = [e["in_s"] for e in d.events() if e.get("event") == "pair_retry_scheduled"]
-            assert delays == sorted(delays) or max(delays) <= 0.2   # growing, capped at retry_max
+            ev = d.events()
+            names = [e.get("event") for e in ev]
+            assert names.count("remote_unavailable") == 1 and names.count("remote_available") == 1
+            assert "job_failed" not in names
+            delays = [e["next_probe_in_s"] for e in ev if e.get("event") == "remote_probe_failed"]
+            assert delays == sorted(delays) and max(delays) <= 0.2   # doubling, capped
+            (down,) = [e for e in ev if e.get("event") == "remote_unavailable"]
+            assert down["remote"] == "nas" and down["reason"] and down["since"]
             assert d.stop() == 0
         finally:
             if d.proc is not None:
@@ -695,3 +703,48 @@ def test_syncd_retry_without_a_daemon_reconciles_the_pair(tmp_path: Path) -> Non
     r = subprocess.run([str(SYNCD), "retry", "nope", "--config", str(d.config)],
                        capture_output=True, text=True, timeout=60, env=d.env)
     assert r.returncode == 2 and "unknown pair 'nope'; known: docs" in r.stderr
+
+
+def test_an_unavailable_remote_is_probed_and_resumed_while_other_pairs_sync(tmp_path: Path) -> None:
+    """A NAS that is not mounted (its directory is gone): the pair's remote is one
+    unavailable state, probed with growing delays; the other pair keeps syncing; once the
+    directory is back the pair catches up by itself, and nothing failed."""
+    d = Daemon(tmp_path)
+    nas2, src2 = tmp_path / "nas2", tmp_path / "src2"
+    src2.mkdir()
+    d.config.write_text(d.config.read_text() + f"""
+[remotes.nas2]
+type = "local"
+path = "{nas2}"
+
+[[sync]]
+name = "photos"
+local = "{src2}"
+remote = "nas2"
+path = "photos"
+""")
+    write_file(src2, "p1.jpg", b"one")
+    d.write("a.txt", b"a")
+    d.start()
+    try:
+        wait_for(lambda: any(e.get("event") == "remote_unavailable" for e in d.events()),
+                 what="remote_unavailable")
+        wait_for(lambda: (d.mirror / "a.txt").exists(), what="the healthy pair's sync")
+        d.write("b.txt", b"b")                      # the healthy pair keeps going
+        write_file(src2, "p2.jpg", b"two")
+        wait_for(lambda: (d.mirror / "b.txt").exists(), what="an event of the healthy pair")
+        wait_for(lambda: sum(e.get("event") == "remote_probe_failed" for e in d.events()) >= 2,
+                 what="probes of the missing remote")
+        nas2.mkdir()                                # mounted again
+        wait_for(lambda: tree(nas2 / "photos") == tree(src2) if (nas2 / "photos").exists()
+                 else False, timeout=30, what="the pair catching up")
+        ev = d.events()
+        names = [e.get("event") for e in ev]
+        assert names.count("remote_unavailable") == 1 and names.count("remote_available") == 1
+        assert "job_failed" not in names and "daemon_stopped" not in names
+        (down,) = [e for e in ev if e.get("event") == "remote_unavailable"]
+        assert down["remote"] == "nas2" and "does not exist" in str(down["reason"])
+        assert d.stop() == 0
+    finally:
+        if d.proc is not None:
+            d.proc.kill()

@@ -609,6 +609,23 @@ def test_kill_9_of_syncd_leaves_no_worker_process_behind(setup: Setup) -> None:
                 os.kill(pid, signal.SIGKILL)
 
 
+def test_control_characters_in_names_never_reach_the_terminal(setup: Setup) -> None:
+    """A file name with a newline and an ESC sequence: the dry-run plan shows it escaped,
+    on one line, and cannot print a fake plan line or drive the terminal."""
+    evil = "innocent\n  delete_remote  etc-passwd\x1b[2J"
+    setup.write(evil, b"x")
+    r = run_syncd("reconcile", "--config", str(setup.config), "--dry-run")
+    assert r.code == 0, r.err
+    plan = [ln for ln in r.out.splitlines() if ln.startswith("  ")]
+    assert plan == ["  upload         innocent\\x0a  delete_remote  etc-passwd\\x1b[2J  (new)"]
+    assert "\x1b" not in r.out and "\x1b" not in r.err
+    # Console logs (a terminal's format) are escaped as well; JSON lines by their encoder.
+    r2 = run_syncd("reconcile", "--config", str(setup.config), "--log-format", "console",
+                   "--log-level", "debug")
+    assert r2.code == 0, r2.err
+    assert "\x1b[2J" not in r2.err and "etc-passwd\\" in r2.err and "x1b[2J" in r2.err
+
+
 def test_followed_links_that_resolve_to_themselves_block_nothing(setup: Setup) -> None:
     """`ln -s loopself loopself` and a -> b -> a with follow_symlinks = true: skipped as
     symlink loops, exit 0, and a file deleted locally is still trashed on the remote."""

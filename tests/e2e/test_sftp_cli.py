@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -333,3 +334,68 @@ def test_full_disk_on_server_fails_that_file_clearly(tmp_path: Path, sshd: SSHSe
     r = s.reconcile()
     assert r.code == 0, r.err
     assert (s.mirror / "big.bin").read_bytes() == b"now it fits\n" * 1000
+
+
+def test_a_server_stopped_mid_run_is_one_outage_and_exit_3(tmp_path: Path, sshd: SSHServer) -> None:
+    """sshd stops while hundreds of files are on their way: the run ends soon with exit 3
+    and one line for the pair (not a failure per file), no job is parked as failed or
+    loses an attempt, and the next run once the server is back sends the rest."""
+    files = {f"f/{i:04}.txt": f"file {i}\n".encode() * 50 for i in range(600)}
+    with SSHServer(tmp_path / "srv") as srv:
+        s = SftpSetup(tmp_path, srv, attempts=2)
+        s.config.write_text(s.config.read_text().replace('timeout = "5s"', 'timeout = "2s"'))
+        for rel, data in files.items():
+            s.write(rel, data)
+        proc = subprocess.Popen([*_syncd_cmd(), "reconcile", "--config", str(s.config)],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:   # stop the server once uploads land
+                if s.mirror.exists() and len(list(s.mirror.rglob("*.txt"))) >= 20:
+                    break
+                time.sleep(0.01)
+            else:
+                pytest.fail("uploads never started")
+            t0 = time.monotonic()
+            srv.stop()
+            srv.kill_sessions()
+            out, err = proc.communicate(timeout=60)
+            ended_s = time.monotonic() - t0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        assert proc.returncode == 3, (out, err)
+        assert ended_s < 30, ended_s   # a bound on a hang, a few timeouts at most
+        lines = out.splitlines()
+        assert lines[0].startswith("pair docs: REMOTE UNAVAILABLE") and len(lines) == 2, out
+        assert "remote 'box' unavailable since" in lines[1] and "attempts intact" in lines[1]
+        names = [e.get("event") for e in Run(0, "", err).events()]
+        assert names.count("remote_unavailable") == 1 and "job_failed" not in names, names
+        st = run_syncd("status", "--config", str(s.config), "--json")
+        (p,) = json.loads(st.out)["pairs"]
+        assert p["failed"] == [] and p["queued"] > 0
+        srv.start()
+        r = s.reconcile()
+        assert r.code == 0, r.err
+        assert tree(s.mirror) == files and not list(s.mirror.rglob(".syncd-tmp-*"))
+
+
+def test_a_lost_index_never_adopts_an_older_version_of_the_same_second(
+        tmp_path: Path, sshd: SSHServer) -> None:
+    """SFTP keeps whole seconds: a file rewritten with the same size within the second it
+    was sent in looks equal to the old copy. With the index lost, the next run sends it
+    again instead of adopting the old bytes for good."""
+    s = SftpSetup(tmp_path, sshd)
+    t = 1_700_000_000 * 10**9
+    s.write("f.txt", b"version one")
+    os.utime(s.src / "f.txt", ns=(t + 100_000_000, t + 100_000_000))
+    assert s.reconcile().code == 0
+    s.write("f.txt", b"version two")                     # same size, same second
+    os.utime(s.src / "f.txt", ns=(t + 900_000_000, t + 900_000_000))
+    shutil.rmtree(s.state)
+    r = s.reconcile()
+    assert r.code == 0, r.err
+    assert r.summary["adopted"] == 0 and r.summary["uploaded"] == 1
+    assert (s.mirror / "f.txt").read_bytes() == b"version two"
+    assert s.reconcile().summary["uploaded"] == 0        # and in sync from then on

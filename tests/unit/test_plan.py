@@ -222,10 +222,20 @@ def test_adopt_never_when_remote_does_not_keep_mtime() -> None:
     assert a.op == Op.UPLOAD
 
 
-def test_adopt_with_second_precision() -> None:
-    l = loc("A")._replace(mtime_ns=5_000_000_123)
+def test_no_adoption_at_whole_second_precision() -> None:
+    # Rewritten with the same size within the second it was sent in (…000.1 -> …000.9):
+    # at whole seconds the remote's old copy looks equal, and adopting it would keep the
+    # old bytes for good. Sent again instead.
+    l = loc("A")._replace(mtime_ns=5_900_000_000)
     r = rem("f", "A")._replace(mtime_ns=5_000_000_000)
     (a,) = plan_push({"f": l}, {}, {"f": r}, Policy(mtime_precision_ns=1_000_000_000))
+    assert a.op == Op.UPLOAD and "whole-second" in a.reason
+
+
+def test_adopt_where_mtimes_tell_versions_apart() -> None:
+    l = loc("A")._replace(mtime_ns=5_000_000_123)
+    r = rem("f", "A")._replace(mtime_ns=5_000_000_123)
+    (a,) = plan_push({"f": l}, {}, {"f": r}, Policy(mtime_precision_ns=1))
     assert a.op == Op.ADOPT and a.remote_fp == r.fp and a.hash == l.hash
 
 

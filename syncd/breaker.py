@@ -1,0 +1,108 @@
+"""The per-remote circuit breaker: a few connection-level failures in a row, across jobs,
+make a remote *unavailable*, one state instead of one failure per file.
+
+Pure bookkeeping (the clock is passed in): the runner records each job's outcome, stops
+giving the remote work once it trips, and the engine and daemon report and probe it.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from syncd.errors import AuthError, ConnectionLost, HostKeyError, UnavailableError
+
+# Connection-level failures in a row that make a remote unavailable. A server that stops
+# fails every transfer in flight at once (up to `transfers` of them), so this trips within
+# one round of failures; a single dropped connection, retried, does not.
+THRESHOLD = 3
+
+
+def connection_level(e: BaseException | None) -> bool:
+    """About the whole remote (refused, reset, silent, TLS, host key, login), not one
+    path: these never count against a job's attempts."""
+    return isinstance(e, (ConnectionLost, UnavailableError))
+
+
+@dataclass(frozen=True, slots=True)
+class Down:
+    """A remote the breaker took out of service."""
+
+    remote: str
+    reason: str        # the last connection-level error
+    since: float       # clock time it tripped
+    auth: bool         # a refusal of us (login, host key): waiting will not fix it alone
+
+
+class Breaker:
+    """Counts connection-level failures per remote; `threshold` in a row trip it. Any
+    other outcome (a success, or a failure about one path: the server answered) resets
+    the count. Thread-safe: the runner and the daemon's probes share one."""
+
+    def __init__(self, threshold: int = THRESHOLD, clock: Callable[[], float] = time.time):
+        self.threshold = threshold
+        self.clock = clock
+        self._run: dict[str, int] = {}
+        self._down: dict[str, Down] = {}
+        self._lock = threading.Lock()
+
+    def record(self, remote: str, error: BaseException | None) -> Down | None:
+        """One job's outcome on `remote`. Returns the Down state when this outcome
+        tripped the breaker (once per outage), else None."""
+        with self._lock:
+            if error is None or not connection_level(error):
+                self._run[remote] = 0
+                return None
+            n = self._run[remote] = self._run.get(remote, 0) + 1
+            # "Cannot be used" (a login refused, a root not there) is no flaky network:
+            # the first one is enough.
+            if remote in self._down or (n < self.threshold
+                                        and not isinstance(error, UnavailableError)):
+                return None
+            d = Down(remote, _reason(error), self.clock(), _refused(error))
+            self._down[remote] = d
+            return d
+
+    def trip(self, remote: str, error: BaseException) -> Down | None:
+        """Out of service at once (a listing or check that could not connect). Returns
+        the Down state if it is new."""
+        with self._lock:
+            if remote in self._down:
+                return None
+            d = Down(remote, _reason(error), self.clock(), _refused(error))
+            self._down[remote] = d
+            self._run[remote] = self.threshold
+            return d
+
+    def down(self, remote: str) -> Down | None:
+        with self._lock:
+            return self._down.get(remote)
+
+    def all_down(self) -> dict[str, Down]:
+        with self._lock:
+            return dict(self._down)
+
+    def restore(self, remote: str) -> Down | None:
+        """Back in service (a probe reached it). Returns the Down state it was in."""
+        with self._lock:
+            self._run[remote] = 0
+            return self._down.pop(remote, None)
+
+
+def _refused(e: BaseException) -> bool:
+    return isinstance(e, (AuthError, HostKeyError))
+
+
+def _reason(e: BaseException) -> str:
+    return getattr(e, "reason", None) or str(e) or type(e).__name__
+
+
+def probe_delay(attempt: int, initial: float, cap: float) -> float:
+    """Seconds before the `attempt`-th probe (1-based) of an unavailable remote: doubling
+    from `initial`, at most `cap`. No jitter: one probe per remote, not a herd."""
+    return min(cap, initial * 2 ** max(0, attempt - 1))
+
+
+__all__ = ["THRESHOLD", "Breaker", "Down", "connection_level", "probe_delay"]
