@@ -34,6 +34,7 @@ class Down:
     reason: str        # the last connection-level error
     since: float       # clock time it tripped
     auth: bool         # a refusal of us (login, host key): waiting will not fix it alone
+    message: str = ""  # the error as the user reads it (remote and path named)
 
 
 class Breaker:
@@ -61,7 +62,7 @@ class Breaker:
             if remote in self._down or (n < self.threshold
                                         and not isinstance(error, UnavailableError)):
                 return None
-            d = Down(remote, _reason(error), self.clock(), _refused(error))
+            d = Down(remote, _reason(error), self.clock(), _refused(error), _message(error))
             self._down[remote] = d
             return d
 
@@ -71,7 +72,7 @@ class Breaker:
         with self._lock:
             if remote in self._down:
                 return None
-            d = Down(remote, _reason(error), self.clock(), _refused(error))
+            d = Down(remote, _reason(error), self.clock(), _refused(error), _message(error))
             self._down[remote] = d
             self._run[remote] = self.threshold
             return d
@@ -89,6 +90,12 @@ class Breaker:
         with self._lock:
             self._run[remote] = 0
             return self._down.pop(remote, None)
+
+
+def _message(e: BaseException) -> str:
+    """A refusal's own words (they name the key or file to fix); a lost connection is
+    said without the path of the job that met it."""
+    return str(e) if isinstance(e, UnavailableError) else ""
 
 
 def _refused(e: BaseException) -> bool:

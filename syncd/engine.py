@@ -909,8 +909,9 @@ def down_message(d: Down | None, waiting: int) -> str:
     todo = ("fix the login or host key (`syncd config check --connect` shows it), then "
             "re-run" if d.auth else "re-run `syncd reconcile` once it answers; a running "
             "`syncd run` probes it and resumes by itself")
-    return (f"remote '{d.remote}' unavailable since {since}: {d.reason}; {waiting} jobs wait "
-            f"in the queue, attempts intact; {todo}")
+    what = d.message or f"remote '{d.remote}': {d.reason}"
+    return (f"{what} (unavailable since {since}; {waiting} jobs wait in the queue, attempts "
+            f"intact; {todo})")
 
 
 def _ms(a: float, b: float) -> int:

@@ -91,7 +91,7 @@ def test_wrong_password_in_the_file_is_refused_without_showing_it(
     s.credential("ftp_password", "not-the-password-42\n")
     r = s.syncd("reconcile")
     assert r.code == 3, r.err
-    assert "remote 'partner'" in r.err and "not-the-password-42" not in r.out + r.err
+    assert "remote 'partner'" in r.out + r.err and "not-the-password-42" not in r.out + r.err
     no_traceback(r)
 
 

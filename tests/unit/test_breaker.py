@@ -108,7 +108,8 @@ def test_a_remote_that_dies_mid_run_is_one_state_and_exit_3(tmp_path: Path) -> N
     with capture_logs() as logs:
         res = e.reconcile(cfg.pairs[0], Options())
     assert res.status == "unavailable" and res.exit_code == 3
-    assert "remote 'nas' unavailable since" in res.message and "connection refused" in res.message
+    assert res.message.startswith("remote 'nas': connection refused (unavailable since ")
+    assert "(unavailable since " in res.message
     assert "jobs wait in the queue, attempts intact" in res.message
     assert res.failures == [] and res.uploaded == 5
     events = [x["event"] for x in logs]
