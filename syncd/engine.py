@@ -32,7 +32,6 @@ from syncd.index import Index
 from syncd.listing import Listing, RemoteDiff, diff_listing, drop_ignored_dirs, drop_unnamed
 from syncd.log import structlog
 from syncd.model import (
-    BEFORE_WRITES,
     TRASH_DIR,
     Action,
     Job,
@@ -40,11 +39,11 @@ from syncd.model import (
     LocalState,
     Op,
     RemoteEntry,
+    When,
     phase,
     printable,
 )
 from syncd.plan import (
-    DRIFT_REASONS,
     Facts,
     Policy,
     attrs_to_settle,
@@ -541,7 +540,7 @@ class Engine:
             self.index.set_pair_meta(pair.name, root, w.root_dev)
 
         for a in actions:
-            if a.op == Op.UPLOAD and a.reason in DRIFT_REASONS:
+            if a.drift:
                 log.warning("remote_drift", path=a.path, op=a.op.value, reason=a.reason)
         if opts.dry_run:
             res.status, res.plan = "planned", [a for a in actions if a.op != Op.FORGET]
@@ -550,11 +549,11 @@ class Engine:
         # The plan is in phase order: writes first, then (phase >= 1) what deletes.
         cut = next((i for i, a in enumerate(actions) if phase(a) >= 1), len(actions))
         first, later = actions[:cut], actions[cut:]
-        if scan_errors and any(a.replaces or a.reason == BEFORE_WRITES for a in first):
+        if scan_errors and any(a.replaces or a.when == When.BEFORE_WRITES for a in first):
             # Replacing a remote file by a directory removes it before any upload, as do
             # removals of names differing from a local one by case only: like every
             # delete, not after a scan error. What would go under them waits too.
-            held = {a.path for a in first if a.replaces or a.reason == BEFORE_WRITES}
+            held = {a.path for a in first if a.replaces or a.when == When.BEFORE_WRITES}
             kept = [a for a in first if a.path not in held and not under(a.path, held)]
             log.warning("replacements_skipped", count=len(first) - len(kept),
                         paths=sorted(held)[:20],

@@ -22,10 +22,34 @@ from pathlib import Path
 from typing import Any, NamedTuple, TypeVar
 
 from syncd.errors import SyncdError
-from syncd.model import Action, Base, Job, LocalState, Op, phase, stat_sig
+from syncd.model import (
+    BEFORE_WRITES,
+    OWN_TEMP,
+    Action,
+    Base,
+    Job,
+    LocalState,
+    Op,
+    When,
+    phase,
+    stat_sig,
+)
 
 DB_NAME = "index.sqlite3"
 _T = TypeVar("_T")
+
+def _v10_when(col: str) -> str:
+    out = []
+    for reason, when in ((BEFORE_WRITES, When.BEFORE_WRITES), (OWN_TEMP, When.OWN_TEMP)):
+        text = reason.replace("'", "''")
+        out.append(f"""
+    UPDATE jobs SET {col} = json_insert(
+        CASE WHEN json_array_length({col}) = 8 THEN json_insert({col}, '$[#]', 0)
+             ELSE {col} END, '$[#]', {int(when)}, '$[#]', 0)
+        WHERE {col} IS NOT NULL AND json_array_length({col}) <= 9
+          AND json_extract({col}, '$[1]') = '{text}';""")
+    return "".join(out)
+
 
 # Forward-only migrations; index i takes the schema from version i to i + 1.
 MIGRATIONS: tuple[str, ...] = (
@@ -130,6 +154,10 @@ MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE pairs ADD COLUMN trash_stamp TEXT;
     """,
+    # v10: what runs a job before its op's usual phase is a field of the action (its
+    # `when`, args[9]), no longer its reason text: stored removals of case twins and of
+    # our own temps get it. args[8] (replaces) is filled in where it was left out.
+    _v10_when("args") + _v10_when("next_args"),
 )
 
 
@@ -249,15 +277,19 @@ def action_to_json(a: Action) -> str:
     """The JSON array action_from_json reads; written by hand (3x faster than json.dumps,
     which showed in enqueueing a 100k-file plan)."""
     h = f'"{a.hash.hex()}"' if a.hash else "null"
-    tail = f",{int(a.replaces)}]" if a.replaces else "]"
+    if a.when or a.drift:
+        tail = f",{int(a.replaces)},{int(a.when)},{int(a.drift)}]"
+    else:
+        tail = f",{int(a.replaces)}]" if a.replaces else "]"
     return (f"[{_q(a.op.value)},{_q(a.reason)},{int(a.size)},{h},{int(a.mtime_ns)},"
             f"{_q(a.dest)},{_q(a.remote_fp)},{int(a.kind)}{tail}")
 
 
 def action_from_json(path: str, s: str) -> Action:
     op, reason, size, h, mtime_ns, dest, fp, kind, *rest = json.loads(s)
+    replaces, when, drift = (*rest, 0, 0, 0)[:3]
     return Action(Op(op), path, reason, size, bytes.fromhex(h) if h else None, mtime_ns, dest,
-                  fp, kind, rest[0] if rest else 0)
+                  fp, kind, replaces, When(when), bool(drift))
 
 
 # Every base column: an entry whose remote side is gone (or forgotten) has them all NULL.

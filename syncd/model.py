@@ -78,6 +78,15 @@ class Op(StrEnum):
 DELETING_OPS = frozenset({Op.DELETE, Op.TRASH})
 
 
+class When(IntEnum):
+    """Why a job runs before its op's usual phase: a typed part of the plan, stored with
+    the job. Execution order is never read from an action's reason, which is for people."""
+
+    USUAL = 0
+    BEFORE_WRITES = 1   # a remote name equal to a local path but for case or Unicode form
+    OWN_TEMP = 2        # a temp of this state dir's interrupted upload (never resumed)
+
+
 class Action(NamedTuple):
     op: Op
     path: str
@@ -92,6 +101,8 @@ class Action(NamedTuple):
     # directory goes, or the reverse); 0: none. It is removed first (trashed to `dest`, or
     # deleted), as a delete would be.
     replaces: int = 0
+    when: int = When.USUAL
+    drift: bool = False           # an upload because the remote no longer holds the base
 
 
 class Job(NamedTuple):
@@ -135,9 +146,9 @@ def phase(a: Action) -> int:
         return PHASE_REPLACE_FILE if a.op == Op.MKDIR else PHASE_REPLACE_DIR
     if a.op is Op.UPLOAD:   # most jobs: skip the comparisons below (runs once per job per step)
         return 0
-    if a.reason == BEFORE_WRITES:
+    if a.when == When.BEFORE_WRITES:
         return PHASE_CASE_RMDIR - a.path.count("/") if a.op == Op.RMDIR else PHASE_CASE_REMOVE
-    if a.op is Op.CLEANUP and a.reason == OWN_TEMP:
+    if a.when == When.OWN_TEMP:
         return PHASE_OWN_TEMPS
     if a.op in (Op.DELETE, Op.TRASH, Op.CLEANUP):
         return 1   # another's stale temp: after the uploads, like any delete

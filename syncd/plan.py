@@ -19,13 +19,13 @@ from syncd.model import (
     Kind,
     LocalState,
     Op,
+    When,
     phase,
 )
 from syncd.model import RemoteEntry as R
 
 FILE, DIR = int(Kind.FILE), int(Kind.DIR)
 STALE_TMP_NS = 15 * 60 * 1_000_000_000
-DRIFT_REASONS = frozenset({"remote drift", "missing on remote"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,8 +90,8 @@ def plan_push(local: Mapping[str, LocalState], base: Mapping[str, Base],
         if r.kind == FILE and path.rpartition("/")[2].startswith(TMP_PREFIX):
             name = path.rpartition("/")[2]
             if policy.tmp_owner and name.startswith(f"{TMP_PREFIX}{policy.tmp_owner}-"):
-                out.append(Action(Op.CLEANUP, path,
-                                  OWN_TEMP_RESUMABLE if policy.resumes_temps else OWN_TEMP))
+                out.append(Action(Op.CLEANUP, path, OWN_TEMP_RESUMABLE) if policy.resumes_temps
+                           else Action(Op.CLEANUP, path, OWN_TEMP, when=When.OWN_TEMP))
             elif 0 < r.mtime_ns < policy.now_ns - STALE_TMP_NS:   # 0: the remote gives no time
                 out.append(Action(Op.CLEANUP, path, "stale temp file of syncd"))
             continue
@@ -128,7 +128,7 @@ def _fold_collisions_first(out: list[Action], local: Mapping[str, LocalState]) -
     to run before the writes (BEFORE_WRITES). On a case-sensitive remote that order is as
     right as any; on a case-insensitive one it is the only order that keeps the file."""
     folded = {fold(p) for p in local}
-    return [a._replace(reason=BEFORE_WRITES)
+    return [a._replace(reason=BEFORE_WRITES, when=When.BEFORE_WRITES)
             if a.op in _REMOVING and a.path not in local and fold(a.path) in folded else a
             for a in out]
 
@@ -144,8 +144,10 @@ def under(path: str, dirs: set[str]) -> bool:
 
 def _file(path: str, l: LocalState, b: Base | None, r: R | None, p: Policy) -> list[Action]:
     if r is None:   # the common case of a first sync: built directly, not via _replace
-        return [Action(Op.UPLOAD, path, "new" if b is None else "missing on remote", l.size,
-                       l.hash, l.mtime_ns)]
+        if b is None:
+            return [Action(Op.UPLOAD, path, "new", l.size, l.hash, l.mtime_ns)]
+        return [Action(Op.UPLOAD, path, "missing on remote", l.size, l.hash, l.mtime_ns,
+                       drift=True)]
     up = Action(Op.UPLOAD, path, "", l.size, l.hash, l.mtime_ns)
     if r.kind != FILE:
         if p.delete == "keep":
@@ -157,7 +159,7 @@ def _file(path: str, l: LocalState, b: Base | None, r: R | None, p: Policy) -> l
         return [up._replace(reason="replaces a remote directory", replaces=DIR)]
     if b is not None and b.kind == FILE:
         if r.fp != b.remote_fp:
-            return [up._replace(reason="remote drift")]
+            return [up._replace(reason="remote drift", drift=True)]
         if l.hash is None or l.hash != b.hash:
             return [up._replace(reason="changed")]
         # Same content, as the remote holds it: only the attributes that changed go over.

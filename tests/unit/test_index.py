@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from syncd.index import MIGRATIONS, Done, Index, IndexError_
+from syncd.index import MIGRATIONS, Done, Index, IndexError_, action_from_json
 from syncd.model import Action, Base, Kind, LocalState, Op, phase
 
 F = int(Kind.FILE)
@@ -187,6 +187,33 @@ def test_v7_migration_turns_queued_chmod_jobs_into_attrs_jobs(tmp_path: Path) ->
     (job,) = [j for j in idx.lease("me", now=0, until=100, limit=10) if j.path == "f0"]
     assert (job.action.op, job.action.reason, job.action.hash) == (
         Op.ATTRS, "mode changed", bytes.fromhex("ab" * 16))
+
+
+def test_v10_migration_gives_stored_early_jobs_their_when(tmp_path: Path) -> None:
+    """Jobs queued before v10 ran early because of their reason text (a case twin's
+    removal, our own temp's cleanup): after the upgrade their `when` says so, and their
+    phase comes from it; other jobs are untouched."""
+    from syncd.model import BEFORE_WRITES, OWN_TEMP, OWN_TEMP_RESUMABLE, When
+
+    db = tmp_path / "i.sqlite3"
+    v9 = Index(db, migrations=MIGRATIONS[:9])
+    rows = [("a", f'["trash_remote","{BEFORE_WRITES}",3,null,0,".syncd-trash/s/a","",1]', None),
+            ("b", f'["cleanup_tmp","{OWN_TEMP}",0,null,0,"","",1]', None),
+            ("c", f'["cleanup_tmp","{OWN_TEMP_RESUMABLE}",0,null,0,"","",1]', None),
+            ("d", '["upload","new",3,null,5,"","",1,2]',
+             f'["rmdir_remote","{BEFORE_WRITES}",0,null,0,"","",2]')]
+    for path, args, nxt in rows:
+        v9.db.execute("INSERT INTO jobs (pair, path, phase, args, state, created, updated, "
+                      "next_args) VALUES ('p', ?, 0, ?, 'pending', 0, 0, ?)", (path, args, nxt))
+    v9.close()
+    idx = Index(db)
+    got = {j.path: j.action for j in idx.lease("me", now=0, until=100, limit=10)}
+    assert got["a"].when == When.BEFORE_WRITES and got["a"].dest == ".syncd-trash/s/a"
+    assert got["b"].when == When.OWN_TEMP and phase(got["b"]) < 0
+    assert got["c"].when == When.USUAL and phase(got["c"]) == 1   # resumed from: after
+    assert got["d"].when == When.USUAL and got["d"].replaces == 2
+    nxt = idx.db.execute("SELECT next_args FROM jobs WHERE path = 'd'").fetchone()[0]
+    assert action_from_json("d", nxt).when == When.BEFORE_WRITES
 
 
 def test_recording_a_target_can_rewrite_the_bases_fingerprints(tmp_path: Path) -> None:

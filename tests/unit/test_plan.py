@@ -20,6 +20,7 @@ from syncd.model import (
     LocalState,
     Op,
     RemoteEntry,
+    When,
     phase,
 )
 from syncd.plan import STALE_TMP_NS, Facts, Policy, check_safety, plan_push
@@ -488,7 +489,8 @@ def test_removals_of_case_variants_of_local_names_run_before_the_writes() -> Non
     first = [(a.op, a.path) for a in acts if phase(a) < 0]
     assert first == [(Op.DELETE, "Foo.txt"), (Op.DELETE, "Docs/a"), (Op.DELETE, "cafe\u0301"),
                      (Op.RMDIR, "Docs")]
-    assert all(a.reason == BEFORE_WRITES for a in acts if phase(a) < 0)
+    assert all(a.when == When.BEFORE_WRITES and a.reason == BEFORE_WRITES
+               for a in acts if phase(a) < 0)
     # An unrelated removal still waits until every write succeeded.
     assert [(a.op, a.path) for a in acts if phase(a) >= 1] == [(Op.DELETE, "other")]
     # A remote that never folds case (S3): every removal waits for the writes, as usual.
