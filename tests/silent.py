@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import socket
 import threading
+from collections.abc import Callable
 
 
 class SilentServer:
@@ -83,3 +84,25 @@ def closed_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def bounded(fn: Callable[[], object], bound: float) -> BaseException | None:
+    """Run fn() in a thread and return what it raised (None: nothing). Fails the test if
+    it is still running after `bound` seconds: a hang (the thread is a daemon and cannot
+    hold the test run)."""
+    import pytest
+
+    out: list[BaseException | None] = [None]
+
+    def run() -> None:
+        try:
+            fn()
+        except BaseException as e:   # handed to the test
+            out[0] = e
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(bound)
+    if t.is_alive():
+        pytest.fail(f"still waiting after {bound:g} s: a hang")
+    return out[0]

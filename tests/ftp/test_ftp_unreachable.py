@@ -7,9 +7,8 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -18,26 +17,14 @@ from syncd.errors import ConnectionLost, UnavailableError
 from syncd.remotes.ftp import FTPOptions, FTPRemote
 from tests.servers import FTPServer
 from tests.silent import SilentServer, closed_port
+from tests.silent import bounded as _bounded
 
 TIMEOUT = 2.0
 BOUND = 4 * TIMEOUT   # a hang is what these tests catch, not speed
 
 
-def bounded(fn: object, bound: float = BOUND) -> BaseException | None:
-    out: list[BaseException | None] = [None]
-
-    def run() -> None:
-        try:
-            fn()  # type: ignore[operator]
-        except BaseException as e:   # noqa: BLE001 - handed to the test
-            out[0] = e
-
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    t.join(bound)
-    if t.is_alive():
-        pytest.fail(f"still waiting after {bound:g} s (timeout {TIMEOUT:g} s): a hang")
-    return out[0]
+def bounded(fn: Callable[[], object], bound: float = BOUND) -> BaseException | None:
+    return _bounded(fn, bound)
 
 
 def remote(port: int, tls: str, **kw: object) -> FTPRemote:

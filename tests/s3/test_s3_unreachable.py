@@ -4,8 +4,7 @@ failing request for one key stays a plain TransientError."""
 
 from __future__ import annotations
 
-import threading
-import time
+from collections.abc import Callable
 
 import pytest
 
@@ -13,6 +12,7 @@ from syncd.errors import ConnectionLost, TransientError, UnavailableError
 from syncd.remotes.s3 import S3Options, S3Remote
 from tests.servers import FaultProxy, S3Server
 from tests.silent import SilentServer, closed_port
+from tests.silent import bounded as _bounded
 
 TIMEOUT = 2.0
 # A hang (or botocore's retries of a silent endpoint, one timeout each) is what this
@@ -20,29 +20,14 @@ TIMEOUT = 2.0
 BOUND = 3 * TIMEOUT
 
 
+def bounded(fn: Callable[[], object], bound: float = BOUND) -> BaseException | None:
+    return _bounded(fn, bound)
+
+
 def remote(endpoint: str, timeout: float = TIMEOUT) -> S3Remote:
     return S3Remote("bucket", S3Options(bucket="unreachable", endpoint_url=endpoint,
                                         region="us-east-1", addressing_style="path",
                                         timeout=timeout))
-
-
-def bounded(fn: object, bound: float = BOUND) -> BaseException | None:
-    out: list[BaseException | None] = [None]
-
-    def run() -> None:
-        try:
-            fn()  # type: ignore[operator]
-        except BaseException as e:   # noqa: BLE001 - handed to the test
-            out[0] = e
-
-    t0 = time.monotonic()
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    t.join(bound)
-    if t.is_alive():
-        pytest.fail(f"still waiting after {bound:g} s (timeout {TIMEOUT:g} s)")
-    assert time.monotonic() - t0 < bound
-    return out[0]
 
 
 @pytest.fixture(autouse=True)

@@ -8,9 +8,8 @@ import contextlib
 import os
 import signal
 import subprocess
-import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -19,6 +18,7 @@ from syncd.errors import ConnectionLost, RemoteError, UnavailableError
 from syncd.remotes.sftp import SFTPOptions, SFTPRemote
 from tests.servers import SSHServer
 from tests.silent import SilentServer, closed_port
+from tests.silent import bounded as _bounded
 
 TIMEOUT = 2.0
 BOUND = 4 * TIMEOUT   # a hang is what these tests catch, not speed
@@ -32,25 +32,11 @@ def silent_opts(port: int, tmp_path: Path, timeout: float = TIMEOUT) -> SFTPOpti
                        known_hosts=str(kh), use_agent=False, timeout=timeout)
 
 
-def bounded(fn: object, bound: float = BOUND) -> tuple[BaseException | None, float]:
-    """Run fn() in a thread; (its exception, seconds taken). Fails the test if it is still
-    running after `bound` seconds (the thread is a daemon: it cannot hold the run)."""
-    out: list[BaseException | None] = [None]
-
-    def run() -> None:
-        try:
-            fn()  # type: ignore[operator]
-        except BaseException as e:   # noqa: BLE001 - handed to the test
-            out[0] = e
-
+def bounded(fn: Callable[[], object], bound: float = BOUND) -> tuple[BaseException | None, float]:
+    """What fn() raised and the seconds it took; a failure if it runs past `bound`."""
     t0 = time.monotonic()
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    t.join(bound)
-    took = time.monotonic() - t0
-    if t.is_alive():
-        pytest.fail(f"still waiting after {bound:g} s (timeout {TIMEOUT:g} s): a hang")
-    return out[0], took
+    err = _bounded(fn, bound)
+    return err, time.monotonic() - t0
 
 
 @pytest.mark.parametrize("greeting", [BANNER, b""], ids=["banner-then-silence", "no-banner"])
