@@ -37,7 +37,14 @@ from syncd.errors import (
 from syncd.index import IndexError_
 from syncd.listing import DIR_FP
 from syncd.model import LOST_FOUND, TRASH_DIR, Kind, RemoteEntry
-from syncd.remotes.base import Capabilities, Source, check_rel_path, temp_name, unlistable
+from syncd.remotes.base import (
+    Capabilities,
+    Source,
+    check_rel_path,
+    names_for,
+    temp_name,
+    unlistable,
+)
 
 if TYPE_CHECKING:
     from syncd.index import UploadLog
@@ -855,14 +862,31 @@ class FTPRemote:
                                           if d == ap or d.startswith(ap + "/")])
             return True
 
-    def move(self, src: str, dst: str) -> None:
-        sap, dap = self._abs(src), self._abs(dst)
+    def move(self, src: str, dst: str) -> str:
+        """RNFR/RNTO to a name that is free: most servers let RNTO replace an existing
+        file, so the target is looked at first (a window only a concurrent writer of the
+        same trash name could hit), and a refused RNTO onto one that appeared meanwhile
+        moves on to the next name."""
+        sap = self._abs(src)
         with self._conn(f"{src} -> {dst}") as ftp:
             st = self._stat(ftp, sap)
             if st is None:
                 raise NotFound("no such file", remote=self.name, path=src)
             self._ensure_dirs(ftp, dst.rpartition("/")[0], fresh=True)
-            self._rename(ftp, sap, dap)
+            for target in names_for(self.name, dst):
+                tap = self._abs(target)
+                if self._stat(ftp, tap) is not None:
+                    continue
+                resp = ftp.sendcmd(f"RNFR {sap}")
+                if not resp.startswith("3"):
+                    raise ftplib.error_reply(resp)
+                try:
+                    ftp.voidcmd(f"RNTO {tap}")
+                    return target
+                except ftplib.error_perm:
+                    if self._stat(ftp, tap) is None:
+                        raise
+        raise AssertionError("unreachable: names_for raises when it runs out")
 
 
 def _end_upload(conn: socket.socket) -> None:

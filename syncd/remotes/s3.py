@@ -29,7 +29,7 @@ from syncd.errors import (
 from syncd.index import IndexError_
 from syncd.listing import DIR_FP
 from syncd.model import TRASH_DIR, Kind, RemoteEntry
-from syncd.remotes.base import Capabilities, Source, check_rel_path
+from syncd.remotes.base import Capabilities, Source, check_rel_path, names_for
 
 if TYPE_CHECKING:
     from syncd.index import UploadLog
@@ -632,15 +632,25 @@ class S3Remote:
         self._key(path)
         return True
 
-    def move(self, src: str, dst: str) -> None:
-        """Server-side copy (multipart copy for big objects, by boto3), then delete."""
-        skey, dkey = self._key(src), self._key(dst)
+    def move(self, src: str, dst: str) -> str:
+        """Server-side copy (multipart copy for big objects, by boto3) to a key that is
+        free, then delete. A copy replaces an existing object, so the key is looked at
+        first (a window only a concurrent writer of the same trash key could hit)."""
+        skey = self._key(src)
+        self.stat(src)   # a missing source is NotFound before anything is written
+        for target in names_for(self.name, dst):
+            try:
+                self.stat(target)
+            except NotFound:
+                break
+        dkey = self._key(target)
         try:
             self.client.copy({"Bucket": self.o.bucket, "Key": skey}, self.o.bucket, dkey,
                              ExtraArgs=self._extra() or None)
         except Exception as e:
             raise self._err(e, skey) from None
         self.delete([src])
+        return target
 
     def close(self) -> None:
         self._client = None

@@ -42,7 +42,14 @@ from syncd.errors import (
 from syncd.listing import DIR_FP
 from syncd.model import LOST_FOUND, TRASH_DIR, Kind, RemoteEntry
 from syncd.remotes import sftp_wire as w
-from syncd.remotes.base import Capabilities, Source, check_rel_path, temp_name, unlistable
+from syncd.remotes.base import (
+    Capabilities,
+    Source,
+    check_rel_path,
+    names_for,
+    temp_name,
+    unlistable,
+)
 
 _FILE, _DIR = int(Kind.FILE), int(Kind.DIR)
 _SEC = 1_000_000_000
@@ -1267,18 +1274,24 @@ class SFTPRemote:
                 raise
             return True
 
-    def move(self, src: str, dst: str) -> None:
+    def move(self, src: str, dst: str) -> str:
+        """Plain SFTP RENAME, never posix-rename: it fails on an existing target (OpenSSH
+        links the new name, then unlinks the old), and then the next free name is tried."""
         with self._session(f"{src} -> {dst}") as ss:
             self._parent_ok(ss, src, create=False)
             self._parent_ok(ss, dst, create=True)
-            try:
-                ss.status(ss.rename(self._abs(src), self._abs(dst)))
-            except w.StatusError as e:
-                if e.code == w.FAILURE and not ss.atomic_rename:
-                    ss.discard([ss.remove(self._abs(dst))])
-                    ss.status(ss.rename(self._abs(src), self._abs(dst)))
-                else:
-                    raise
+            for target in names_for(self.name, dst):
+                try:
+                    ss.status(ss.rename_noreplace(self._abs(src), self._abs(target)))
+                    return target
+                except w.StatusError as e:
+                    if e.code != w.FAILURE:
+                        raise
+                    try:   # FAILURE: the target exists, or a reason of the server's own
+                        ss.attrs(ss.lstat(self._abs(target)))
+                    except w.StatusError:
+                        raise e from None
+        raise AssertionError("unreachable: names_for raises when it runs out")
 
 
 def _one(results: list[RemoteEntry | Exception]) -> RemoteEntry:

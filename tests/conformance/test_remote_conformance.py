@@ -552,6 +552,26 @@ def test_move_and_move_fallback(remote: Remote, peek: Peek, upload: Upload, tmp_
     assert set(files_of(listing(remote, "pair"))) == {"other.txt", "b.txt"}
 
 
+@pytest.mark.parametrize("via", ["native", "fallback"])
+def test_move_never_replaces_an_existing_entry(remote: Remote, peek: Peek, upload: Upload,
+                                               tmp_path: Path, via: str) -> None:
+    """Trashing the same path twice under one trash folder (an index lost, two state dirs
+    on one remote) keeps both versions: the second goes to the next free name."""
+    r: Any = remote if via == "native" else NoMoveRemote(remote)
+    move_tmp = tmp_path / "move-tmp"
+    move_tmp.mkdir()
+    dst = f"pair/{TRASH_DIR}/2024-01-01T000000Z/f.txt"
+    got = []
+    for version in (b"first", b"second", b"third"):
+        upload("pair/f.txt", version)
+        got.append(base.move(r, "pair/f.txt", dst, tmp_dir=str(move_tmp)))
+    assert got == [dst, base.alt_name(dst, 1), base.alt_name(dst, 2)]
+    for path, version in zip(got, (b"first", b"second", b"third"), strict=True):
+        assert_bytes_equal(peek.read(path), version)
+    assert not peek.exists("pair/f.txt")
+    assert temp_names(peek, "pair") == set()
+
+
 # --- paths that leave the root -------------------------------------------------------------
 
 BAD_PATHS = ["../x", "/etc/passwd", "a/../../x", "", "a//b", "..", ".", "./x", "a/./b", "a/",
