@@ -179,6 +179,8 @@ class SFTPRemote:
         self._connecting = 0            # connections being made (outside the lock)
         # Connection attempts failed so far, and the last one's error (see _pick).
         self._failed: tuple[int, RemoteError | None] = (0, None)
+        # Temps of uploads cut off by a lost connection: removed by the next session.
+        self._orphans: set[bytes] = set()
         self._capped = self._max_conns  # the limit after a refused extra connection...
         self._cap_until = 0.0           # ...until this time.monotonic()
         self._max_sessions = MAX_CHANNELS
@@ -254,7 +256,7 @@ class SFTPRemote:
                 key = t.get_remote_server_key()
             except (paramiko.SSHException, OSError, EOFError) as e:
                 raise ConnectionLost(f"SSH handshake with {o.host}:{o.port} failed: "
-                                     f"{e or type(e).__name__}", remote=self.name) from None
+                                     f"{str(e) or type(e).__name__}", remote=self.name) from None
             self._verify_host_key(key, known, revoked)
             self._authenticate(t)
             t.set_keepalive(KEEPALIVE_S)
@@ -485,6 +487,7 @@ class SFTPRemote:
         `path`, and a lost connection is transient (the next call reconnects)."""
         ss = self._take()
         try:
+            self._remove_orphans(ss)
             yield ss
         except w.StatusError as e:
             raise self._status_error(e, path) from None
@@ -495,6 +498,23 @@ class SFTPRemote:
             # A session left with requests in flight (an operation that failed half-way)
             # may hold open handles and unread replies: close it rather than reuse it.
             self._give(ss, not ss.broken and ss.idle)
+
+    def _remove_orphans(self, ss: w.Session) -> None:
+        """Remove the temps of uploads a lost connection cut off, now that a session is up
+        again: within the same run, not at the next full reconcile. A name that was
+        published or removed meanwhile is simply not there any more (temp names are
+        unique per attempt, so nothing else can carry one)."""
+        with self._lock:
+            if not self._orphans:
+                return
+            todo, self._orphans = self._orphans, set()
+        try:
+            ss.discard([ss.remove(p) for p in sorted(todo)])
+        except BaseException:
+            with self._lock:
+                self._orphans |= todo
+            raise
+        self.log.info("sftp_temps_removed", remote=self.name, count=len(todo))
 
     def prepare(self) -> None:
         """Start connecting in the background (uploads are coming); errors are left for
@@ -516,6 +536,7 @@ class SFTPRemote:
         self._conns = []   # a session of theirs given back here is dropped, not pooled
         self._connecting = 0
         self._failed = (0, None)
+        self._orphans = set()   # the parent's to remove
 
     @property
     def _transport(self) -> Any:
@@ -653,7 +674,7 @@ class SFTPRemote:
                                  remote=self.name) from None
         except (paramiko.SSHException, OSError, EOFError) as e:
             raise ConnectionLost(f"opening an SFTP channel on {self.where} failed: "
-                                 f"{e or type(e).__name__}", remote=self.name) from None
+                                 f"{str(e) or type(e).__name__}", remote=self.name) from None
         ss = w.Session(ch)
         ss.sender = DataSender.for_channel(ch, self.log)
         try:
@@ -1094,10 +1115,21 @@ class SFTPRemote:
     def _put_batch(self, ss: w.Session, items: Sequence[tuple[str, Source]],
                    results: list[RemoteEntry | Exception | None]) -> None:
         live = self._checked(ss, [path for path, _ in items], results, create=True)
+        tmps = {i: self._tmp(items[i][0]) for i in live}
+        try:
+            self._put_temps(ss, items, results, live, tmps)
+        except BaseException:
+            # Cut off part-way (the connection lost, a stop): this batch's temps may be on
+            # the server. The next session removes them (see _remove_orphans).
+            with self._lock:
+                self._orphans.update(tmps.values())
+            raise
 
+    def _put_temps(self, ss: w.Session, items: Sequence[tuple[str, Source]],
+                   results: list[RemoteEntry | Exception | None], live: list[int],
+                   tmps: dict[int, bytes]) -> None:
         # 1. open every temp file exclusively (O_EXCL never follows a planted symlink);
         #    a leftover temp of ours is removed and opened again.
-        tmps = {i: self._tmp(items[i][0]) for i in live}
         flags = w.O_WRITE | w.O_CREAT | w.O_EXCL
         attrs = w.encode_attrs(perms=0o600)
         handles: dict[int, bytes] = {}
