@@ -18,12 +18,14 @@ import pytest
 
 from syncd.errors import (
     Conflict,
+    ConnectionLost,
     NotFound,
     PathEscape,
     RemoteChanged,
     RemoteError,
     SourceChanged,
     SyncdError,
+    UnavailableError,
 )
 from syncd.model import TMP_PREFIX, TRASH_DIR, Kind, RemoteEntry
 from syncd.remotes import base
@@ -944,3 +946,24 @@ def test_set_attrs_changes_the_mtime_alone(remote: Remote, peek: Peek, upload: U
         assert victim.stat().st_mtime_ns == before
 
 
+
+
+# --- a dead server -------------------------------------------------------------------------
+
+
+def test_a_dead_server_is_connection_lost(dead_remote: Remote, local_dir: Path) -> None:
+    """Port closed: every call says the remote is unreachable (ConnectionLost, which the
+    circuit breaker counts), never a per-path error; check() says unavailable (exit 3)."""
+    src = local_dir / "f"
+    src.write_bytes(b"x")
+    calls: list[Callable[[], object]] = [
+        lambda: list(dead_remote.list("")), lambda: dead_remote.stat("f"),
+        lambda: dead_remote.delete(["f"])]
+    for call in calls:
+        with pytest.raises(ConnectionLost) as e:
+            call()
+        assert "test" in str(e.value)
+    with Source(str(src), "f") as s, pytest.raises(ConnectionLost):
+        dead_remote.put("f", s)
+    with pytest.raises(UnavailableError):
+        dead_remote.check()
