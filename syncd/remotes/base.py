@@ -15,7 +15,7 @@ from typing import Any, NamedTuple, Protocol
 
 import xxhash
 
-from syncd.errors import PathEscape, PermanentError, SourceChanged
+from syncd.errors import NotFound, PathEscape, PermanentError, SourceChanged
 from syncd.model import TMP_PREFIX, RemoteEntry
 
 
@@ -202,28 +202,55 @@ class Remote(Protocol):
     def rmdir(self, path: str) -> bool:
         """Remove an empty directory; False if it is not empty."""
 
-    def move(self, src: str, dst: str) -> None:
-        """Server-side move (only when caps.move); creates dst's parents."""
+    def move(self, src: str, dst: str) -> str:
+        """Server-side move (only when caps.move); creates dst's parents. Never replaces
+        an existing entry: when dst exists, the first free `alt_name(dst, n)` is used.
+        Returns the path moved to."""
 
     def close(self) -> None: ...
 
 
-def move(remote: Remote, src: str, dst: str, tmp_dir: str | None = None) -> None:
-    """Move through the backend when it can, else copy (download + upload) and delete."""
+MAX_ALT_NAMES = 1000   # alt_name(dst, 1..) tried before a move gives up
+
+
+def alt_name(dst: str, n: int) -> str:
+    """The n-th other name for a move target that exists (n >= 1): `dst.n`, in the same
+    folder. A move into the trash never replaces an earlier trashed version."""
+    return f"{dst}.{n}" if n else dst
+
+
+def names_for(remote: str, dst: str) -> Iterator[str]:
+    """dst, then its alternative names; PermanentError once they are all taken."""
+    for n in range(MAX_ALT_NAMES):
+        yield alt_name(dst, n)
+    raise PermanentError(f"{dst} and {MAX_ALT_NAMES - 1} alternative names are taken; "
+                         "empty the trash", remote=remote, path=dst)
+
+
+def move(remote: Remote, src: str, dst: str, tmp_dir: str | None = None) -> str:
+    """Move through the backend when it can, else copy (download + upload) and delete;
+    either way an existing dst is never replaced (see Remote.move). Returns the path
+    moved to."""
     if remote.caps.move:
-        remote.move(src, dst)
-        return
+        return remote.move(src, dst)
+    remote.stat(src)   # a missing source is NotFound before anything is written
+    for target in names_for(remote.name, dst):
+        try:
+            remote.stat(target)
+        except NotFound:
+            break
     fd, tmp = tempfile.mkstemp(prefix=".syncd-move-", dir=tmp_dir)
     os.close(fd)
     try:
         e = remote.get(src, tmp)
         if e.mtime_ns:
             os.utime(tmp, ns=(e.mtime_ns, e.mtime_ns))
-        with Source(tmp, dst) as s:
-            remote.put(dst, s)
+        with Source(tmp, target) as s:
+            remote.put(target, s)
         remote.delete([src])
     finally:
         os.unlink(tmp)
+    return target
 
 
 def join(prefix: str, rel: str) -> str:

@@ -26,6 +26,7 @@ from syncd.credentials import read_secret_file
 from syncd.errors import (
     AuthError,
     Conflict,
+    ConnectionLost,
     NotFound,
     PermanentError,
     RemoteError,
@@ -36,7 +37,14 @@ from syncd.errors import (
 from syncd.index import IndexError_
 from syncd.listing import DIR_FP
 from syncd.model import LOST_FOUND, TRASH_DIR, Kind, RemoteEntry
-from syncd.remotes.base import Capabilities, Source, check_rel_path, temp_name, unlistable
+from syncd.remotes.base import (
+    Capabilities,
+    Source,
+    check_rel_path,
+    names_for,
+    temp_name,
+    unlistable,
+)
 
 if TYPE_CHECKING:
     from syncd.index import UploadLog
@@ -283,16 +291,20 @@ class FTPRemote:
                                         "falls back to clear text: enable FTPS on the server, "
                                         "or set tls = \"none\" knowingly", remote=self.name)
             return UnavailableError(f"{o.host}:{o.port}: {e}", remote=self.name)
-        if isinstance(e, ftplib.error_temp):
+        if isinstance(e, ftplib.error_temp):   # 421 too many connections: see _take
             return TransientError(f"{o.host}:{o.port}: {e}", remote=self.name)
+        # Below: the server as a whole could not be reached or stopped answering.
         if isinstance(e, socket.gaierror):
-            return TransientError(f"cannot resolve host '{o.host}': {e.strerror}",
+            return ConnectionLost(f"cannot resolve host '{o.host}': {e.strerror}",
                                   remote=self.name)
         if isinstance(e, ssl.SSLError):
-            return TransientError(f"TLS with {o.host}:{o.port} failed: {e}", remote=self.name)
+            return ConnectionLost(f"TLS with {o.host}:{o.port} failed: {e}", remote=self.name)
+        if isinstance(e, TimeoutError):
+            return ConnectionLost(f"no answer from {o.host}:{o.port} within {o.timeout:g} s "
+                                  "(connecting or logging in)", remote=self.name)
         if isinstance(e, OSError | EOFError | ftplib.Error):
             why = getattr(e, "strerror", None) or str(e) or type(e).__name__
-            return TransientError(f"cannot connect to {o.host}:{o.port}: {why}",
+            return ConnectionLost(f"cannot connect to {o.host}:{o.port}: {why}",
                                   remote=self.name)
         return PermanentError(f"{type(e).__name__}: {e} ({self.where})", remote=self.name)
 
@@ -392,12 +404,16 @@ class FTPRemote:
         except ftplib.error_perm as e:
             raise self._reply_error(e, path) from None
         except ftplib.error_temp as e:
-            c.broken = str(e).startswith("421")
+            if str(e).startswith("421"):   # the server is closing this connection
+                c.broken = True
+                raise ConnectionLost(f"{e} ({self.where})", remote=self.name,
+                                     path=path) from None
             raise TransientError(f"{e} ({self.where})", remote=self.name, path=path) from None
         except (OSError, EOFError, ftplib.Error) as e:   # lost, timed out, garbled, TLS
             c.broken = True
-            why = getattr(e, "strerror", None) or str(e) or type(e).__name__
-            raise TransientError(f"connection to {self.where} lost: {why}", remote=self.name,
+            why = (f"no answer within {self.o.timeout:g} s" if isinstance(e, TimeoutError)
+                   else getattr(e, "strerror", None) or str(e) or type(e).__name__)
+            raise ConnectionLost(f"connection to {self.where} lost: {why}", remote=self.name,
                                  path=path) from None
         except BaseException:
             c.broken = True   # interrupted mid-command: the reply stream is out of step
@@ -846,14 +862,31 @@ class FTPRemote:
                                           if d == ap or d.startswith(ap + "/")])
             return True
 
-    def move(self, src: str, dst: str) -> None:
-        sap, dap = self._abs(src), self._abs(dst)
+    def move(self, src: str, dst: str) -> str:
+        """RNFR/RNTO to a name that is free: most servers let RNTO replace an existing
+        file, so the target is looked at first (a window only a concurrent writer of the
+        same trash name could hit), and a refused RNTO onto one that appeared meanwhile
+        moves on to the next name."""
+        sap = self._abs(src)
         with self._conn(f"{src} -> {dst}") as ftp:
             st = self._stat(ftp, sap)
             if st is None:
                 raise NotFound("no such file", remote=self.name, path=src)
             self._ensure_dirs(ftp, dst.rpartition("/")[0], fresh=True)
-            self._rename(ftp, sap, dap)
+            for target in names_for(self.name, dst):
+                tap = self._abs(target)
+                if self._stat(ftp, tap) is not None:
+                    continue
+                resp = ftp.sendcmd(f"RNFR {sap}")
+                if not resp.startswith("3"):
+                    raise ftplib.error_reply(resp)
+                try:
+                    ftp.voidcmd(f"RNTO {tap}")
+                    return target
+                except ftplib.error_perm:
+                    if self._stat(ftp, tap) is None:
+                        raise
+        raise AssertionError("unreachable: names_for raises when it runs out")
 
 
 def _end_upload(conn: socket.socket) -> None:

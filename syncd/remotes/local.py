@@ -26,7 +26,14 @@ from syncd.errors import (
 )
 from syncd.listing import DIR_FP, RemoteDiff, diff_listing
 from syncd.model import TMP_PREFIX, TRASH_DIR, Kind, RemoteEntry
-from syncd.remotes.base import Capabilities, Source, Staged, check_rel_path, temp_name
+from syncd.remotes.base import (
+    Capabilities,
+    Source,
+    Staged,
+    check_rel_path,
+    names_for,
+    temp_name,
+)
 
 _TRANSIENT = {errno.EIO, errno.ENOSPC, errno.EDQUOT, errno.ETIMEDOUT, errno.ESTALE,
               errno.EAGAIN, errno.EBUSY, errno.EINTR, errno.ENOENT, errno.ENOTCONN,
@@ -702,18 +709,52 @@ class LocalRemote:
             os.close(dfd)
         return True
 
-    def move(self, src: str, dst: str) -> None:
+    def move(self, src: str, dst: str) -> str:
+        """A file is hard-linked to its new name, then unlinked: link() fails on an
+        existing target, where rename() would replace it. A directory, or a file system
+        without hard links, is renamed after a look that the target is free (a window a
+        concurrent writer of the same trash name could hit; nothing of syncd's does)."""
         sfd, sname = self._parent_fd(src, create=False)
         try:
-            dfd, dname = self._parent_fd(dst, create=True)
-            try:
-                os.rename(sname, dname, src_dir_fd=sfd, dst_dir_fd=dfd)
-            except OSError as e:
-                raise self._err(e, f"{src} -> {dst}") from None
-            finally:
-                os.close(dfd)
+            for target in names_for(self.name, dst):
+                dfd, dname = self._parent_fd(target, create=True)
+                try:
+                    if self._move_no_replace(sfd, sname, dfd, dname):
+                        return target
+                except FileNotFoundError:
+                    raise NotFound("no such file or directory", remote=self.name,
+                                   path=src) from None
+                except OSError as e:
+                    raise self._err(e, f"{src} -> {target}") from None
+                finally:
+                    os.close(dfd)
         finally:
             os.close(sfd)
+        raise AssertionError("unreachable: names_for raises when it runs out")
+
+    @staticmethod
+    def _move_no_replace(sfd: int, sname: str, dfd: int, dname: str) -> bool:
+        """Move sname to dname unless dname exists (then False)."""
+        st = os.stat(sname, dir_fd=sfd, follow_symlinks=False)
+        if stat.S_ISREG(st.st_mode):
+            try:
+                os.link(sname, dname, src_dir_fd=sfd, dst_dir_fd=dfd, follow_symlinks=False)
+            except FileExistsError:
+                return False
+            except OSError as e:
+                if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK,
+                                   errno.EXDEV):
+                    raise
+            else:
+                os.unlink(sname, dir_fd=sfd)
+                return True
+        try:
+            os.stat(dname, dir_fd=dfd, follow_symlinks=False)
+            return False
+        except FileNotFoundError:
+            pass
+        os.rename(sname, dname, src_dir_fd=sfd, dst_dir_fd=dfd)
+        return True
 
     def close(self) -> None:
         pass

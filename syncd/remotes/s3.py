@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from syncd import log as slog
 from syncd.errors import (
     AuthError,
+    ConnectionLost,
     NotFound,
     PathEscape,
     PermanentError,
@@ -28,7 +29,7 @@ from syncd.errors import (
 from syncd.index import IndexError_
 from syncd.listing import DIR_FP
 from syncd.model import TRASH_DIR, Kind, RemoteEntry
-from syncd.remotes.base import Capabilities, Source, check_rel_path
+from syncd.remotes.base import Capabilities, Source, check_rel_path, names_for
 
 if TYPE_CHECKING:
     from syncd.index import UploadLog
@@ -71,6 +72,28 @@ def _code(e: BaseException) -> str:
     """The S3 error code of a botocore ClientError ("" for anything else)."""
     resp = getattr(e, "response", None)
     return str(resp.get("Error", {}).get("Code", "")) if isinstance(resp, dict) else ""
+
+
+def _unreachable(e: BaseException | None) -> bool:
+    """Whether a botocore error is about the endpoint as a whole: it refused or never
+    accepted the connection, or did not answer within the timeout. (A connection closed
+    mid-request is not: a pooled connection the server dropped meanwhile looks the same,
+    and a retry on a fresh one is what helps.)"""
+    from botocore.exceptions import (
+        ConnectTimeoutError,
+        EndpointConnectionError,
+        ReadTimeoutError,
+    )
+
+    return isinstance(e, ConnectTimeoutError | ReadTimeoutError | EndpointConnectionError)
+
+
+def _no_retry_when_unreachable(caught_exception: BaseException | None = None,
+                               **_: Any) -> None:
+    """botocore's needs-retry hook (registered first): raising here ends the call with
+    that error instead of retrying it."""
+    if caught_exception is not None and _unreachable(caught_exception):
+        raise caught_exception
 
 
 def _read_full(source: Source, n: int) -> bytes:
@@ -173,9 +196,15 @@ class S3Remote:
                      retries={"mode": "standard", "max_attempts": self.RETRY_ATTEMPTS},
                      s3={"addressing_style": o.addressing_style})
         try:
-            return session.client("s3", endpoint_url=o.endpoint_url or None, config=cfg)
+            client = session.client("s3", endpoint_url=o.endpoint_url or None, config=cfg)
         except Exception as e:   # bad profile, no region for a virtual-hosted endpoint...
             raise UnavailableError(f"cannot set up the S3 client: {e}", remote=self.name) from None
+        # botocore retries a request that timed out or could not connect like a throttled
+        # one: an endpoint that never answers then costs RETRY_ATTEMPTS timeouts per call.
+        # Such a failure is about the endpoint, not the request: it ends the call at once,
+        # and the queue (and the remote's unavailability) decide what comes next.
+        client.meta.events.register_first("needs-retry.s3", _no_retry_when_unreachable)
+        return client
 
     def _err(self, e: Exception, key: str = "") -> RemoteError:
         from botocore.exceptions import (
@@ -204,6 +233,9 @@ class S3Remote:
             if code in _AUTH_CODES:
                 return AuthError(text, remote=self.name, path=key)
             return PermanentError(text, remote=self.name, path=key)
+        if _unreachable(e):
+            return ConnectionLost(f"{type(e).__name__}: {e} ({where}; timeout "
+                                  f"{self.o.timeout:g} s)", remote=self.name, path=key)
         if isinstance(e, NoCredentialsError):
             return AuthError(f"no AWS credentials found (profile, environment, instance role) "
                              f"({where})", remote=self.name)
@@ -241,10 +273,10 @@ class S3Remote:
                 err = self._err(e)
                 # Throttled or a passing 5xx: worth a few more tries before the pair is
                 # declared unreachable (botocore already retried each call 3 times). Not
-                # a timeout or a refused connection: botocore's retries were all spent on
-                # it already, and 6 more rounds of them would take ~24 timeouts.
-                answered = hasattr(e, "response")
-                if isinstance(err, TransientError) and answered and i < attempts - 1:
+                # a timeout or a refused connection (ConnectionLost): the endpoint itself
+                # did not answer, and asking again would only wait again.
+                if (isinstance(err, TransientError) and not isinstance(err, ConnectionLost)
+                        and i < attempts - 1):
                     sleep(min(2.0, 0.2 * 2 ** i))
                     continue
                 self._check_failed(err)
@@ -600,15 +632,25 @@ class S3Remote:
         self._key(path)
         return True
 
-    def move(self, src: str, dst: str) -> None:
-        """Server-side copy (multipart copy for big objects, by boto3), then delete."""
-        skey, dkey = self._key(src), self._key(dst)
+    def move(self, src: str, dst: str) -> str:
+        """Server-side copy (multipart copy for big objects, by boto3) to a key that is
+        free, then delete. A copy replaces an existing object, so the key is looked at
+        first (a window only a concurrent writer of the same trash key could hit)."""
+        skey = self._key(src)
+        self.stat(src)   # a missing source is NotFound before anything is written
+        for target in names_for(self.name, dst):
+            try:
+                self.stat(target)
+            except NotFound:
+                break
+        dkey = self._key(target)
         try:
             self.client.copy({"Bucket": self.o.bucket, "Key": skey}, self.o.bucket, dkey,
                              ExtraArgs=self._extra() or None)
         except Exception as e:
             raise self._err(e, skey) from None
         self.delete([src])
+        return target
 
     def close(self) -> None:
         self._client = None

@@ -28,6 +28,7 @@ from syncd.credentials import check_resolved, read_secret_file
 from syncd.errors import (
     AuthError,
     Conflict,
+    ConnectionLost,
     HostKeyError,
     NotFound,
     PathEscape,
@@ -41,7 +42,14 @@ from syncd.errors import (
 from syncd.listing import DIR_FP
 from syncd.model import LOST_FOUND, TRASH_DIR, Kind, RemoteEntry
 from syncd.remotes import sftp_wire as w
-from syncd.remotes.base import Capabilities, Source, check_rel_path, temp_name, unlistable
+from syncd.remotes.base import (
+    Capabilities,
+    Source,
+    check_rel_path,
+    names_for,
+    temp_name,
+    unlistable,
+)
 
 _FILE, _DIR = int(Kind.FILE), int(Kind.DIR)
 _SEC = 1_000_000_000
@@ -169,6 +177,10 @@ class SFTPRemote:
         self._conns: list[_Conn] = []   # live SSH connections, each with its channels
         self._max_conns = max(1, opts.connections)
         self._connecting = 0            # connections being made (outside the lock)
+        # Connection attempts failed so far, and the last one's error (see _pick).
+        self._failed: tuple[int, RemoteError | None] = (0, None)
+        # Temps of uploads cut off by a lost connection: removed by the next session.
+        self._orphans: set[bytes] = set()
         self._capped = self._max_conns  # the limit after a refused extra connection...
         self._cap_until = 0.0           # ...until this time.monotonic()
         self._max_sessions = MAX_CHANNELS
@@ -206,20 +218,22 @@ class SFTPRemote:
                                    remote=self.name)
 
     def _connect(self) -> Any:
-        """A fresh authenticated transport; called with the lock held."""
+        """A fresh authenticated transport. Every phase is bounded by `timeout`: TCP
+        connect, banner, key exchange, each authentication request. A server that does not
+        answer in time, or hangs up, is ConnectionLost (the remote as a whole, not a path)."""
         paramiko = _paramiko()
 
         o = self.o
         try:
             sock = socket.create_connection((o.host, o.port), timeout=o.timeout)
         except socket.gaierror as e:
-            raise TransientError(f"cannot resolve host {o.host}: {e.strerror}",
+            raise ConnectionLost(f"cannot resolve host {o.host}: {e.strerror}",
                                  remote=self.name) from None
         except TimeoutError:
-            raise TransientError(f"connecting to {o.host}:{o.port} timed out after {o.timeout:g} s",
-                                 remote=self.name) from None
+            raise ConnectionLost(f"connecting to {o.host}:{o.port} timed out after "
+                                 f"{o.timeout:g} s", remote=self.name) from None
         except OSError as e:
-            raise TransientError(f"cannot connect to {o.host}:{o.port}: {e.strerror or e}",
+            raise ConnectionLost(f"cannot connect to {o.host}:{o.port}: {e.strerror or e}",
                                  remote=self.name) from None
         # Requests go out as soon as they are complete: without this, Nagle + delayed ACK
         # add ~40 ms to each lone request/reply exchange (authentication, a REALPATH).
@@ -238,11 +252,12 @@ class SFTPRemote:
                 opts.key_types = tuple(k for k in known if k in types) + tuple(
                     k for k in types if k not in known)
             try:
-                t.start_client(timeout=o.timeout)
+                self._handshake(t)
+                key = t.get_remote_server_key()
             except (paramiko.SSHException, OSError, EOFError) as e:
-                raise TransientError(f"SSH handshake with {o.host}:{o.port} failed: "
-                                     f"{e or type(e).__name__}", remote=self.name) from None
-            self._verify_host_key(t.get_remote_server_key(), known, revoked)
+                raise ConnectionLost(f"SSH handshake with {o.host}:{o.port} failed: "
+                                     f"{str(e) or type(e).__name__}", remote=self.name) from None
+            self._verify_host_key(key, known, revoked)
             self._authenticate(t)
             t.set_keepalive(KEEPALIVE_S)
             drop_handshake_timer(t)
@@ -250,6 +265,29 @@ class SFTPRemote:
         except BaseException:
             t.close()
             raise
+
+    def _handshake(self, t: Any) -> None:
+        """Banner and key exchange, within the banner and handshake timeouts. paramiko's
+        own start_client(timeout=) returns when the time is up as if it had succeeded
+        (paramiko 5.1), so completion is awaited here: either the exchange completed on a
+        live transport, or this raises."""
+        done = threading.Event()
+        t.start_client(event=done)
+        limit = t.banner_timeout + t.handshake_timeout
+        deadline = time.monotonic() + limit
+        while not done.wait(min(0.1, max(0.0, deadline - time.monotonic()))):
+            if time.monotonic() >= deadline:
+                raise ConnectionLost(f"no SSH handshake from {self.o.host}:{self.o.port} "
+                                     f"within {limit:g} s (the server accepted the "
+                                     "connection, then went silent)", remote=self.name)
+        if not t.is_active():
+            e = t.get_exception()
+            if isinstance(e, socket.timeout) or e is None or isinstance(e, EOFError):
+                raise ConnectionLost(f"SSH handshake with {self.o.host}:{self.o.port} "
+                                     "failed: the server closed the connection or stopped "
+                                     f"answering (timeout {self.o.timeout:g} s)",
+                                     remote=self.name)
+            raise e
 
     def _host_names(self) -> list[str]:
         o = self.o
@@ -351,10 +389,15 @@ class SFTPRemote:
                 fn(user, *args)
             except paramiko.BadAuthenticationType as e:
                 allowed = list(e.allowed_types)
-            except paramiko.AuthenticationException:
-                pass
+            except paramiko.AuthenticationException as e:
+                # paramiko says "authentication failed" also when the transport died or
+                # the server did not answer within auth_timeout: that is the connection.
+                if not t.is_active() or "timeout" in str(e).lower():
+                    raise ConnectionLost(f"the server stopped answering during "
+                                         f"authentication ({e}; timeout {o.timeout:g} s)",
+                                         remote=self.name) from None
             except (paramiko.SSHException, OSError, EOFError) as e:
-                raise TransientError(f"connection lost during authentication: {e}",
+                raise ConnectionLost(f"connection lost during authentication: {e}",
                                      remote=self.name) from None
             return bool(t.is_authenticated())
 
@@ -444,16 +487,34 @@ class SFTPRemote:
         `path`, and a lost connection is transient (the next call reconnects)."""
         ss = self._take()
         try:
+            self._remove_orphans(ss)
             yield ss
         except w.StatusError as e:
             raise self._status_error(e, path) from None
         except (w.WireError, struct.error) as e:   # lost, timed out, or a garbled reply
             ss.broken = True
-            raise TransientError(f"{e} ({self.where})", remote=self.name, path=path) from None
+            raise ConnectionLost(f"{e} ({self.where})", remote=self.name, path=path) from None
         finally:
             # A session left with requests in flight (an operation that failed half-way)
             # may hold open handles and unread replies: close it rather than reuse it.
             self._give(ss, not ss.broken and ss.idle)
+
+    def _remove_orphans(self, ss: w.Session) -> None:
+        """Remove the temps of uploads a lost connection cut off, now that a session is up
+        again: within the same run, not at the next full reconcile. A name that was
+        published or removed meanwhile is simply not there any more (temp names are
+        unique per attempt, so nothing else can carry one)."""
+        with self._lock:
+            if not self._orphans:
+                return
+            todo, self._orphans = self._orphans, set()
+        try:
+            ss.discard([ss.remove(p) for p in sorted(todo)])
+        except BaseException:
+            with self._lock:
+                self._orphans |= todo
+            raise
+        self.log.info("sftp_temps_removed", remote=self.name, count=len(todo))
 
     def prepare(self) -> None:
         """Start connecting in the background (uploads are coming); errors are left for
@@ -474,6 +535,8 @@ class SFTPRemote:
         _INHERITED.extend(self._conns)   # never freed here: see _INHERITED
         self._conns = []   # a session of theirs given back here is dropped, not pooled
         self._connecting = 0
+        self._failed = (0, None)
+        self._orphans = set()   # the parent's to remove
 
     @property
     def _transport(self) -> Any:
@@ -498,7 +561,7 @@ class SFTPRemote:
         except (w.WireError, struct.error) as e:
             ss.broken = True
             self._give(ss, False)
-            raise TransientError(f"{e} ({self.where})", remote=self.name) from None
+            raise ConnectionLost(f"{e} ({self.where})", remote=self.name) from None
         return ss
 
     def _take_session(self) -> w.Session:
@@ -519,11 +582,15 @@ class SFTPRemote:
                 self._connecting += 1
             try:
                 t = self._connect()
-            except RemoteError as e:
+            except BaseException as e:
                 with self._lock:
                     self._connecting -= 1
                     self._free.notify_all()
-                    if not self._conns:
+                    if isinstance(e, RemoteError):
+                        # Those waiting for this attempt (no connection up) get its error
+                        # instead of each paying another timeout.
+                        self._failed = (self._failed[0] + 1, e)
+                    if not isinstance(e, RemoteError) or not self._conns:
                         raise
                     # Refused while others are up (MaxStartups, a per-user login limit, a
                     # timeout): go on with the ones we have for a while, then try again.
@@ -556,9 +623,13 @@ class SFTPRemote:
         """With the lock held: an idle session; or a connection with a channel reserved
         on it (the caller opens it); or None: the caller opens a new connection. Waits
         while everything is busy or the first connection is being made."""
+        failed = self._failed[0]
         while True:
             for c in [c for c in self._conns if not c.transport.is_active()]:
                 self._drop_conn(c)
+            err = self._failed[1]
+            if self._failed[0] != failed and not self._conns and err is not None:
+                raise type(err)(err.reason, remote=err.remote, path=err.path)
             cap = self._max_conns if time.monotonic() >= self._cap_until else self._capped
             conns = sorted(self._conns, key=_Conn.busy)
             c = conns[0] if conns else None
@@ -583,22 +654,34 @@ class SFTPRemote:
             ch = c.transport.open_session(window_size=16 << 20, max_packet_size=256 << 10,
                                           timeout=self.o.timeout)
             ch.settimeout(self.o.timeout)
-            ch.invoke_subsystem("sftp")
+            # paramiko waits for the answer to a channel request without a time limit: a
+            # server that never answers would hold this thread forever. Past the timeout
+            # the connection is closed, which ends the wait with an error.
+            timer = threading.Timer(self.o.timeout, c.transport.close)
+            timer.daemon = True
+            timer.start()
+            try:
+                ch.invoke_subsystem("sftp")
+            finally:
+                timer.cancel()
+            if not c.transport.is_active():
+                raise EOFError(f"no answer to the SFTP subsystem request within "
+                               f"{self.o.timeout:g} s")
         except paramiko.ChannelException as e:
             with self._lock:   # the server caps sessions per connection: use fewer
                 self._max_sessions = max(1, c.sessions - 1)
             raise TransientError(f"server refused another SFTP channel: {e}",
                                  remote=self.name) from None
         except (paramiko.SSHException, OSError, EOFError) as e:
-            raise TransientError(f"opening an SFTP channel on {self.where} failed: {e}",
-                                 remote=self.name) from None
+            raise ConnectionLost(f"opening an SFTP channel on {self.where} failed: "
+                                 f"{str(e) or type(e).__name__}", remote=self.name) from None
         ss = w.Session(ch)
         ss.sender = DataSender.for_channel(ch, self.log)
         try:
             ss.start()
         except w.WireError as e:
             ss.close_channel()
-            raise TransientError(f"SFTP subsystem on {self.where} failed to start: {e} (is "
+            raise ConnectionLost(f"SFTP subsystem on {self.where} failed to start: {e} (is "
                                  "'Subsystem sftp' enabled in sshd_config?)",
                                  remote=self.name) from None
         if self.caps.mtimes and not ss.has_lsetstat:
@@ -659,7 +742,7 @@ class SFTPRemote:
         if e.code == w.NO_SUCH_FILE:
             return NotFound(msg, remote=self.name, path=path)
         if e.code in (w.NO_CONNECTION, w.CONNECTION_LOST):
-            return TransientError(msg, remote=self.name, path=path)
+            return ConnectionLost(msg, remote=self.name, path=path)
         return PermanentError(msg, remote=self.name, path=path)
 
     def _abs(self, rel: str) -> bytes:
@@ -1032,10 +1115,21 @@ class SFTPRemote:
     def _put_batch(self, ss: w.Session, items: Sequence[tuple[str, Source]],
                    results: list[RemoteEntry | Exception | None]) -> None:
         live = self._checked(ss, [path for path, _ in items], results, create=True)
+        tmps = {i: self._tmp(items[i][0]) for i in live}
+        try:
+            self._put_temps(ss, items, results, live, tmps)
+        except BaseException:
+            # Cut off part-way (the connection lost, a stop): this batch's temps may be on
+            # the server. The next session removes them (see _remove_orphans).
+            with self._lock:
+                self._orphans.update(tmps.values())
+            raise
 
+    def _put_temps(self, ss: w.Session, items: Sequence[tuple[str, Source]],
+                   results: list[RemoteEntry | Exception | None], live: list[int],
+                   tmps: dict[int, bytes]) -> None:
         # 1. open every temp file exclusively (O_EXCL never follows a planted symlink);
         #    a leftover temp of ours is removed and opened again.
-        tmps = {i: self._tmp(items[i][0]) for i in live}
         flags = w.O_WRITE | w.O_CREAT | w.O_EXCL
         attrs = w.encode_attrs(perms=0o600)
         handles: dict[int, bytes] = {}
@@ -1212,18 +1306,24 @@ class SFTPRemote:
                 raise
             return True
 
-    def move(self, src: str, dst: str) -> None:
+    def move(self, src: str, dst: str) -> str:
+        """Plain SFTP RENAME, never posix-rename: it fails on an existing target (OpenSSH
+        links the new name, then unlinks the old), and then the next free name is tried."""
         with self._session(f"{src} -> {dst}") as ss:
             self._parent_ok(ss, src, create=False)
             self._parent_ok(ss, dst, create=True)
-            try:
-                ss.status(ss.rename(self._abs(src), self._abs(dst)))
-            except w.StatusError as e:
-                if e.code == w.FAILURE and not ss.atomic_rename:
-                    ss.discard([ss.remove(self._abs(dst))])
-                    ss.status(ss.rename(self._abs(src), self._abs(dst)))
-                else:
-                    raise
+            for target in names_for(self.name, dst):
+                try:
+                    ss.status(ss.rename_noreplace(self._abs(src), self._abs(target)))
+                    return target
+                except w.StatusError as e:
+                    if e.code != w.FAILURE:
+                        raise
+                    try:   # FAILURE: the target exists, or a reason of the server's own
+                        ss.attrs(ss.lstat(self._abs(target)))
+                    except w.StatusError:
+                        raise e from None
+        raise AssertionError("unreachable: names_for raises when it runs out")
 
 
 def _one(results: list[RemoteEntry | Exception]) -> RemoteEntry:

@@ -397,6 +397,10 @@ class Session:
             return self.send(EXTENDED, s(b"posix-rename@openssh.com") + s(old) + s(new))
         return self.send(RENAME, s(old) + s(new))
 
+    def rename_noreplace(self, old: bytes, new: bytes) -> int:
+        """Plain RENAME: fails (FAILURE) when `new` exists, whatever the server offers."""
+        return self.send(RENAME, s(old) + s(new))
+
     @property
     def atomic_rename(self) -> bool:
         return "posix-rename@openssh.com" in self.extensions

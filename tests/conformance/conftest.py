@@ -359,3 +359,59 @@ def local_dir(tmp_path: Path) -> Path:
     d = tmp_path / "local"
     d.mkdir()
     return d
+
+
+# --- a dead server: every network backend pointed at a port nothing listens on -------------
+
+
+def _dead_sftp(port: int, tmp_path: Path) -> Remote:
+    from syncd.remotes.sftp import SFTPOptions, SFTPRemote
+
+    kh = tmp_path / "known_hosts"
+    kh.touch()
+    return SFTPRemote("test", SFTPOptions(host="127.0.0.1", port=port, user="nobody",
+                                          root="/", known_hosts=str(kh), use_agent=False,
+                                          timeout=5.0))
+
+
+def _dead_s3(port: int, tmp_path: Path) -> Remote:
+    from syncd.remotes.s3 import S3Options, S3Remote
+
+    return S3Remote("test", S3Options(bucket="dead", endpoint_url=f"http://127.0.0.1:{port}",
+                                      region="us-east-1", addressing_style="path",
+                                      timeout=5.0))
+
+
+def _dead_ftp(tls: str) -> Callable[[int, Path], Remote]:
+    def make(port: int, tmp_path: Path) -> Remote:
+        from syncd.remotes.ftp import FTPOptions, FTPRemote
+
+        return FTPRemote("test", FTPOptions(host="127.0.0.1", port=port, user="u",
+                                            password_env="PW", tls=tls, timeout=5.0),
+                         env={"PW": "x"})
+
+    return make
+
+
+DEAD_BACKENDS = [
+    pytest.param(_dead_sftp, id="sftp"),
+    pytest.param(_dead_s3, id="s3"),
+    pytest.param(_dead_ftp("explicit"), id="ftps"),
+    pytest.param(_dead_ftp("none"), id="ftp"),
+]
+
+
+@pytest.fixture(params=DEAD_BACKENDS)
+def dead_remote(request: pytest.FixtureRequest, tmp_path: Path,
+                monkeypatch: pytest.MonkeyPatch) -> Iterator[Remote]:
+    """A network backend whose server is down: its port is closed."""
+    from tests.servers import S3Server
+    from tests.silent import closed_port
+
+    for k, v in S3Server.ENV.items():
+        monkeypatch.setenv(k, v)
+    r = request.param(closed_port(), tmp_path)
+    try:
+        yield r
+    finally:
+        r.close()

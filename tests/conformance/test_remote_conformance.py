@@ -18,12 +18,14 @@ import pytest
 
 from syncd.errors import (
     Conflict,
+    ConnectionLost,
     NotFound,
     PathEscape,
     RemoteChanged,
     RemoteError,
     SourceChanged,
     SyncdError,
+    UnavailableError,
 )
 from syncd.model import TMP_PREFIX, TRASH_DIR, Kind, RemoteEntry
 from syncd.remotes import base
@@ -552,6 +554,26 @@ def test_move_and_move_fallback(remote: Remote, peek: Peek, upload: Upload, tmp_
     assert set(files_of(listing(remote, "pair"))) == {"other.txt", "b.txt"}
 
 
+@pytest.mark.parametrize("via", ["native", "fallback"])
+def test_move_never_replaces_an_existing_entry(remote: Remote, peek: Peek, upload: Upload,
+                                               tmp_path: Path, via: str) -> None:
+    """Trashing the same path twice under one trash folder (an index lost, two state dirs
+    on one remote) keeps both versions: the second goes to the next free name."""
+    r: Any = remote if via == "native" else NoMoveRemote(remote)
+    move_tmp = tmp_path / "move-tmp"
+    move_tmp.mkdir()
+    dst = f"pair/{TRASH_DIR}/2024-01-01T000000Z/f.txt"
+    got = []
+    for version in (b"first", b"second", b"third"):
+        upload("pair/f.txt", version)
+        got.append(base.move(r, "pair/f.txt", dst, tmp_dir=str(move_tmp)))
+    assert got == [dst, base.alt_name(dst, 1), base.alt_name(dst, 2)]
+    for path, version in zip(got, (b"first", b"second", b"third"), strict=True):
+        assert_bytes_equal(peek.read(path), version)
+    assert not peek.exists("pair/f.txt")
+    assert temp_names(peek, "pair") == set()
+
+
 # --- paths that leave the root -------------------------------------------------------------
 
 BAD_PATHS = ["../x", "/etc/passwd", "a/../../x", "", "a//b", "..", ".", "./x", "a/./b", "a/",
@@ -924,3 +946,24 @@ def test_set_attrs_changes_the_mtime_alone(remote: Remote, peek: Peek, upload: U
         assert victim.stat().st_mtime_ns == before
 
 
+
+
+# --- a dead server -------------------------------------------------------------------------
+
+
+def test_a_dead_server_is_connection_lost(dead_remote: Remote, local_dir: Path) -> None:
+    """Port closed: every call says the remote is unreachable (ConnectionLost, which the
+    circuit breaker counts), never a per-path error; check() says unavailable (exit 3)."""
+    src = local_dir / "f"
+    src.write_bytes(b"x")
+    calls: list[Callable[[], object]] = [
+        lambda: list(dead_remote.list("")), lambda: dead_remote.stat("f"),
+        lambda: dead_remote.delete(["f"])]
+    for call in calls:
+        with pytest.raises(ConnectionLost) as e:
+            call()
+        assert "test" in str(e.value)
+    with Source(str(src), "f") as s, pytest.raises(ConnectionLost):
+        dead_remote.put("f", s)
+    with pytest.raises(UnavailableError):
+        dead_remote.check()

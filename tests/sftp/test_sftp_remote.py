@@ -423,8 +423,9 @@ def test_password_from_env_is_used_and_never_shown(tmp_path: Path) -> None:
 
 def test_plain_rename_fallback_replaces_existing(srv: SSHServer, tmp_path: Path,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    """A server without posix-rename@openssh.com: RENAME refuses to replace a file, so the
-    target is removed first (a short window without the file; documented)."""
+    """A server without posix-rename@openssh.com: RENAME refuses to replace a file, so a
+    put removes the target first (a short window without the file; documented). A move
+    never replaces: it takes the next free name."""
     start = sftp_wire.Session.start
 
     def start_without_posix_rename(self: sftp_wire.Session) -> None:
@@ -445,8 +446,9 @@ def test_plain_rename_fallback_replaces_existing(srv: SSHServer, tmp_path: Path,
     src.write_bytes(b"moved")
     with Source(str(src), "m") as so:
         r.put("m.txt", so)
-    r.move("m.txt", "d/f.txt")
-    assert (root / "d/f.txt").read_bytes() == b"moved" and not (root / "m.txt").exists()
+    assert r.move("m.txt", "d/f.txt") == "d/f.txt.1"
+    assert (root / "d/f.txt.1").read_bytes() == b"moved" and not (root / "m.txt").exists()
+    assert (root / "d/f.txt").read_bytes() == b"second version"
     r.close()
 
 
