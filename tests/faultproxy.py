@@ -39,7 +39,12 @@ from dataclasses import dataclass, field
 MODES = ("pass", "refuse", "cut", "stall", "trickle", "reset")
 _TICK = 0.02          # the longest the loop waits before it looks at the stop flag again
 _CHUNK = 65536
-_MAX_BUFFER = 1 << 20  # per direction: stop reading a side whose bytes cannot be sent on
+# Per direction, bytes the proxy holds before it stops reading that side, and the kernel
+# buffers of its sockets: small, so a trickle pushes back on the sender as a slow link does
+# (with megabytes parked in buffers a sender would finish "sending" long before the server
+# saw the bytes, and then time out waiting for the reply).
+_MAX_BUFFER = 64 * 1024
+_SOCK_BUFFER = 64 * 1024
 
 
 def _loopback(host: str) -> None:
@@ -181,6 +186,8 @@ class TcpFaultProxy:
     def _listen(port: int) -> socket.socket:
         s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _SOCK_BUFFER)   # accepted ones inherit
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SOCK_BUFFER)
         s.bind(("127.0.0.1", port))
         s.listen(128)
         s.setblocking(False)
@@ -294,10 +301,15 @@ class TcpFaultProxy:
         self._conns.append(c)
 
     def _connect(self, c: _Conn) -> None:
+        up = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         try:
+            up.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _SOCK_BUFFER)
+            up.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SOCK_BUFFER)
             # Loopback: a connect succeeds or is refused at once; the timeout is a backstop.
-            up = socket.create_connection(c.target, timeout=2)
+            up.settimeout(2)
+            up.connect(c.target)
         except OSError:
+            up.close()
             self._close(c, rst=True, count=False)
             return
         up.setblocking(False)

@@ -134,11 +134,11 @@ def test_link_dropped_mid_transfer_recovers_in_the_same_run(
 
 
 def test_slow_link_is_not_a_dead_one(target: Target, tmp_path: Path) -> None:
-    """A trickle of 128 KiB/s per connection, longer than `timeout` per file: bytes keep
-    flowing, so nothing times out; exit 0 and converged."""
+    """A trickle of 512 KiB/s per connection: a 1 MiB file takes longer than `timeout`,
+    but bytes keep flowing, so nothing times out; exit 0 and converged."""
     s = Setup(tmp_path, target)
-    s.write_tree(n=10, big=1, big_size=512 * 1024)
-    target.proxy.set_mode("trickle", rate=128 * 1024)
+    s.write_tree(n=10, big=1, big_size=1 << 20)
+    target.proxy.set_mode("trickle", rate=512 * 1024)
     with Watcher(s) as w:
         r = s.reconcile()
     assert r.code == 0, why(r)
