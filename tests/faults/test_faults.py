@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.e2e.conftest import SYNCD, tree
-from tests.faults.conftest import HANG_BOUND, Outcome, Setup, Target, Watcher, wait_until
+from tests.faults.conftest import Outcome, Setup, Target, Watcher, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -38,21 +38,48 @@ def after_upload(t: Target, nbytes: int, fault: Callable[[], None]) -> Callable[
     return step
 
 
-def assert_converges(s: Setup) -> Outcome:
+class Soft:
+    """Expectations about the faulted run: collected, not raised at once, so the
+    convergence step still runs and shows whether anything was lost; reported together."""
+
+    def __init__(self) -> None:
+        self.failed: list[str] = []
+
+    def check(self, ok: bool, msg: str) -> None:
+        if not ok:
+            self.failed.append(msg)
+
+
+def lost(s: Setup) -> list[str]:
+    """Local files whose last version is not on the remote under their name."""
+    remote = s.final()
+    return sorted(k for k, v in s.local().items() if remote.get(k) != v)
+
+
+def converge_and_report(s: Setup, soft: Soft, label: str) -> None:
     """The fault is over: a rerun exits 0, every local file's last version is on the
-    remote under its name, and no temp is left."""
+    remote under its name, no temp is left, nothing partial is seen; then every
+    expectation of the faulted run is reported."""
+    s.target.proxy.set_mode("reset")   # held or half-open connections of the fault: gone
     s.target.proxy.set_mode("pass")
     with Watcher(s) as w:
         r = s.reconcile()
-    assert r.code == 0, why(r)
-    assert s.final() == s.local(), "not converged: " + str(sorted(set(s.local()) ^ set(s.final())))
-    assert s.temps() == []
-    assert not w.bad, f"partial files under final names: {w.bad}"
+    gone = lost(s)
+    # One line per scenario for the figures in docs/guarantees.md (pytest -s shows them).
+    print(f"\n[fault] {s.target.kind} {label}: faulted run "
+          f"{'as expected' if not soft.failed else 'NOT as expected'}; rerun exit {r.code}; "
+          f"files lost {len(gone)}")
+    soft.check(r.code == 0, "rerun after the fault: " + why(r))
+    soft.check(gone == [], f"not converged, missing or stale on the remote: {gone[:10]}")
+    soft.check(s.final().keys() == s.local().keys(),
+               f"extra files on the remote: {sorted(s.final().keys() - s.local().keys())[:10]}")
+    soft.check(s.temps() == [], f"temps left after the rerun: {s.temps()[:5]}")
+    soft.check(not w.bad, f"partial files under final names during the rerun: {w.bad}")
     if s.target.kind == "s3":   # S3's temps: multipart uploads never completed or aborted
         c = s.target.extra["client"]
         ups = c.list_multipart_uploads(Bucket="faults", Prefix=f"{s.tmp.name}/").get("Uploads", [])
-        assert ups == []
-    return r
+        soft.check(ups == [], f"multipart uploads left: {len(ups)}")
+    assert not soft.failed, "\n".join(soft.failed)
 
 
 def failed_jobs(s: Setup) -> int:
@@ -64,10 +91,10 @@ def test_refused_remote_exits_3_then_converges(target: Target, tmp_path: Path) -
     s.write_tree()
     target.proxy.set_mode("refuse")
     r = s.reconcile()
-    assert r.code == 3, why(r)
-    assert r.seconds < HANG_BOUND
-    assert s.partial(s.final()) == []
-    assert_converges(s)
+    soft = Soft()
+    soft.check(r.code == 3, why(r))
+    soft.check(s.partial(s.final()) == [], "partial files under final names")
+    converge_and_report(s, soft, "refused from the start")
 
 
 def test_silent_remote_exits_3_in_bounded_time(target: Target, tmp_path: Path) -> None:
@@ -75,12 +102,13 @@ def test_silent_remote_exits_3_in_bounded_time(target: Target, tmp_path: Path) -
     reply): every phase is bounded by `timeout` = 2 s, so the run ends with 3."""
     s = Setup(tmp_path, target)
     s.write_tree(n=10, big=0)
+    held = target.proxy.stats.held_while_stalled
     target.proxy.set_mode("stall")
     r = s.reconcile()
-    assert r.code == 3, why(r)
-    assert target.proxy.stats.held_while_stalled > 0
-    target.proxy.set_mode("reset")   # the server "comes back": held connections are dropped
-    assert_converges(s)
+    assert target.proxy.stats.held_while_stalled > held   # syncd did connect, and met silence
+    soft = Soft()
+    soft.check(r.code == 3, why(r))
+    converge_and_report(s, soft, "silent from the start")
 
 
 @pytest.mark.parametrize("fault", ["refuse", "stall"])
@@ -92,16 +120,20 @@ def test_remote_lost_mid_run_exits_3_parks_nothing_then_converges(
     s = Setup(tmp_path, target)
     s.write_tree()
     target.proxy.set_mode("trickle", rate=RATE)
+    sent = target.proxy.stats.bytes_up
     with Watcher(s) as w:
         r = s.reconcile(after_upload(target, FAULT_AT, lambda: target.proxy.set_mode(fault)))
-    assert target.proxy.stats.bytes_up > 0
-    assert r.code == 3, why(r)
-    assert not w.bad, f"partial files under final names: {w.bad}"
-    assert len(r.events("remote_unavailable")) == 1, why(r)
-    assert r.events("job_failed") == [], why(r)
-    assert failed_jobs(s) == 0
-    target.proxy.set_mode("reset")
-    assert_converges(s)
+    assert target.proxy.stats.bytes_up - sent >= FAULT_AT   # the fault came mid-upload
+    soft = Soft()
+    soft.check(r.code == 3, why(r))
+    soft.check(not w.bad, f"partial files under final names: {w.bad}")
+    n = len(r.events("remote_unavailable"))
+    soft.check(n == 1, f"{n} remote_unavailable events, want 1")
+    n = len(r.events("job_failed"))
+    soft.check(n == 0, f"{n} job_failed events: an outage parked jobs as failed")
+    n = failed_jobs(s)
+    soft.check(n == 0, f"syncd status lists {n} failed jobs after an outage")
+    converge_and_report(s, soft, f"{'down' if fault == 'refuse' else 'silent'} mid-run")
 
 
 @pytest.mark.parametrize("fault", ["cut", "reset"])
@@ -126,11 +158,14 @@ def test_link_dropped_mid_transfer_recovers_in_the_same_run(
     with Watcher(s) as w:
         r = s.reconcile(after_upload(target, FAULT_AT, drop))
     assert target.proxy.stats.cut + target.proxy.stats.reset > before   # the fault happened
-    assert r.code == 0, why(r)
-    assert not w.bad, f"partial files under final names: {w.bad}"
-    assert s.final() == s.local()
-    assert s.temps() == [], "temps of the broken attempts left after the run"
-    assert_converges(s)
+    soft = Soft()
+    soft.check(r.code == 0, why(r))
+    soft.check(not w.bad, f"partial files under final names: {w.bad}")
+    soft.check(lost(s) == [], f"not converged by the same run: {lost(s)[:10]}")
+    temps = s.temps()
+    soft.check(temps == [], f"{len(temps)} temps of broken attempts left after the run, "
+                            f"e.g. {temps[:3]}")
+    converge_and_report(s, soft, f"{fault} mid-transfer")
 
 
 def test_slow_link_is_not_a_dead_one(target: Target, tmp_path: Path) -> None:
@@ -141,10 +176,12 @@ def test_slow_link_is_not_a_dead_one(target: Target, tmp_path: Path) -> None:
     target.proxy.set_mode("trickle", rate=512 * 1024)
     with Watcher(s) as w:
         r = s.reconcile()
-    assert r.code == 0, why(r)
     assert r.seconds > 2   # the trickle really slowed it past one `timeout`
-    assert not w.bad
-    assert s.final() == s.local() and s.temps() == []
+    soft = Soft()
+    soft.check(r.code == 0, why(r))
+    soft.check(not w.bad, f"partial files under final names: {w.bad}")
+    soft.check(lost(s) == [] and s.temps() == [], "not converged by the slow run")
+    converge_and_report(s, soft, "trickle")
 
 
 def test_daemon_keeps_other_pairs_going_and_resumes_a_silent_remote(
@@ -168,24 +205,36 @@ def test_daemon_keeps_other_pairs_going_and_resumes_a_silent_remote(
     p = subprocess.Popen([str(SYNCD), "run", "--config", str(s.config)],
                          stdout=subprocess.DEVNULL, stderr=log.open("ab"), env=s.env,
                          stdin=subprocess.DEVNULL, start_new_session=True)
+    def tail() -> str:
+        return f"(daemon {'running' if p.poll() is None else f'exited {p.returncode}'})\n" \
+            + log.read_text(errors="replace")[-1500:]
+
+    soft = Soft()
     try:
-        assert wait_until(lambda: tree(near_dst / "n") == {"a.txt": b"near a"}, 20), \
-            "the healthy pair did not sync while the other remote was silent"
+        soft.check(wait_until(lambda: tree(near_dst / "n") == {"a.txt": b"near a"}, 20),
+                   "the healthy pair did not sync while the other remote was silent " + tail())
         (near_src / "b.txt").write_bytes(b"near b")
-        assert wait_until(lambda: (near_dst / "n" / "b.txt").exists(), 15), \
-            "the healthy pair stopped following changes"
-        assert wait_until(lambda: '"remote_unavailable"' in log.read_text(), 20), \
-            "no remote_unavailable event for the silent remote"
-        assert p.poll() is None, f"daemon exited {p.returncode}: {log.read_text()[-1500:]}"
+        soft.check(wait_until(lambda: (near_dst / "n" / "b.txt").exists(), 15),
+                   "the healthy pair stopped following changes " + tail())
+        soft.check(wait_until(lambda: '"remote_unavailable"' in log.read_text(), 10),
+                   "no remote_unavailable event for the silent remote " + tail())
+        assert p.poll() is None, tail()
         target.proxy.set_mode("reset")
         target.proxy.set_mode("pass")
-        assert wait_until(lambda: s.final() == s.local(), 30), \
-            f"no convergence once the remote answered: {log.read_text()[-1500:]}"
         s.write("later.txt", b"after the outage")
-        assert wait_until(lambda: s.final() == s.local(), 15), "a change after the outage"
-        assert wait_until(lambda: s.temps() == [], 5), s.temps()
+        ok = wait_until(lambda: lost(s) == [], 30)
+        print(f"\n[fault] {target.kind} daemon, silent remote: "
+              f"{'as expected' if not soft.failed else 'NOT as expected'}; "
+              f"resumed {'yes' if ok else 'no'}; files lost {len(lost(s))}")
+        soft.check(ok, f"no convergence once the remote answered: {lost(s)[:5]} " + tail())
+        soft.check(wait_until(lambda: s.temps() == [], 5), f"temps left: {s.temps()[:5]}")
         p.send_signal(signal.SIGTERM)
-        assert p.wait(30) == 0, log.read_text()[-1500:]
+        try:
+            code: int | None = p.wait(30)
+        except subprocess.TimeoutExpired:
+            code = None
+        soft.check(code == 0, f"SIGTERM: exit {code} (None: still running after 30 s) " + tail())
+        assert not soft.failed, "\n".join(soft.failed)
     finally:
         if p.poll() is None:
             os.killpg(p.pid, signal.SIGKILL)
