@@ -68,7 +68,7 @@ def converge_and_report(s: Setup, soft: Soft, label: str) -> None:
     # One line per scenario for the figures in docs/guarantees.md (pytest -s shows them).
     print(f"\n[fault] {s.target.kind} {label}: faulted run "
           f"{'as expected' if not soft.failed else 'NOT as expected'}; rerun exit {r.code}; "
-          f"files lost {len(gone)}")
+          f"missing or stale after it {len(gone)}")
     soft.check(r.code == 0, "rerun after the fault: " + why(r))
     soft.check(gone == [], f"not converged, missing or stale on the remote: {gone[:10]}")
     soft.check(s.final().keys() == s.local().keys(),
@@ -225,7 +225,7 @@ def test_daemon_keeps_other_pairs_going_and_resumes_a_silent_remote(
         ok = wait_until(lambda: lost(s) == [], 30)
         print(f"\n[fault] {target.kind} daemon, silent remote: "
               f"{'as expected' if not soft.failed else 'NOT as expected'}; "
-              f"resumed {'yes' if ok else 'no'}; files lost {len(lost(s))}")
+              f"resumed {'yes' if ok else 'no'}; missing or stale {len(lost(s))}")
         soft.check(ok, f"no convergence once the remote answered: {lost(s)[:5]} " + tail())
         soft.check(wait_until(lambda: s.temps() == [], 5), f"temps left: {s.temps()[:5]}")
         p.send_signal(signal.SIGTERM)
