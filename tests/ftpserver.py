@@ -3,10 +3,13 @@
     python -m tests.ftpserver --port P --root DIR --user U --password-env VAR
         [--tls none|explicit|implicit --cert PEM --key PEM] [--no-mlsd] [--no-mfmt]
         [--no-rename-over] [--throttle BYTES_PER_S] [--transfer-log FILE] [--workers N]
+        [--host 127.0.0.X] [--passive-ports P,P,...]
 
-Listens on 127.0.0.1 only. --no-mlsd/--no-mfmt hide those commands (a server that only
-has LIST / cannot set times); --no-rename-over refuses RNTO onto an existing file (as some
-servers do); --transfer-log appends one JSON line per finished or cut transfer.
+Listens on 127.0.0.1 (or another loopback address given by --host) only; --passive-ports
+limits passive data connections to those ports (a fault proxy listens at the same ports).
+--no-mlsd/--no-mfmt hide those commands (a server that only has LIST / cannot set times);
+--no-rename-over refuses RNTO onto an existing file (as some servers do);
+--transfer-log appends one JSON line per finished or cut transfer.
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ from typing import Any, ClassVar
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--port", type=int, required=True)
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--passive-ports", default="")
     ap.add_argument("--root", required=True)
     ap.add_argument("--user", default="syncd")
     ap.add_argument("--password-env", default="FTP_TEST_PASSWORD")
@@ -36,6 +41,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--idle-timeout", type=float, default=300.0)
     ap.add_argument("--max-cons-per-ip", type=int, default=0)
     a = ap.parse_args(argv)
+    if not a.host.startswith("127."):
+        raise SystemExit("--host must be a loopback address")
 
     from pyftpdlib.authorizers import DummyAuthorizer
     from pyftpdlib.filesystems import AbstractedFS
@@ -85,6 +92,8 @@ def main(argv: list[str] | None = None) -> None:
                     f.write(json.dumps({"cmd": cmd, "file": filename, "completed": completed,
                                         "bytes": bytes}) + "\n")
 
+    if a.passive_ports:
+        Handler.passive_ports = [int(p) for p in a.passive_ports.split(",")]
     for cmd in (("MLSD", "MLST") if a.no_mlsd else ()) + (("MFMT",) if a.no_mfmt else ()):
         Handler.proto_cmds.pop(cmd, None)
     if a.tls != "none":
@@ -95,7 +104,7 @@ def main(argv: list[str] | None = None) -> None:
     import logging
 
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
-    server = FTPServer(("127.0.0.1", a.port), Handler)
+    server = FTPServer((a.host, a.port), Handler)
     server.max_cons = 256
     server.max_cons_per_ip = a.max_cons_per_ip
     print("ready", flush=True)

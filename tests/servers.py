@@ -343,8 +343,9 @@ class FTPServer:
     PASSWORD = "s3cret-ftp-pw"
 
     def __init__(self, base: Path, tls: str = "explicit", extra: tuple[str, ...] = (),
-                 transfer_log: bool = True):
+                 transfer_log: bool = True, host: str = "127.0.0.1"):
         self.base = base
+        self.host = host
         self.log_transfers = transfer_log
         self.tls = tls
         self.extra = extra
@@ -374,7 +375,8 @@ class FTPServer:
             import pyftpdlib  # noqa: F401
         except ImportError as e:   # pragma: no cover - pyftpdlib is a test dependency
             raise ServerMissing(f"pyftpdlib is not installed ({e}); pip install pyftpdlib") from None
-        cmd = [sys.executable, "-m", "tests.ftpserver", "--port", str(self.port), "--root",
+        cmd = [sys.executable, "-m", "tests.ftpserver", "--host", self.host,
+               "--port", str(self.port), "--root",
                str(self.root), "--user", self.USER, "--password-env", self.PASSWORD_ENV,
                "--tls", self.tls, *self.extra]
         if self.log_transfers:
