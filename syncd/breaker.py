@@ -12,11 +12,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from syncd.errors import AuthError, ConnectionLost, HostKeyError, UnavailableError
+from syncd.errors import AuthError, ConnectionLost, HostKeyError, NotTried, UnavailableError
 
-# Connection-level failures in a row that make a remote unavailable. A server that stops
-# fails every transfer in flight at once (up to `transfers` of them), so this trips within
-# one round of failures; a single dropped connection, retried, does not.
+# Connection-level failures in a row that make a remote unavailable, one of them at least
+# a job that had lost the remote already and lost it again on its retry: a connection that
+# drops once fails every transfer in flight on it at the same moment, and their retries
+# reconnect; a server that is gone fails the retries too.
 THRESHOLD = 3
 
 
@@ -38,29 +39,38 @@ class Down:
 
 
 class Breaker:
-    """Counts connection-level failures per remote; `threshold` in a row trip it. Any
-    other outcome (a success, or a failure about one path: the server answered) resets
-    the count. Thread-safe: the runner and the daemon's probes share one."""
+    """Counts connection-level failures per remote; `threshold` in a row, one of them on
+    a retry (`repeat`), trip it; a refusal (UnavailableError) trips it at once. Any other
+    outcome (a success, or a failure about one path: the server answered) resets the
+    count. Thread-safe: the runner and the daemon's probes share one."""
 
     def __init__(self, threshold: int = THRESHOLD, clock: Callable[[], float] = time.time):
         self.threshold = threshold
         self.clock = clock
         self._run: dict[str, int] = {}
+        self._repeated: set[str] = set()   # remotes whose run of failures has a repeat
         self._down: dict[str, Down] = {}
         self._lock = threading.Lock()
 
-    def record(self, remote: str, error: BaseException | None) -> Down | None:
-        """One job's outcome on `remote`. Returns the Down state when this outcome
-        tripped the breaker (once per outage), else None."""
+    def record(self, remote: str, error: BaseException | None,
+               repeat: bool = False) -> Down | None:
+        """One job's outcome on `remote`; `repeat`: the job had lost the remote before in
+        this run. Returns the Down state when this outcome tripped the breaker (once per
+        outage), else None."""
         with self._lock:
+            if isinstance(error, NotTried):
+                return None
             if error is None or not connection_level(error):
                 self._run[remote] = 0
+                self._repeated.discard(remote)
                 return None
             n = self._run[remote] = self._run.get(remote, 0) + 1
+            if repeat:
+                self._repeated.add(remote)
             # "Cannot be used" (a login refused, a root not there) is no flaky network:
             # the first one is enough.
-            if remote in self._down or (n < self.threshold
-                                        and not isinstance(error, UnavailableError)):
+            if remote in self._down or (not isinstance(error, UnavailableError) and (
+                    n < self.threshold or remote not in self._repeated)):
                 return None
             d = Down(remote, _reason(error), self.clock(), _refused(error), _message(error))
             self._down[remote] = d
@@ -89,6 +99,7 @@ class Breaker:
         """Back in service (a probe reached it). Returns the Down state it was in."""
         with self._lock:
             self._run[remote] = 0
+            self._repeated.discard(remote)
             return self._down.pop(remote, None)
 
 

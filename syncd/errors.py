@@ -9,7 +9,8 @@
      └── RemoteError          carries remote= and path=
           ├── TransientError  worth retrying (timeouts, resets, throttling)
           │    └── ConnectionLost   the remote, not one path: refused, reset, silent,
-          │                         TLS or handshake failure (counts toward unavailable)
+          │         │               TLS or handshake failure (counts toward unavailable)
+          │         └── NotTried    a job given up untried once its batch lost the remote
           └── PermanentError  retrying will not help; the job is parked
                ├── NotFound
                ├── PathEscape        path leaves the remote root
@@ -109,6 +110,11 @@ class TransientError(RemoteError):
 class ConnectionLost(TransientError):
     """The remote itself could not be reached or stopped answering: connection refused or
     reset, a connect, handshake or read timeout, a TLS failure. Not about one path."""
+
+
+class NotTried(ConnectionLost):
+    """Not attempted: an earlier job of the same batch lost the remote. Held like any
+    ConnectionLost, but no evidence about the remote (the breaker does not count it)."""
 
 
 class PermanentError(RemoteError):

@@ -30,7 +30,9 @@ from syncd import log as slog
 from syncd.breaker import Breaker, Down, connection_level
 from syncd.errors import (
     Conflict,
+    ConnectionLost,
     NotFound,
+    NotTried,
     PermanentError,
     RemoteChanged,
     RemoteError,
@@ -183,6 +185,8 @@ def _execute_rest(jobs: list[Job], pairs: dict[str, PairCtx]) -> list[Outcome]:
 
 
 def _same_failure(e: BaseException, path: str) -> BaseException:
+    if isinstance(e, ConnectionLost):
+        return NotTried(f"not tried: {e.reason}", remote=e.remote, path=path)
     if isinstance(e, RemoteError):
         return type(e)(e.reason, remote=e.remote, path=path)
     return e
@@ -689,13 +693,18 @@ class Runner:
             return [p for rr, k, p in inflight.values() if rr == r and k in kinds]
         buffered: dict[str, list[Outcome]] = {}
         count = 0
+        lost: set[tuple[str, str]] = set()   # jobs that lost the remote in this run
 
         def add(o: Outcome) -> None:
             nonlocal count
             buffered.setdefault(o.job.pair, []).append(o)
             count += 1
             # At once, not at the next commit: no more of the remote's jobs start.
-            d = self.breaker.record(self.pairs[o.job.pair].remote.name, o.error)
+            key = (o.job.pair, o.job.path)
+            d = self.breaker.record(self.pairs[o.job.pair].remote.name, o.error,
+                                    repeat=key in lost)
+            if connection_level(o.error) and not isinstance(o.error, NotTried):
+                lost.add(key)
             if d is not None:
                 log_unavailable(self.log, d)
                 stats.unavailable = d
