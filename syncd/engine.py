@@ -809,7 +809,7 @@ class Engine:
                                                f"not retried in this run: its backoff has at "
                                                f"least {retry_in:.0f} s to go; the daemon's retry of "
                                                f"the pair takes it up)"))
-        res.retries += stats.retries
+        res.retries += stats.retries + stats.held
         d = stats.done
         res.skipped += d.get("skipped", 0)
         res.uploaded += d.get(Op.UPLOAD.value, 0)

@@ -935,6 +935,9 @@ class Runner:
                                attempt=o.job.attempts + 1, error=msg,
                                exc_info=_internal(o.error))
             stats.held += len(s.held)
+            for o in s.held:   # said once for the remote (remote_unavailable) if it stays lost
+                self.log.debug("job_held", pair=pair, path=o.job.path, op=o.job.action.op.value,
+                               error=str(o.error))
             if self.reporter is not None:
                 self.reporter.advance(len(s.done) + len(s.failed),
                                       sum(o.bytes for o in s.done))

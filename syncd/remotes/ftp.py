@@ -185,6 +185,9 @@ class FTPRemote:
         self._max = max(1, self.o.transfers)
         self._gen = 0
         self._dirs: set[str] = set()    # absolute directories known to exist
+        # Temps of uploads a lost connection cut off, kept for no resume: removed by the
+        # next connection taken, within the same run (_remove_orphans).
+        self._orphans: set[str] = set()
         self._closed = threading.Event()
         self._keeper: threading.Thread | None = None
         self._ssl: ssl.SSLContext | None = None
@@ -398,6 +401,7 @@ class FTPRemote:
         naming `path`, and a lost connection is transient (the next call reconnects)."""
         c = self._take()
         try:
+            self._remove_orphans(c.ftp)
             yield c.ftp
         except RemoteError:
             raise
@@ -420,6 +424,28 @@ class FTPRemote:
             raise
         finally:
             self._give(c)
+
+    def _remove_orphans(self, ftp: ftplib.FTP) -> None:
+        """Remove the temps of uploads a lost connection cut off, now that a connection is
+        up again. A name published or removed meanwhile is simply gone (temp names are
+        unique per attempt); a refusal leaves it to the next reconcile's cleanup."""
+        with self._lock:
+            if not self._orphans:
+                return
+            todo, self._orphans = self._orphans, set()
+        removed = 0
+        for tmp in sorted(todo):
+            try:
+                ftp.delete(tmp)
+                removed += 1
+            except ftplib.error_perm:   # 550: not there (published, or never created)
+                pass
+            except BaseException:
+                with self._lock:
+                    self._orphans |= todo
+                raise
+        if removed:
+            self.log.info("ftp_temps_removed", remote=self.name, count=removed)
 
     def _reply_error(self, e: ftplib.Error, path: str) -> RemoteError:
         msg = f"{e} ({self.where})"
@@ -735,6 +761,9 @@ class FTPRemote:
                     with contextlib.suppress(ftplib.Error):
                         ftp.voidresp()
                 self._discard(ftp, tmp, rec_id)
+            elif not rec_id:   # no resume goes on from it: removed once connected again
+                with self._lock:
+                    self._orphans.add(tmp)
             raise
         self._forget(rec_id)
         if not set_mtime or self.listing != "MLSD":
