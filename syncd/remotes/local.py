@@ -31,6 +31,7 @@ from syncd.remotes.base import (
     Source,
     Staged,
     check_rel_path,
+    join,
     names_for,
     temp_name,
 )
@@ -101,6 +102,15 @@ _FILE, _DIR = int(Kind.FILE), int(Kind.DIR)
 def _fp(st: os.stat_result) -> str:
     return f"{st.st_size}:{st.st_mtime_ns}"   # diff() inlines this on its hot path
 
+
+
+class _EntryError(Exception):
+    """An entry of a listed directory could not be read (which one, and why)."""
+
+    def __init__(self, rel: str, error: OSError):
+        super().__init__(rel)
+        self.rel = rel
+        self.error = error
 
 class LocalRemote:
     caps = Capabilities(dirs=True, move=True, mtime_precision_ns=1, atomic_put=True,
@@ -206,31 +216,66 @@ class LocalRemote:
         while stack:
             rel_dir = stack.pop()
             try:
-                it = os.scandir(os.path.join(top, rel_dir) if rel_dir else top)
-            except FileNotFoundError:
-                continue
+                found = self._entries(os.path.join(top, rel_dir) if rel_dir else top, rel_dir)
+            except _EntryError as e:
+                raise self._err(e.error, e.rel) from None
             except OSError as e:
-                raise self._err(e, rel_dir or prefix) from None
-            with it:
-                for entry in it:
-                    name = entry.name
-                    rel = rel_dir + name
-                    if not rel_dir and name == TRASH_DIR:
+                if e.errno != errno.ENAMETOOLONG:
+                    raise self._err(e, rel_dir or prefix) from None
+                # Deeper than PATH_MAX as one string: opened component by component.
+                try:
+                    fd = self._open_dir(join(prefix, rel_dir.rstrip("/")), create=False)
+                except FileNotFoundError:
+                    continue
+                except OSError as e2:
+                    raise self._err(e2, rel_dir or prefix) from None
+                try:
+                    found = self._entries(fd, rel_dir)
+                except _EntryError as e2:
+                    raise self._err(e2.error, e2.rel) from None
+                except OSError as e2:
+                    raise self._err(e2, rel_dir or prefix) from None
+                finally:
+                    os.close(fd)
+            if found is None:
+                continue
+            for rel, st in found:
+                if st is None:
+                    stack.append(rel + "/")
+                yield rel, st
+
+    @staticmethod
+    def _entries(where: str | int, rel_dir: str) -> list[tuple[str, os.stat_result | None]] | None:
+        """(path, stat) of the regular files and (path, None) of the directories in one
+        directory (`where`: its path, or an fd on it); None if it is gone. Symlinks, other
+        kinds and the pair's trash are left out."""
+        out: list[tuple[str, os.stat_result | None]] = []
+        try:
+            it = os.scandir(where)
+        except FileNotFoundError:
+            return None
+        with it:
+            for entry in it:
+                name = entry.name
+                rel = rel_dir + name
+                if not rel_dir and name == TRASH_DIR:
+                    continue
+                try:
+                    if entry.is_symlink():
                         continue
-                    try:
-                        if entry.is_symlink():
-                            continue
-                        if entry.is_dir(follow_symlinks=False):
-                            yield rel, None
-                            stack.append(rel + "/")
-                            continue
-                        st = entry.stat(follow_symlinks=False)
-                    except FileNotFoundError:
+                    if entry.is_dir(follow_symlinks=False):
+                        out.append((rel, None))
                         continue
-                    except OSError as e:
-                        raise self._err(e, rel) from None
-                    if (st.st_mode & 0o170000) == 0o100000:
-                        yield rel, st
+                    st = entry.stat(follow_symlinks=False)
+                except FileNotFoundError:
+                    continue
+                except OSError as e:
+                    if e.errno == errno.ENAMETOOLONG:
+                        raise   # the directory is read again through an fd
+                    raise _EntryError(rel, e) from None
+                if (st.st_mode & 0o170000) == 0o100000:
+                    out.append((rel, st))
+        return out
 
     def list(self, prefix: str) -> Iterator[RemoteEntry]:
         for rel, st in self._walk(prefix):
