@@ -216,7 +216,7 @@ class LocalRemote:
         while stack:
             rel_dir = stack.pop()
             try:
-                found = self._entries(os.path.join(top, rel_dir) if rel_dir else top, rel_dir)
+                found = self._read_dir(os.path.join(top, rel_dir) if rel_dir else top, rel_dir)
             except _EntryError as e:
                 raise self._err(e.error, e.rel) from None
             except OSError as e:
@@ -230,7 +230,7 @@ class LocalRemote:
                 except OSError as e2:
                     raise self._err(e2, rel_dir or prefix) from None
                 try:
-                    found = self._entries(fd, rel_dir)
+                    found = self._read_dir(fd, rel_dir)
                 except _EntryError as e2:
                     raise self._err(e2.error, e2.rel) from None
                 except OSError as e2:
@@ -245,7 +245,7 @@ class LocalRemote:
                 yield rel, st
 
     @staticmethod
-    def _entries(where: str | int, rel_dir: str) -> list[tuple[str, os.stat_result | None]] | None:
+    def _read_dir(where: str | int, rel_dir: str) -> list[tuple[str, os.stat_result | None]] | None:
         """(path, stat) of the regular files and (path, None) of the directories in one
         directory (`where`: its path, or an fd on it); None if it is gone. Symlinks, other
         kinds and the pair's trash are left out."""
