@@ -14,10 +14,10 @@ from dataclasses import dataclass
 
 from syncd.errors import AuthError, ConnectionLost, HostKeyError, NotTried, UnavailableError
 
-# Connection-level failures in a row that make a remote unavailable, one of them at least
-# a job that had lost the remote already and lost it again on its retry: a connection that
-# drops once fails every transfer in flight on it at the same moment, and their retries
-# reconnect; a server that is gone fails the retries too.
+# Connection-level failures in a row that make a remote unavailable, over at least the
+# remote's grace (its `timeout`): a connection that drops once fails every transfer in
+# flight on it at the same moment, and their retries reconnect once a short blip is over;
+# a server that is gone fails the retries too, for longer than that.
 THRESHOLD = 3
 
 
@@ -39,38 +39,51 @@ class Down:
 
 
 class Breaker:
-    """Counts connection-level failures per remote; `threshold` in a row, one of them on
-    a retry (`repeat`), trip it; a refusal (UnavailableError) trips it at once. Any other
+    """Counts connection-level failures per remote; `threshold` in a row, the streak
+    lasting at least the remote's `grace`, trip it; a refusal (UnavailableError) trips it
+    at once. Any other
     outcome (a success, or a failure about one path: the server answered) resets the
     count. Thread-safe: the runner and the daemon's probes share one."""
 
-    def __init__(self, threshold: int = THRESHOLD, clock: Callable[[], float] = time.time):
+    def __init__(self, threshold: int = THRESHOLD, clock: Callable[[], float] = time.time,
+                 grace: dict[str, float] | None = None,
+                 backoff: tuple[float, float] = (1.0, 60.0)):
         self.threshold = threshold
         self.clock = clock
+        # A suspect remote is tried again after these delays (doubling), not by every
+        # job in the queue as fast as they fail.
+        self.backoff = backoff
+        self._next_try: dict[str, float] = {}
+        self._rounds: dict[str, int] = {}
+        self.grace = dict(grace or {})     # remote -> seconds a streak must last (timeout)
+        self._first: dict[str, float] = {}   # remote -> when its streak of failures began
         self._run: dict[str, int] = {}
-        self._repeated: set[str] = set()   # remotes whose run of failures has a repeat
         self._down: dict[str, Down] = {}
         self._lock = threading.Lock()
 
-    def record(self, remote: str, error: BaseException | None,
-               repeat: bool = False) -> Down | None:
-        """One job's outcome on `remote`; `repeat`: the job had lost the remote before in
-        this run. Returns the Down state when this outcome tripped the breaker (once per
-        outage), else None."""
+    def record(self, remote: str, error: BaseException | None) -> Down | None:
+        """One job's outcome on `remote`. Returns the Down state when this outcome
+        tripped the breaker (once per outage), else None."""
         with self._lock:
             if isinstance(error, NotTried):
                 return None
             if error is None or not connection_level(error):
                 self._run[remote] = 0
-                self._repeated.discard(remote)
+                self._next_try.pop(remote, None)
+                self._rounds.pop(remote, None)
                 return None
+            now = self.clock()
             n = self._run[remote] = self._run.get(remote, 0) + 1
-            if repeat:
-                self._repeated.add(remote)
+            if n == 1:
+                self._first[remote] = now
+            if now >= self._next_try.get(remote, 0.0):   # a new round of tries failed
+                k = self._rounds[remote] = self._rounds.get(remote, 0) + 1
+                self._next_try[remote] = now + probe_delay(k, *self.backoff)
             # "Cannot be used" (a login refused, a root not there) is no flaky network:
             # the first one is enough.
             if remote in self._down or (not isinstance(error, UnavailableError) and (
-                    n < self.threshold or remote not in self._repeated)):
+                    n < self.threshold
+                    or now - self._first[remote] < self.grace.get(remote, 0.0))):
                 return None
             d = Down(remote, _reason(error), self.clock(), _refused(error), _message(error))
             self._down[remote] = d
@@ -87,6 +100,18 @@ class Breaker:
             self._run[remote] = self.threshold
             return d
 
+    def wait(self, remote: str) -> float:
+        """Seconds before a suspect remote may be tried again (0: now)."""
+        with self._lock:
+            t = self._next_try.get(remote)
+        return 0.0 if t is None else max(0.0, t - self.clock())
+
+    def suspect(self, remote: str) -> bool:
+        """The remote's last outcome was a connection-level failure: until it answers
+        again, one batch at a time tests it (not every worker, each paying a timeout)."""
+        with self._lock:
+            return self._run.get(remote, 0) > 0
+
     def down(self, remote: str) -> Down | None:
         with self._lock:
             return self._down.get(remote)
@@ -99,7 +124,8 @@ class Breaker:
         """Back in service (a probe reached it). Returns the Down state it was in."""
         with self._lock:
             self._run[remote] = 0
-            self._repeated.discard(remote)
+            self._next_try.pop(remote, None)
+            self._rounds.pop(remote, None)
             return self._down.pop(remote, None)
 
 

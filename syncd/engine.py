@@ -230,7 +230,8 @@ class Engine:
         self.unavailable: dict[str, UnavailableError] = {}
         # Remotes out of service for this engine's life (a reconcile), or until the
         # daemon's probe reaches them again.
-        self.breaker = Breaker(clock=clock)
+        self.breaker = Breaker(clock=clock, backoff=(d.retry_initial, d.retry_max), grace={
+            n: float(r.options.get("timeout", 0.0)) for n, r in cfg.remotes.items()})
         self.checked: set[str] = set()
         self.log = slog.get()
 

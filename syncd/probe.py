@@ -84,6 +84,7 @@ class Prober:
                 self._running.discard(remote)
             self.log.info("remote_probe_failed", remote=remote, error=str(e),
                           next_probe_in_s=round(delay, 3))
+            self.wake()   # the loop's next wake-up is the next probe
             return
         except BaseException as e:   # a bug must not kill the probing for good
             with self._lock:

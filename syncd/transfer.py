@@ -693,18 +693,13 @@ class Runner:
             return [p for rr, k, p in inflight.values() if rr == r and k in kinds]
         buffered: dict[str, list[Outcome]] = {}
         count = 0
-        lost: set[tuple[str, str]] = set()   # jobs that lost the remote in this run
 
         def add(o: Outcome) -> None:
             nonlocal count
             buffered.setdefault(o.job.pair, []).append(o)
             count += 1
             # At once, not at the next commit: no more of the remote's jobs start.
-            key = (o.job.pair, o.job.path)
-            d = self.breaker.record(self.pairs[o.job.pair].remote.name, o.error,
-                                    repeat=key in lost)
-            if connection_level(o.error) and not isinstance(o.error, NotTried):
-                lost.add(key)
+            d = self.breaker.record(self.pairs[o.job.pair].remote.name, o.error)
             if d is not None:
                 log_unavailable(self.log, d)
                 stats.unavailable = d
@@ -775,6 +770,9 @@ class Runner:
                         cap = 0 if unpublished >= STAGED_MAX * width else width + 1
                     else:
                         kind, fn, cap = "run", _run_packed, 2 * transfers
+                    if self.breaker.suspect(r):
+                        # Lost it lately: one batch at a time, after a growing pause.
+                        cap = 1 if self.breaker.wait(r) == 0 else 0
                     busy = len(in_flight(r, kind))
                     while busy < cap:
                         # Jobs lease() handed out first: they may be of an earlier phase
@@ -795,6 +793,15 @@ class Runner:
                         break
                     if feeding and not stopping:
                         refill()
+                        continue
+                    held = [w for r in by_remote if not down(r) and (ready[r] or fed.get(r))
+                            and (w := self.breaker.wait(r)) > 0]
+                    if held:   # jobs in hand wait for a suspect remote's pause
+                        wait_s = min(held)
+                        if self.patience is not None and wait_s > self.patience:
+                            stats.waiting = self.queue.clock() + wait_s
+                            break
+                        self.sleep(min(1.0, wait_s) + 0.001)
                         continue
                     nxt = self.queue.index.next_ready_time(live)
                     if nxt is None:
@@ -934,7 +941,7 @@ class Runner:
                 self.log.error("job_failed", pair=pair, path=o.job.path, op=o.job.action.op.value,
                                attempt=o.job.attempts + 1, error=msg,
                                exc_info=_internal(o.error))
-            stats.held += len(s.held)
+            stats.held += sum(not isinstance(o.error, NotTried) for o in s.held)
             for o in s.held:   # said once for the remote (remote_unavailable) if it stays lost
                 self.log.debug("job_held", pair=pair, path=o.job.path, op=o.job.action.op.value,
                                error=str(o.error))

@@ -340,7 +340,7 @@ def test_a_server_stopped_mid_run_is_one_outage_and_exit_3(tmp_path: Path, sshd:
     """sshd stops while hundreds of files are on their way: the run ends soon with exit 3
     and one line for the pair (not a failure per file), no job is parked as failed or
     loses an attempt, and the next run once the server is back sends the rest."""
-    files = {f"f/{i:04}.txt": f"file {i}\n".encode() * 50 for i in range(600)}
+    files = {f"f/{i:03}.bin": os.urandom(256 << 10) for i in range(300)}
     with SSHServer(tmp_path / "srv") as srv:
         s = SftpSetup(tmp_path, srv, attempts=2)
         s.config.write_text(s.config.read_text().replace('timeout = "5s"', 'timeout = "2s"'))
@@ -351,14 +351,14 @@ def test_a_server_stopped_mid_run_is_one_outage_and_exit_3(tmp_path: Path, sshd:
         try:
             deadline = time.monotonic() + 60
             while time.monotonic() < deadline:   # stop the server once uploads land
-                if s.mirror.exists() and len(list(s.mirror.rglob("*.txt"))) >= 20:
+                if s.mirror.exists() and len(list(s.mirror.rglob("*.bin"))) >= 20:
                     break
                 time.sleep(0.01)
             else:
                 pytest.fail("uploads never started")
             t0 = time.monotonic()
-            srv.stop()
-            srv.kill_sessions()
+            srv.kill_sessions()   # the live connections (children of the listener)...
+            srv.stop()            # ...then the listener: new ones are refused
             out, err = proc.communicate(timeout=60)
             ended_s = time.monotonic() - t0
         finally:

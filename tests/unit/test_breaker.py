@@ -30,22 +30,31 @@ from tests.unit.test_engine import Clock, Faulty, engine, setup, tree
 LOST = ConnectionLost("Connection refused", remote="r")
 
 
-def test_three_connection_failures_in_a_row_one_on_a_retry_trip_it_once() -> None:
+def test_three_connection_failures_in_a_row_trip_it_once() -> None:
     b = Breaker(threshold=3, clock=lambda: 42.0)
-    # A connection that drops fails every job in flight on it at once: not an outage
-    # until a retry loses the remote again.
-    for _ in range(5):
-        assert b.record("r", LOST) is None
+    assert b.record("r", LOST) is None and b.record("r", LOST) is None
     assert b.record("r", NotTried("not tried", remote="r")) is None   # no evidence
-    d = b.record("r", LOST, repeat=True)
+    assert b.suspect("r") and b.down("r") is None
+    d = b.record("r", LOST)
     assert d is not None and (d.remote, d.reason, d.since, d.auth) == (
         "r", "Connection refused", 42.0, False)
-    assert b.record("r", LOST, repeat=True) is None   # said once per outage
+    assert b.record("r", LOST) is None          # said once per outage
     assert b.down("r") == d and b.down("other") is None
-    assert b.restore("r") == d and b.down("r") is None
-    assert b.record("r", LOST, repeat=True) is None   # counting starts over
-    assert b.record("r", LOST) is None
+    assert b.restore("r") == d and b.down("r") is None and not b.suspect("r")
+    assert b.record("r", LOST) is None          # counting starts over
+
+
+def test_a_streak_shorter_than_the_remotes_timeout_is_a_blip() -> None:
+    now = [0.0]
+    b = Breaker(threshold=3, clock=lambda: now[0], grace={"r": 2.0})
+    for t in (0.0, 0.0, 0.0, 0.0, 0.5, 1.9):   # every transfer in flight, then retries
+        now[0] = t
+        assert b.record("r", LOST) is None      # reconnecting within the grace
+    now[0] = 2.0
     assert b.record("r", LOST) is not None
+    b2 = Breaker(threshold=3, clock=lambda: now[0], grace={"r": 2.0})
+    now[0] = 10.0
+    assert b2.record("r", AuthError("denied", remote="r")) is not None   # no grace for that
 
 
 def test_an_answer_in_between_resets_the_count() -> None:
@@ -53,9 +62,9 @@ def test_an_answer_in_between_resets_the_count() -> None:
                      NotFound("gone", path="y"), TransientError("503 slow down", path="z")):
         b = Breaker(threshold=3)
         b.record("r", LOST)
-        b.record("r", LOST, repeat=True)
+        b.record("r", LOST)
         b.record("r", answered)   # the server answered about one path
-        assert b.record("r", LOST, repeat=True) is None and b.down("r") is None
+        assert b.record("r", LOST) is None and b.down("r") is None
 
 
 def test_a_refusal_of_us_trips_at_once_and_says_what_to_fix() -> None:
@@ -65,6 +74,20 @@ def test_a_refusal_of_us_trips_at_once_and_says_what_to_fix() -> None:
     b2 = Breaker(threshold=3)
     d2 = b2.record("r", UnavailableError("root directory does not exist", remote="r"))
     assert d2 is not None and not d2.auth     # a disk to mount, not a login to fix
+
+
+def test_a_suspect_remote_waits_a_growing_pause_per_round() -> None:
+    now = [0.0]
+    b = Breaker(threshold=99, clock=lambda: now[0], backoff=(1.0, 4.0))
+    for _ in range(4):                      # one round: the transfers in flight
+        b.record("r", LOST)
+    assert b.wait("r") == 1.0
+    for t, pause in ((1.0, 2.0), (3.0, 4.0), (7.0, 4.0)):
+        now[0] = t
+        b.record("r", LOST)                 # the next round failed too
+        assert b.wait("r") == pause
+    b.record("r", None)
+    assert b.wait("r") == 0.0 and not b.suspect("r")
 
 
 def test_probe_delays_double_up_to_the_cap() -> None:
@@ -112,6 +135,7 @@ def test_a_remote_that_dies_mid_run_is_one_state_and_exit_3(tmp_path: Path) -> N
     clock = Clock()
     remote = Dead(dst, good=5)
     e = engine(cfg, remote, clock)
+    e.breaker.grace["nas"] = 1.0   # as a network remote's timeout (on the fake clock)
     with capture_logs() as logs:
         res = e.reconcile(cfg.pairs[0], Options())
     assert res.status == "unavailable" and res.exit_code == 3
@@ -122,10 +146,9 @@ def test_a_remote_that_dies_mid_run_is_one_state_and_exit_3(tmp_path: Path) -> N
     events = [x["event"] for x in logs]
     assert events.count("remote_unavailable") == 1
     assert "job_failed" not in events and "job_retry" not in events
-    # Stopped at the trip: a few rounds of the chunks in flight (2 per transfer, each
-    # stopping at its first failure), not one attempt per file.
-    rounds = 3 * 2 * cfg.remotes["nas"].transfers
-    assert len(remote.puts) <= rounds < 195
+    # Stopped at the trip: the chunks in flight (each stops at its first failure), then
+    # one batch per growing pause for about the grace; not one attempt per file.
+    assert len(remote.puts) <= 2 * cfg.remotes["nas"].transfers + 6, len(remote.puts)
     jobs = e.index.all_jobs("p")
     assert len(jobs) == 195 and {(s, a) for _, s, a, _ in jobs} == {("pending", 0)}
     # A second pair on the same remote is not tried again in this run.
@@ -142,19 +165,22 @@ def test_a_remote_that_dies_mid_run_is_one_state_and_exit_3(tmp_path: Path) -> N
 
 
 class Drops(Faulty):
-    """A connection that drops once: the uploads in flight at that moment fail."""
+    """A link that drops for a moment (`for_s` on the fake clock) from the `drop_at`-th
+    upload on: what is tried meanwhile fails."""
 
-    def __init__(self, root: Path, drop_at: int, width: int):
+    def __init__(self, root: Path, clock: Clock, drop_at: int, for_s: float):
         super().__init__(root)
-        self.n = 0
-        self.drop = range(drop_at, drop_at + width)
+        self.clock, self.n, self.drop_at, self.for_s = clock, 0, drop_at, for_s
+        self.since: float | None = None
         self.lock = threading.Lock()
 
     def put(self, path: str, source: Source) -> Any:
         with self.lock:
             self.n += 1
-            n = self.n
-        if n in self.drop:
+            if self.n == self.drop_at:
+                self.since = self.clock()
+            down = self.since is not None and self.clock() < self.since + self.for_s
+        if down:
             raise ConnectionLost("connection reset by peer", remote=self.name, path=path)
         return Faulty.put(self, path, source)
 
@@ -162,7 +188,9 @@ class Drops(Faulty):
 def test_a_connection_dropped_once_is_no_outage(tmp_path: Path) -> None:
     files = {f"d/f{i:03}.txt": b"y" * i for i in range(60)}
     cfg, src, dst = setup(tmp_path, files, max_attempts=2)
-    e = engine(cfg, Drops(dst, drop_at=10, width=cfg.remotes["nas"].transfers), Clock())
+    clock = Clock()
+    e = engine(cfg, Drops(dst, clock, drop_at=10, for_s=0.5), clock)
+    e.breaker.grace["nas"] = 2.0   # as a network remote's timeout (on the fake clock)
     with capture_logs() as logs:
         res = e.reconcile(cfg.pairs[0], Options())
     assert res.status == "ok" and res.uploaded == 60 and res.failures == []
