@@ -673,6 +673,9 @@ class SFTPRemote:
             raise TransientError(f"server refused another SFTP channel: {e}",
                                  remote=self.name) from None
         except (paramiko.SSHException, OSError, EOFError) as e:
+            # The connection is gone even where paramiko has not noticed yet (3.5 and 4.0
+            # keep it "active" a while): closed, the next call connects afresh.
+            c.transport.close()
             raise ConnectionLost(f"opening an SFTP channel on {self.where} failed: "
                                  f"{str(e) or type(e).__name__}", remote=self.name) from None
         ss = w.Session(ch)
