@@ -51,5 +51,5 @@ export SYNCD_TEST_REQUIRE_SERVERS=1
 "$VENV/bin/mypy"   # what it checks: [tool.mypy] in pyproject.toml
 # A hung test (or a thread left running at exit) must fail the run, not hold CI until its
 # own limit: pytest dumps every thread's stack after 5 minutes in one test, and the whole
-# suite (about 5 minutes here) is stopped after 30.
+# suite (about 10 minutes here) is stopped after 30.
 exec timeout --kill-after=30s 30m "$VENV/bin/python" -m pytest -o faulthandler_timeout=300 "$@"
