@@ -414,8 +414,8 @@ def _open_source(o: Outcome, ctx: PairCtx) -> Source | None:
         # Gone since the scan: nothing to send; the next scan plans its deletion.
         o.keep_base, o.note = True, "vanished before upload"
     except SourceChanged:
-        # A directory, FIFO, socket or symlink since the scan: retrying cannot send it (it
-        # used to wait out ~6 min of backoff); the next scan plans what it is now.
+        # A directory, FIFO, socket or symlink since the scan: no retry can send it, so
+        # none waits out the backoff; the next scan plans what it is now.
         o.keep_base, o.note = True, "no longer a regular file before upload"
     except OSError as e:
         o.error = PermanentError(f"cannot read local file: {e.strerror}", path=abspath)

@@ -133,7 +133,7 @@ def test_empty_local_root_trips(setup: Setup) -> None:
 
 
 def test_status_after_a_first_reconcile_stopped_by_a_guard(setup: Setup) -> None:
-    # The pair's row used to be made only after the guards passed: status said "never".
+    # The pair's row is made before the guards run: status says "stopped", not "never".
     setup.src.rmdir()
     assert setup.reconcile().code == 4
     st = run_syncd("status", "--config", str(setup.config))

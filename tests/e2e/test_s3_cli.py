@@ -121,7 +121,7 @@ def test_kind_changes_converge_on_s3(tmp_path: Path, s3server: S3Server) -> None
 
 def test_an_endpoint_that_is_not_s3_is_named_not_a_bug(tmp_path: Path) -> None:
     """endpoint_url pointing at a web page or a proxy that answers 200 to anything: the
-    uploads used to fail as 'internal error (KeyError): ETag'."""
+    error names the endpoint, not an internal error (KeyError: ETag)."""
     import http.server
     import threading
 

@@ -762,8 +762,8 @@ def test_refused_extra_connection_caps_the_pool(srv: SSHServer, tmp_path: Path,
 
 def test_forked_child_never_speaks_on_the_parents_connection(srv: SSHServer, tmp_path: Path) -> None:
     # The listing runs in a forked child. The parent's channels, closed or freed there,
-    # used to send CLOSE under the parent's keys and sequence numbers: sshd hung up on the
-    # parent (uploads on it failed and were retried).
+    # must never send CLOSE under the parent's keys and sequence numbers: sshd would hang
+    # up on the parent (its uploads would fail and be retried).
     import gc
 
     for i in range(3):
@@ -843,8 +843,8 @@ def test_a_server_that_omits_the_size_in_fstat_still_takes_uploads(
 
 def test_a_folder_removed_between_its_check_and_the_upload_is_a_transient_error(
         srv: SSHServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    # "No such file" from OPEN used to be permanent (parked until the next reconcile);
-    # the retry makes the folder again.
+    # "No such file" from OPEN is transient, not parked until the next reconcile: the
+    # retry makes the folder again.
     root = tmp_path / "root"
     root.mkdir()
     src = tmp_path / "f"

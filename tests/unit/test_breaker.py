@@ -4,7 +4,6 @@ unavailable state (exit 3), not one failure per file; an outage costs no attempt
 from __future__ import annotations
 
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -218,9 +217,12 @@ def test_the_prober_backs_off_then_restores(tmp_path: Path) -> None:
         assert tries == []
         for expect_next in (103.0, 107.0):
             now[0] = p.next_at() or 0.0
+            woke.clear()
             p.tick()
-            _wait(lambda e=expect_next: p.next_at() == e)   # failed: doubled delay
+            assert woke.wait(5), "the probe did not report"   # a bound on a hang
+            assert p.next_at() == expect_next                  # failed: doubled delay
         now[0] = 107.0
+        woke.clear()
         p.tick()
         assert woke.wait(5)
     assert tries == ["r", "r", "r"] and b.down("r") is None
@@ -233,9 +235,3 @@ class _Log:
     def __getattr__(self, _name: str) -> Any:
         return lambda *a, **k: None
 
-
-def _wait(cond: Any) -> None:
-    deadline = time.monotonic() + 5   # a bound, not a speed check
-    while not cond():
-        assert time.monotonic() < deadline, "probe did not finish"
-        time.sleep(0.01)

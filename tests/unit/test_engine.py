@@ -299,8 +299,8 @@ def test_plan_fed_to_the_queue_in_batches_keeps_phase_order(tmp_path: Path,
 def test_a_file_that_is_no_longer_one_at_its_upload_waits_for_the_next_scan(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, becomes: str) -> None:
     """A file replaced by a directory (or a symlink) between the plan and its upload: the
-    job ends at once, like a file that vanished (it used to be retried for ~6 minutes of
-    backoff, then parked), and the next run syncs what the path is now."""
+    job ends at once, like a file that vanished (no retry could send it), and the next
+    run syncs what the path is now."""
     import syncd.engine as eng
 
     cfg, src, dst = setup(tmp_path, FILES)
@@ -385,8 +385,8 @@ def test_lost_and_found_at_the_pair_root_is_never_touched(tmp_path: Path) -> Non
 
 def test_remote_names_that_are_not_utf8_are_left_alone(tmp_path: Path) -> None:
     """A remote file (or directory) whose name is not valid UTF-8 cannot be a synced file
-    nor stored in the index: it used to crash every reconcile of the remote (exit 70).
-    Now it is reported and never touched, even with delete = propagate."""
+    nor stored in the index: it is reported and never touched, even with delete =
+    propagate, and the rest of the reconcile goes on."""
     cfg, src, dst = setup(tmp_path, FILES)
     pair = cfg.pairs[0]
     cfg = cfg.__class__(cfg.source, cfg.daemon, cfg.remotes, (pair.__class__(
@@ -538,9 +538,8 @@ def test_with_patience_a_run_leaves_a_long_backoff_to_a_later_retry(tmp_path: Pa
 
 def test_an_unsyncable_name_holds_only_the_deletes_of_its_folder(tmp_path: Path) -> None:
     """A name the walk cannot sync (not UTF-8) may be a file renamed from a name the remote
-    still has: deletes in that folder wait. It used to hold every delete of the pair, on
-    every run, with "failed transfers" as the reason. A backslash is an ordinary character
-    on a directory remote: that file syncs."""
+    still has: deletes in that folder wait, not every delete of the pair. A backslash is
+    an ordinary character on a directory remote: that file syncs."""
     files = {"odd/keep.txt": b"k", "other/keep.txt": b"k", "back\\slash.txt": b"b",
              "top/project/a.txt": b"a", "top/other.txt": b"o"}
     cfg, src, dst = setup(tmp_path, files)

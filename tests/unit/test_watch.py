@@ -243,8 +243,8 @@ def test_a_root_watched_again_past_the_limit_is_lost_again(tmp_path: Path,
 
 def test_many_folders_past_the_limit_log_once(tmp_path: Path,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    # Every folder past the limit is refused while one watch is scheduled: each used to
-    # log watch_limit, counting the whole tree's folders each time (quadratic).
+    # Every folder past the limit is refused while one watch is scheduled: one watch_limit
+    # for them all, since each line counts the whole tree's folders (quadratic otherwise).
     root = tmp_path / "root"
     root.mkdir()
     log = Log()
