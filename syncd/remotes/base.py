@@ -227,6 +227,23 @@ def names_for(remote: str, dst: str) -> Iterator[str]:
                          "empty the trash", remote=remote, path=dst)
 
 
+class _Stats(Protocol):
+    name: str
+
+    def stat(self, path: str) -> RemoteEntry: ...
+
+
+def free_name(remote: _Stats, dst: str) -> str:
+    """The first of dst, dst.1, dst.2, … that `remote` does not hold (by stat), for a
+    write that must not replace anything but has no no-replace primitive."""
+    for target in names_for(remote.name, dst):
+        try:
+            remote.stat(target)
+        except NotFound:
+            return target
+    raise AssertionError("names_for raises once every name is taken")
+
+
 def move(remote: Remote, src: str, dst: str, tmp_dir: str | None = None) -> str:
     """Move through the backend when it can, else copy (download + upload) and delete;
     either way an existing dst is never replaced (see Remote.move). Returns the path
@@ -234,11 +251,7 @@ def move(remote: Remote, src: str, dst: str, tmp_dir: str | None = None) -> str:
     if remote.caps.move:
         return remote.move(src, dst)
     remote.stat(src)   # a missing source is NotFound before anything is written
-    for target in names_for(remote.name, dst):
-        try:
-            remote.stat(target)
-        except NotFound:
-            break
+    target = free_name(remote, dst)
     fd, tmp = tempfile.mkstemp(prefix=".syncd-move-", dir=tmp_dir)
     os.close(fd)
     try:

@@ -29,7 +29,7 @@ from syncd.errors import (
 from syncd.index import IndexError_
 from syncd.listing import DIR_FP
 from syncd.model import TRASH_DIR, Kind, RemoteEntry
-from syncd.remotes.base import Capabilities, Source, check_rel_path, names_for
+from syncd.remotes.base import Capabilities, Source, check_rel_path, free_name
 
 if TYPE_CHECKING:
     from syncd.index import UploadLog
@@ -638,11 +638,7 @@ class S3Remote:
         first (a window only a concurrent writer of the same trash key could hit)."""
         skey = self._key(src)
         self.stat(src)   # a missing source is NotFound before anything is written
-        for target in names_for(self.name, dst):
-            try:
-                self.stat(target)
-            except NotFound:
-                break
+        target = free_name(self, dst)
         dkey = self._key(target)
         try:
             self.client.copy({"Bucket": self.o.bucket, "Key": skey}, self.o.bucket, dkey,
